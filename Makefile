@@ -1,0 +1,67 @@
+# fleet: `make serve` and `make test` work on a fresh clone with nothing installed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+# Triton's Python-backend stub only loads under Debian's interpreter (see README).
+TRITON_PYTHON ?= /usr/bin/python3
+VENV := .venv
+TRITON_VENV := .venv-triton
+PY := $(VENV)/bin/python
+REPOSITORY ?= model_repository
+TORCH := torch==2.13.0
+NATIVE_SOURCES := $(wildcard native/src/*.cpp native/src/*.hpp) native/CMakeLists.txt
+PIP_QUIET := -q --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-unit test-integration setup triton-env bench wrk sanitize clean help
+
+help:
+	@echo "make serve   set up and serve on http://127.0.0.1:8000 (Ctrl-C stops)"
+	@echo "make test    set up and run the whole test suite"
+	@echo "make bench   run the load-test benchmarks (wrk)"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(NATIVE_SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	# torch first: the CPU build on disk, so no CUDA build of several GB is fetched
+	$(PY) -m pip install $(PIP_QUIET) $(TORCH)
+	$(PY) -m pip install $(PIP_QUIET) -e '.[dev]'
+	@touch $@
+
+triton-env: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed:
+	@test -x $(TRITON_VENV)/bin/python || $(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH) 'numpy<2' 'nvidia-pytriton==0.7.0'
+	@touch $@
+
+# The example models, published once into an empty repository.
+$(REPOSITORY)/.bootstrapped: | $(VENV)/.installed
+	$(PY) -m training.bootstrap --repository $(REPOSITORY)
+	@touch $@
+
+serve: $(VENV)/.installed $(REPOSITORY)/.bootstrapped
+	$(VENV)/bin/fleet serve --repository $(REPOSITORY)
+
+test: $(VENV)/.installed $(TRITON_VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed
+	$(PY) -m pytest -q tests/integration tests/e2e $(PYTEST_ARGS)
+
+wrk:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq wrk; fi; }
+
+bench: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf build $(VENV) $(TRITON_VENV)

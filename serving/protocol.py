@@ -1,0 +1,330 @@
+"""KServe v2 / Open Inference Protocol codec: JSON tensors and the binary tensor extension.
+
+Pure functions over bytes and NumPy arrays; no HTTP framework here. A binary
+request is a JSON header of `Inference-Header-Content-Length` bytes followed by
+the raw tensors of the inputs whose `parameters.binary_data_size` is set, in
+input order. Responses put outputs asked for with `binary_data` after the JSON
+the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from serving.datatypes import V2_TO_NUMPY
+from serving.errors import InvalidInput
+
+__all__ = [
+    "InputTensor",
+    "RequestedOutput",
+    "InferRequest",
+    "decode_request",
+    "encode_response",
+    "serialize_bytes_tensor",
+    "deserialize_bytes_tensor",
+]
+
+_INT_KINDS = "iu"
+_MAX_DIMS = 16
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # already of `shape` and the datatype's dtype
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # None: the request-level default
+
+
+@dataclass
+class InferRequest:
+    inputs: list[InputTensor]
+    id: str | None = None
+    outputs: list[RequestedOutput] | None = None  # None: every output of the model
+    binary_output: bool = False  # request parameter binary_data_output
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def timeout_us(self) -> int | None:
+        """Triton's per-request `parameters.timeout`, in microseconds."""
+        value = self.parameters.get("timeout")
+        return int(value) if value is not None else None
+
+
+# -- decoding ----------------------------------------------------------------
+
+
+def _shape(raw, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or len(raw) > _MAX_DIMS:
+        raise InvalidInput(f"{where}: 'shape' must be a list of at most {_MAX_DIMS} non-negative integers")
+    for d in raw:
+        if type(d) is not int or d < 0:
+            raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    return tuple(raw)
+
+
+def _parameters(raw, where: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
+    return raw
+
+
+def _json_data(data, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Convert v2 JSON `data` (flat or nested) to an array of `shape`, type-checked."""
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}: 'data' must be a list")
+    if datatype == "BYTES":
+        flat = _flatten(data, where)
+        if len(flat) != count:
+            raise InvalidInput(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
+        out = np.empty(count, dtype=object)
+        for i, item in enumerate(flat):
+            if isinstance(item, str):
+                out[i] = item.encode("utf-8")
+            else:
+                raise InvalidInput(f"{where}: BYTES data must be strings, element {i} is {type(item).__name__}")
+        return out.reshape(shape)
+    try:
+        raw = np.asarray(data)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(f"{where}: 'data' is not a regular array of numbers ({exc})") from None
+    if raw.size != count:
+        raise InvalidInput(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {raw.size}")
+    target = V2_TO_NUMPY[datatype]
+    kind = raw.dtype.kind
+    if count == 0:
+        return np.empty(shape, dtype=target)
+    if target.kind == "b":
+        if kind != "b":
+            raise InvalidInput(f"{where}: BOOL data must be true/false")
+    elif target.kind == "f":
+        if kind not in "iuf":
+            raise InvalidInput(f"{where}: {datatype} data must be numbers")
+    elif target.kind in _INT_KINDS:
+        if kind not in _INT_KINDS:
+            raise InvalidInput(f"{where}: {datatype} data must be integers")
+        info = np.iinfo(target)
+        lo, hi = raw.min(), raw.max()
+        if lo < info.min or hi > info.max:
+            raise InvalidInput(f"{where}: {datatype} data must lie in [{info.min}, {info.max}]")
+    out = raw.astype(target, copy=False)
+    if target.kind == "f" and kind == "f" and raw.dtype.itemsize > target.itemsize:
+        finite = np.isfinite(raw)
+        if not np.array_equal(finite, np.isfinite(out)):
+            raise InvalidInput(f"{where}: a value is out of range for {datatype}")
+    return out.reshape(shape)
+
+
+def _flatten(data: list, where: str, depth: int = 0) -> list:
+    if depth > _MAX_DIMS:
+        raise InvalidInput(f"{where}: 'data' is nested more than {_MAX_DIMS} deep")
+    if not any(isinstance(x, list) for x in data):
+        return data
+    flat: list = []
+    for x in data:
+        if isinstance(x, list):
+            flat.extend(_flatten(x, where, depth + 1))
+        else:
+            flat.append(x)
+    return flat
+
+
+def deserialize_bytes_tensor(buf: memoryview | bytes, count: int, where: str) -> np.ndarray:
+    """Binary BYTES: each element is a 4-byte little-endian length then that many bytes."""
+    out = np.empty(count, dtype=object)
+    view = memoryview(buf)
+    pos, end = 0, len(view)
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidInput(f"{where}: binary BYTES data ends inside element {i} of {count}")
+        (n,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + n > end:
+            raise InvalidInput(f"{where}: binary BYTES element {i} claims {n} bytes past the end of its data")
+        out[i] = bytes(view[pos : pos + n])
+        pos += n
+    if pos != end:
+        raise InvalidInput(f"{where}: binary BYTES data has {end - pos} bytes after its {count} elements")
+    return out
+
+
+def serialize_bytes_tensor(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.ravel(order="C"):
+        b = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _binary_data(blob: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes_tensor(blob, count, where).reshape(shape)
+    dtype = V2_TO_NUMPY[datatype]
+    expected = count * dtype.itemsize
+    if len(blob) != expected:
+        raise InvalidInput(
+            f"{where}: binary_data_size is {len(blob)} bytes; shape {list(shape)} of {datatype} needs {expected}"
+        )
+    # Zero-copy view of the request body; little-endian as the protocol says.
+    arr = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=count)
+    return arr.reshape(shape)
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode an infer request body; `header_length` is Inference-Header-Content-Length.
+
+    Raises InvalidInput naming the input and what is wrong for any malformed body.
+    """
+    if not body:
+        raise InvalidInput("empty request body: expected a KServe v2 inference request (JSON)")
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes"
+            )
+        header, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        header, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in the request: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request must be a JSON object with 'inputs'")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("the request needs 'inputs': a non-empty list of tensors")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    parameters = _parameters(doc.get("parameters"), "request")
+    timeout = parameters.get("timeout")
+    if timeout is not None and (type(timeout) is not int or timeout < 0):
+        raise InvalidInput("request parameter 'timeout' must be a non-negative integer (microseconds)")
+
+    inputs: list[InputTensor] = []
+    offset = 0
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"inputs[{i}] needs a 'name'")
+        where = f"input {name!r}"
+        if name in seen:
+            raise InvalidInput(f"{where} is given twice")
+        seen.add(name)
+        datatype = raw.get("datatype")
+        if datatype not in V2_TO_NUMPY:
+            raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
+        shape = _shape(raw.get("shape"), where)
+        params = _parameters(raw.get("parameters"), where)
+        size = params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+            if "data" in raw:
+                raise InvalidInput(f"{where}: has both 'data' and binary_data_size")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"{where}: binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} binary bytes left)"
+                )
+            data = _binary_data(binary[offset : offset + size], datatype, shape, where)
+            offset += size
+        elif "data" in raw:
+            data = _json_data(raw["data"], datatype, shape, where)
+        else:
+            raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
+        inputs.append(InputTensor(name, datatype, shape, data))
+    if offset != len(binary):
+        raise InvalidInput(
+            f"the body has {len(binary)} bytes after the JSON header but the inputs' binary_data_size add up to {offset}"
+        )
+
+    outputs = None
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for j, raw in enumerate(raw_outputs):
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise InvalidInput(f"outputs[{j}] needs a 'name'")
+            params = _parameters(raw.get("parameters"), f"output {raw['name']!r}")
+            if params.get("classification"):
+                raise InvalidInput(f"output {raw['name']!r}: the classification extension is not supported")
+            binary_flag = params.get("binary_data")
+            if binary_flag is not None and not isinstance(binary_flag, bool):
+                raise InvalidInput(f"output {raw['name']!r}: binary_data must be true or false")
+            outputs.append(RequestedOutput(raw["name"], binary_flag))
+    binary_output = parameters.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise InvalidInput("request parameter binary_data_output must be true or false")
+    return InferRequest(inputs, request_id, outputs, binary_output, parameters)
+
+
+# -- encoding ----------------------------------------------------------------
+
+
+def _json_values(arr: np.ndarray) -> list:
+    if arr.dtype == object or arr.dtype.kind in "SU":
+        return [
+            x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in arr.ravel(order="C")
+        ]
+    return arr.ravel(order="C").tolist()
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    outputs: list[tuple[str, str, np.ndarray, bool]],
+    *,
+    request_id: str | None = None,
+    parameters: dict | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a v2 response from (name, datatype, array, binary) tuples.
+
+    Returns (body, json_header_length); the length is None when no output is
+    binary (a plain JSON body), else the value for Inference-Header-Content-Length.
+    """
+    described = []
+    blobs: list[bytes] = []
+    for name, datatype, arr, binary in outputs:
+        entry: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            if datatype == "BYTES":
+                blob = serialize_bytes_tensor(arr)
+            else:
+                blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_values(arr)
+        described.append(entry)
+    doc: dict = {"model_name": model_name, "model_version": model_version, "outputs": described}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

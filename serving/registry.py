@@ -1,0 +1,225 @@
+"""The model repository: Triton's layout on a local path or any `pyarrow.fs` filesystem.
+
+```
+<root>/<model>/config.pbtxt              ModelConfig (text protobuf)
+<root>/<model>/<version>/model.pt        TorchScript
+<root>/<model>/<version>/metadata.json   fleet's metadata
+```
+
+A published version is immutable. Publishing writes a staging folder next to the
+versions and renames it into place, so a reader never sees half a version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Mapping
+
+import pyarrow.fs as pafs
+
+from serving.errors import ModelNotFound, RepositoryError
+from serving.model_config import ModelConfig, ModelSpec, format_config, parse_config, spec_from_config
+
+__all__ = ["ModelRepository", "VersionInfo", "CONFIG_FILE", "METADATA_FILE"]
+
+CONFIG_FILE = "config.pbtxt"
+METADATA_FILE = "metadata.json"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    version: int
+    path: str  # on the repository's filesystem
+    metadata: Mapping
+
+
+def check_model_name(name: str) -> str:
+    """A model name is one path component: letters, digits, `_ . -`; never `..`."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name) or name in (".", ".."):
+        raise ModelNotFound(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (at most 128)")
+    return name
+
+
+class ModelRepository:
+    """Read and publish models under `root` (a local path or a URI such as s3://bucket/repo)."""
+
+    def __init__(self, root: str):
+        self.root_uri = str(root)
+        if "://" in self.root_uri:
+            self.fs, path = pafs.FileSystem.from_uri(self.root_uri)
+        else:
+            self.fs, path = pafs.LocalFileSystem(), os.path.abspath(self.root_uri)
+        self.root = path.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"ModelRepository({self.root_uri!r})"
+
+    # -- paths ---------------------------------------------------------------
+    def _model_dir(self, model: str) -> str:
+        return posixpath.join(self.root, check_model_name(model))
+
+    def _version_dir(self, model: str, version: int) -> str:
+        return posixpath.join(self._model_dir(model), str(int(version)))
+
+    def _info(self, path: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(path)
+
+    def _exists(self, path: str) -> bool:
+        return self._info(path).type != pafs.FileType.NotFound
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        """Write-temp-then-rename, so a reader sees the old or the new file, never half."""
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def ensure(self) -> None:
+        """Create the root folder if it does not exist."""
+        self.fs.create_dir(self.root, recursive=True)
+
+    # -- reading -------------------------------------------------------------
+    def list_models(self) -> list[str]:
+        """Model folders holding a config.pbtxt, sorted."""
+        if not self._exists(self.root):
+            return []
+        selector = pafs.FileSelector(self.root, recursive=False)
+        names = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.Directory and _MODEL_NAME.match(info.base_name):
+                if self._exists(posixpath.join(info.path, CONFIG_FILE)):
+                    names.append(info.base_name)
+        return sorted(names)
+
+    def is_empty(self) -> bool:
+        return not self.list_models()
+
+    def config_proto(self, model: str) -> ModelConfig:
+        path = posixpath.join(self._model_dir(model), CONFIG_FILE)
+        if not self._exists(path):
+            raise ModelNotFound(f"model {model!r} is not in the repository {self.root_uri}")
+        return parse_config(self._read(path).decode("utf-8"), source=f"{model}/{CONFIG_FILE}")
+
+    def spec(self, model: str) -> ModelSpec:
+        """The model's validated config."""
+        return spec_from_config(self.config_proto(model), name=model, source=f"{model}/{CONFIG_FILE}")
+
+    def write_config(self, model: str, config: ModelConfig) -> None:
+        """Validate and (atomically) replace the model's config.pbtxt."""
+        spec_from_config(config, name=model, source=f"{model}/{CONFIG_FILE}")
+        self.fs.create_dir(self._model_dir(model), recursive=True)
+        self._write_atomic(posixpath.join(self._model_dir(model), CONFIG_FILE), format_config(config).encode())
+
+    def list_versions(self, model: str) -> list[int]:
+        """Published versions: numeric folders that hold the model file, ascending."""
+        spec = self.spec(model)
+        model_dir = self._model_dir(model)
+        versions = []
+        for info in self.fs.get_file_info(pafs.FileSelector(model_dir, recursive=False)):
+            if info.type != pafs.FileType.Directory or not info.base_name.isdigit():
+                continue
+            if spec.backend == "triton" or self._exists(posixpath.join(info.path, spec.default_model_filename)):
+                versions.append(int(info.base_name))
+        return sorted(versions)
+
+    def served_versions(self, model: str) -> list[int]:
+        """The versions the model's version_policy selects among the published ones."""
+        return self.spec(model).version_policy.select(self.list_versions(model))
+
+    def metadata(self, model: str, version: int) -> dict:
+        """The version's metadata.json ({} when the version has none, as a Triton repository)."""
+        path = posixpath.join(self._version_dir(model, version), METADATA_FILE)
+        if not self._exists(path):
+            return {}
+        try:
+            return json.loads(self._read(path))
+        except ValueError as exc:
+            raise RepositoryError(f"{model}/{version}/{METADATA_FILE}: {exc}") from exc
+
+    def version(self, model: str, version: int) -> VersionInfo:
+        if int(version) not in self.list_versions(model):
+            raise ModelNotFound(f"model {model!r} has no published version {version}")
+        return VersionInfo(model, int(version), self._version_dir(model, version), self.metadata(model, version))
+
+    def model_file(self, model: str, version: int) -> str | io.BytesIO:
+        """The version's model file: a local path, or its bytes for a remote repository."""
+        spec = self.spec(model)
+        path = posixpath.join(self._version_dir(model, version), spec.default_model_filename)
+        if not self._exists(path):
+            raise ModelNotFound(f"model {model!r} version {version} has no {spec.default_model_filename}")
+        return path if self.is_local else io.BytesIO(self._read(path))
+
+    # -- publishing ----------------------------------------------------------
+    def publish(
+        self,
+        model: str,
+        files: Mapping[str, bytes],
+        metadata: Mapping,
+        *,
+        config: ModelConfig | None = None,
+        version: int | None = None,
+    ) -> int:
+        """Publish a new immutable version and return its number.
+
+        `files` maps file names (e.g. "model.pt") to their bytes. `config`, when
+        given, replaces the model's config.pbtxt first (required for a new model).
+        The version folder appears at once, by rename of a staging folder; with
+        `version=None` it takes the next free number, retrying if a concurrent
+        publisher took it first.
+        """
+        model_dir = self._model_dir(model)
+        if config is not None:
+            self.write_config(model, config)
+        elif not self._exists(posixpath.join(model_dir, CONFIG_FILE)):
+            raise RepositoryError(f"model {model!r} has no {CONFIG_FILE}; pass config= to publish it first")
+        for name in files:
+            if "/" in name or name in ("", ".", "..") or name == METADATA_FILE:
+                raise RepositoryError(f"invalid file name {name!r} to publish")
+        staging = posixpath.join(model_dir, f"{_STAGING_PREFIX}{uuid.uuid4().hex}")
+        self.fs.create_dir(staging, recursive=True)
+        try:
+            for name, data in files.items():
+                with self.fs.open_output_stream(posixpath.join(staging, name)) as f:
+                    f.write(data)
+            with self.fs.open_output_stream(posixpath.join(staging, METADATA_FILE)) as f:
+                f.write(json.dumps(dict(metadata), indent=2, sort_keys=True, default=str).encode())
+            for _ in range(100):
+                number = version if version is not None else self._next_version(model_dir)
+                target = posixpath.join(model_dir, str(number))
+                if self._exists(target):
+                    if version is not None:
+                        raise RepositoryError(f"model {model!r} version {version} exists and is immutable")
+                    continue
+                try:
+                    self.fs.move(staging, target)
+                except OSError:
+                    if version is not None:
+                        raise
+                    continue  # a concurrent publisher took this number
+                return number
+            raise RepositoryError(f"could not find a free version number for {model!r}")
+        finally:
+            if self._exists(staging):
+                self.fs.delete_dir(staging)
+
+    def _next_version(self, model_dir: str) -> int:
+        numbers = [
+            int(info.base_name)
+            for info in self.fs.get_file_info(pafs.FileSelector(model_dir, recursive=False))
+            if info.type == pafs.FileType.Directory and info.base_name.isdigit()
+        ]
+        return max(numbers, default=0) + 1

@@ -37,12 +37,9 @@ $(TRITON_VENV)/.installed:
 	$(TRITON_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH) 'numpy<2' 'nvidia-pytriton==0.7.0'
 	@touch $@
 
-# The example models, published once into an empty repository.
-$(REPOSITORY)/.bootstrapped: | $(VENV)/.installed
-	$(PY) -m training.bootstrap --repository $(REPOSITORY)
-	@touch $@
-
-serve: $(VENV)/.installed $(REPOSITORY)/.bootstrapped
+# The example models are trained and published only into an empty repository.
+serve: $(VENV)/.installed
+	$(PY) -m training.bootstrap --repository $(REPOSITORY) --if-empty
 	$(VENV)/bin/fleet serve --repository $(REPOSITORY)
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed

@@ -286,6 +286,8 @@ def make_config(
         t.name = spec.name
         t.data_type = mc.DataType.Value(v2_to_config(spec.datatype))
         t.dims.extend(spec.dims)
+        if spec.optional:
+            t.optional = True
     config.version_policy.latest.num_versions = latest_versions
     if max_batch_size > 0:
         db = config.dynamic_batching

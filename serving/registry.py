@@ -7,7 +7,9 @@
 ```
 
 A published version is immutable. Publishing writes a staging folder next to the
-versions and renames it into place, so a reader never sees half a version.
+versions and renames it into place, so a reader never sees half a version (on a
+local or POSIX filesystem; on S3/GCS pyarrow's move is copy-then-delete, so a
+reader can see a version folder before all its files are there).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class VersionInfo:
     version: int
     path: str  # on the repository's filesystem
     metadata: Mapping
+
+
+def _plain(value):
+    """JSON for NumPy scalars and arrays in metadata (anything else is an error)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def check_model_name(name: str) -> str:
@@ -134,6 +143,9 @@ class ModelRepository:
                 continue
             if spec.backend == "triton" or self._exists(posixpath.join(info.path, spec.default_model_filename)):
                 versions.append(int(info.base_name))
+        if not versions and spec.backend == "triton":
+            # Fronting a Triton model needs only its config.pbtxt: serve it as version 1.
+            versions = [1]
         return sorted(versions)
 
     def served_versions(self, model: str) -> list[int]:
@@ -182,13 +194,18 @@ class ModelRepository:
         publisher took it first.
         """
         model_dir = self._model_dir(model)
+        # Check everything before writing anything, so a refused publish leaves no trace.
         if config is not None:
-            self.write_config(model, config)
+            spec_from_config(config, name=model, source=f"{model}/{CONFIG_FILE}")
         elif not self._exists(posixpath.join(model_dir, CONFIG_FILE)):
             raise RepositoryError(f"model {model!r} has no {CONFIG_FILE}; pass config= to publish it first")
         for name in files:
             if "/" in name or name in ("", ".", "..") or name == METADATA_FILE:
                 raise RepositoryError(f"invalid file name {name!r} to publish")
+        try:
+            metadata_bytes = json.dumps(dict(metadata), indent=2, allow_nan=False, default=_plain).encode()
+        except (TypeError, ValueError) as exc:
+            raise RepositoryError(f"metadata for {model!r} is not strict JSON: {exc}") from exc
         staging = posixpath.join(model_dir, f"{_STAGING_PREFIX}{uuid.uuid4().hex}")
         self.fs.create_dir(staging, recursive=True)
         try:
@@ -196,7 +213,9 @@ class ModelRepository:
                 with self.fs.open_output_stream(posixpath.join(staging, name)) as f:
                     f.write(data)
             with self.fs.open_output_stream(posixpath.join(staging, METADATA_FILE)) as f:
-                f.write(json.dumps(dict(metadata), indent=2, sort_keys=True, default=str).encode())
+                f.write(metadata_bytes)
+            if config is not None:
+                self.write_config(model, config)
             for _ in range(100):
                 number = version if version is not None else self._next_version(model_dir)
                 target = posixpath.join(model_dir, str(number))
@@ -207,9 +226,9 @@ class ModelRepository:
                 try:
                     self.fs.move(staging, target)
                 except OSError:
-                    if version is not None:
-                        raise
-                    continue  # a concurrent publisher took this number
+                    if version is not None or not self._exists(target):
+                        raise  # a real failure, not a concurrent publisher taking the number
+                    continue
                 return number
             raise RepositoryError(f"could not find a free version number for {model!r}")
         finally:

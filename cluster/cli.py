@@ -1,0 +1,206 @@
+"""`fleet`: bring a local cluster up and down, serve in the foreground, show status.
+
+    fleet serve     set up the cluster and stay in the foreground until Ctrl-C
+    fleet up        the same cluster in the background; returns once it is ready
+    fleet down      stop the cluster `fleet up` started
+    fleet status    models, versions, replicas, URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import FleetSettings, load_settings
+from cluster.state import StateFile, pid_alive
+from cluster.status import curl_example, describe_cluster
+
+__all__ = ["main"]
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repository", help="model repository path or URI (default: ./model_repository)")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--dashboard-port", type=int, help="Ray dashboard / job server port (default 8265)")
+    p.add_argument("--num-cpus", type=int, help="Ray logical CPUs (default: this machine's)")
+    p.add_argument("--ingress-replicas", type=int)
+    p.add_argument("--worker-replicas", type=int)
+    p.add_argument("--no-haproxy", dest="haproxy", action="store_false", default=None,
+                   help="use Serve's Python proxy instead of HAProxy ingress")
+    p.add_argument("--state-dir", help="where the pid, state and log live (default ./.fleet)")
+
+
+def _settings(args: argparse.Namespace) -> FleetSettings:
+    keys = ("repository", "host", "port", "dashboard_port", "num_cpus", "ingress_replicas", "worker_replicas",
+            "haproxy", "state_dir")
+    try:
+        return load_settings(**{k: getattr(args, k, None) for k in keys})
+    except ValueError as exc:
+        raise SystemExit(f"fleet: invalid configuration: {exc}") from None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _start_supervisor(settings: FleetSettings) -> dict:
+    """Spawn the supervisor in its own session and wait until the cluster is ready."""
+    state = StateFile(settings.state_dir)
+    running = state.running()
+    if running:
+        raise SystemExit(f"fleet: a cluster is already running (pid {running['pid']}, {running['url']}); "
+                         f"`fleet down` first")
+    state.dir.mkdir(parents=True, exist_ok=True)
+    state.remove()
+    log = open(state.log_path, "ab")
+    cmd = [sys.executable, "-m", "cluster.supervisor", "--settings-json", settings.model_dump_json()]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=os.getcwd())
+    log.close()
+    deadline = time.monotonic() + settings.startup_timeout_s + 120
+    print(f"starting fleet (log: {state.log_path}) ...", flush=True)
+    while time.monotonic() < deadline:
+        doc = state.read()
+        if doc and doc.get("status") == "ready" and doc.get("pid") == proc.pid:
+            return doc
+        if doc and doc.get("status") == "failed":
+            proc.wait(timeout=60)
+            raise SystemExit(f"fleet: start-up failed: {doc.get('error')}\n{_tail(state.log_path)}")
+        if proc.poll() is not None:
+            raise SystemExit(f"fleet: the cluster process exited ({proc.returncode})\n{_tail(state.log_path)}")
+        time.sleep(0.5)
+    _stop(state, proc.pid)
+    raise SystemExit(f"fleet: not ready after {settings.startup_timeout_s + 120:.0f} s\n{_tail(state.log_path)}")
+
+
+def _stop(state: StateFile, pid: int, grace_s: float = 90.0) -> bool:
+    """SIGTERM the supervisor, wait for its orderly shutdown, then kill its process group."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state.remove()
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(0.25)
+    if pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    state.remove()
+    return True
+
+
+def _banner(doc: dict, settings: FleetSettings) -> str:
+    url = doc["url"]
+    lines = [
+        f"fleet is serving on {url}",
+        f"  repository: {doc['repository']}",
+        f"  metrics:    {url}/metrics",
+        f"  dashboard and job server: {doc['dashboard_url']}",
+        f"    RAY_AUTH_MODE=token ray job submit --address {doc['dashboard_url']} --working-dir . -- python ...",
+    ]
+    example = curl_example(url)
+    if example:
+        lines += ["  try:", f"    {example}"]
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    doc = _start_supervisor(settings)
+    print(_banner(doc, settings))
+    print("stop it with: fleet down")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    state = StateFile(settings.state_dir)
+    stopping = False
+
+    def interrupted(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        doc = _start_supervisor(settings)
+    except SystemExit:
+        raise
+    print(_banner(doc, settings))
+    print("Ctrl-C stops it.", flush=True)
+    while not stopping and pid_alive(doc["pid"]):
+        time.sleep(0.5)
+    if stopping:
+        print("\nstopping fleet ...", flush=True)
+        _stop(state, doc["pid"])
+        print("fleet stopped.")
+        return 0
+    print(f"fleet: the cluster process exited unexpectedly\n{_tail(state.log_path)}")
+    return 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = StateFile(_settings(args).state_dir)
+    doc = state.running()
+    if not doc:
+        print("fleet: no cluster is running")
+        return 0
+    print(f"stopping fleet (pid {doc['pid']}) ...", flush=True)
+    _stop(state, int(doc["pid"]))
+    print("fleet stopped.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = StateFile(_settings(args).state_dir)
+    doc = state.running()
+    if not doc:
+        print("fleet: no cluster is running (start one with `fleet up`)")
+        return 1
+    info = describe_cluster(doc)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"fleet {info['status']} on {info['url']} (pid {doc['pid']}), dashboard {info['dashboard_url']}")
+        print(f"repository: {info['repository']}")
+        for m in info["models"]:
+            versions = ",".join(m["versions"]) or "-"
+            print(f"  {m['name']:<20} versions {versions:<10} {m['state']:<12} worker replicas {m['replicas']}")
+        print(f"ingress replicas: {info['ingress_replicas']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleet", description="fleet: a model-serving cluster on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (
+        ("serve", cmd_serve, "start the local cluster and serve in the foreground (Ctrl-C stops)"),
+        ("up", cmd_up, "start the local cluster in the background"),
+        ("down", cmd_down, "stop the local cluster"),
+        ("status", cmd_status, "show models, versions, replicas and URL"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_settings_flags(p)
+        p.set_defaults(fn=fn)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

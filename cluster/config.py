@@ -1,0 +1,103 @@
+"""fleet's configuration: defaults < `fleet.yaml` < env `FLEET_*` < CLI flags.
+
+    # fleet.yaml (or the file FLEET_CONFIG names)
+    repository: model_repository
+    port: 8000
+    ingress_replicas: 1
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from serving.app import DeploymentOptions
+from serving.options import ServingOptions
+
+__all__ = ["FleetSettings", "load_settings"]
+
+
+class FleetSettings(BaseSettings):
+    """Everything `fleet` and `make serve` can be told; units in the names."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="forbid", validate_default=True)
+
+    repository: str = Field("model_repository", description="model repository: a path or a pyarrow.fs URI")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard and job server")
+    num_cpus: int | None = Field(None, ge=1, description="Ray logical CPUs (default: the machine's)")
+    num_gpus: int | None = Field(None, ge=0)
+    haproxy: bool = Field(True, description="Ray Serve's HAProxy ingress instead of the Python proxy")
+    throughput_optimized: bool = Field(True, description="RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.25, ge=0)
+    worker_num_cpus: float = Field(0.25, ge=0)
+    worker_replicas: int | None = Field(None, ge=1, description="default: the config's instance_group count")
+    worker_threads: int = Field(1, ge=1, description="torch intra-op threads per worker replica")
+    max_inflight_batches: int = Field(2, ge=1, description="per model version and ingress replica")
+    max_queue_size: int = Field(4096, ge=1, description="for configs that leave max_queue_size unbounded")
+    max_request_bytes: int = Field(64 << 20, ge=1024)
+    max_tensor_elements: int = Field(1 << 26, ge=1)
+    metrics_push_interval_s: float = Field(1.0, gt=0)
+    startup_timeout_s: float = Field(180.0, gt=0)
+    state_dir: str = Field(".fleet", description="where `fleet up` keeps its pid, state and log")
+
+    @field_validator("repository")
+    @classmethod
+    def _absolute_repository(cls, value: str) -> str:
+        # Jobs and replicas run in other working directories: pin local paths down.
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get("FLEET_CONFIG", "fleet.yaml")
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def serving_options(self) -> ServingOptions:
+        return ServingOptions(
+            repository=self.repository,
+            max_inflight_batches=self.max_inflight_batches,
+            max_queue_size=self.max_queue_size,
+            max_request_bytes=self.max_request_bytes,
+            max_tensor_elements=self.max_tensor_elements,
+            metrics_push_interval_s=self.metrics_push_interval_s,
+            worker_threads=self.worker_threads,
+            startup_timeout_s=self.startup_timeout_s,
+        )
+
+    def deployment_options(self, gpus_available: bool) -> DeploymentOptions:
+        return DeploymentOptions(
+            ingress_replicas=self.ingress_replicas,
+            ingress_num_cpus=self.ingress_num_cpus,
+            worker_num_cpus=self.worker_num_cpus,
+            worker_replicas=self.worker_replicas,
+            gpus_available=gpus_available,
+        )
+
+
+def load_settings(**overrides: Any) -> FleetSettings:
+    """Settings from fleet.yaml and the environment, with `overrides` (CLI flags) on top.
+
+    Raises ValueError naming the bad value.
+    """
+    return FleetSettings(**{k: v for k, v in overrides.items() if v is not None})

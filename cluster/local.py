@@ -1,0 +1,113 @@
+"""A local fleet cluster in this process: Ray head (dashboard + job server), Serve, the app.
+
+`LocalCluster` is what the supervisor behind `fleet up` / `make serve` runs and
+what the integration tests start once per session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from cluster.config import FleetSettings
+
+__all__ = ["LocalCluster", "free_port", "ray_env"]
+
+_log = logging.getLogger("fleet.cluster")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(settings: FleetSettings) -> dict[str, str]:
+    """Environment the Ray processes must start with (read once, at their import of Serve)."""
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if settings.haproxy else "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.throughput_optimized else "0",
+        # Ray jobs (`ray job submit`) run in a copy of the working dir: this names
+        # the repository the cluster serves from.
+        "FLEET_REPOSITORY": settings.repository,
+    }
+    if settings.haproxy:
+        # HAProxy's stats/metrics ports default to fixed numbers; two clusters on one
+        # machine (a user's and the tests') must not collide.
+        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            env[var] = os.environ.get(var) or str(free_port())
+    return env
+
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class LocalCluster:
+    """Start/stop a single-node fleet cluster owned by this process."""
+
+    settings: FleetSettings
+    started: bool = field(default=False, init=False)
+
+    def start(self) -> None:
+        """Start Ray and Serve and deploy the app; returns once HTTP answers ready."""
+        import ray
+        from ray import serve
+        from ray.serve.config import HTTPOptions
+
+        from serving.app import APP_NAME, build_app
+
+        s = self.settings
+        os.environ.update(ray_env(s))
+        ray.init(
+            num_cpus=s.num_cpus or os.cpu_count(),
+            num_gpus=s.num_gpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=s.dashboard_port,
+            namespace="fleet",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        self.started = True
+        serve.start(http_options=HTTPOptions(host=s.host, port=s.port))
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        app = build_app(s.serving_options(), s.deployment_options(gpus_available=gpus))
+        # One log line per request would cost more than the request itself.
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+        self.wait_ready(s.startup_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until `GET /v2/health/ready` answers 200 through the public port."""
+        deadline = time.monotonic() + timeout_s
+        url = f"{self.settings.url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if _http_ok(url):
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"fleet did not become ready at {url} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Shut Serve and Ray down (idempotent)."""
+        if not self.started:
+            return
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        except Exception as exc:  # the cluster may already be half gone (Ctrl-C)
+            _log.warning("serve shutdown: %s", exc)
+        ray.shutdown()
+        self.started = False

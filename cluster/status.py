@@ -1,0 +1,92 @@
+"""What `fleet status` and the start-up banner show, read over HTTP from the running cluster."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["describe_cluster", "curl_example", "ray_token"]
+
+_EXAMPLE_VALUES = {"BOOL": False, "BYTES": "x"}
+
+
+def ray_token() -> str | None:
+    """Ray's token for its dashboard API (token authentication is on for local clusters)."""
+    try:
+        return (Path.home() / ".ray" / "auth_token").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _get(url: str, *, method: str = "GET", token: str | None = None, timeout_s: float = 5.0):
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _replicas(dashboard_url: str) -> dict[str, int]:
+    """Running replicas per deployment, from the Ray dashboard's Serve API."""
+    try:
+        doc = _get(f"{dashboard_url}/api/serve/applications/", token=ray_token())
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+    out = {}
+    for app in (doc.get("applications") or {}).values():
+        for name, dep in (app.get("deployments") or {}).items():
+            out[name] = sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
+    return out
+
+
+def describe_cluster(state: dict) -> dict:
+    """Models, versions, readiness and replica counts of the cluster in `state`."""
+    url = state["url"]
+    replicas = _replicas(state["dashboard_url"])
+    info = {
+        "url": url,
+        "dashboard_url": state["dashboard_url"],
+        "repository": state.get("repository"),
+        "status": "unreachable",
+        "models": [],
+        "ingress_replicas": replicas.get("ingress", 0),
+    }
+    try:
+        index = _get(f"{url}/v2/repository/index", method="POST")
+        info["status"] = "ready" if all(e.get("state") == "READY" for e in index) else "degraded"
+    except (urllib.error.URLError, OSError, ValueError):
+        return info
+    models: dict[str, dict] = {}
+    for entry in index:
+        m = models.setdefault(entry["name"], {"name": entry["name"], "versions": [], "state": entry["state"],
+                                              "replicas": replicas.get(f"worker-{entry['name']}", 0)})
+        if "version" in entry:
+            m["versions"].append(entry["version"])
+        if entry["state"] != "READY":
+            m["state"] = entry["state"]
+    info["models"] = list(models.values())
+    return info
+
+
+def curl_example(url: str) -> str | None:
+    """A ready-to-paste curl infer request for the first served model (zeros as data)."""
+    try:
+        index = _get(f"{url}/v2/repository/index", method="POST")
+        if not index:
+            return None
+        name = index[0]["name"]
+        meta = _get(f"{url}/v2/models/{name}")
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return None
+    inputs = []
+    for t in meta["inputs"]:
+        shape = [1 if d == -1 else d for d in t["shape"]]
+        count = 1
+        for d in shape:
+            count *= d
+        value = _EXAMPLE_VALUES.get(t["datatype"], 0)
+        inputs.append({"name": t["name"], "shape": shape, "datatype": t["datatype"], "data": [value] * count})
+    body = json.dumps({"inputs": inputs}, separators=(",", ":"))
+    return f"curl -s -X POST {url}/v2/models/{name}/infer -H 'Content-Type: application/json' -d '{body}'"

@@ -1,0 +1,148 @@
+"""TorchScript backend: torch.jit.load, inference_mode, warm-up, CUDA when present.
+
+Batches run one at a time on a dedicated thread, off the event loop, so the
+next batch can be received and assembled while one computes. On CUDA, inputs go
+through pinned host buffers with non_blocking copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import warnings
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from serving.backends.base import positional_order
+from serving.errors import BackendError, RepositoryError
+from serving.model_config import ModelSpec, TensorSpec
+
+__all__ = ["TorchScriptBackend", "pick_device"]
+
+_log = logging.getLogger("fleet.backends.torchscript")
+# Zero-copy views of request bodies are read-only; the model never writes its inputs.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+_TORCH_DTYPES = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+}
+
+
+def pick_device(kind: str = "auto") -> str:
+    """'cuda' when the model may use a GPU and one is visible, else 'cpu'."""
+    if kind != "cpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+class TorchScriptBackend:
+    """One TorchScript model version on one device."""
+
+    def __init__(self, spec: ModelSpec, version: int, model_file, *, device: str | None = None,
+                 threads: int | None = None):
+        for t in spec.inputs + spec.outputs:
+            if t.datatype not in _TORCH_DTYPES:
+                raise RepositoryError(f"model {spec.name!r}: TorchScript cannot take {t.datatype} tensor {t.name!r}")
+        self.spec = spec
+        self.version = version
+        self.device = device or pick_device(spec.instance_kind)
+        self._file = model_file
+        self._threads = threads
+        self._inputs = positional_order(spec.inputs)
+        self._outputs = positional_order(spec.outputs)
+        self._module: torch.jit.ScriptModule | None = None
+        self._pinned: dict[str, torch.Tensor] = {}
+        # One thread: batches execute in order; torch's intra-op threads parallelise each.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"torch-{spec.name}")
+
+    async def load(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        try:
+            module = torch.jit.load(self._file, map_location=self.device)
+        except Exception as exc:  # a corrupt or non-TorchScript file
+            raise RepositoryError(f"model {self.spec.name!r} version {self.version}: cannot load TorchScript: {exc}") from exc
+        module.eval()
+        self._module = module
+        self._warm_up()
+        _log.info("loaded %s v%s on %s", self.spec.name, self.version, self.device)
+
+    def _example(self, t: TensorSpec, rows: int) -> np.ndarray:
+        dims = tuple(1 if d == -1 else d for d in t.dims)
+        shape = ((rows,) if self.spec.max_batch_size > 0 else ()) + dims
+        return np.zeros(shape, dtype=t.dtype)
+
+    def _warm_up(self) -> None:
+        # The first calls of a TorchScript module profile and optimise the graph;
+        # do them now, at the batch sizes traffic will use, not on a user's request.
+        sizes = sorted({1, max(1, self.spec.max_batch_size)}) if self.spec.max_batch_size else [1]
+        for rows in sizes:
+            for _ in range(3):
+                self._run({t.name: self._example(t, rows) for t in self._inputs})
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+
+    def _to_device(self, name: str, arr: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(arr)
+        if self.device == "cpu":
+            return tensor
+        buf = self._pinned.get(name)
+        if buf is None or buf.numel() < tensor.numel() or buf.dtype != tensor.dtype:
+            buf = torch.empty(max(tensor.numel(), 1), dtype=tensor.dtype).pin_memory()
+            self._pinned[name] = buf
+        staged = buf[: tensor.numel()].view(tensor.shape)
+        staged.copy_(tensor)
+        return staged.to(self.device, non_blocking=True)
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._module is None:
+            raise BackendError(f"model {self.spec.name!r} version {self.version} is not loaded")
+        args = [self._to_device(t.name, inputs[t.name]) for t in self._inputs]
+        with torch.inference_mode():
+            result = self._module(*args)
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        if isinstance(result, dict):
+            tensors = [result.get(t.name) for t in self._outputs]
+        elif isinstance(result, (tuple, list)):
+            tensors = list(result)
+        else:
+            raise BackendError(f"model {self.spec.name!r} returned {type(result).__name__}, not tensors")
+        if len(tensors) != len(self._outputs) or any(not isinstance(x, torch.Tensor) for x in tensors):
+            raise BackendError(
+                f"model {self.spec.name!r} returned {len(tensors)} tensors; its config declares "
+                f"{[t.name for t in self._outputs]}"
+            )
+        outputs = {}
+        for t, tensor in zip(self._outputs, tensors):
+            if tensor.device.type != "cpu":
+                tensor = tensor.to("cpu", non_blocking=True)
+            outputs[t.name] = tensor
+        if self.device != "cpu":
+            torch.cuda.current_stream().synchronize()
+        return {name: tensor.numpy().astype(spec_dtype, copy=False)
+                for (name, tensor), spec_dtype in zip(outputs.items(), (t.dtype for t in self._outputs))}
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._module = None
+
+    def describe(self) -> dict:
+        return {"backend": "torchscript", "device": self.device, "threads": torch.get_num_threads(),
+                "pid": os.getpid()}

@@ -1,0 +1,101 @@
+"""Triton backend: forward each batch to a Triton Inference Server with tritonclient.
+
+Binary tensors both ways over pooled HTTP connections (tritonclient.http.aio),
+to the server's own model name and version from the config's parameters:
+
+    parameters { key: "fleet.triton.url"     value { string_value: "triton-host:8000" } }
+    parameters { key: "fleet.triton.model"   value { string_value: "fraud" } }    # default: same name
+    parameters { key: "fleet.triton.version" value { string_value: "1" } }        # default: Triton's choice
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Mapping
+
+import numpy as np
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from serving.errors import BackendError, ModelUnavailable
+from serving.model_config import TRITON_MODEL_PARAM, TRITON_VERSION_PARAM, ModelSpec
+
+__all__ = ["TritonBackend"]
+
+_CONNECTIONS = 32
+
+
+def _host_port(url: str) -> str:
+    # tritonclient wants "host:port"; accept a URL with a scheme too.
+    for prefix in ("http://", "https://"):
+        if url.startswith(prefix):
+            return url[len(prefix):].rstrip("/")
+    return url.rstrip("/")
+
+
+class TritonBackend:
+    """Forwards batches for one fleet model version to a Triton server."""
+
+    device = "triton"
+
+    def __init__(self, spec: ModelSpec, version: int, *, connect_timeout_s: float = 60.0):
+        self.spec = spec
+        self.version = version
+        self.url = _host_port(spec.triton_url or "")
+        self.remote_model = spec.parameters.get(TRITON_MODEL_PARAM) or spec.name
+        self.remote_version = spec.parameters.get(TRITON_VERSION_PARAM, "")
+        self._connect_timeout_s = connect_timeout_s
+        self._client: aioclient.InferenceServerClient | None = None
+        self._outputs = [httpclient.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
+
+    async def load(self) -> None:
+        """Connect and wait (up to the connect timeout) until Triton says the model is ready."""
+        self._client = aioclient.InferenceServerClient(self.url, conn_limit=_CONNECTIONS)
+        deadline = time.monotonic() + self._connect_timeout_s
+        last_error = "not ready"
+        while time.monotonic() < deadline:
+            try:
+                if await self._client.is_model_ready(self.remote_model, self.remote_version):
+                    return
+            except Exception as exc:  # connection refused while Triton starts
+                last_error = str(exc)
+            await asyncio.sleep(0.5)
+        raise ModelUnavailable(
+            f"Triton at {self.url} has no ready model {self.remote_model!r} "
+            f"(version {self.remote_version or 'default'}): {last_error}"
+        )
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._client is None:
+            raise ModelUnavailable(f"model {self.spec.name!r}: not connected to Triton")
+        request = []
+        for t in self.spec.inputs:
+            arr = inputs.get(t.name)
+            if arr is None:
+                continue
+            tensor = httpclient.InferInput(t.name, list(arr.shape), t.datatype)
+            tensor.set_data_from_numpy(np.ascontiguousarray(arr), binary_data=True)
+            request.append(tensor)
+        try:
+            result = await self._client.infer(
+                self.remote_model, request, model_version=self.remote_version, outputs=self._outputs
+            )
+        except InferenceServerException as exc:
+            status = str(exc.status() or "")
+            if status in ("503", "StatusCode.UNAVAILABLE"):
+                raise ModelUnavailable(f"Triton at {self.url} is unavailable: {exc.message()}") from exc
+            raise BackendError(f"Triton at {self.url} failed the batch: {exc.message()}") from exc
+        except Exception as exc:  # connection refused/reset: the server is gone
+            raise ModelUnavailable(f"Triton at {self.url} is unreachable: {exc}") from exc
+        return {t.name: result.as_numpy(t.name) for t in self.spec.outputs}
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def describe(self) -> dict:
+        return {"backend": "triton", "url": self.url, "remote_model": self.remote_model,
+                "remote_version": self.remote_version or None}

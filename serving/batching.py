@@ -1,0 +1,319 @@
+"""Dynamic batching with Triton's semantics, one `Batcher` per model version.
+
+A request joins the queue; the batcher hands whole batches (inputs concatenated
+along the batch dimension) to an async `execute` callable, at most
+`max_inflight_batches` at a time, and splits the outputs back per request.
+
+When it sends a batch:
+- at once when nothing is running (a lone request never waits for company);
+- at once when the batch is full (`max_batch_size` rows, or the next request
+  does not fit) or has reached the largest `preferred_batch_size` it can;
+- otherwise, while earlier batches are running, it waits for more requests up
+  to `max_queue_delay_us` after the oldest one arrived.
+
+A request waits at most its timeout (`parameters.timeout` or the queue
+policy's default): past it, it is answered DeadlineExceeded without being
+computed. A full queue (`max_queue_size`) refuses new requests with Overloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
+
+import numpy as np
+
+from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidInput, ModelUnavailable, Overloaded
+
+__all__ = ["BatcherConfig", "BatchResult", "Batcher"]
+
+Arrays = Mapping[str, np.ndarray]
+Execute = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+OnBatch = Callable[[int, int, int, bool], None]  # (rows, requests, compute_ns, ok)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Queue and batch limits; 0 means "none" for sizes and timeouts, as in Triton.
+
+    `max_batch_size == 0` means the model takes no batch dimension: every
+    request is executed alone, as it came.
+    """
+
+    max_batch_size: int
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = True
+    max_inflight_batches: int = 2
+
+    def __post_init__(self):
+        if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.max_queue_size < 0:
+            raise ValueError("batcher sizes and delays must be >= 0")
+        if self.max_inflight_batches < 1:
+            raise ValueError("max_inflight_batches must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's outputs and where its time went (nanoseconds)."""
+
+    outputs: dict[str, np.ndarray]
+    queue_ns: int
+    compute_ns: int
+    batch_rows: int
+
+
+class _Pending:
+    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns")
+
+    def __init__(self, inputs: Arrays, rows: int, signature, future, enqueued_ns: int, deadline_ns: int):
+        self.inputs = inputs
+        self.rows = rows
+        self.signature = signature
+        self.future = future
+        self.enqueued_ns = enqueued_ns
+        self.deadline_ns = deadline_ns
+
+
+def _signature(inputs: Arrays) -> tuple:
+    # Requests batch together only when every non-batch dimension and dtype agree.
+    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
+
+
+class Batcher:
+    """Queue requests for one model version and execute them in batches."""
+
+    def __init__(self, name: str, execute: Execute, config: BatcherConfig, on_batch: OnBatch | None = None):
+        self.name = name
+        self.config = config
+        self._execute = execute
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._inflight = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+        self._next_deadline_ns = 0  # 0: no queued request has a deadline
+        self._preferred = sorted(config.preferred_batch_sizes)
+        self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not yet sent to the worker)."""
+        return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        """Batches sent and not yet answered."""
+        return self._inflight
+
+    async def submit(self, inputs: Arrays, rows: int = 1, *, timeout_us: int | None = None) -> BatchResult:
+        """Queue one request of `rows` batch rows and wait for its outputs.
+
+        `inputs` must already be validated: for a batching model each array's
+        first dimension is `rows`. Cancelling the caller withdraws the request.
+        """
+        if self._closed:
+            raise ModelUnavailable(f"model {self.name} is shutting down")
+        cfg = self.config
+        if cfg.max_batch_size and not 1 <= rows <= cfg.max_batch_size:
+            raise InvalidInput(f"batch of {rows} rows is outside 1..{cfg.max_batch_size} for model {self.name}")
+        if cfg.max_queue_size and len(self._queue) >= cfg.max_queue_size:
+            raise Overloaded(
+                f"model {self.name} is overloaded: its queue holds {len(self._queue)} requests "
+                f"(max_queue_size {cfg.max_queue_size}); retry later",
+                retry_after_s=1.0,
+            )
+        timeout = cfg.default_timeout_us
+        if timeout_us is not None and (cfg.allow_timeout_override or not timeout):
+            timeout = timeout_us
+        now = time.monotonic_ns()
+        deadline = now + timeout * 1000 if timeout else 0
+        loop = asyncio.get_running_loop()
+        pending = _Pending(inputs, rows, _signature(inputs) if cfg.max_batch_size else None, loop.create_future(),
+                           now, deadline)
+        if not self._queue and self._inflight == 0:
+            # Nothing queued and nothing running: send at once, no hop through the loop.
+            self._dispatch([pending], now)
+        else:
+            self._queue.append(pending)
+            if deadline and (not self._next_deadline_ns or deadline < self._next_deadline_ns):
+                self._next_deadline_ns = deadline
+            self._ensure_loop()
+            self._wake.set()
+        return await pending.future
+
+    async def close(self, *, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking requests; let queued ones finish for up to `drain_timeout_s`, fail the rest."""
+        self._closed = True
+        if drain_timeout_s > 0:
+            end = time.monotonic() + drain_timeout_s
+            while (self._queue or self._inflight) and time.monotonic() < end:
+                self._wake.set()
+                await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+        error = ModelUnavailable(f"model {self.name} is shutting down")
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(error)
+
+    # -- the scheduling loop ---------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic_ns()
+            if self._next_deadline_ns and now >= self._next_deadline_ns:
+                self._expire(now)
+            wait_ns = None
+            while self._queue and self._inflight < self.config.max_inflight_batches:
+                take, wait_ns = self._plan(now)
+                if not take:
+                    break
+                self._dispatch([self._queue.popleft() for _ in range(take)], now)
+                wait_ns = None
+            if self._next_deadline_ns:
+                until_deadline = max(0, self._next_deadline_ns - now)
+                wait_ns = until_deadline if wait_ns is None else min(wait_ns, until_deadline)
+            if wait_ns is None:
+                await self._wake.wait()
+            elif wait_ns > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait_ns / 1e9)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _plan(self, now: int) -> tuple[int, int | None]:
+        """(number of queued requests to send now, 0 if none; ns to wait otherwise)."""
+        queue = self._queue
+        while queue and queue[0].future.done():  # withdrawn by its client
+            queue.popleft()
+        if not queue:
+            return 0, None
+        head = queue[0]
+        if not self.config.max_batch_size:
+            return 1, None
+        rows = count = 0
+        full = False
+        for p in queue:
+            if p.future.done():
+                # A withdrawn request in the middle: drop it now, re-plan.
+                self._queue = collections.deque(q for q in queue if not q.future.done())
+                return self._plan(now)
+            if p.signature != head.signature or rows + p.rows > self._cap:
+                full = True
+                break
+            rows += p.rows
+            count += 1
+        if rows >= self._cap:
+            full = True
+        if self._preferred and not full and rows >= self._preferred[-1]:
+            # The largest preferred size is reachable: send exactly that prefix.
+            return self._prefix(self._preferred[-1]), None
+        if full or self._inflight == 0 or not self.config.max_queue_delay_us:
+            return count, None
+        waited = now - head.enqueued_ns
+        delay = self.config.max_queue_delay_us * 1000
+        if waited >= delay:
+            return count, None
+        return 0, delay - waited
+
+    def _prefix(self, target_rows: int) -> int:
+        rows = count = 0
+        for p in self._queue:
+            if rows + p.rows > target_rows:
+                break
+            rows += p.rows
+            count += 1
+        return max(count, 1)
+
+    def _expire(self, now: int) -> None:
+        kept: collections.deque[_Pending] = collections.deque()
+        next_deadline = 0
+        for p in self._queue:
+            if p.future.done():
+                continue
+            if p.deadline_ns and now >= p.deadline_ns:
+                waited_ms = (now - p.enqueued_ns) / 1e6
+                p.future.set_exception(
+                    DeadlineExceeded(
+                        f"request to model {self.name} timed out after {waited_ms:.1f} ms in the queue "
+                        f"(timeout {(p.deadline_ns - p.enqueued_ns) / 1e6:.1f} ms)"
+                    )
+                )
+                continue
+            kept.append(p)
+            if p.deadline_ns and (not next_deadline or p.deadline_ns < next_deadline):
+                next_deadline = p.deadline_ns
+        self._queue = kept
+        self._next_deadline_ns = next_deadline
+
+    # -- executing a batch -----------------------------------------------------
+    def _dispatch(self, batch: list[_Pending], now: int) -> None:
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return
+        if self.config.max_batch_size and len(live) > 1:
+            inputs = {name: np.concatenate([p.inputs[name] for p in live]) for name in live[0].inputs}
+        else:
+            inputs = dict(live[0].inputs)
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._execute_batch(live, inputs, now))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute_batch(self, batch: list[_Pending], inputs: dict[str, np.ndarray], sent_ns: int) -> None:
+        rows = sum(p.rows for p in batch)
+        ok = False
+        start = time.monotonic_ns()
+        try:
+            outputs = await self._execute(inputs)
+            compute_ns = time.monotonic_ns() - start
+            if self.config.max_batch_size:
+                for name, arr in outputs.items():
+                    if arr.ndim == 0 or arr.shape[0] != rows:
+                        raise BackendError(
+                            f"model {self.name} returned {name!r} with shape {list(arr.shape)} "
+                            f"for a batch of {rows} rows"
+                        )
+            offset = 0
+            for p in batch:
+                if self.config.max_batch_size and len(batch) > 1:
+                    part = {name: arr[offset : offset + p.rows] for name, arr in outputs.items()}
+                else:
+                    part = dict(outputs)
+                offset += p.rows
+                if not p.future.done():
+                    p.future.set_result(BatchResult(part, sent_ns - p.enqueued_ns, compute_ns, rows))
+            ok = True
+        except asyncio.CancelledError:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(ModelUnavailable(f"model {self.name} is shutting down"))
+            raise
+        except Exception as exc:
+            error = exc
+            if not isinstance(exc, FleetError):
+                error = BackendError(f"model {self.name} failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+        finally:
+            self._inflight -= 1
+            if self._queue:
+                self._ensure_loop()
+                self._wake.set()
+            if self._on_batch is not None:
+                self._on_batch(rows, len(batch), time.monotonic_ns() - start, ok)

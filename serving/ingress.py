@@ -1,0 +1,116 @@
+"""The ingress deployment: HTTP in, batches out to the workers, statistics to the monitor.
+
+Serve runs one or more replicas of it; with HAProxy ingress on, HAProxy sends
+HTTP straight to them. Each replica keeps its own batchers and statistics and
+pushes the statistics to the monitor about once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+
+from ray import serve
+
+from serving.http_api import build_http_app
+from serving.metrics import StatsRecorder
+from serving.options import ServingOptions
+from serving.registry import ModelRepository
+from serving.service import InferenceService
+
+__all__ = ["Ingress", "HandleWorkerClient"]
+
+_log = logging.getLogger("fleet.ingress")
+
+
+class HandleWorkerClient:
+    """A model's worker reached through its Serve DeploymentHandle: one call per batch."""
+
+    def __init__(self, handle):
+        self._infer = handle.infer
+        self._status = handle.status
+
+    async def infer(self, version: int, inputs: dict) -> dict:
+        return await self._infer.remote(version, inputs)
+
+    async def status(self) -> dict:
+        return await self._status.remote()
+
+
+@serve.ingress()
+class Ingress:
+    """Serve ingress deployment class (options set by `serving.app`)."""
+
+    async def __init__(self, options: dict, workers: dict):
+        self.options = ServingOptions(**options)
+        repository = ModelRepository(self.options.repository)
+        models = {}
+        for name, handle in workers.items():
+            models[name] = (repository.spec(name), repository.config_proto(name), HandleWorkerClient(handle))
+        self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.recorder = StatsRecorder()
+        self._monitor = None
+        self.service = InferenceService(
+            models, self.options, self.recorder, stats_source=self._stats, metrics_source=self._metrics
+        )
+        await self._wait_for_workers()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.service)
+
+    async def _wait_for_workers(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.options.startup_timeout_s
+        while True:
+            await self.service.refresh(timeout_s=10.0)
+            if self.service.is_ready() or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        for name, state in self.service.models.items():
+            if not state.ready:
+                _log.warning("model %s is not ready: %s", name, state.error)
+
+    # -- the control plane: aggregated, never per request -------------------------
+    def _monitor_actor(self):
+        if self._monitor is None:
+            from serving.monitor import get_monitor
+
+            self._monitor = get_monitor()
+        return self._monitor
+
+    async def _push(self) -> None:
+        delta = self.recorder.take()
+        try:
+            await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths())
+        except Exception as exc:  # monitor restarting: keep the delta for the next push
+            self.recorder.give_back(delta)
+            self._monitor = None
+            _log.warning("could not push statistics to the monitor: %s", exc)
+
+    async def _push_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.metrics_push_interval_s)
+            await self._push()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.status_refresh_interval_s)
+            await self.service.refresh()
+
+    async def _stats(self) -> dict:
+        await self._push()  # this replica's latest counts are in the answer
+        return await self._monitor_actor().totals.remote()
+
+    async def _metrics(self) -> bytes:
+        await self._push()
+        return await self._monitor_actor().render.remote()
+
+    async def __del__(self):
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        if hasattr(self, "service"):
+            await self.service.close(drain_timeout_s=5.0)
+            await self._push()

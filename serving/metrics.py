@@ -1,0 +1,143 @@
+"""Per-replica inference statistics, kept locally and handed off as deltas.
+
+The hot path only adds to integers in a dict; an ingress replica sends what
+accumulated since the last hand-off to the monitor actor about once a second.
+No Ray and no I/O here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+__all__ = [
+    "LATENCY_BUCKETS_S",
+    "BATCH_BUCKETS",
+    "ModelStats",
+    "StatsRecorder",
+    "merge_stats",
+]
+
+# End-to-end request latency histogram bounds, seconds.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class ModelStats:
+    """Counters for one (model, version); every field adds up across replicas."""
+
+    success: int = 0
+    failure: dict[str, int] = field(default_factory=dict)  # reason -> count
+    inference_count: int = 0  # batch rows inferred
+    execution_count: int = 0  # batches executed
+    request_ns: int = 0  # end to end, successful requests
+    queue_ns: int = 0
+    compute_ns: int = 0  # per request: its batch's compute time
+    fail_ns: int = 0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # rows -> [executions, compute ns]
+    last_inference_ms: int = 0
+
+    def merge(self, other: "ModelStats") -> None:
+        self.success += other.success
+        for reason, n in other.failure.items():
+            self.failure[reason] = self.failure.get(reason, 0) + n
+        self.inference_count += other.inference_count
+        self.execution_count += other.execution_count
+        self.request_ns += other.request_ns
+        self.queue_ns += other.queue_ns
+        self.compute_ns += other.compute_ns
+        self.fail_ns += other.fail_ns
+        for i, n in enumerate(other.latency_buckets):
+            self.latency_buckets[i] += n
+        for size, (count, ns) in other.batch_sizes.items():
+            entry = self.batch_sizes.setdefault(size, [0, 0])
+            entry[0] += count
+            entry[1] += ns
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+
+    def to_dict(self) -> dict:
+        return {
+            "success": self.success,
+            "failure": dict(self.failure),
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "request_ns": self.request_ns,
+            "queue_ns": self.queue_ns,
+            "compute_ns": self.compute_ns,
+            "fail_ns": self.fail_ns,
+            "latency_buckets": list(self.latency_buckets),
+            "batch_sizes": {str(k): list(v) for k, v in self.batch_sizes.items()},
+            "last_inference_ms": self.last_inference_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelStats":
+        s = cls(**{k: v for k, v in d.items() if k not in ("batch_sizes", "failure", "latency_buckets")})
+        s.failure = dict(d.get("failure", {}))
+        s.latency_buckets = list(d.get("latency_buckets", s.latency_buckets))
+        s.batch_sizes = {int(k): list(v) for k, v in d.get("batch_sizes", {}).items()}
+        return s
+
+
+def merge_stats(into: dict, delta: dict) -> None:
+    """Add a {(model, version): ModelStats} delta into a running total."""
+    for key, stats in delta.items():
+        if key in into:
+            into[key].merge(stats)
+        else:
+            total = ModelStats()
+            total.merge(stats)
+            into[key] = total
+
+
+class StatsRecorder:
+    """Accumulates one replica's statistics between hand-offs."""
+
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], ModelStats] = {}
+
+    def _get(self, model: str, version: str) -> ModelStats:
+        key = (model, version)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = ModelStats()
+        return stats
+
+    def success(self, model: str, version: str, total_ns: int, queue_ns: int, compute_ns: int) -> None:
+        s = self._get(model, version)
+        s.success += 1
+        s.request_ns += total_ns
+        s.queue_ns += queue_ns
+        s.compute_ns += compute_ns
+        s.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_S, total_ns / 1e9)] += 1
+        s.last_inference_ms = int(time.time() * 1000)
+
+    def failure(self, model: str, version: str, reason: str, total_ns: int) -> None:
+        s = self._get(model, version)
+        s.failure[reason] = s.failure.get(reason, 0) + 1
+        s.fail_ns += total_ns
+
+    def batch(self, model: str, version: str, rows: int, compute_ns: int, ok: bool) -> None:
+        if not ok:
+            return
+        s = self._get(model, version)
+        s.execution_count += 1
+        s.inference_count += rows
+        entry = s.batch_sizes.get(rows)
+        if entry is None:
+            s.batch_sizes[rows] = [1, compute_ns]
+        else:
+            entry[0] += 1
+            entry[1] += compute_ns
+
+    def give_back(self, delta: dict[tuple[str, str], ModelStats]) -> None:
+        """Return a delta that could not be handed off; it goes out with the next one."""
+        merge_stats(self._stats, delta)
+
+    def take(self) -> dict[tuple[str, str], ModelStats]:
+        """Everything recorded since the last call, and start afresh."""
+        out, self._stats = self._stats, {}
+        return out

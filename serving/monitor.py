@@ -1,0 +1,164 @@
+"""The monitor: one named, detached actor that adds up every ingress replica's statistics.
+
+Replicas push deltas about once a second (`MonitorState.push`); the monitor
+renders cluster-wide Prometheus metrics and Triton-style statistics from the
+totals. `MonitorState` is plain Python (unit-tested without Ray); `get_monitor`
+wraps it as the actor.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from serving.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, ModelStats, merge_stats
+
+__all__ = ["MONITOR_NAME", "MONITOR_NAMESPACE", "MonitorState", "get_monitor", "triton_model_stats"]
+
+MONITOR_NAME = "fleet-monitor"
+MONITOR_NAMESPACE = "fleet"
+_GAUGE_STALE_S = 10.0
+
+
+class MonitorState:
+    """Cluster-wide totals; the actor's whole state."""
+
+    def __init__(self) -> None:
+        self._totals: dict[tuple[str, str], ModelStats] = {}
+        self._depths: dict[str, tuple[float, dict[tuple[str, str], int]]] = {}
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+
+    def push(self, replica: str, delta: dict, queue_depths: dict | None = None) -> None:
+        """Add one replica's delta {(model, version): ModelStats} and its current queue depths."""
+        merge_stats(self._totals, delta)
+        if queue_depths is not None:
+            self._depths[replica] = (time.monotonic(), dict(queue_depths))
+
+    def forget(self, replica: str) -> None:
+        self._depths.pop(replica, None)
+
+    def totals(self) -> dict:
+        return {k: v.to_dict() for k, v in self._totals.items()}
+
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        now = time.monotonic()
+        out: dict[tuple[str, str], int] = {}
+        for stamp, depths in self._depths.values():
+            if now - stamp <= _GAUGE_STALE_S:
+                for key, n in depths.items():
+                    out[key] = out.get(key, 0) + n
+        return out
+
+    def render(self) -> bytes:
+        """Prometheus text exposition of the cluster-wide totals."""
+        return generate_latest(self._registry)
+
+    # prometheus_client custom-collector protocol
+    def collect(self):
+        labels = ["model", "version"]
+
+        def counter(name, doc, attr, scale=1.0):
+            fam = CounterMetricFamily(name, doc, labels=labels)
+            for (m, v), s in sorted(self._totals.items()):
+                fam.add_metric([m, v], getattr(s, attr) * scale)
+            return fam
+
+        yield counter("fleet_inference_request_success", "Successful inference requests", "success")
+        failure = CounterMetricFamily(
+            "fleet_inference_request_failure", "Failed inference requests by reason", labels=labels + ["reason"]
+        )
+        for (m, v), s in sorted(self._totals.items()):
+            for reason, n in sorted(s.failure.items()):
+                failure.add_metric([m, v, reason], n)
+        yield failure
+        yield counter("fleet_inference_count", "Inferences performed (batch rows)", "inference_count")
+        yield counter("fleet_inference_exec_count", "Model executions (batches)", "execution_count")
+        yield counter(
+            "fleet_inference_request_duration_us", "Cumulative end-to-end time of successful requests",
+            "request_ns", 1e-3,
+        )
+        yield counter("fleet_inference_queue_duration_us", "Cumulative time requests waited in queue", "queue_ns", 1e-3)
+        yield counter(
+            "fleet_inference_compute_infer_duration_us", "Cumulative compute time seen by requests", "compute_ns", 1e-3
+        )
+        latency = HistogramMetricFamily(
+            "fleet_inference_request_duration_seconds", "End-to-end latency of successful requests", labels=labels
+        )
+        for (m, v), s in sorted(self._totals.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS_S, s.latency_buckets):
+                cumulative += n
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", cumulative + s.latency_buckets[-1]))
+            latency.add_metric([m, v], buckets, s.request_ns / 1e9)
+        yield latency
+        batch = HistogramMetricFamily("fleet_inference_batch_size", "Rows per model execution", labels=labels)
+        for (m, v), s in sorted(self._totals.items()):
+            counts = [0] * (len(BATCH_BUCKETS) + 1)
+            total_rows = 0
+            for size, (n, _ns) in s.batch_sizes.items():
+                idx = next((i for i, b in enumerate(BATCH_BUCKETS) if size <= b), len(BATCH_BUCKETS))
+                counts[idx] += n
+                total_rows += size * n
+            cumulative, buckets = 0, []
+            for bound, n in zip(BATCH_BUCKETS, counts):
+                cumulative += n
+                buckets.append((str(bound), cumulative))
+            buckets.append(("+Inf", cumulative + counts[-1]))
+            batch.add_metric([m, v], buckets, total_rows)
+        yield batch
+        depth = GaugeMetricFamily(
+            "fleet_inference_pending_request_count", "Requests waiting in batcher queues", labels=labels
+        )
+        for (m, v), n in sorted(self.queue_depths().items()):
+            depth.add_metric([m, v], n)
+        yield depth
+
+
+def triton_model_stats(model: str, version: str, s: ModelStats) -> dict:
+    """One entry of Triton's `GET /v2/models/{m}/stats` `model_stats` list."""
+
+    def dur(count: int, ns: int) -> dict:
+        return {"count": count, "ns": ns}
+
+    failures = sum(s.failure.values())
+    return {
+        "name": model,
+        "version": version,
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": dur(s.success, s.request_ns),
+            "fail": dur(failures, s.fail_ns),
+            "queue": dur(s.success, s.queue_ns),
+            "compute_input": dur(s.success, 0),
+            "compute_infer": dur(s.success, s.compute_ns),
+            "compute_output": dur(s.success, 0),
+            "cache_hit": dur(0, 0),
+            "cache_miss": dur(0, 0),
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": dur(n, 0),
+                "compute_infer": dur(n, ns),
+                "compute_output": dur(n, 0),
+            }
+            for size, (n, ns) in sorted(s.batch_sizes.items())
+        ],
+        "failure_reasons": dict(s.failure),
+    }
+
+
+def get_monitor():
+    """The cluster's monitor actor, created on first use (named, detached, no CPU)."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(MonitorState)
+    return actor_cls.options(
+        name=MONITOR_NAME, namespace=MONITOR_NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()

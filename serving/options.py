@@ -1,0 +1,25 @@
+"""Serving options handed from the cluster's config to ingress and worker replicas."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["ServingOptions"]
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """What the request path needs to know; built from `cluster.config.FleetSettings`."""
+
+    repository: str
+    max_inflight_batches: int = 2  # per model version and ingress replica
+    max_queue_size: int = 4096  # applied when a config's max_queue_size is 0 (unbounded)
+    max_request_bytes: int = 64 << 20
+    max_tensor_elements: int = 1 << 26
+    metrics_push_interval_s: float = 1.0
+    status_refresh_interval_s: float = 2.0
+    worker_threads: int = 1
+    startup_timeout_s: float = 120.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

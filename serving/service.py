@@ -1,0 +1,258 @@
+"""The inference service behind the HTTP routes: models, versions, batchers, statistics.
+
+Transport-agnostic: the HTTP layer hands it bytes and gets bytes back; workers
+are reached through `WorkerClient` (a Serve DeploymentHandle in the cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol
+
+from google.protobuf import json_format
+
+from serving.batching import Batcher, BatcherConfig
+from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable
+from serving.metrics import StatsRecorder
+from serving.model_config import MAX_INFLIGHT_PARAM, ModelConfig, ModelSpec
+from serving.options import ServingOptions
+from serving.protocol import decode_request, encode_response
+from serving.registry import check_model_name
+from serving.validation import validate_request
+
+__all__ = ["WorkerClient", "ModelState", "InferenceService", "SERVER_NAME", "SERVER_VERSION", "parse_header_length"]
+
+_log = logging.getLogger("fleet.service")
+
+SERVER_NAME = "fleet"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository", "metrics"]
+
+
+class WorkerClient(Protocol):
+    """How the ingress reaches a model's worker: one call per batch."""
+
+    async def infer(self, version: int, inputs: dict) -> dict: ...
+
+    async def status(self) -> dict: ...
+
+
+@dataclass
+class ModelState:
+    spec: ModelSpec
+    config: ModelConfig
+    worker: WorkerClient
+    versions: list[int] = field(default_factory=list)  # loaded on the worker
+    backend: dict = field(default_factory=dict)
+    error: str | None = None  # why the worker is not ready, if it is not
+    batchers: dict[int, Batcher] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.versions) and self.error is None
+
+
+class InferenceService:
+    """Everything an ingress replica answers, minus HTTP."""
+
+    def __init__(
+        self,
+        models: dict[str, tuple[ModelSpec, ModelConfig, WorkerClient]],
+        options: ServingOptions,
+        recorder: StatsRecorder | None = None,
+        stats_source: Callable[[], Awaitable[dict]] | None = None,
+        metrics_source: Callable[[], Awaitable[bytes]] | None = None,
+    ):
+        self.options = options
+        self.models = {name: ModelState(spec, config, worker) for name, (spec, config, worker) in models.items()}
+        self.recorder = recorder or StatsRecorder()
+        self._stats_source = stats_source
+        self._metrics_source = metrics_source
+
+    # -- model state -----------------------------------------------------------
+    async def refresh(self, timeout_s: float = 5.0) -> None:
+        """Ask every worker which versions it has loaded (one call per model)."""
+
+        async def one(state: ModelState) -> None:
+            try:
+                status = await asyncio.wait_for(state.worker.status(), timeout_s)
+            except Exception as exc:  # worker restarting or failed to load
+                state.error = f"{type(exc).__name__}: {exc}"
+                return
+            state.versions = sorted(status.get("versions", []))
+            state.backend = status.get("backend", {})
+            state.error = status.get("error")
+
+        await asyncio.gather(*(one(s) for s in self.models.values()))
+
+    def _model(self, name: str) -> ModelState:
+        check_model_name(name)
+        state = self.models.get(name)
+        if state is None:
+            raise ModelNotFound(f"unknown model {name!r}; served models: {sorted(self.models)}")
+        return state
+
+    def _version(self, state: ModelState, version: str | None) -> int:
+        if version is None or version == "":
+            if not state.versions:
+                raise ModelUnavailable(f"model {state.spec.name!r} is not ready: {state.error or 'loading'}")
+            return state.versions[-1]
+        if not version.isdigit():
+            raise ModelNotFound(f"model version must be a positive integer, got {version!r}")
+        number = int(version)
+        if number not in state.versions:
+            raise ModelNotFound(
+                f"model {state.spec.name!r} has no version {number} being served; served versions: {state.versions}"
+            )
+        return number
+
+    def _batcher(self, state: ModelState, version: int) -> Batcher:
+        batcher = state.batchers.get(version)
+        if batcher is None:
+            spec = state.spec
+            policy = spec.batching
+            inflight = int(spec.parameters.get(MAX_INFLIGHT_PARAM, self.options.max_inflight_batches))
+            config = BatcherConfig(
+                max_batch_size=spec.max_batch_size,
+                max_queue_delay_us=policy.max_queue_delay_us if policy.enabled else 0,
+                preferred_batch_sizes=policy.preferred_batch_sizes if policy.enabled else (),
+                max_queue_size=policy.queue.max_queue_size or self.options.max_queue_size,
+                default_timeout_us=policy.queue.default_timeout_us,
+                allow_timeout_override=policy.queue.allow_timeout_override,
+                max_inflight_batches=max(1, inflight),
+            )
+            worker, name, tag = state.worker, spec.name, str(version)
+            recorder = self.recorder
+
+            async def execute(inputs: dict) -> dict:
+                return await worker.infer(version, inputs)
+
+            def on_batch(rows: int, requests: int, compute_ns: int, ok: bool) -> None:
+                recorder.batch(name, tag, rows, compute_ns, ok)
+
+            batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch)
+        return batcher
+
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        return {
+            (name, str(v)): b.queue_depth for name, state in self.models.items() for v, b in state.batchers.items()
+        }
+
+    # -- answers ---------------------------------------------------------------
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    def is_ready(self) -> bool:
+        return all(s.ready for s in self.models.values())
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        state = self._model(model)
+        try:
+            self._version(state, version)
+        except FleetError:
+            return False
+        return state.ready
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict:
+        state = self._model(model)
+        spec = state.spec
+        versions = [str(v) for v in state.versions]
+        if version is not None:
+            versions = [str(self._version(state, version))]
+        return {
+            "name": spec.name,
+            "versions": versions,
+            "platform": spec.platform or spec.backend,
+            "inputs": [t.metadata(spec.max_batch_size) for t in spec.inputs],
+            "outputs": [t.metadata(spec.max_batch_size) for t in spec.outputs],
+        }
+
+    def model_config(self, model: str) -> dict:
+        """The config as Triton's `GET /v2/models/{m}/config` returns it (JSON of ModelConfig)."""
+        state = self._model(model)
+        doc = json_format.MessageToDict(state.config, preserving_proto_field_name=True)
+        doc.setdefault("name", state.spec.name)
+        return doc
+
+    def repository_index(self) -> list[dict]:
+        out = []
+        for name, state in sorted(self.models.items()):
+            for v in state.versions or [None]:
+                entry = {"name": name, "state": "READY" if state.ready else "UNAVAILABLE"}
+                if v is not None:
+                    entry["version"] = str(v)
+                if not state.ready:
+                    entry["reason"] = state.error or "loading"
+                out.append(entry)
+        return out
+
+    async def infer(
+        self, model: str, version: str | None, body: bytes, header_length: int | None
+    ) -> tuple[bytes, int | None]:
+        """Decode, validate, batch, execute, encode. Returns (body, json header length or None)."""
+        start = time.perf_counter_ns()
+        state = self._model(model)
+        number = self._version(state, version)
+        tag = str(number)
+        try:
+            request = decode_request(body, header_length)
+            checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements)
+            result = await self._batcher(state, number).submit(
+                checked.inputs, checked.rows, timeout_us=request.timeout_us
+            )
+            outputs = []
+            for ospec, binary in checked.outputs:
+                arr = result.outputs.get(ospec.name)
+                if arr is None:
+                    raise ModelUnavailable(f"model {model!r} returned no output {ospec.name!r}")
+                outputs.append((ospec.name, ospec.datatype, arr, binary))
+            response = encode_response(model, tag, outputs, request_id=request.id)
+        except FleetError as exc:
+            self.recorder.failure(model, tag, type(exc).__name__, time.perf_counter_ns() - start)
+            raise
+        except asyncio.CancelledError:
+            self.recorder.failure(model, tag, "Cancelled", time.perf_counter_ns() - start)
+            raise
+        self.recorder.success(model, tag, time.perf_counter_ns() - start, result.queue_ns, result.compute_ns)
+        return response
+
+    async def model_stats(self, model: str | None, version: str | None) -> dict:
+        """Triton's statistics document, cluster-wide (from the monitor)."""
+        from serving.metrics import ModelStats
+        from serving.monitor import triton_model_stats
+
+        if model is not None:
+            state = self._model(model)
+            if version is not None:
+                self._version(state, version)
+        totals = await self._stats_source() if self._stats_source else {}
+        entries = []
+        for (m, v), raw in sorted(totals.items()):
+            if (model is None or m == model) and (version is None or v == version):
+                entries.append(triton_model_stats(m, v, ModelStats.from_dict(raw)))
+        if model is not None and not entries:
+            state = self.models[model]
+            for v in state.versions if version is None else [int(version)]:
+                entries.append(triton_model_stats(model, str(v), ModelStats()))
+        return {"model_stats": entries}
+
+    async def metrics(self) -> bytes:
+        if self._metrics_source is None:
+            raise ModelUnavailable("metrics are not available on this replica")
+        return await self._metrics_source()
+
+    async def close(self, drain_timeout_s: float = 0.0) -> None:
+        batchers = [b for s in self.models.values() for b in s.batchers.values()]
+        await asyncio.gather(*(b.close(drain_timeout_s=drain_timeout_s) for b in batchers))
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """Inference-Header-Content-Length, validated."""
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}")
+    return int(value)

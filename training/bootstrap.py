@@ -1,0 +1,322 @@
+"""Train the example `fraud` model with plain PyTorch and publish it into a model repository.
+
+`python -m training.bootstrap --repository DIR [--if-empty] [--rows N] [--epochs E] [--seed S]`
+
+`make serve` runs this with `--if-empty` on a fresh clone, so a new cluster has
+a model to serve without downloading anything. The pieces (train loop,
+evaluation, reference statistics, TorchScript export, metadata) are plain
+functions so the Ray Train job can reuse them inside its workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from serving.model_config import ModelConfig, TensorSpec, make_config
+from serving.registry import ModelRepository
+from training.datasets import FRAUD_FEATURES, make_fraud
+from training.models import FraudMLP
+
+__all__ = [
+    "FRAUD_MODEL", "TrainParams", "fraud_config", "split_holdout", "iterate_batches", "train_epoch", "fit_fraud",
+    "evaluate", "reference_stats", "export_torchscript", "arrays_sha256", "git_sha", "fraud_metadata",
+    "bootstrap", "main",
+]  # fmt: skip
+
+FRAUD_MODEL = "fraud"
+_GENERATOR = "training.datasets.make_fraud"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyper-parameters of one fraud training run (stored as metadata `params`)."""
+
+    hidden: int = 64
+    depth: int = 2
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    epochs: int = 10
+    holdout_fraction: float = 0.2
+
+
+def fraud_config() -> ModelConfig:
+    """The fraud model's config.pbtxt: features FP32 [30] in, probability FP32 [1] out, dynamic batching."""
+    return make_config(
+        FRAUD_MODEL,
+        [TensorSpec("features", "FP32", (len(FRAUD_FEATURES),))],
+        [TensorSpec("probability", "FP32", (1,))],
+        max_batch_size=256,
+        max_queue_delay_us=1000,
+        max_queue_size=4096,
+        instance_count=1,
+    )
+
+
+def split_holdout(x: np.ndarray, y: np.ndarray, holdout_fraction: float):
+    """(x_train, y_train, x_holdout, y_holdout): the last `holdout_fraction` of the rows is the holdout.
+
+    The generator's rows are i.i.d., so a plain cut is a random split and stays reproducible.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    n_train = len(x) - max(1, int(round(len(x) * holdout_fraction)))
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def iterate_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Shuffled (features, labels) mini-batches of one epoch; labels come back as float [b, 1]."""
+    order = torch.randperm(len(x), generator=generator)
+    for start in range(0, len(x), batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx].to(torch.float32).unsqueeze(1)
+
+
+def train_epoch(
+    model: FraudMLP,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> float:
+    """One pass over `batches`, training on `model.logits`; returns the mean training loss per row."""
+    model.train()
+    total, rows = 0.0, 0
+    for xb, yb in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model.logits(xb), yb)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(xb)
+        rows += len(xb)
+    return total / max(rows, 1)
+
+
+def fit_fraud(
+    x: np.ndarray,
+    y: np.ndarray,
+    params: TrainParams = TrainParams(),
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> FraudMLP:
+    """Train a FraudMLP on (x, y) with Adam and class-weighted BCE; return it in eval mode.
+
+    `pos_weight = negatives / positives` balances the ~1% positives; the model's
+    `logit_offset` is then set to `-log(pos_weight)` so `forward` serves a
+    calibrated probability rather than the weighted one.
+    """
+    torch.manual_seed(seed)
+    model = FraudMLP(x.mean(axis=0), x.std(axis=0), hidden=params.hidden, depth=params.depth, dropout=params.dropout)
+    positives = int(y.sum())
+    if positives == 0 or positives == len(y):
+        raise ValueError(f"training data needs both classes; got {positives} positives in {len(y)} rows")
+    pos_weight = (len(y) - positives) / positives
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], dtype=torch.float32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    x_t, y_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y))
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(params.epochs):
+        loss = train_epoch(model, iterate_batches(x_t, y_t, params.batch_size, generator), optimizer, loss_fn)
+        if log is not None:
+            log(f"epoch {epoch + 1}/{params.epochs}: weighted train loss {loss:.4f}")
+    model.logit_offset.fill_(-math.log(pos_weight))
+    return model.eval()
+
+
+def evaluate(model: Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray, *, batch_size: int = 8192) -> dict:
+    """Holdout metrics of a model that returns P(fraud) [n, 1]: log loss, accuracy at 0.5, ROC AUC.
+
+    Works on an eager FraudMLP or a loaded TorchScript module. `roc_auc` is None
+    when `y` holds a single class (it is undefined then).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    with torch.inference_mode():
+        probs = torch.cat([model(x_t[i : i + batch_size]) for i in range(0, len(x_t), batch_size)]).reshape(-1)
+    if was_training:
+        model.train()
+    p = probs.double().numpy().clip(1e-7, 1.0 - 1e-7)
+    y = np.asarray(y).reshape(-1)
+    loss = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None
+    return {"loss": float(loss), "accuracy": float(np.mean((p >= 0.5) == (y == 1))), "roc_auc": auc}
+
+
+def reference_stats(x: np.ndarray, feature_names: Sequence[str], *, bins: int = 20) -> dict:
+    """Per-feature training statistics for drift detection: {name: {mean, std, edges, counts}}.
+
+    `edges` are `bins + 1` equal-width edges from the 0.5th to the 99.5th
+    percentile; `counts` histogram the training data into those bins with values
+    outside the range counted in the end bins (clip first), so counts sum to the
+    row count. Bin live traffic the same way before computing PSI.
+    """
+    if x.ndim != 2 or x.shape[1] != len(feature_names):
+        raise ValueError(f"x must be [n, {len(feature_names)}], got {list(x.shape)}")
+    stats = {}
+    for i, name in enumerate(feature_names):
+        col = x[:, i].astype(np.float64)
+        lo, hi = np.percentile(col, [0.5, 99.5])
+        if not hi > lo:  # a (nearly) constant feature still gets a usable range
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
+        counts, _ = np.histogram(np.clip(col, lo, hi), bins=edges)
+        stats[name] = {
+            "mean": float(col.mean()),
+            "std": float(col.std()),
+            "edges": [float(e) for e in edges],
+            "counts": [int(c) for c in counts],
+        }
+    return stats
+
+
+def export_torchscript(model: nn.Module) -> bytes:
+    """Script `model` (in eval mode) and return the bytes of its TorchScript file (what `torch.jit.load` reads)."""
+    scripted = torch.jit.script(model.eval())
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def arrays_sha256(*arrays: np.ndarray) -> str:
+    """SHA-256 over the arrays' C-order bytes, in order: the training-data fingerprint."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def git_sha() -> str | None:
+    """`git rev-parse HEAD` of the checkout this code runs from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip() if out.returncode == 0 else ""
+    return sha or None
+
+
+def fraud_metadata(
+    *,
+    training_data: Mapping,
+    params: Mapping,
+    metrics: Mapping,
+    reference: Mapping,
+    parent_version: int | None = None,
+) -> dict:
+    """The metadata.json of a fraud version (created_at, framework, git_sha and feature names filled in)."""
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "framework": f"torch {torch.__version__}",
+        "training_data": dict(training_data),
+        "params": dict(params),
+        "metrics": dict(metrics),
+        "parent_version": parent_version,
+        "git_sha": git_sha(),
+        "feature_names": list(FRAUD_FEATURES),
+        "reference_stats": dict(reference),
+    }
+
+
+def bootstrap(
+    repository: str,
+    *,
+    rows: int = 40_000,
+    epochs: int = 10,
+    seed: int = 0,
+    if_empty: bool = False,
+    params: TrainParams | None = None,
+    num_threads: int = 2,
+    log: Callable[[str], None] = print,
+) -> int | None:
+    """Train the fraud model on `rows` generated rows and publish it; return the new version.
+
+    With `if_empty`, returns None without training when the repository already holds a model.
+    `params` overrides every hyper-parameter (then `epochs` is ignored). Sets torch's
+    intra-op threads to `num_threads` for the process.
+    """
+    repo = ModelRepository(repository)
+    if if_empty and not repo.is_empty():
+        log(f"repository {repo.root_uri} already holds models ({', '.join(repo.list_models())}); nothing to do")
+        return None
+    started = time.perf_counter()
+    torch.set_num_threads(num_threads)
+    params = params or TrainParams(epochs=epochs)
+    x, y = make_fraud(rows, seed=seed)
+    x_train, y_train, x_hold, y_hold = split_holdout(x, y, params.holdout_fraction)
+    model = fit_fraud(x_train, y_train, params, seed=seed, log=log)
+    metrics = evaluate(model, x_hold, y_hold)
+    training_data = {
+        "generator": _GENERATOR,
+        "seed": seed,
+        "rows": int(rows),
+        "scenario": "baseline",
+        "train_rows": int(len(x_train)),
+        "holdout_rows": int(len(x_hold)),
+        "split": "first train_rows rows train, the rest is the holdout",
+        "sha256": arrays_sha256(x_train, y_train),
+    }
+    run_params = {
+        **asdict(params),
+        "seed": seed,
+        "num_threads": num_threads,
+        "optimizer": "adam",
+        "loss": "bce_with_logits(pos_weight=neg/pos)",
+        "logit_offset": float(model.logit_offset),
+    }
+    metadata = fraud_metadata(
+        training_data=training_data,
+        params=run_params,
+        metrics={**metrics, "holdout_rows": int(len(y_hold)), "holdout_positives": int(y_hold.sum())},
+        reference=reference_stats(x_train, FRAUD_FEATURES),
+    )
+    version = repo.publish(FRAUD_MODEL, {"model.pt": export_torchscript(model)}, metadata, config=fraud_config())
+    auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
+    log(
+        f"published {FRAUD_MODEL} version {version} at {repo.version(FRAUD_MODEL, version).path}: "
+        f"holdout loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}, roc_auc {auc} "
+        f"({len(x_train)} train rows, {params.epochs} epochs, {time.perf_counter() - started:.1f} s)"
+    )
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.bootstrap", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", required=True, help="repository root: a local path or a pyarrow.fs URI")
+    parser.add_argument("--if-empty", action="store_true", help="do nothing when the repository already holds models")
+    parser.add_argument("--rows", type=int, default=40_000, help="generated rows, holdout included")
+    parser.add_argument("--epochs", type=int, default=TrainParams.epochs)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.rows < 100 or args.epochs < 1:
+        parser.error(f"need --rows >= 100 and --epochs >= 1, got {args.rows} and {args.epochs}")
+    bootstrap(args.repository, rows=args.rows, epochs=args.epochs, seed=args.seed, if_empty=args.if_empty)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

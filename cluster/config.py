@@ -45,6 +45,9 @@ class FleetSettings(BaseSettings):
     max_tensor_elements: int = Field(1 << 26, ge=1)
     metrics_push_interval_s: float = Field(1.0, gt=0)
     startup_timeout_s: float = Field(180.0, gt=0)
+    ingress_drain_period_s: float = Field(
+        5.0, ge=0, description="a stopping ingress replica keeps answering this long while HAProxy deregisters it"
+    )
     state_dir: str = Field(".fleet", description="where `fleet up` keeps its pid, state and log")
 
     @field_validator("repository")

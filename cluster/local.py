@@ -36,6 +36,9 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
         # Ray jobs (`ray job submit`) run in a copy of the working dir: this names
         # the repository the cluster serves from.
         "FLEET_REPOSITORY": settings.repository,
+        # Serve's default (30 s) makes every shutdown and rolling update wait that long;
+        # HAProxy is reconfigured within about a second of a replica leaving.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(settings.ingress_drain_period_s),
     }
     if settings.haproxy:
         # HAProxy's stats/metrics ports default to fixed numbers; two clusters on one

@@ -1,0 +1,157 @@
+"""One real fleet cluster (Ray + Serve + HAProxy) for the integration tests, and a real Triton.
+
+The repository holds:
+- `fraud`         the example model, trained briefly;
+- `fraud_slowq`   the same file with a 200 ms max_queue_delay (a lone request must not wait for it);
+- `libtorch`      a model laid out by hand for Triton's pytorch_libtorch backend (input__0/output__0);
+- `slow`          ~100 ms per batch, one batch in flight, a queue of 2: for queue timeouts and overload;
+- `fraud_triton`  forwarded by fleet to a real Triton server serving fraud's TorchScript file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.triton_process import TritonProcess
+from cluster.config import FleetSettings
+from cluster.local import LocalCluster, free_port
+from serving.model_config import TensorSpec, make_config
+from serving.registry import ModelRepository
+from training.bootstrap import bootstrap
+
+pytestmark = pytest.mark.integration
+
+LIBTORCH_CONFIG = """
+name: "libtorch"
+platform: "pytorch_libtorch"
+max_batch_size: 16
+input [ { name: "input__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "output__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 100 }
+"""
+
+
+class _Slow(torch.nn.Module):
+    """About 100 ms of matrix products per call, whatever the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(384, 384) / 20.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = self.w
+        for _ in range(40):
+            acc = torch.tanh(acc @ self.w)
+        return x * 0.0 + acc[0, 0]
+
+
+def _save(module: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buf)
+    return buf.getvalue()
+
+
+def _build_repository(root: Path, triton_url: str) -> None:
+    repo = ModelRepository(str(root))
+    bootstrap(str(root), rows=8000, epochs=3, seed=1, num_threads=1, log=lambda *a, **k: None)
+    fraud_file = (root / "fraud" / "1" / "model.pt").read_bytes()
+    fraud_spec = repo.spec("fraud")
+    repo.publish(
+        "fraud_slowq",
+        {"model.pt": fraud_file},
+        {"note": "fraud with a long queue delay"},
+        config=make_config("fraud_slowq", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                           max_queue_delay_us=200_000),
+    )
+    # Laid out as for Triton, by hand: config text, version folder, no metadata.json.
+    torch.manual_seed(0)
+    (root / "libtorch" / "1").mkdir(parents=True)
+    (root / "libtorch" / "config.pbtxt").write_text(LIBTORCH_CONFIG)
+    (root / "libtorch" / "1" / "model.pt").write_bytes(_save(torch.nn.Linear(4, 2)))
+    repo.publish(
+        "slow",
+        {"model.pt": _save(_Slow())},
+        {},
+        config=make_config("slow", [TensorSpec("x", "FP32", (1,))], [TensorSpec("y", "FP32", (1,))],
+                           max_batch_size=8, max_queue_size=2, parameters={"fleet.max_inflight_batches": "1"}),
+    )
+    repo.write_config(
+        "fraud_triton",
+        make_config("fraud_triton", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                    platform="", parameters={"fleet.backend": "triton", "fleet.triton.url": triton_url,
+                                             "fleet.triton.model": "fraud"}),
+    )
+
+
+@pytest.fixture(scope="package")
+def repository(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("repo")
+
+
+@pytest.fixture(scope="package")
+def fleet_cluster(repository: Path, tmp_path_factory):
+    """The running cluster: yields (settings, triton) and shuts both down afterwards."""
+    triton_ports = (free_port(), free_port(), free_port())
+    _build_repository(repository, f"127.0.0.1:{triton_ports[0]}")
+    model_file = tmp_path_factory.mktemp("triton") / "fraud.pt"
+    shutil.copy(repository / "fraud" / "1" / "model.pt", model_file)
+    triton: dict = {}
+
+    def start_triton() -> None:
+        try:
+            triton["proc"] = TritonProcess.start(
+                model_file, "fraud", inputs=[("features", "FP32", (30,))], outputs=[("probability", "FP32", (1,))],
+                max_batch_size=256, ports=triton_ports,
+            )
+        except Exception as exc:  # reported by the test that needs it
+            triton["error"] = exc
+
+    starter = threading.Thread(target=start_triton)
+    starter.start()
+    settings = FleetSettings(
+        repository=str(repository),
+        port=free_port(),
+        dashboard_port=free_port(),
+        state_dir=str(tmp_path_factory.mktemp("state")),
+        ingress_replicas=2,
+        max_request_bytes=1 << 20,
+        metrics_push_interval_s=0.5,
+        startup_timeout_s=180,
+    )
+    saved_env = dict(os.environ)
+    cluster = LocalCluster(settings)
+    try:
+        cluster.start()
+        starter.join()
+        yield settings, triton
+    finally:
+        starter.join()
+        cluster.stop()
+        if "proc" in triton:
+            triton["proc"].stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="package")
+def base_url(fleet_cluster) -> str:
+    return fleet_cluster[0].url
+
+
+@pytest.fixture(scope="package")
+def host_port(fleet_cluster) -> str:
+    """The address as tritonclient wants it: host:port, no scheme."""
+    s = fleet_cluster[0]
+    return f"{s.host}:{s.port}"
+
+
+@pytest.fixture(scope="package")
+def repository_models(fleet_cluster, repository) -> ModelRepository:
+    return ModelRepository(str(repository))

@@ -1,0 +1,117 @@
+"""The `fleet` CLI as a user runs it: up, status, a curl and a Ray job against it, down; serve + Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as tc
+
+from cluster.local import free_port
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+
+
+def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder with a small trained repository, as `make serve` would leave it."""
+    root = tmp_path_factory.mktemp("user")
+    out = _run([str(BIN / "python"), "-m", "training.bootstrap", "--repository", "model_repository",
+                "--rows", "4000", "--epochs", "2", "--if-empty"], root, _env(root))
+    assert out.returncode == 0, out.stderr
+    assert "published fraud version 1" in out.stdout
+    return root
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["FLEET_CONFIG"] = str(root / "fleet.yaml")  # none: defaults and flags only
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_up_status_curl_job_down(workdir: Path):
+    env = _env(workdir)
+    port, dash = free_port(), free_port()
+    flags = ["--port", str(port), "--dashboard-port", str(dash)]
+    up = _run(["fleet", "up", *flags], workdir, env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"fleet is serving on http://127.0.0.1:{port}" in up.stdout
+        curl = re.search(r"^\s+(curl .+)$", up.stdout, re.M)
+        assert curl, up.stdout
+        answer = subprocess.run(curl.group(1), shell=True, capture_output=True, text=True, timeout=30)
+        doc = json.loads(answer.stdout)
+        assert doc["model_name"] == "fraud" and doc["outputs"][0]["shape"] == [1, 1]
+        assert 0.0 <= doc["outputs"][0]["data"][0] <= 1.0
+
+        status = _run(["fleet", "status", *flags], workdir, env)
+        assert status.returncode == 0, status.stderr
+        assert re.search(r"fraud\s+versions 1\s+READY\s+worker replicas 1", status.stdout), status.stdout
+        assert "ingress replicas: 1" in status.stdout
+
+        # A second cluster on top of the first is refused, the first keeps serving.
+        again = _run(["fleet", "up", *flags], workdir, env)
+        assert again.returncode != 0 and "already running" in (again.stdout + again.stderr)
+
+        job_env = dict(env, RAY_AUTH_MODE="token")
+        job = _run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+                    "python", "-c", "import os; print('repository=' + os.environ['FLEET_REPOSITORY'])"],
+                   workdir, job_env, timeout=180)
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert f"repository={workdir / 'model_repository'}" in job.stdout
+    finally:
+        down = _run(["fleet", "down", *flags], workdir, env)
+    assert down.returncode == 0 and "fleet stopped" in down.stdout
+    assert not _port_open(port) and not _port_open(dash)
+    assert "no cluster is running" in _run(["fleet", "status", *flags], workdir, env).stdout
+
+
+def test_serve_in_foreground_until_ctrl_c(workdir: Path):
+    env = _env(workdir)
+    port, dash = free_port(), free_port()
+    proc = subprocess.Popen(["fleet", "serve", "--port", str(port), "--dashboard-port", str(dash)],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert any("Ctrl-C stops it" in x for x in lines), "".join(lines)
+        client = tc.InferenceServerClient(f"127.0.0.1:{port}")
+        x = np.zeros((2, 30), np.float32)
+        inp = tc.InferInput("features", [2, 30], "FP32")
+        inp.set_data_from_numpy(x)
+        assert client.infer("fraud", [inp]).as_numpy("probability").shape == (2, 1)
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C at the terminal does
+        rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "fleet stopped." in rest
+    assert not _port_open(port)

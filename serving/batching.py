@@ -7,13 +7,17 @@ along the batch dimension) to an async `execute` callable, at most
 When it sends a batch:
 - at once when nothing is running (a lone request never waits for company);
 - at once when the batch is full (`max_batch_size` rows, or the next request
-  does not fit) or has reached the largest `preferred_batch_size` it can;
+  does not fit) or the queue fills a `preferred_batch_size`: then it sends the
+  largest preferred size it can fill (or, when requests of several rows jump
+  past the largest one, what fits below it), as Triton does;
 - otherwise, while earlier batches are running, it waits for more requests up
   to `max_queue_delay_us` after the oldest one arrived.
 
-A request waits at most its timeout (`parameters.timeout` or the queue
-policy's default): past it, it is answered DeadlineExceeded without being
-computed. A full queue (`max_queue_size`) refuses new requests with Overloaded.
+A request waits at most its timeout: the queue policy's default, or its own
+(`parameters.timeout`) when `allow_timeout_override` is set and it is shorter
+than the default (Triton's rule; with no default, any timeout of its own).
+Past it, it is answered DeadlineExceeded without being computed. A full queue
+(`max_queue_size`) refuses new requests with Overloaded.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class Batcher:
         self._closed = False
         self._next_deadline_ns = 0  # 0: no queued request has a deadline
         self._preferred = sorted(config.preferred_batch_sizes)
+        self._preferred_set = frozenset(self._preferred)
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
 
     @property
@@ -131,8 +136,9 @@ class Batcher:
                 retry_after_s=1.0,
             )
         timeout = cfg.default_timeout_us
-        if timeout_us is not None and (cfg.allow_timeout_override or not timeout):
-            timeout = timeout_us
+        if cfg.allow_timeout_override and timeout_us is not None and timeout_us > 0:
+            # Triton: a request may shorten the default timeout, never lengthen it.
+            timeout = min(timeout, timeout_us) if timeout else timeout_us
         now = time.monotonic_ns()
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
@@ -205,6 +211,7 @@ class Batcher:
         if not self.config.max_batch_size:
             return 1, None
         rows = count = 0
+        preferred = 0  # requests making up the preferred batch to send, 0 if none
         full = False
         for p in queue:
             if p.future.done():
@@ -214,29 +221,23 @@ class Batcher:
             if p.signature != head.signature or rows + p.rows > self._cap:
                 full = True
                 break
+            if self._preferred and not preferred and count and rows + p.rows > self._preferred[-1]:
+                # This request would grow the batch past every preferred size: stop before it.
+                preferred = count
             rows += p.rows
             count += 1
+            if rows in self._preferred_set:
+                preferred = count
         if rows >= self._cap:
             full = True
-        if self._preferred and not full and rows >= self._preferred[-1]:
-            # The largest preferred size is reachable: send exactly that prefix.
-            return self._prefix(self._preferred[-1]), None
-        if full or self._inflight == 0 or not self.config.max_queue_delay_us:
-            return count, None
         waited = now - head.enqueued_ns
         delay = self.config.max_queue_delay_us * 1000
-        if waited >= delay:
+        delay_over = bool(delay) and waited >= delay
+        if preferred and not delay_over:
+            return preferred, None
+        if full or self._inflight == 0 or not delay or delay_over:
             return count, None
         return 0, delay - waited
-
-    def _prefix(self, target_rows: int) -> int:
-        rows = count = 0
-        for p in self._queue:
-            if rows + p.rows > target_rows:
-                break
-            rows += p.rows
-            count += 1
-        return max(count, 1)
 
     def _expire(self, now: int) -> None:
         kept: collections.deque[_Pending] = collections.deque()

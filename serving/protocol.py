@@ -31,6 +31,9 @@ __all__ = [
 
 _INT_KINDS = "iu"
 _MAX_DIMS = 16
+# Bound on the product of a shape's non-zero dims: NumPy cannot even describe an
+# empty array whose other dims multiply past its index range.
+_MAX_SHAPE_ELEMENTS = 1 << 48
 
 
 @dataclass
@@ -71,6 +74,8 @@ def _shape(raw, where: str) -> tuple[int, ...]:
     for d in raw:
         if type(d) is not int or d < 0:
             raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    if math.prod(d for d in raw if d) > _MAX_SHAPE_ELEMENTS:
+        raise InvalidInput(f"{where}: shape {raw!r} is too large (more than {_MAX_SHAPE_ELEMENTS} elements)")
     return tuple(raw)
 
 
@@ -111,22 +116,50 @@ def _json_data(data, datatype: str, shape: tuple[int, ...], where: str) -> np.nd
     if target.kind == "b":
         if kind != "b":
             raise InvalidInput(f"{where}: BOOL data must be true/false")
-    elif target.kind == "f":
-        if kind not in "iuf":
-            raise InvalidInput(f"{where}: {datatype} data must be numbers")
-    elif target.kind in _INT_KINDS:
-        if kind not in _INT_KINDS:
-            raise InvalidInput(f"{where}: {datatype} data must be integers")
-        info = np.iinfo(target)
-        lo, hi = raw.min(), raw.max()
-        if lo < info.min or hi > info.max:
-            raise InvalidInput(f"{where}: {datatype} data must lie in [{info.min}, {info.max}]")
-    out = raw.astype(target, copy=False)
-    if target.kind == "f" and kind == "f" and raw.dtype.itemsize > target.itemsize:
+    else:
+        # NumPy silently turns true/false among numbers into 1/0, so look at the JSON types.
+        types = _leaf_types(data, where)
+        if bool in types:
+            raise InvalidInput(f"{where}: {datatype} data must be numbers, not true/false")
+        if target.kind == "f":
+            if kind not in "iuf":
+                raise InvalidInput(f"{where}: {datatype} data must be numbers")
+        else:
+            if not types <= {int}:
+                raise InvalidInput(f"{where}: {datatype} data must be integers")
+            info = np.iinfo(target)
+            if kind not in _INT_KINDS:
+                # Integers that fit neither int64 nor uint64 together (0 and 2**64-1)
+                # become float64 in np.asarray; convert exactly instead.
+                try:
+                    raw = np.array(data, dtype=target)
+                except OverflowError:
+                    raise InvalidInput(f"{where}: {datatype} data must lie in [{info.min}, {info.max}]") from None
+                kind = raw.dtype.kind
+            lo, hi = raw.min(), raw.max()
+            if lo < info.min or hi > info.max:
+                raise InvalidInput(f"{where}: {datatype} data must lie in [{info.min}, {info.max}]")
+    with np.errstate(over="ignore"):  # overflow is reported below as InvalidInput
+        out = raw.astype(target, copy=False)
+    if target.kind == "f":
+        # Overflow to inf (1e39 as FP32, 70000 as FP16); JSON itself has no inf/NaN.
         finite = np.isfinite(raw)
         if not np.array_equal(finite, np.isfinite(out)):
             raise InvalidInput(f"{where}: a value is out of range for {datatype}")
     return out.reshape(shape)
+
+
+def _leaf_types(data: list, where: str, depth: int = 0) -> set[type]:
+    """The Python types of the non-list elements of nested `data`, at C speed per level."""
+    types = set(map(type, data))
+    if list in types:
+        if depth >= _MAX_DIMS:
+            raise InvalidInput(f"{where}: 'data' is nested more than {_MAX_DIMS} deep")
+        types.discard(list)
+        for x in data:
+            if type(x) is list:
+                types |= _leaf_types(x, where, depth + 1)
+    return types
 
 
 def _flatten(data: list, where: str, depth: int = 0) -> list:
@@ -145,9 +178,13 @@ def _flatten(data: list, where: str, depth: int = 0) -> list:
 
 def deserialize_bytes_tensor(buf: memoryview | bytes, count: int, where: str) -> np.ndarray:
     """Binary BYTES: each element is a 4-byte little-endian length then that many bytes."""
-    out = np.empty(count, dtype=object)
     view = memoryview(buf)
     pos, end = 0, len(view)
+    if count > end // 4:  # check before allocating `count` slots for a made-up shape
+        raise InvalidInput(
+            f"{where}: binary BYTES data of {end} bytes cannot hold {count} elements (4-byte length each)"
+        )
+    out = np.empty(count, dtype=object)
     for i in range(count):
         if pos + 4 > end:
             raise InvalidInput(f"{where}: binary BYTES data ends inside element {i} of {count}")
@@ -261,7 +298,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
 
     outputs = None
     raw_outputs = doc.get("outputs")
-    if raw_outputs is not None:
+    if raw_outputs:  # absent or empty: every output of the model
         if not isinstance(raw_outputs, list):
             raise InvalidInput("'outputs' must be a list")
         outputs = []
@@ -274,6 +311,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             binary_flag = params.get("binary_data")
             if binary_flag is not None and not isinstance(binary_flag, bool):
                 raise InvalidInput(f"output {raw['name']!r}: binary_data must be true or false")
+            if any(o.name == raw["name"] for o in outputs):
+                raise InvalidInput(f"output {raw['name']!r} is requested twice")
             outputs.append(RequestedOutput(raw["name"], binary_flag))
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):

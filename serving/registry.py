@@ -195,6 +195,11 @@ class ModelRepository:
         """
         model_dir = self._model_dir(model)
         # Check everything before writing anything, so a refused publish leaves no trace.
+        if version is not None:
+            if int(version) < 1:
+                raise RepositoryError(f"model {model!r}: a version is a positive integer, got {version}")
+            if self._exists(posixpath.join(model_dir, str(int(version)))):
+                raise RepositoryError(f"model {model!r} version {version} exists and is immutable")
         if config is not None:
             spec_from_config(config, name=model, source=f"{model}/{CONFIG_FILE}")
         elif not self._exists(posixpath.join(model_dir, CONFIG_FILE)):

@@ -14,6 +14,7 @@ import uuid
 
 from ray import serve
 
+from serving.errors import FleetError, ModelUnavailable
 from serving.http_api import build_http_app
 from serving.metrics import StatsRecorder
 from serving.options import ServingOptions
@@ -33,10 +34,27 @@ class HandleWorkerClient:
         self._status = handle.status
 
     async def infer(self, version: int, inputs: dict) -> dict:
-        return await self._infer.remote(version, inputs)
+        try:
+            return await self._infer.remote(version, inputs)
+        except Exception as exc:
+            raise _unwrap(exc) from exc
 
     async def status(self) -> dict:
-        return await self._status.remote()
+        try:
+            return await self._status.remote()
+        except Exception as exc:
+            raise _unwrap(exc) from exc
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """A worker's FleetError as it was raised; a dead or unreachable worker as ModelUnavailable."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, FleetError):
+        return exc.cause
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
+        return ModelUnavailable(f"the model's worker is unavailable ({type(exc).__name__}); retry")
+    return exc
 
 
 @serve.ingress()

@@ -38,17 +38,18 @@ def test_metrics_count_every_request_across_ingress_replicas(base_url):
         bad = {"inputs": [dict(BODY["inputs"][0], shape=[2, 5])]}
         assert httpx.post(f"{base_url}/v2/models/libtorch/infer", json=bad).status_code == 400
     labels = {"model": "libtorch", "version": "1"}
-    deadline = time.monotonic() + 10
-    while True:
-        after = _scrape(base_url)
-        done = _value(after, "fleet_inference_request_success_total", **labels) - \
-            _value(before, "fleet_inference_request_success_total", **labels)
-        if done >= n_ok or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
 
     def delta(name, **extra):
         return _value(after, name, **labels, **extra) - _value(before, name, **labels, **extra)
+
+    deadline = time.monotonic() + 10
+    while True:  # each replica pushes what it counted every 0.5 s
+        after = _scrape(base_url)
+        settled = delta("fleet_inference_request_success_total") >= n_ok and \
+            delta("fleet_inference_request_failure_total", reason="InvalidInput") >= n_bad
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
 
     assert delta("fleet_inference_request_success_total") == n_ok
     assert delta("fleet_inference_request_failure_total", reason="InvalidInput") == n_bad

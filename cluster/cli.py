@@ -136,10 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
-    try:
-        doc = _start_supervisor(settings)
-    except SystemExit:
-        raise
+    doc = _start_supervisor(settings)
     print(_banner(doc, settings))
     print("Ctrl-C stops it.", flush=True)
     while not stopping and pid_alive(doc["pid"]):

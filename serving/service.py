@@ -16,8 +16,9 @@ from google.protobuf import json_format
 
 from serving.batching import Batcher, BatcherConfig
 from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable
-from serving.metrics import StatsRecorder
+from serving.metrics import ModelStats, StatsRecorder
 from serving.model_config import MAX_INFLIGHT_PARAM, ModelConfig, ModelSpec
+from serving.monitor import triton_model_stats
 from serving.options import ServingOptions
 from serving.protocol import decode_request, encode_response
 from serving.registry import check_model_name
@@ -221,9 +222,6 @@ class InferenceService:
 
     async def model_stats(self, model: str | None, version: str | None) -> dict:
         """Triton's statistics document, cluster-wide (from the monitor)."""
-        from serving.metrics import ModelStats
-        from serving.monitor import triton_model_stats
-
         if model is not None:
             state = self._model(model)
             if version is not None:

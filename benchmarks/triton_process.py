@@ -11,8 +11,8 @@ group, and is reached with ``tritonclient`` like any Triton::
                              outputs=[("logits", "FP32", (2,))]) as triton:
         client = tritonclient.http.InferenceServerClient(triton.http_url)
 
-Only the standard library and tritonclient are imported here, so the main
-venv can use it.
+It runs in the main venv (stdlib, tritonclient and `cluster.ports`); only the
+server script runs under `.venv-triton`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 
 import tritonclient.http
+
+from cluster.ports import free_ports
 
 __all__ = ["TensorSpec", "TritonProcess", "triton_python"]
 
@@ -120,7 +121,7 @@ class TritonProcess:
                 the message ends with the tail of its log.
         """
         python = python or triton_python()
-        http_port, grpc_port, metrics_port = ports or _free_ports(3)
+        http_port, grpc_port, metrics_port = ports or free_ports(3)
         workdir = Path(tempfile.mkdtemp(prefix="fleet-triton-"))
         log_file = Path(log_path).resolve() if log_path is not None else workdir / "triton.log"
         command = [
@@ -283,15 +284,6 @@ class TritonProcess:
 def _format_spec(spec: TensorSpec) -> str:
     name, datatype, dims = spec
     return f"{name}:{datatype}:{','.join(str(d) for d in dims)}"
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together so they differ)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((_HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _has_exited(pid: int) -> bool:

@@ -102,7 +102,13 @@ def _stop(state: StateFile, pid: int, grace_s: float = 90.0) -> bool:
     return True
 
 
-def _banner(doc: dict, settings: FleetSettings) -> str:
+def _stop_and_report(state: StateFile, pid: int) -> None:
+    print(f"stopping fleet (pid {pid}) ...", flush=True)
+    _stop(state, pid)
+    print("fleet stopped.")
+
+
+def _banner(doc: dict) -> str:
     url = doc["url"]
     lines = [
         f"fleet is serving on {url}",
@@ -120,7 +126,7 @@ def _banner(doc: dict, settings: FleetSettings) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     doc = _start_supervisor(settings)
-    print(_banner(doc, settings))
+    print(_banner(doc))
     print("stop it with: fleet down")
     return 0
 
@@ -137,14 +143,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     doc = _start_supervisor(settings)
-    print(_banner(doc, settings))
+    print(_banner(doc))
     print("Ctrl-C stops it.", flush=True)
     while not stopping and pid_alive(doc["pid"]):
         time.sleep(0.5)
     if stopping:
-        print("\nstopping fleet ...", flush=True)
-        _stop(state, doc["pid"])
-        print("fleet stopped.")
+        print()
+        _stop_and_report(state, int(doc["pid"]))
         return 0
     print(f"fleet: the cluster process exited unexpectedly\n{_tail(state.log_path)}")
     return 1
@@ -156,9 +161,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not doc:
         print("fleet: no cluster is running")
         return 0
-    print(f"stopping fleet (pid {doc['pid']}) ...", flush=True)
-    _stop(state, int(doc["pid"]))
-    print("fleet stopped.")
+    _stop_and_report(state, int(doc["pid"]))
     return 0
 
 

@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
 from cluster.config import FleetSettings
+from cluster.ports import free_ports
 
-__all__ = ["LocalCluster", "free_port", "ray_env"]
+__all__ = ["LocalCluster", "ray_env"]
 
 _log = logging.getLogger("fleet.cluster")
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (on 127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env(settings: FleetSettings) -> dict[str, str]:
@@ -43,8 +36,9 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
     if settings.haproxy:
         # HAProxy's stats/metrics ports default to fixed numbers; two clusters on one
         # machine (a user's and the tests') must not collide.
+        spare = iter(free_ports(2))
         for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            env[var] = os.environ.get(var) or str(free_port())
+            env[var] = os.environ.get(var) or str(next(spare))
     return env
 
 

@@ -13,6 +13,7 @@ import os
 import uuid
 
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from serving.errors import FleetError, ModelUnavailable
 from serving.http_api import build_http_app
@@ -48,8 +49,6 @@ class HandleWorkerClient:
 
 def _unwrap(exc: Exception) -> Exception:
     """A worker's FleetError as it was raised; a dead or unreachable worker as ModelUnavailable."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, FleetError):
         return exc.cause
     if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
@@ -66,7 +65,7 @@ class Ingress:
         repository = ModelRepository(self.options.repository)
         models = {}
         for name, handle in workers.items():
-            models[name] = (repository.spec(name), repository.config_proto(name), HandleWorkerClient(handle))
+            models[name] = (*repository.load_config(name), HandleWorkerClient(handle))
         self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.recorder = StatsRecorder()
         self._monitor = None

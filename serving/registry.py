@@ -125,7 +125,12 @@ class ModelRepository:
 
     def spec(self, model: str) -> ModelSpec:
         """The model's validated config."""
-        return spec_from_config(self.config_proto(model), name=model, source=f"{model}/{CONFIG_FILE}")
+        return self.load_config(model)[0]
+
+    def load_config(self, model: str) -> tuple[ModelSpec, ModelConfig]:
+        """The validated view and the protobuf of the model's config.pbtxt, read once."""
+        config = self.config_proto(model)
+        return spec_from_config(config, name=model, source=f"{model}/{CONFIG_FILE}"), config
 
     def write_config(self, model: str, config: ModelConfig) -> None:
         """Validate and (atomically) replace the model's config.pbtxt."""
@@ -133,9 +138,12 @@ class ModelRepository:
         self.fs.create_dir(self._model_dir(model), recursive=True)
         self._write_atomic(posixpath.join(self._model_dir(model), CONFIG_FILE), format_config(config).encode())
 
-    def list_versions(self, model: str) -> list[int]:
-        """Published versions: numeric folders that hold the model file, ascending."""
-        spec = self.spec(model)
+    def list_versions(self, model: str, spec: ModelSpec | None = None) -> list[int]:
+        """Published versions: numeric folders that hold the model file, ascending.
+
+        `spec`: the model's already-loaded config, to save reading it again.
+        """
+        spec = spec or self.spec(model)
         model_dir = self._model_dir(model)
         versions = []
         for info in self.fs.get_file_info(pafs.FileSelector(model_dir, recursive=False)):
@@ -148,9 +156,10 @@ class ModelRepository:
             versions = [1]
         return sorted(versions)
 
-    def served_versions(self, model: str) -> list[int]:
+    def served_versions(self, model: str, spec: ModelSpec | None = None) -> list[int]:
         """The versions the model's version_policy selects among the published ones."""
-        return self.spec(model).version_policy.select(self.list_versions(model))
+        spec = spec or self.spec(model)
+        return spec.version_policy.select(self.list_versions(model, spec))
 
     def metadata(self, model: str, version: int) -> dict:
         """The version's metadata.json ({} when the version has none, as a Triton repository)."""
@@ -167,9 +176,9 @@ class ModelRepository:
             raise ModelNotFound(f"model {model!r} has no published version {version}")
         return VersionInfo(model, int(version), self._version_dir(model, version), self.metadata(model, version))
 
-    def model_file(self, model: str, version: int) -> str | io.BytesIO:
+    def model_file(self, model: str, version: int, spec: ModelSpec | None = None) -> str | io.BytesIO:
         """The version's model file: a local path, or its bytes for a remote repository."""
-        spec = self.spec(model)
+        spec = spec or self.spec(model)
         path = posixpath.join(self._version_dir(model, version), spec.default_model_filename)
         if not self._exists(path):
             raise ModelNotFound(f"model {model!r} version {version} has no {spec.default_model_filename}")

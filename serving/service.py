@@ -7,6 +7,7 @@ are reached through `WorkerClient` (a Serve DeploymentHandle in the cluster).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,10 @@ __all__ = ["WorkerClient", "ModelState", "InferenceService", "SERVER_NAME", "SER
 _log = logging.getLogger("fleet.service")
 
 SERVER_NAME = "fleet"
-SERVER_VERSION = "0.1.0"
+try:
+    SERVER_VERSION = importlib.metadata.version("fleet")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    SERVER_VERSION = "0+unknown"
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository", "metrics"]
 
 

@@ -28,14 +28,14 @@ class ModelWorker:
         self.spec = self.repository.spec(model)
         self._threads = threads
         self.backends: dict[int, Backend] = {}
-        versions = self.repository.served_versions(model)
+        versions = self.repository.served_versions(model, self.spec)
         if not versions:
             raise ModelNotFound(f"model {model!r} has no published version to serve in {repository}")
         loaded = await asyncio.gather(*(self._load(v) for v in versions))
         self.backends = dict(zip(versions, loaded))
 
     async def _load(self, version: int) -> Backend:
-        model_file = None if self.spec.backend == "triton" else self.repository.model_file(self.model, version)
+        model_file = None if self.spec.backend == "triton" else self.repository.model_file(self.model, version, self.spec)
         backend = make_backend(self.spec, version, model_file, threads=self._threads)
         await backend.load()
         return backend

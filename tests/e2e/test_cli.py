@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.http as tc
 
-from cluster.local import free_port
+from cluster.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

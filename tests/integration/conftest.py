@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.triton_process import TritonProcess
 from cluster.config import FleetSettings
-from cluster.local import LocalCluster, free_port
+from cluster.local import LocalCluster
+from cluster.ports import free_port
 from serving.model_config import TensorSpec, make_config
 from serving.registry import ModelRepository
 from training.bootstrap import bootstrap

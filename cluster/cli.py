@@ -32,14 +32,18 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="Ray logical CPUs (default: this machine's)")
     p.add_argument("--ingress-replicas", type=int)
     p.add_argument("--worker-replicas", type=int)
+    p.add_argument("--http-server", choices=["fleet", "serve"],
+                   help="fleet: ingress replicas listen on the port themselves (default); serve: Ray Serve's ingress")
     p.add_argument("--no-haproxy", dest="haproxy", action="store_false", default=None,
-                   help="use Serve's Python proxy instead of HAProxy ingress")
+                   help="with --http-server serve: Serve's Python proxy instead of HAProxy")
+    p.add_argument("--placement", choices=["auto", "colocated", "split"],
+                   help="models in the ingress replicas (colocated), in worker deployments (split), or auto (default)")
     p.add_argument("--state-dir", help="where the pid, state and log live (default ./.fleet)")
 
 
 def _settings(args: argparse.Namespace) -> FleetSettings:
     keys = ("repository", "host", "port", "dashboard_port", "num_cpus", "ingress_replicas", "worker_replicas",
-            "haproxy", "state_dir")
+            "http_server", "haproxy", "placement", "state_dir")
     try:
         return load_settings(**{k: getattr(args, k, None) for k in keys})
     except ValueError as exc:
@@ -179,7 +183,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"repository: {info['repository']}")
         for m in info["models"]:
             versions = ",".join(m["versions"]) or "-"
-            print(f"  {m['name']:<20} versions {versions:<10} {m['state']:<12} worker replicas {m['replicas']}")
+            where = (f"worker replicas {m['replicas']}" if m.get("placement") == "split"
+                     else "colocated in the ingress replicas")
+            print(f"  {m['name']:<20} versions {versions:<10} {m['state']:<12} {where}")
         print(f"ingress replicas: {info['ingress_replicas']}")
     return 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -32,9 +32,18 @@ class FleetSettings(BaseSettings):
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard and job server")
     num_cpus: int | None = Field(None, ge=1, description="Ray logical CPUs (default: the machine's)")
     num_gpus: int | None = Field(None, ge=0)
-    haproxy: bool = Field(True, description="Ray Serve's HAProxy ingress instead of the Python proxy")
+    http_server: Literal["fleet", "serve"] = Field(
+        "fleet",
+        description="fleet: each ingress replica listens on the port itself (SO_REUSEPORT); "
+        "serve: Ray Serve's HAProxy ingress or Python proxy in front",
+    )
+    haproxy: bool = Field(True, description="with http_server=serve: HAProxy instead of Serve's Python proxy")
     throughput_optimized: bool = Field(True, description="RAY_SERVE_THROUGHPUT_OPTIMIZED")
-    ingress_replicas: int = Field(1, ge=1)
+    placement: Literal["auto", "colocated", "split"] = Field(
+        "auto", description="where models run: in the ingress replicas, in worker deployments, or auto "
+        "(split for GPU models, colocated otherwise)"
+    )
+    ingress_replicas: int | None = Field(None, ge=1, description="default: one per CPU, at most 8")
     ingress_num_cpus: float = Field(0.25, ge=0)
     worker_num_cpus: float = Field(0.25, ge=0)
     worker_replicas: int | None = Field(None, ge=1, description="default: the config's instance_group count")
@@ -86,15 +95,19 @@ class FleetSettings(BaseSettings):
             metrics_push_interval_s=self.metrics_push_interval_s,
             worker_threads=self.worker_threads,
             startup_timeout_s=self.startup_timeout_s,
+            listen_host=self.host,
+            listen_port=self.port if self.http_server == "fleet" else None,
         )
 
     def deployment_options(self, gpus_available: bool) -> DeploymentOptions:
         return DeploymentOptions(
-            ingress_replicas=self.ingress_replicas,
+            # One HTTP event loop per CPU, up to 8 (each replica holds the colocated models).
+            ingress_replicas=self.ingress_replicas or min(8, max(1, self.num_cpus or os.cpu_count() or 1)),
             ingress_num_cpus=self.ingress_num_cpus,
             worker_num_cpus=self.worker_num_cpus,
             worker_replicas=self.worker_replicas,
             gpus_available=gpus_available,
+            placement=self.placement,
         )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cluster.config import FleetSettings
 from cluster.ports import free_ports
+from serving.http_server import port_is_free
 
 __all__ = ["LocalCluster", "ray_env"]
 
@@ -32,8 +33,11 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
         # Serve's default (30 s) makes every shutdown and rolling update wait that long;
         # HAProxy is reconfigured within about a second of a replica leaving.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(settings.ingress_drain_period_s),
+        # Ray starts workers at nice 15; replicas answering HTTP must not lose the CPU
+        # to every other process on the node (the load generator, a Triton next door).
+        "RAY_worker_niceness": "0",
     }
-    if settings.haproxy:
+    if settings.haproxy and settings.http_server == "serve":
         # HAProxy's stats/metrics ports default to fixed numbers; two clusters on one
         # machine (a user's and the tests') must not collide.
         spare = iter(free_ports(2))
@@ -66,6 +70,9 @@ class LocalCluster:
         from serving.app import APP_NAME, build_app
 
         s = self.settings
+        if not port_is_free(s.host, s.port):
+            # fleet's listeners share the port with SO_REUSEPORT: check nobody else has it.
+            raise RuntimeError(f"port {s.port} on {s.host} is in use; pick another with --port")
         os.environ.update(ray_env(s))
         ray.init(
             num_cpus=s.num_cpus or os.cpu_count(),
@@ -78,7 +85,11 @@ class LocalCluster:
             log_to_driver=False,
         )
         self.started = True
-        serve.start(http_options=HTTPOptions(host=s.host, port=s.port))
+        if s.http_server == "fleet":
+            # The ingress replicas listen on the port themselves; Serve's proxy stays off.
+            serve.start(proxy_location="Disabled", http_options=HTTPOptions(host=s.host, port=s.port))
+        else:
+            serve.start(http_options=HTTPOptions(host=s.host, port=s.port))
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         app = build_app(s.serving_options(), s.deployment_options(gpus_available=gpus))
         # One log line per request would cost more than the request itself.

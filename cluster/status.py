@@ -60,8 +60,10 @@ def describe_cluster(state: dict) -> dict:
         return info
     models: dict[str, dict] = {}
     for entry in index:
+        worker = f"worker-{entry['name']}"
         m = models.setdefault(entry["name"], {"name": entry["name"], "versions": [], "state": entry["state"],
-                                              "replicas": replicas.get(f"worker-{entry['name']}", 0)})
+                                              "placement": "split" if worker in replicas else "colocated",
+                                              "replicas": replicas.get(worker, 0)})
         if "version" in entry:
             m["versions"].append(entry["version"])
         if entry["state"] != "READY":

@@ -1,4 +1,14 @@
-"""Build fleet's Serve application from the repository: one worker deployment per model, one ingress."""
+"""Build fleet's Serve application from the repository: the ingress, and a worker deployment per split model.
+
+Placement of a model (`DeploymentOptions.placement`):
+- "colocated": the model runs inside every ingress replica; a batch is a call on a
+  local thread, with no Ray call (the faster mode for small CPU models; measured
+  by `python -m benchmarks`);
+- "split": the model has its own worker deployment, one DeploymentHandle call per
+  batch (GPU workers, big models, independent scaling);
+- "auto" (default): split for a model that gets a GPU, colocated otherwise.
+A model's config may override it: `parameters { key: "fleet.placement" value: { string_value: "split" } }`.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +19,17 @@ from ray import serve
 from ray.serve import Application
 
 from serving.ingress import Ingress
+from serving.model_config import PLACEMENT_PARAM
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.workers import ModelWorker
 
-__all__ = ["DeploymentOptions", "build_app", "APP_NAME", "INGRESS_NAME", "worker_name"]
+__all__ = ["DeploymentOptions", "build_app", "APP_NAME", "INGRESS_NAME", "PLACEMENTS", "worker_name"]
 
 _log = logging.getLogger("fleet.app")
 
 APP_NAME = "fleet"
+PLACEMENTS = ("auto", "colocated", "split")
 INGRESS_NAME = "ingress"
 
 
@@ -34,11 +46,17 @@ class DeploymentOptions:
     worker_num_cpus: float = 0.25
     worker_replicas: int | None = None  # None: the config's instance_group count
     gpus_available: bool = False
+    placement: str = "auto"  # "auto" | "colocated" | "split"
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+
 
 
 def build_app(options: ServingOptions, deployment: DeploymentOptions = DeploymentOptions(),
               models: list[str] | None = None) -> Application:
-    """The application graph: ingress bound to a handle for each model's worker."""
+    """The application graph: ingress bound to a handle for each split model's worker (None: colocated)."""
     repository = ModelRepository(options.repository)
     names = models if models is not None else repository.list_models()
     workers = {}
@@ -46,6 +64,11 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
         spec = repository.spec(name)
         replicas = deployment.worker_replicas or spec.instance_count
         use_gpu = spec.backend == "torchscript" and deployment.gpus_available and spec.instance_kind != "cpu"
+        placement = spec.parameters.get(PLACEMENT_PARAM, deployment.placement)
+        if placement == "colocated" or (placement == "auto" and not use_gpu):
+            workers[name] = None
+            _log.info("model %s: colocated in the ingress replicas", name)
+            continue
         inflight_per_replica = options.max_inflight_batches * deployment.ingress_replicas
         workers[name] = (
             serve.deployment(ModelWorker)

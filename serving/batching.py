@@ -13,6 +13,9 @@ When it sends a batch:
 - otherwise, while earlier batches are running, it waits for more requests up
   to `max_queue_delay_us` after the oldest one arrived.
 
+With `latency_target_ms` set (adaptive mode), `serving.adaptive.AdaptivePolicy`
+decides the batch cap and the wait instead of the fixed delay and preferred sizes.
+
 A request waits at most its timeout: the queue policy's default, or its own
 (`parameters.timeout`) when `allow_timeout_override` is set and it is shorter
 than the default (Triton's rule; with no default, any timeout of its own).
@@ -30,6 +33,7 @@ from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 
+from serving.adaptive import AdaptivePolicy
 from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidInput, ModelUnavailable, Overloaded
 
 __all__ = ["BatcherConfig", "BatchResult", "Batcher"]
@@ -54,6 +58,7 @@ class BatcherConfig:
     default_timeout_us: int = 0
     allow_timeout_override: bool = True
     max_inflight_batches: int = 2
+    latency_target_ms: float = 0.0  # > 0: adaptive mode (serving/adaptive.py) instead of the fixed delay
 
     def __post_init__(self):
         if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.max_queue_size < 0:
@@ -107,6 +112,10 @@ class Batcher:
         self._preferred = sorted(config.preferred_batch_sizes)
         self._preferred_set = frozenset(self._preferred)
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
+        self.adaptive = (
+            AdaptivePolicy(config.latency_target_ms, self._cap)
+            if config.latency_target_ms > 0 and config.max_batch_size > 0 else None
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -140,6 +149,8 @@ class Batcher:
             # Triton: a request may shorten the default timeout, never lengthen it.
             timeout = min(timeout, timeout_us) if timeout else timeout_us
         now = time.monotonic_ns()
+        if self.adaptive is not None:
+            self.adaptive.on_arrival(now, rows)
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, rows, _signature(inputs) if cfg.max_batch_size else None, loop.create_future(),
@@ -210,6 +221,11 @@ class Batcher:
         head = queue[0]
         if not self.config.max_batch_size:
             return 1, None
+        adaptive = self.adaptive
+        cap = self._cap
+        if adaptive is not None:
+            adaptive.replan(now)
+            cap = min(cap, adaptive.cap_rows)
         rows = count = 0
         preferred = 0  # requests making up the preferred batch to send, 0 if none
         full = False
@@ -218,7 +234,7 @@ class Batcher:
                 # A withdrawn request in the middle: drop it now, re-plan.
                 self._queue = collections.deque(q for q in queue if not q.future.done())
                 return self._plan(now)
-            if p.signature != head.signature or rows + p.rows > self._cap:
+            if p.signature != head.signature or (count and rows + p.rows > cap):
                 full = True
                 break
             if self._preferred and not preferred and count and rows + p.rows > self._preferred[-1]:
@@ -228,9 +244,12 @@ class Batcher:
             count += 1
             if rows in self._preferred_set:
                 preferred = count
-        if rows >= self._cap:
+        if rows >= cap:
             full = True
         waited = now - head.enqueued_ns
+        if adaptive is not None:
+            wait_ns = None if full else adaptive.plan(now, rows, waited, self._inflight)
+            return (count, None) if wait_ns is None else (0, wait_ns)
         delay = self.config.max_queue_delay_us * 1000
         delay_over = bool(delay) and waited >= delay
         if preferred and not delay_over:
@@ -288,6 +307,10 @@ class Batcher:
                             f"model {self.name} returned {name!r} with shape {list(arr.shape)} "
                             f"for a batch of {rows} rows"
                         )
+            adaptive = self.adaptive
+            if adaptive is not None:
+                done_ns = time.monotonic_ns()
+                adaptive.on_batch(rows, compute_ns, done_ns)
             offset = 0
             for p in batch:
                 if self.config.max_batch_size and len(batch) > 1:
@@ -297,6 +320,8 @@ class Batcher:
                 offset += p.rows
                 if not p.future.done():
                     p.future.set_result(BatchResult(part, sent_ns - p.enqueued_ns, compute_ns, rows))
+                if adaptive is not None:
+                    adaptive.on_latency(done_ns - p.enqueued_ns)
             ok = True
         except asyncio.CancelledError:
             for p in batch:

@@ -6,8 +6,10 @@ Every error leaves through `error_response` with one shape, `{"error": "..."}`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import re
 import uuid
 import zlib
 
@@ -19,9 +21,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving.errors import FleetError, InvalidInput, PayloadTooLarge
+from serving.http_server import Handler, HttpRequest, HttpResponse
 from serving.service import InferenceService, parse_header_length
 
-__all__ = ["build_http_app", "error_response", "HEADER_LENGTH"]
+__all__ = [
+    "build_handler", "build_http_app", "build_starlette_app", "call_asgi", "infer_handler", "read_body",
+    "decode_body", "error_response", "HEADER_LENGTH",
+]
 
 _log = logging.getLogger("fleet.http")
 
@@ -49,6 +55,139 @@ def error_response(exc: BaseException) -> Response:
     return _json({"error": f"internal error; request id {request_id}"}, 500)
 
 
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class _Chunks:
+    """The ASGI request body as an async iterator; a client that went away ends the request."""
+
+    __slots__ = ("_receive", "_done")
+
+    def __init__(self, receive):
+        self._receive = receive
+        self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        self._done = not message.get("more_body", False)
+        return message.get("body", b"")
+
+
+def _answer(response: Response) -> HttpResponse:
+    return response.status_code, response.raw_headers, response.body
+
+
+def infer_handler(service: InferenceService):
+    """`POST /v2/models/{m}[/versions/{v}]/infer` straight to the service: no routing or middleware layers.
+
+    The hot path. Returns `(status, headers, body)`; every error leaves through `error_response`.
+    """
+    limit = service.options.max_request_bytes
+    json_type = (b"content-type", _JSON.encode())
+    binary_type = (b"content-type", _BINARY.encode())
+    length_key = HEADER_LENGTH.encode()
+
+    async def handle(model: str, version: str | None, headers, body: bytes) -> HttpResponse:
+        try:
+            encoding = header_length = None
+            for key, value in headers:
+                if key == b"inference-header-content-length":
+                    header_length = value.decode("latin-1")
+                elif key == b"content-encoding":
+                    encoding = value.decode("latin-1")
+            if encoding is not None:
+                body = decode_body(body, encoding, limit)
+            payload, json_length = await service.infer(model, version, body, parse_header_length(header_length))
+        except Exception as exc:  # noqa: BLE001 - every error leaves through error_response
+            return _answer(error_response(exc))
+        if json_length is None:
+            return 200, [json_type], payload
+        return 200, [binary_type, (length_key, str(json_length).encode())], payload
+
+    return handle
+
+
+def build_handler(service: InferenceService) -> Handler:
+    """What fleet's own HTTP server (`serving.http_server`) calls per request."""
+    routes = build_starlette_app(service)
+    infer = infer_handler(service)
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        if request.method == "POST":
+            match = _INFER_PATH.fullmatch(request.path)
+            if match is not None:
+                return await infer(match.group(1), match.group(2), request.headers, request.body)
+        return await call_asgi(routes, request)
+
+    return handler
+
+
+async def call_asgi(app, request: HttpRequest) -> HttpResponse:
+    """Run a whole (non-streaming) request through an ASGI app and collect its answer."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
+        "method": request.method, "path": request.path, "raw_path": request.path.encode(),
+        "query_string": request.query, "root_path": "", "headers": request.headers,
+        "client": request.client, "server": None,
+    }
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await asyncio.Event().wait()  # nothing more: the server cancels us if the client leaves
+        return {"type": "http.disconnect"}
+
+    answer = {"status": 500, "headers": [], "body": []}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"], answer["headers"] = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            answer["body"].append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return answer["status"], answer["headers"], b"".join(answer["body"])
+
+
+def build_http_app(service: InferenceService):
+    """The ASGI app for Serve's HTTP ingress (http_server: serve): the infer routes on the lean path."""
+    routes = build_starlette_app(service)
+    infer = infer_handler(service)
+    limit = service.options.max_request_bytes
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                headers = scope["headers"]
+                declared = next((v.decode("latin-1") for k, v in headers if k == b"content-length"), None)
+                try:
+                    body = await read_body(declared, None, _Chunks(receive), limit)
+                except ClientDisconnect:
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    await error_response(exc)(scope, receive, send)
+                    return
+                status, out_headers, payload = await infer(match.group(1), match.group(2), headers, body)
+                await send({"type": "http.response.start", "status": status,
+                            "headers": out_headers + [(b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+        await routes(scope, receive, send)
+
+    return app
+
+
 def _endpoint(handler):
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
@@ -64,20 +203,29 @@ def _endpoint(handler):
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, decompressed if Content-Encoding says so; 413 over `limit` bytes."""
-    declared = request.headers.get("content-length")
+    headers = request.headers
+    return await read_body(headers.get("content-length"), headers.get("content-encoding"), request.stream(), limit)
+
+
+async def read_body(declared: str | None, encoding: str | None, chunks, limit: int) -> bytes:
+    """Collect `chunks` (an async iterator of bytes) into the body, enforcing `limit` before and after inflating."""
     if declared is not None:
         if not declared.isdigit():
             raise InvalidInput("Content-Length must be a non-negative integer")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    parts, size = [], 0
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "").strip().lower()
+        parts.append(chunk)
+    return decode_body(parts[0] if len(parts) == 1 else b"".join(parts), encoding, limit)
+
+
+def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent, or inflated when Content-Encoding is gzip/deflate (413 past `limit`)."""
+    encoding = (encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -92,8 +240,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return out
 
 
-def build_http_app(service: InferenceService) -> Starlette:
-    """The ASGI app an ingress replica serves."""
+def build_starlette_app(service: InferenceService) -> Starlette:
+    """Every route, through Starlette (the infer routes too, for apps mounted elsewhere)."""
     limit = service.options.max_request_bytes
 
     @_endpoint

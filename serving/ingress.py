@@ -1,8 +1,13 @@
-"""The ingress deployment: HTTP in, batches out to the workers, statistics to the monitor.
+"""The ingress deployment: HTTP in, batches out to the models, statistics to the monitor.
 
-Serve runs one or more replicas of it; with HAProxy ingress on, HAProxy sends
-HTTP straight to them. Each replica keeps its own batchers and statistics and
-pushes the statistics to the monitor about once a second.
+Serve runs one or more replicas of it. Each replica either runs fleet's own
+HTTP listener on the public port (`serving.http_server`, the default) or is
+reached through Serve's HAProxy/proxy. Each keeps its own batchers and
+statistics and pushes the statistics to the monitor about once a second.
+
+A model runs either in its own worker deployment (split mode: one
+DeploymentHandle call per batch) or inside this replica (colocated mode: the
+batch runs on a local thread, no Ray call) — `workers[name]` is a handle or None.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from serving.errors import FleetError, ModelUnavailable
-from serving.http_api import build_http_app
+from serving.http_api import build_handler, build_http_app
+from serving.http_server import HttpListener
 from serving.metrics import StatsRecorder
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.service import InferenceService
+from serving.workers import LocalWorkerClient, ModelRunner
 
-__all__ = ["Ingress", "HandleWorkerClient"]
+__all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient"]
 
 _log = logging.getLogger("fleet.ingress")
 
@@ -47,6 +54,19 @@ class HandleWorkerClient:
             raise _unwrap(exc) from exc
 
 
+class FailedWorkerClient:
+    """A colocated model that could not load: reported not ready, answered 503."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+    async def infer(self, version: int, inputs: dict) -> dict:
+        raise ModelUnavailable(f"the model failed to load: {self.error}")
+
+    async def status(self) -> dict:
+        return {"versions": [], "error": self.error}
+
+
 def _unwrap(exc: Exception) -> Exception:
     """A worker's FleetError as it was raised; a dead or unreachable worker as ModelUnavailable."""
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, FleetError):
@@ -63,9 +83,8 @@ class Ingress:
     async def __init__(self, options: dict, workers: dict):
         self.options = ServingOptions(**options)
         repository = ModelRepository(self.options.repository)
-        models = {}
-        for name, handle in workers.items():
-            models[name] = (*repository.load_config(name), HandleWorkerClient(handle))
+        clients = await asyncio.gather(*(self._client(name, handle) for name, handle in workers.items()))
+        models = {name: (*repository.load_config(name), client) for name, client in zip(workers, clients)}
         self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.recorder = StatsRecorder()
         self._monitor = None
@@ -75,9 +94,30 @@ class Ingress:
         await self._wait_for_workers()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
+        self.listener = None
+        if self.options.listen_port:
+            self.listener = HttpListener(
+                build_handler(self.service), self.options.listen_host, self.options.listen_port,
+                max_body_bytes=self.options.max_request_bytes, graceful_shutdown_s=self.options.drain_timeout_s,
+            )
+            await self.listener.start()
+
+    async def _client(self, name: str, handle):
+        if handle is not None:
+            return HandleWorkerClient(handle)
+        try:
+            return LocalWorkerClient(await ModelRunner.load(self.options.repository, name, self.options.worker_threads))
+        except Exception as exc:  # noqa: BLE001 - one broken model must not take the others down
+            _log.error("model %s failed to load in this replica: %s", name, exc)
+            return FailedWorkerClient(f"{type(exc).__name__}: {exc}")
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.service)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose listener died is replaced."""
+        if self.listener is not None and not self.listener.alive():
+            raise RuntimeError("the HTTP listener of this ingress replica has stopped")
 
     async def _wait_for_workers(self) -> None:
         deadline = asyncio.get_running_loop().time() + self.options.startup_timeout_s
@@ -126,8 +166,15 @@ class Ingress:
         return await self._monitor_actor().render.remote()
 
     async def __del__(self):
+        # Drain: stop taking connections, let the requests in flight finish, then stop.
+        if getattr(self, "listener", None) is not None:
+            await self.listener.stop()
         for task in getattr(self, "_tasks", []):
             task.cancel()
         if hasattr(self, "service"):
-            await self.service.close(drain_timeout_s=5.0)
+            await self.service.close(drain_timeout_s=self.options.drain_timeout_s)
             await self._push()
+            for state in self.service.models.values():
+                close = getattr(state.worker, "close", None)
+                if close is not None:
+                    await close()

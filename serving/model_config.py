@@ -7,6 +7,8 @@ Triton loads here unchanged and one written here loads in Triton.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -42,6 +44,8 @@ TRITON_URL_PARAM = "fleet.triton.url"
 TRITON_MODEL_PARAM = "fleet.triton.model"
 TRITON_VERSION_PARAM = "fleet.triton.version"
 MAX_INFLIGHT_PARAM = "fleet.max_inflight_batches"
+PLACEMENT_PARAM = "fleet.placement"  # "colocated" | "split": overrides the cluster's placement for this model
+LATENCY_TARGET_PARAM = "latency_target_ms"  # adaptive batching (serving/adaptive.py)
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,19 @@ def _instances(config: mc.ModelConfig) -> tuple[int, str]:
     return count, "auto"
 
 
+def _check_numeric_params(params: dict[str, str], source: str) -> None:
+    for key, kind in ((LATENCY_TARGET_PARAM, float), (MAX_INFLIGHT_PARAM, int)):
+        raw = params.get(key)
+        if raw is None:
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < math.inf:
+            raise RepositoryError(f"{source}: parameter {key!r} must be a positive number, got {raw!r}")
+
+
 def spec_from_config(config: mc.ModelConfig, *, name: str | None = None, source: str = "config.pbtxt") -> ModelSpec:
     """Validate a ModelConfig and return fleet's view of it.
 
@@ -246,6 +263,10 @@ def spec_from_config(config: mc.ModelConfig, *, name: str | None = None, source:
         names = [t.name for t in group]
         if len(set(names)) != len(names):
             raise RepositoryError(f"{source}: duplicate {kind} names in {names}")
+    _check_numeric_params(params, source)
+    if params.get(PLACEMENT_PARAM, "colocated") not in ("colocated", "split"):
+        raise RepositoryError(f"{source}: parameter {PLACEMENT_PARAM!r} must be 'colocated' or 'split', "
+                              f"got {params[PLACEMENT_PARAM]!r}")
     count, kind = _instances(config)
     return ModelSpec(
         name=model_name,

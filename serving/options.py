@@ -20,6 +20,10 @@ class ServingOptions:
     status_refresh_interval_s: float = 2.0
     worker_threads: int = 1
     startup_timeout_s: float = 120.0
+    # fleet's own HTTP listener in each ingress replica (None: Serve's proxy/HAProxy).
+    listen_host: str = "127.0.0.1"
+    listen_port: int | None = None
+    drain_timeout_s: float = 10.0  # requests in flight get this long at shutdown
 
     def to_dict(self) -> dict:
         return asdict(self)

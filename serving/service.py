@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from serving.batching import Batcher, BatcherConfig
 from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable
 from serving.metrics import ModelStats, StatsRecorder
-from serving.model_config import MAX_INFLIGHT_PARAM, ModelConfig, ModelSpec
+from serving.model_config import LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, ModelConfig, ModelSpec
 from serving.monitor import triton_model_stats
 from serving.options import ServingOptions
 from serving.protocol import decode_request, encode_response
@@ -128,6 +128,7 @@ class InferenceService:
                 default_timeout_us=policy.queue.default_timeout_us,
                 allow_timeout_override=policy.queue.allow_timeout_override,
                 max_inflight_batches=max(1, inflight),
+                latency_target_ms=float(spec.parameters.get(LATENCY_TARGET_PARAM, 0)) if policy.enabled else 0.0,
             )
             worker, name, tag = state.worker, spec.name, str(version)
             recorder = self.recorder

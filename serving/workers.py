@@ -1,7 +1,10 @@
-"""The worker: one Serve deployment per model, executing whole batches on its backend.
+"""Model execution: the versions a model serves, loaded on their backends.
 
-It loads the versions the model's version_policy selects, warms them up, and
-answers one call per batch with NumPy arrays. No HTTP here.
+`ModelRunner` loads the versions the model's version_policy selects, warms them
+up and runs whole batches (NumPy arrays in, NumPy arrays out). It lives either
+in a worker replica (`ModelWorker`, one Serve deployment per model, reached by
+one DeploymentHandle call per batch) or, in colocated mode, in the ingress
+replica itself (`LocalWorkerClient`: no Ray call at all). No HTTP here.
 """
 
 from __future__ import annotations
@@ -14,31 +17,34 @@ from serving.backends import Backend, make_backend
 from serving.errors import ModelNotFound
 from serving.registry import ModelRepository
 
-__all__ = ["ModelWorker"]
+__all__ = ["ModelRunner", "ModelWorker", "LocalWorkerClient"]
 
 _log = logging.getLogger("fleet.worker")
 
 
-class ModelWorker:
-    """Serve deployment class (wrapped with `serve.deployment` by `serving.app`)."""
+class ModelRunner:
+    """One model's loaded versions. Build with `await ModelRunner.load(...)`."""
 
-    async def __init__(self, repository: str, model: str, threads: int | None = None):
+    def __init__(self, model: str, backends: dict[int, Backend]):
         self.model = model
-        self.repository = ModelRepository(repository)
-        self.spec = self.repository.spec(model)
-        self._threads = threads
-        self.backends: dict[int, Backend] = {}
-        versions = self.repository.served_versions(model, self.spec)
+        self.backends = backends
+
+    @classmethod
+    async def load(cls, repository: str, model: str, threads: int | None = None) -> "ModelRunner":
+        repo = ModelRepository(repository)
+        spec = repo.spec(model)
+        versions = repo.served_versions(model, spec)
         if not versions:
             raise ModelNotFound(f"model {model!r} has no published version to serve in {repository}")
-        loaded = await asyncio.gather(*(self._load(v) for v in versions))
-        self.backends = dict(zip(versions, loaded))
 
-    async def _load(self, version: int) -> Backend:
-        model_file = None if self.spec.backend == "triton" else self.repository.model_file(self.model, version, self.spec)
-        backend = make_backend(self.spec, version, model_file, threads=self._threads)
-        await backend.load()
-        return backend
+        async def one(version: int) -> Backend:
+            model_file = None if spec.backend == "triton" else repo.model_file(model, version, spec)
+            backend = make_backend(spec, version, model_file, threads=threads)
+            await backend.load()
+            return backend
+
+        loaded = await asyncio.gather(*(one(v) for v in versions))
+        return cls(model, dict(zip(versions, loaded)))
 
     async def infer(self, version: int, inputs: dict) -> dict:
         """Run one batch through `version`; arrays in, arrays out."""
@@ -57,6 +63,38 @@ class ModelWorker:
             "pid": os.getpid(),
         }
 
-    async def __del__(self):
+    async def close(self) -> None:
         for backend in self.backends.values():
             await backend.close()
+
+
+class ModelWorker:
+    """Serve deployment class for split mode (wrapped with `serve.deployment` by `serving.app`)."""
+
+    async def __init__(self, repository: str, model: str, threads: int | None = None):
+        self.runner = await ModelRunner.load(repository, model, threads)
+
+    async def infer(self, version: int, inputs: dict) -> dict:
+        return await self.runner.infer(version, inputs)
+
+    async def status(self) -> dict:
+        return await self.runner.status()
+
+    async def __del__(self):
+        await self.runner.close()
+
+
+class LocalWorkerClient:
+    """Colocated mode: the model runs inside the ingress replica (a `WorkerClient`)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    async def infer(self, version: int, inputs: dict) -> dict:
+        return await self.runner.infer(version, inputs)
+
+    async def status(self) -> dict:
+        return await self.runner.status()
+
+    async def close(self) -> None:
+        await self.runner.close()

@@ -68,8 +68,9 @@ def test_up_status_curl_job_down(workdir: Path):
 
         status = _run(["fleet", "status", *flags], workdir, env)
         assert status.returncode == 0, status.stderr
-        assert re.search(r"fraud\s+versions 1\s+READY\s+worker replicas 1", status.stdout), status.stdout
-        assert "ingress replicas: 1" in status.stdout
+        assert re.search(r"fraud\s+versions 1\s+READY\s+colocated in the ingress replicas", status.stdout), \
+            status.stdout
+        assert f"ingress replicas: {min(8, os.cpu_count())}" in status.stdout
 
         # A second cluster on top of the first is refused, the first keeps serving.
         again = _run(["fleet", "up", *flags], workdir, env)
@@ -89,9 +90,11 @@ def test_up_status_curl_job_down(workdir: Path):
 
 
 def test_serve_in_foreground_until_ctrl_c(workdir: Path):
+    """The other modes: Ray Serve's HAProxy ingress in front, the model in its own worker deployment."""
     env = _env(workdir)
     port, dash = free_port(), free_port()
-    proc = subprocess.Popen(["fleet", "serve", "--port", str(port), "--dashboard-port", str(dash)],
+    proc = subprocess.Popen(["fleet", "serve", "--port", str(port), "--dashboard-port", str(dash),
+                             "--http-server", "serve", "--placement", "split", "--ingress-replicas", "1"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -108,7 +111,12 @@ def test_serve_in_foreground_until_ctrl_c(workdir: Path):
         x = np.zeros((2, 30), np.float32)
         inp = tc.InferInput("features", [2, 30], "FP32")
         inp.set_data_from_numpy(x)
-        assert client.infer("fraud", [inp]).as_numpy("probability").shape == (2, 1)
+        binary = client.infer("fraud", [inp]).as_numpy("probability")
+        inp.set_data_from_numpy(x, binary_data=False)
+        as_json = client.infer("fraud", [inp], outputs=[tc.InferRequestedOutput("probability", binary_data=False)])
+        assert binary.shape == (2, 1) and np.allclose(binary, as_json.as_numpy("probability"), atol=1e-6)
+        status = _run(["fleet", "status", "--port", str(port), "--dashboard-port", str(dash)], workdir, env)
+        assert re.search(r"fraud\s+versions 1\s+READY\s+worker replicas 1", status.stdout), status.stdout
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C at the terminal does
         rest, _ = proc.communicate(timeout=180)

@@ -2,9 +2,11 @@
 
 The repository holds:
 - `fraud`         the example model, trained briefly;
-- `fraud_slowq`   the same file with a 200 ms max_queue_delay (a lone request must not wait for it);
+- `fraud_slowq`   the same file with a 200 ms max_queue_delay (a lone request must not wait for it),
+                  in split mode (its own worker deployment, one DeploymentHandle call per batch);
 - `libtorch`      a model laid out by hand for Triton's pytorch_libtorch backend (input__0/output__0);
-- `slow`          ~100 ms per batch, one batch in flight, a queue of 2: for queue timeouts and overload;
+- `slow`          ~100 ms per batch, one batch in flight, a queue of 2: for overload;
+- `slow_deep`     the same, one request per batch and a queue of 64: for queue timeouts;
 - `fraud_triton`  forwarded by fleet to a real Triton server serving fraud's TorchScript file.
 """
 
@@ -69,7 +71,7 @@ def _build_repository(root: Path, triton_url: str) -> None:
         {"model.pt": fraud_file},
         {"note": "fraud with a long queue delay"},
         config=make_config("fraud_slowq", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
-                           max_queue_delay_us=200_000),
+                           max_queue_delay_us=200_000, parameters={"fleet.placement": "split"}),
     )
     # Laid out as for Triton, by hand: config text, version folder, no metadata.json.
     torch.manual_seed(0)
@@ -82,6 +84,13 @@ def _build_repository(root: Path, triton_url: str) -> None:
         {},
         config=make_config("slow", [TensorSpec("x", "FP32", (1,))], [TensorSpec("y", "FP32", (1,))],
                            max_batch_size=8, max_queue_size=2, parameters={"fleet.max_inflight_batches": "1"}),
+    )
+    repo.publish(
+        "slow_deep",
+        {"model.pt": _save(_Slow())},
+        {},
+        config=make_config("slow_deep", [TensorSpec("x", "FP32", (1,))], [TensorSpec("y", "FP32", (1,))],
+                           max_batch_size=1, max_queue_size=64, parameters={"fleet.max_inflight_batches": "1"}),
     )
     repo.write_config(
         "fraud_triton",

@@ -217,13 +217,7 @@ class TritonProcess:
         # now and then a clean unload, leaves it behind, so note them while alive.
         self._stub_dirs.update(_stub_model_dirs(pid))
         if self._popen.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            # Wait without reaping: the leader's pid, hence the group id, stays
-            # reserved until the group has been killed, so no reused id is hit.
-            deadline = time.monotonic() + grace_s
-            while not _has_exited(pid) and time.monotonic() < deadline:
-                time.sleep(_POLL_INTERVAL_S / 4)
+            terminate_leader(pid, grace_s)
         _kill_group(pid)
         self._popen.wait()
         for stub_dir in self._stub_dirs:
@@ -284,6 +278,17 @@ class TritonProcess:
 def _format_spec(spec: TensorSpec) -> str:
     name, datatype, dims = spec
     return f"{name}:{datatype}:{','.join(str(d) for d in dims)}"
+
+
+def terminate_leader(pid: int, grace_s: float) -> None:
+    """SIGTERM our child `pid` and wait up to `grace_s` for it to exit, without reaping it:
+    a group leader's pid, hence the group id, stays reserved until the group is killed,
+    so no reused id is hit."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while not _has_exited(pid) and time.monotonic() < deadline:
+        time.sleep(_POLL_INTERVAL_S / 4)
 
 
 def _has_exited(pid: int) -> bool:

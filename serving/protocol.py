@@ -103,13 +103,15 @@ def _json_data(data, datatype: str, shape: tuple[int, ...], where: str) -> np.nd
             else:
                 raise InvalidInput(f"{where}: BYTES data must be strings, element {i} is {type(item).__name__}")
         return out.reshape(shape)
+    target = V2_TO_NUMPY[datatype]
+    if target.kind == "f" and count:
+        return _json_floats(data, target, datatype, shape, count, where)
     try:
         raw = np.asarray(data)
     except (ValueError, OverflowError) as exc:
         raise InvalidInput(f"{where}: 'data' is not a regular array of numbers ({exc})") from None
     if raw.size != count:
         raise InvalidInput(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {raw.size}")
-    target = V2_TO_NUMPY[datatype]
     kind = raw.dtype.kind
     if count == 0:
         return np.empty(shape, dtype=target)
@@ -146,6 +148,26 @@ def _json_data(data, datatype: str, shape: tuple[int, ...], where: str) -> np.nd
         finite = np.isfinite(raw)
         if not np.array_equal(finite, np.isfinite(out)):
             raise InvalidInput(f"{where}: a value is out of range for {datatype}")
+    return out.reshape(shape)
+
+
+def _json_floats(data: list, target: np.dtype, datatype: str, shape: tuple[int, ...], count: int,
+                 where: str) -> np.ndarray:
+    """FP16/32/64 data: straight to the target type (the hot path: one conversion, one check)."""
+    types = _leaf_types(data, where)
+    if bool in types:
+        raise InvalidInput(f"{where}: {datatype} data must be numbers, not true/false")
+    if not types <= {float, int}:
+        raise InvalidInput(f"{where}: {datatype} data must be numbers")
+    try:
+        with np.errstate(over="ignore"):  # overflow is reported below as InvalidInput
+            out = np.array(data, dtype=target)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(f"{where}: 'data' is not a regular array of numbers ({exc})") from None
+    if out.size != count:
+        raise InvalidInput(f"{where}: shape {list(shape)} needs {count} elements, 'data' has {out.size}")
+    if not np.isfinite(out).all():  # JSON has no inf/NaN: 1e39 as FP32 or 70000 as FP16 overflowed
+        raise InvalidInput(f"{where}: a value is out of range for {datatype}")
     return out.reshape(shape)
 
 

@@ -1,5 +1,5 @@
 -- POST one request body from a file, for KServe v2 JSON or binary-tensor requests.
--- wrk -t2 -c64 -d10s -s benchmarks/wrk/post.lua URL -- BODY_FILE [INFERENCE_HEADER_LENGTH]
+-- wrk -t2 -c64 -d10s -s benchmarks/lua/post.lua URL -- BODY_FILE [INFERENCE_HEADER_LENGTH]
 function init(args)
   local f = assert(io.open(args[1], "rb"))
   wrk.body = f:read("*all")

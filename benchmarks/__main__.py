@@ -1,0 +1,209 @@
+"""`python -m benchmarks` (`make bench`): fleet against its baselines, in one run, on one machine.
+
+    python -m benchmarks                      # everything (about 10 minutes on 2 cores)
+    python -m benchmarks --quick              # shorter runs, fewer points
+    python -m benchmarks --url http://127.0.0.1:8000 --systems fleet   # a fleet already running
+    python -m benchmarks --systems fleet,triton --connections 1,16,64
+
+Every system serves the same TorchScript file (the `fraud` model, trained into a
+fresh repository) and gets the same request bodies. Results go to
+`benchmarks/results/<timestamp>/`: report.json, summary.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bodies import request_bodies
+from benchmarks.report import git_sha, machine, ratios_and_goals, write_report
+from benchmarks.scenarios import Bodies, closed_sweep, mixed_models, open_rate, step_rates
+from benchmarks.systems import BaselineSystem, FleetSystem, System, TritonSystem
+from benchmarks.wrk import wrk_available
+from serving.model_config import LATENCY_TARGET_PARAM
+from serving.registry import ModelRepository
+
+MODEL = "fraud"
+# The mixed scenario: (model, body kind) -> share of the requests, at half fleet's sustained rate.
+MIX = {("fraud", "json"): 0.5, ("fraud", "binary"): 0.2, ("fraud_adaptive", "json"): 0.2,
+       ("fraud_fixed_8ms", "binary"): 0.1}
+RAMP = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # fractions of fleet's closed-loop peak, to find its sustained rate
+SYSTEMS = ("fleet", "fleet_split", "fleet_serve", "plain_http", "serve_default", "triton")
+ADAPTIVE_TARGET_MS = 10.0
+# name -> (dynamic_batching max_queue_delay_us, latency_target_ms or None)
+POLICIES = {
+    "fraud_fixed_100us": (100, None),
+    "fraud_fixed_8ms": (8000, None),
+    "fraud_adaptive": (1000, ADAPTIVE_TARGET_MS),
+}
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="measure a fleet already running here instead of starting one")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--connections", default="1,4,16,64,256", help="closed-loop sweep (wrk connections)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per closed-loop point")
+    p.add_argument("--open-duration", type=float, default=10.0, help="seconds of the open-loop comparison")
+    p.add_argument("--step-seconds", type=float, default=4.0, help="seconds per step of the adaptive scenario")
+    p.add_argument("--arrivals", choices=["poisson", "constant"], default="poisson", help="open-loop arrivals")
+    p.add_argument("--quick", action="store_true", help="2 s points, connections 1,16,64, shorter scenarios")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive batching scenario")
+    p.add_argument("--triton-instances", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results", help="parent folder of the run's folder")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.open_duration, args.step_seconds = 3.0, 5.0, 2.0
+        if args.connections == p.get_default("connections"):
+            args.connections = "1,16,64"
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    args.connections = sorted({int(c) for c in args.connections.split(",")})
+    return args
+
+
+def build_repository(folder: Path) -> ModelRepository:
+    """A fresh repository: the fraud model, plus copies of it under each batching policy."""
+    from training.bootstrap import bootstrap
+
+    bootstrap(str(folder), rows=20_000, epochs=3, log=lambda line: None)
+    repo = ModelRepository(str(folder))
+    config = repo.config_proto(MODEL)
+    model_file = repo.model_file(MODEL, 1)
+    data = Path(model_file).read_bytes()
+    for name, (delay_us, target_ms) in POLICIES.items():
+        variant = type(config)()
+        variant.CopyFrom(config)
+        variant.name = name
+        variant.dynamic_batching.max_queue_delay_microseconds = delay_us
+        del variant.dynamic_batching.preferred_batch_size[:]
+        if target_ms is not None:
+            variant.parameters[LATENCY_TARGET_PARAM].string_value = str(target_ms)
+        repo.publish(name, {"model.pt": data}, {"copy_of": f"{MODEL}/1"}, config=variant)
+    return repo
+
+
+def write_bodies(repo: ModelRepository, folder: Path) -> Bodies:
+    folder.mkdir(parents=True, exist_ok=True)
+    made = request_bodies(repo.root, MODEL, rows=1)
+    for kind, (body, _) in made.items():
+        (folder / f"{MODEL}-{kind}.body").write_bytes(body)
+    return Bodies(folder, MODEL, made["json"][0], made["binary"][0], made["binary"][1])
+
+
+def make_systems(args, repo: ModelRepository) -> list[System]:
+    from benchmarks.baselines import PlainHttpServer, ServeDefaultServer
+
+    spec = repo.spec(MODEL)
+    out: list[System] = []
+    for name in args.systems:
+        if name == "fleet":
+            out.append(FleetSystem(repo.root, url=args.url, label="fleet (defaults)"))
+        elif name == "fleet_split" and not args.url:
+            out.append(FleetSystem(repo.root, name=name, flags=("--placement", "split"),
+                                   label="fleet, split mode (ingress -> worker deployment, one Ray call per batch)"))
+        elif name == "fleet_serve" and not args.url:
+            out.append(FleetSystem(repo.root, name=name, flags=("--http-server", "serve"),
+                                   label="fleet behind Ray Serve's HAProxy ingress"))
+        elif name == "plain_http":
+            out.append(BaselineSystem(name, "uvicorn + Starlette, 1 process, no batching",
+                                      lambda: PlainHttpServer(repo.root, MODEL)))
+        elif name == "serve_default":
+            out.append(BaselineSystem(name, "default Ray Serve deployment (Python proxy, per request)",
+                                      lambda: ServeDefaultServer(repo.root, MODEL)))
+        elif name == "triton":
+            out.append(TritonSystem(
+                repo.model_file(MODEL, 1), MODEL, [(t.name, t.datatype, t.dims) for t in spec.inputs],
+                [(t.name, t.datatype, t.dims) for t in spec.outputs], max_batch_size=spec.max_batch_size,
+                max_queue_delay_us=spec.batching.max_queue_delay_us, instances=args.triton_instances))
+    return out
+
+
+def run(args) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) / stamp
+    work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    print(f"benchmark run {stamp}: results in {out_dir}", flush=True)
+    repo = build_repository(work / "repository")
+    bodies = write_bodies(repo, work / "bodies")
+    from benchmarks.baselines import measure_inprocess
+
+    print("in-process model (the limit for compute) ...", flush=True)
+    inprocess = measure_inprocess(repo.root, MODEL)
+    closed, opened, adaptive, systems, ramp, mixed = [], [], {}, [], [], {}
+    sustained = None
+    for system in make_systems(args, repo):
+        print(f"{system.name}: starting ({system.label}) ...", flush=True)
+        started = time.monotonic()
+        with system:
+            systems.append({**system.describe(), "start_s": round(time.monotonic() - started, 1)})
+            main = system.name in ("fleet", "triton")
+            connections = args.connections if main else sorted({1, 4, max(args.connections)} & set(args.connections))
+            kinds = ("json", "binary") if main else ("json",)
+            closed += closed_sweep(system, bodies, connections, args.duration, kinds)
+            if system.name == "fleet":
+                peak = max((r["throughput_rps"] for r in closed if r["system"] == "fleet"), default=0)
+                if peak:
+                    ramp = step_rates(system, bodies, MODEL, [round(peak * f, -1) for f in RAMP], args.step_seconds)
+                    sustained = sustained_rate(ramp)
+                if not args.no_adaptive and not args.url:
+                    adaptive = adaptive_scenario(system, bodies, sustained or 0.6 * peak, args.step_seconds)
+            if system.name in ("fleet", "triton") and sustained:
+                opened.append(open_rate(system, bodies, sustained, args.open_duration, arrivals=args.arrivals))
+            if system.name == "fleet" and sustained and not args.url:
+                mixed = mixed_models(system, bodies, MIX, 0.5 * sustained, args.open_duration, args.arrivals)
+    ratios, goals = ratios_and_goals(closed, opened, peak_connections=64 if 64 in args.connections
+                                     else max(args.connections), inprocess=inprocess)
+    report = {
+        "git_sha": git_sha(), "machine": machine(), "model": MODEL,
+        "config": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+        "systems": systems, "inprocess": inprocess, "closed_loop": closed, "open_loop": opened,
+        "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "ratios": ratios, "goals": goals,
+    }
+    for path in write_report(out_dir, report):
+        print(f"wrote {path}")
+    print((out_dir / "summary.md").read_text())
+    return out_dir
+
+
+def sustained_rate(ramp: list[dict]) -> float | None:
+    """The highest offered rate fleet kept up with: >= 97 % delivered, every answer 2xx, p99 under 250 ms."""
+    best = None
+    for step in ramp:
+        ok = sum(n for s, n in step["statuses"].items() if s.startswith("2"))
+        p99 = step["latency_ms"]["p99"]
+        if (step["throughput_rps"] >= 0.97 * step["rate_rps"] and ok == step["requests"] and not step["errors"]
+                and p99 is not None and p99 < 250):
+            best = step["rate_rps"]
+    return best
+
+
+def adaptive_scenario(system: System, bodies: Bodies, sustained_rps: float, step_s: float) -> dict:
+    """The same model under three batching policies, an open-loop load rising in steps past fleet's sustained rate."""
+    rates = [round(sustained_rps * f, -1) for f in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.15)]
+    print(f"adaptive batching: steps {rates} req/s, {step_s:.0f} s each, target p99 {ADAPTIVE_TARGET_MS} ms",
+          flush=True)
+    series = {name: step_rates(system, bodies, name, rates, step_s) for name in POLICIES}
+    return {"target_ms": ADAPTIVE_TARGET_MS, "rates_rps": rates, "policies": {
+        name: {"max_queue_delay_us": d, "latency_target_ms": t} for name, (d, t) in POLICIES.items()},
+        "series": series}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if not wrk_available():
+        print("wrk is not installed: run `make wrk` (Debian's package)", file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,416 @@
+"""An asyncio HTTP/1.1 load generator for what wrk cannot do: open loop, steps, mixed targets.
+
+Open loop (`open_loop`, `step_load`): every send time is drawn up front
+(`arrival_times`), and each latency is measured from the request's *intended*
+send time, not from when it actually went out. A request that waits for a free
+connection, or is sent late because the server stalled, keeps that wait in its
+latency, so coordinated omission cannot hide a stall. (It also means a
+generator too slow for the rate shows up as latency: on a shared machine, check
+that the generator is not the bottleneck.) Event-loop timers are good to about
+a millisecond, so a request may go out up to 0.5 ms early; its latency then
+counts from the actual send. Closed loop (`closed_loop`): N connections each
+send the next request when the previous answer arrives; latency is from the
+actual send.
+
+Requests go over persistent keep-alive connections opened on demand, through
+the callback-driven client of `benchmarks.http_client` (one prebuilt request
+per target). A connection answered with `Connection: close`, or idle for over
+a second, is replaced. Run the coroutines with `run()` (uvloop when installed,
+several times cheaper per request) or in any running event loop.
+
+Every request ends as a response (any status) or one transport error:
+"connect", "write", "read", or "timeout" (no full response `timeout_s` after the
+intended send time). Each result also holds `by_target` ({target name:
+LoadResult dict}) and `rate_rps` there is the target's share of the offered rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from benchmarks.http_client import CONNECT, READ, WRITE, ConnectionPool
+from benchmarks.load import LoadResult, count_2xx, summarize
+
+__all__ = [
+    "Target",
+    "arrival_times",
+    "choose_targets",
+    "closed_loop",
+    "open_loop",
+    "run",
+    "step_arrival_times",
+    "step_load",
+]
+
+T = TypeVar("T")
+_clock = time.perf_counter  # loop.time() is only good to 1 ms on uvloop
+_TIMEOUT = 4
+_ERRORS = {0: "", CONNECT: "connect", WRITE: "write", READ: "read", _TIMEOUT: "timeout"}
+# Loop timers fire up to ~1 ms off either way: a request due within this of a wake-up goes out then, and its
+# latency counts from that actual send (below its intended time) so that sending early never shortens it.
+_EARLY_S = 0.0005
+
+
+@dataclass(frozen=True)
+class Target:
+    """One kind of request. `weight`: its relative share of the requests; `name` defaults to `path`.
+
+    Host and Content-Length are set by the client (those in `headers` are ignored).
+    `method` may be any whose answer carries a body framed by length or chunks (not HEAD).
+    """
+
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    weight: float = 1.0
+    name: str = ""
+    method: str = "POST"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+    def request_bytes(self, host: str, port: int) -> bytes:
+        """The whole HTTP/1.1 request, built once and written as is for every send."""
+        head = [f"{self.method} {self.path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(self.body)}"]
+        head += [f"{k}: {v}" for k, v in self.headers.items() if k.lower() not in ("host", "content-length")]
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + self.body
+
+
+def _check_targets(targets: Sequence[Target]) -> None:
+    if not targets:
+        raise ValueError("no targets: give at least one Target")
+    labels = [t.label for t in targets]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"target names must be unique, got {labels}: set Target(name=...)")
+    bad = [t.label for t in targets if not (math.isfinite(t.weight) and t.weight > 0)]
+    if bad:
+        raise ValueError(f"target weights must be finite and > 0; bad: {bad}")
+
+
+def _arrivals(rng: np.random.Generator, rate_rps: float, duration_s: float, arrivals: str) -> np.ndarray:
+    if not (math.isfinite(rate_rps) and rate_rps > 0 and duration_s > 0):
+        raise ValueError(f"rate_rps and duration_s must be > 0, got {rate_rps} and {duration_s}")
+    if arrivals == "constant":
+        return np.arange(math.ceil(rate_rps * duration_s - 1e-9)) / rate_rps
+    if arrivals != "poisson":
+        raise ValueError(f"arrivals must be 'poisson' or 'constant', got {arrivals!r}")
+    expected = rate_rps * duration_s
+    gaps = rng.exponential(1.0 / rate_rps, size=int(expected + 6 * math.sqrt(expected) + 16))
+    times = np.cumsum(gaps)
+    while times[-1] < duration_s:  # rare: draw more
+        times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / rate_rps, size=len(gaps)))])
+    return times[times < duration_s]
+
+
+def arrival_times(rate_rps: float, duration_s: float, arrivals: str = "poisson", seed: int = 0) -> np.ndarray:
+    """Send offsets in seconds from the start, in [0, duration_s), sorted.
+
+    "constant": k / rate_rps exactly. "poisson": a Poisson process (exponential
+    gaps with mean 1 / rate_rps), reproducible for a given seed.
+    """
+    return _arrivals(np.random.default_rng(seed), rate_rps, duration_s, arrivals)
+
+
+def step_arrival_times(rates_rps: Sequence[float], step_s: float, arrivals: str = "poisson",
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, step index of each) for one schedule whose rate is rates_rps[k] during [k*step_s, (k+1)*step_s)."""
+    rng = np.random.default_rng(seed)
+    parts = [k * step_s + _arrivals(rng, rate, step_s, arrivals) for k, rate in enumerate(rates_rps)]
+    steps = [np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)]
+    return np.concatenate(parts or [np.zeros(0)]), np.concatenate(steps or [np.zeros(0, dtype=np.int64)])
+
+
+def choose_targets(weights: Sequence[float], n: int, seed: int = 0) -> np.ndarray:
+    """n target indices drawn with probability proportional to weights (seeded, independent of arrivals)."""
+    return _draw(np.random.default_rng([seed, 1]), weights, n)
+
+
+def _draw(rng: np.random.Generator, weights: Sequence[float], n: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 1:
+        return np.zeros(n, dtype=np.int64)
+    return rng.choice(len(w), size=n, p=w / w.sum())
+
+
+class _Run:
+    """One run's requests, in order of intended send time, and their fates; sends them through a ConnectionPool.
+
+    Requests are kept as columns of plain lists indexed by request id, timeouts
+    by one timer for the oldest request in flight, and sends and answers are
+    callbacks: no task, future or object per request.
+    """
+
+    def __init__(self, host: str, port: int, targets: Sequence[Target], max_connections: int, timeout_s: float):
+        if max_connections < 1 or not timeout_s > 0:
+            raise ValueError(f"need max_connections >= 1 and timeout_s > 0, got {max_connections}, {timeout_s}")
+        self.loop = asyncio.get_running_loop()
+        self.timeout_s = timeout_s
+        self.requests = [t.request_bytes(host, port) for t in targets]
+        self.pool = ConnectionPool(host, port, max_connections, self._finish)
+        # target, intended send (clock s), latency base (intended, or the send if it was early), tag
+        # (schedule index, or closed-loop worker), status (0: none yet), error index, latency s
+        self.target: list[int] = []
+        self.intended: list[float] = []
+        self.base: list[float] = []
+        self.tag: list[int] = []
+        self.status: list[int] = []
+        self.error: list[int] = []
+        self.latency: list[float] = []
+        self.pending = 0  # requests sent, not yet finished
+        self.sources = 0  # schedules or workers still sending
+        self.on_finish: Callable[[int, int], object] | None = None  # (request id, error index)
+        self.done = self.loop.create_future()
+        self._swept = 0  # requests before this one are all finished
+        self._timer: asyncio.TimerHandle | None = None
+
+    def submit(self, target: int, intended: float, base: float, tag: int) -> None:
+        rid = len(self.status)
+        self.target.append(target)
+        self.intended.append(intended)
+        self.base.append(base)
+        self.tag.append(tag)
+        self.status.append(0)
+        self.error.append(0)
+        self.latency.append(math.nan)
+        self.pending += 1
+        if self._timer is None:
+            self._arm(rid)
+        self.pool.send(rid, self.requests[target])
+
+    def _finish(self, rid: int, status: int, error: int) -> None:
+        try:
+            if self.status[rid] or self.error[rid]:
+                return  # timed out already
+            if error:
+                self.error[rid] = error
+            else:
+                self.status[rid] = status
+                self.latency[rid] = _clock() - self.base[rid]
+            self.pending -= 1
+            if self.on_finish is not None:
+                self.on_finish(rid, error)
+            self.check_done()
+        except BaseException as exc:  # a callback's exception would be lost and the run hang: end it
+            self.fail(exc)
+
+    def _arm(self, rid: int) -> None:
+        # timers fire up to ~1 ms early (uvloop): never sooner than 1 ms, so an early one cannot spin
+        delay = self.intended[rid] + self.timeout_s - _clock()
+        self._timer = self.loop.call_later(max(delay, 0.001), self._sweep)
+
+    def _sweep(self) -> None:
+        """Time out every request in flight timeout_s after its intended send; re-arm for the oldest left."""
+        try:
+            self._timer = None
+            now, status, error, intended = _clock(), self.status, self.error, self.intended
+            i, n, expired = self._swept, len(status), []
+            while i < n and (status[i] or error[i] or intended[i] + self.timeout_s <= now):
+                if not (status[i] or error[i]):
+                    error[i] = _TIMEOUT
+                    expired.append(i)
+                i += 1
+            self._swept = i
+            if expired:
+                self.pending -= len(expired)
+                self.pool.cancel(expired)
+                for rid in expired if self.on_finish is not None else ():
+                    self.on_finish(rid, _TIMEOUT)
+            if self._timer is None and self._swept < len(status):
+                self._arm(self._swept)
+            self.check_done()
+        except BaseException as exc:
+            self.fail(exc)
+
+    def check_done(self) -> None:
+        if not self.pending and not self.sources and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    async def wait(self) -> None:
+        """Until every request has finished; then close the connections."""
+        try:
+            await self.done
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            await self.pool.aclose()
+
+    def records(self, origin: float) -> np.ndarray:
+        """Rows (target, intended s from origin, status, latency s, error index, tag)."""
+        columns = (self.target, self.intended, self.status, self.latency, self.error, self.tag)
+        records = np.array(columns, dtype=np.float64).reshape(6, -1).T.copy()
+        records[:, 1] -= origin
+        return records
+
+
+def _result(records: np.ndarray, targets: Sequence[Target], mode: str, connections: int | None,
+            rate_rps: float | None, duration_s: float, per_target: bool = True) -> LoadResult:
+    """Summarize record rows (target, intended, status, latency s, error index, ...) into a LoadResult."""
+    ok = records[:, 4] == 0
+    codes, counts = np.unique(records[ok, 2].astype(np.int64), return_counts=True)
+    statuses = {str(c): int(n) for c, n in zip(codes, counts)}
+    kinds, kind_counts = np.unique(records[~ok, 4].astype(np.int64), return_counts=True)
+    total_weight = sum(t.weight for t in targets)
+    by_target = {}
+    if per_target:
+        for k, t in enumerate(targets):
+            share = None if rate_rps is None else rate_rps * t.weight / total_weight
+            by_target[t.label] = _result(records[records[:, 0] == k], targets, mode, connections, share,
+                                         duration_s, per_target=False).to_dict()
+    return LoadResult(
+        tool="asyncio", mode=mode, connections=connections,
+        rate_rps=None if rate_rps is None else float(rate_rps), duration_s=float(duration_s),
+        requests=int(ok.sum()), throughput_rps=count_2xx(statuses) / duration_s if duration_s > 0 else 0.0,
+        latency_ms=summarize(records[ok, 3] * 1e9), statuses=statuses,
+        errors={_ERRORS[k]: int(n) for k, n in zip(kinds, kind_counts)}, by_target=by_target,
+    )
+
+
+
+async def _run_schedule(host: str, port: int, targets: Sequence[Target], offsets: np.ndarray, seed: int,
+                        max_connections: int, timeout_s: float) -> np.ndarray:
+    """Send at start + offsets; return the records, intended times relative to start."""
+    run = _Run(host, port, targets, max_connections, timeout_s)
+    picks = choose_targets([t.weight for t in targets], len(offsets), seed).tolist()
+    start = _clock() + 0.005
+    due = (start + offsets).tolist()
+    n, i = len(due), 0
+
+    def tick() -> None:
+        nonlocal i
+        try:
+            now = _clock()
+            horizon = now + _EARLY_S
+            while i < n and due[i] <= horizon:  # everything due goes out now, however late the loop woke
+                run.submit(picks[i], due[i], min(due[i], now), i)
+                i += 1
+            if i < n:
+                run.loop.call_later(due[i] - now, tick)
+            else:
+                run.sources = 0
+                run.check_done()
+        except BaseException as exc:
+            run.fail(exc)
+
+    run.sources = 1
+    run.loop.call_later(start - _clock(), tick)
+    await run.wait()
+    return run.records(start)
+
+
+async def open_loop(host: str, port: int, targets: Sequence[Target], rate_rps: float, duration_s: float,
+                    arrivals: str = "poisson", seed: int = 0, max_connections: int = 256,
+                    timeout_s: float = 10.0) -> LoadResult:
+    """Offer rate_rps requests/s for duration_s; latency counts from each request's intended send time.
+
+    arrivals: "poisson" (exponential gaps) or "constant" (1 / rate_rps apart);
+    seed fixes both the schedule and the choice of target. At most
+    max_connections are opened; a request due while all are busy waits for one,
+    and the wait is part of its latency. Requests still in flight when the
+    schedule ends are waited for, each until timeout_s after its intended send.
+    duration_s of the result runs from the first scheduled send to the later of
+    the schedule's end and the last response.
+    """
+    _check_targets(targets)
+    offsets = arrival_times(rate_rps, duration_s, arrivals, seed)
+    records = await _run_schedule(host, port, targets, offsets, seed, max_connections, timeout_s)
+    return _result(records, targets, "open", None, rate_rps, _span(records, 0.0, duration_s))
+
+
+async def step_load(host: str, port: int, targets: Sequence[Target], rates: list[float], step_s: float,
+                    arrivals: str = "poisson", seed: int = 0, max_connections: int = 256,
+                    timeout_s: float = 10.0) -> list[LoadResult]:
+    """One open-loop run (as `open_loop`) whose rate is rates[k] during step k; one LoadResult per step.
+
+    The schedule and the connection pool are continuous across steps; a step's
+    result holds the requests whose intended send time falls in it, and its
+    duration_s is step_s, or more if its last response came after the step ended.
+    """
+    _check_targets(targets)
+    offsets, step_of = step_arrival_times(rates, step_s, arrivals, seed)
+    records = await _run_schedule(host, port, targets, offsets, seed, max_connections, timeout_s)
+    step_index = step_of[records[:, 5].astype(np.int64)]
+    results = []
+    for k, rate in enumerate(rates):
+        mine = records[step_index == k]
+        results.append(_result(mine, targets, "open", None, rate, _span(mine, k * step_s, step_s)))
+    return results
+
+
+def _span(records: np.ndarray, start_s: float, window_s: float) -> float:
+    """window_s, or longer if a response (intended + latency) came after start_s + window_s."""
+    done = records[records[:, 4] == 0]
+    last = float(np.max(done[:, 1] + done[:, 3])) if len(done) else 0.0
+    return max(window_s, last - start_s)
+
+
+
+async def closed_loop(host: str, port: int, targets: Sequence[Target], connections: int, duration_s: float,
+                      timeout_s: float = 10.0, seed: int = 0) -> LoadResult:
+    """`connections` workers, each sending its next request as soon as the previous one ended, for duration_s.
+
+    Requests in flight at the end are waited for; duration_s of the result is the
+    wall time until the last one ended. A worker whose connect failed waits 50 ms
+    before retrying, so a dead server yields connect errors, not a busy loop.
+    """
+    _check_targets(targets)
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    run = _Run(host, port, targets, connections, timeout_s)
+    weights = [t.weight for t in targets]
+    rngs = [np.random.default_rng([seed, 2, k]) for k in range(connections)]
+    picks: list[list[int]] = [[] for _ in range(connections)]
+    start = _clock()
+    end = start + duration_s
+
+    def issue(k: int) -> None:
+        try:
+            now = _clock()
+            if now >= end:
+                run.sources -= 1
+                run.check_done()
+                return
+            if not picks[k]:
+                picks[k] = _draw(rngs[k], weights, 1024).tolist()
+            run.submit(picks[k].pop(), now, now, k)
+        except BaseException as exc:
+            run.fail(exc)
+
+    def finished(rid: int, error: int) -> None:
+        if error == CONNECT:
+            run.loop.call_later(0.05, issue, run.tag[rid])
+        else:
+            issue(run.tag[rid])
+
+    run.on_finish = finished
+    run.sources = connections
+    for k in range(connections):
+        issue(k)
+    await run.wait()
+    return _result(run.records(start), targets, "closed", connections, None, _clock() - start)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a load coroutine (`open_loop(...)`, ...) to completion in a new event loop, and return its result.
+
+    The loop is uvloop's when it is installed: its callbacks and socket I/O cost
+    several times less CPU per request than asyncio's own loop, which matters
+    when the generator shares the machine with the server it measures. The
+    async functions also run in any existing loop, at a higher CPU cost.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

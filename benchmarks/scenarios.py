@@ -1,0 +1,133 @@
+"""Benchmark scenarios: what load is sent to a system and what is recorded.
+
+- `closed_sweep`: wrk, closed loop, over a list of connection counts, for JSON
+  and/or binary bodies; with the server's own view (batch sizes, queue/compute)
+  from its statistics endpoint before and after each run.
+- `open_rate`: the asyncio generator at a fixed rate (Poisson arrivals), latency
+  measured from each request's intended send time.
+- `step_rates`: an open-loop load rising in steps (the adaptive batching scenario).
+- `mixed_models`: one open-loop load spread over several models and body kinds
+  by weight, with per-target latencies (what wrk cannot do).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from benchmarks.loadgen import Target, open_loop, run, step_load
+from benchmarks.systems import System, fetch_stats, stats_delta
+from benchmarks.wrk import run_wrk
+
+__all__ = ["Bodies", "closed_sweep", "open_rate", "step_rates", "mixed_models", "infer_path"]
+
+
+@dataclass(frozen=True)
+class Bodies:
+    """The request bodies every system gets: one KServe v2 JSON and one binary-tensor body."""
+
+    folder: Path
+    model: str
+    json_body: bytes
+    binary_body: bytes
+    binary_header_length: int
+
+    def file(self, kind: str) -> Path:
+        return self.folder / f"{self.model}-{kind}.body"
+
+    def header_length(self, kind: str) -> int | None:
+        return self.binary_header_length if kind == "binary" else None
+
+    def target(self, kind: str, model: str | None = None) -> Target:
+        name = model or self.model
+        if kind == "binary":
+            headers = {"Content-Type": "application/octet-stream",
+                       "Inference-Header-Content-Length": str(self.binary_header_length)}
+            return Target(infer_path(name), self.binary_body, headers, name=f"{name}-binary")
+        return Target(infer_path(name), self.json_body, {"Content-Type": "application/json"}, name=f"{name}-json")
+
+
+def infer_path(model: str) -> str:
+    return f"/v2/models/{model}/infer"
+
+
+def _record(system: System, kind: str, result, server: dict, **extra) -> dict:
+    return {"system": system.name, "label": system.label, "body": kind, **result.to_dict(), "server": server, **extra}
+
+
+def closed_sweep(system: System, bodies: Bodies, connections: list[int], duration_s: float,
+                 kinds: tuple[str, ...] = ("json",), log=print) -> list[dict]:
+    """One wrk run per (body kind, connection count)."""
+    runs = []
+    url = system.url + infer_path(bodies.model)
+    for kind in kinds:
+        # warm-up: connections, caches, the batcher's and the JIT's first batches
+        run_wrk(url, bodies.file(kind), bodies.header_length(kind), connections=16, duration_s=2)
+        for c in connections:
+            before = fetch_stats(system.url, bodies.model)
+            result = run_wrk(url, bodies.file(kind), bodies.header_length(kind), connections=c,
+                             threads=min(2, c), duration_s=duration_s)
+            server = stats_delta(before, fetch_stats(system.url, bodies.model))
+            runs.append(_record(system, kind, result, server))
+            p = result.latency_ms
+            log(f"  {system.name:14s} {kind:6s} c={c:<4d} {result.throughput_rps:9.0f} req/s  "
+                f"p50 {_ms(p['p50'])}  p99 {_ms(p['p99'])}  statuses {result.statuses}  "
+                f"avg batch {server.get('avg_batch_rows')}")
+            time.sleep(0.5)
+    return runs
+
+
+def open_rate(system: System, bodies: Bodies, rate_rps: float, duration_s: float, kind: str = "json",
+              arrivals: str = "poisson", log=print) -> dict:
+    """Arrivals at `rate_rps` from the asyncio generator (coordinated-omission free)."""
+    host, port = _host_port(system.url)
+    before = fetch_stats(system.url, bodies.model)
+    result = run(open_loop(host, port, [bodies.target(kind)], rate_rps, duration_s, arrivals=arrivals,
+                                   max_connections=256))
+    server = stats_delta(before, fetch_stats(system.url, bodies.model))
+    p = result.latency_ms
+    log(f"  {system.name:14s} open {rate_rps:7.0f}/s: {result.throughput_rps:9.0f} req/s  p50 {_ms(p['p50'])}  "
+        f"p99 {_ms(p['p99'])}  statuses {result.statuses}  errors {result.errors}")
+    return _record(system, kind, result, server)
+
+
+def step_rates(system: System, bodies: Bodies, model: str, rates: list[float], step_s: float,
+               log=print) -> list[dict]:
+    """An open-loop load rising through `rates` against `model` (one record per step)."""
+    host, port = _host_port(system.url)
+    before = fetch_stats(system.url, model)
+    results = run(step_load(host, port, [bodies.target("json", model)], rates, step_s))
+    server = stats_delta(before, fetch_stats(system.url, model))
+    out = []
+    for rate, result in zip(rates, results):
+        p = result.latency_ms
+        log(f"  {model:22s} {rate:7.0f}/s: {result.throughput_rps:8.0f} req/s  p50 {_ms(p['p50'])}  "
+            f"p99 {_ms(p['p99'])}  statuses {result.statuses}")
+        out.append(_record(system, "json", result, {}, model=model, offered_rps=rate))
+    if out:
+        out[-1]["server"] = server  # the whole run's batch sizes and split
+    return out
+
+
+def mixed_models(system: System, bodies: Bodies, mix: dict[tuple[str, str], float], rate_rps: float,
+                 duration_s: float, arrivals: str = "poisson", log=print) -> dict:
+    """One open-loop load over several (model, body kind) targets, weighted; per-target results."""
+    host, port = _host_port(system.url)
+    targets = [replace(bodies.target(kind, model), weight=weight) for (model, kind), weight in mix.items()]
+    result = run(open_loop(host, port, targets, rate_rps, duration_s, arrivals=arrivals, max_connections=256))
+    for name, part in sorted(result.by_target.items()):
+        p = part["latency_ms"]
+        log(f"  mixed {name:26s} {part['throughput_rps']:8.0f} req/s  p50 {_ms(p['p50'])}  p99 {_ms(p['p99'])}  "
+            f"statuses {part['statuses']}")
+    return _record(system, "mixed", result, {}, mix={f"{m}:{k}": w for (m, k), w in mix.items()})
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def _ms(value) -> str:
+    return "   n/a" if value is None else f"{value:6.2f} ms"

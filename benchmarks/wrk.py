@@ -1,0 +1,138 @@
+"""Closed-loop load with Debian's `wrk`, read back exactly through a Lua `done()` hook.
+
+`lua/report.lua` POSTs one body file over `connections` keep-alive connections
+(each sends its next request when the previous answer arrives) and prints one
+`WRK_JSON {...}` line: wrk's own counters, its latency percentiles (µs, over
+every completed response whatever its status) and per-status counts summed over
+wrk's threads. Those counts are kept in each thread's Lua state by `response()`
+and copied into the main state in `done()` with `thread:get("statuses")`, which
+copies Lua tables in wrk 4.1.0. Defining `response()` makes wrk parse every
+answer into Lua, which costs a little client CPU; the status counts are worth it.
+
+wrk takes whole seconds for -d and --timeout: `duration_s` is rounded and
+`timeout_s` rounded up, each to at least 1 s. wrk is closed loop, so its
+latencies hide server stalls (coordinated omission); use `benchmarks.loadgen.open_loop`
+when the question is latency at a given rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+from benchmarks.load import LoadResult, count_2xx
+
+__all__ = ["REPORT_SCRIPT", "WrkError", "parse_report", "run_wrk", "wrk_available", "wrk_command"]
+
+REPORT_SCRIPT = Path(__file__).resolve().parent / "lua" / "report.lua"
+_MARKER = "WRK_JSON "
+_TRANSPORT_ERRORS = ("connect", "read", "write", "timeout")
+
+
+class WrkError(RuntimeError):
+    """wrk is missing, failed, or printed no WRK_JSON report."""
+
+
+def wrk_available() -> bool:
+    """Whether a `wrk` executable is on PATH."""
+    return shutil.which("wrk") is not None
+
+
+def wrk_command(
+    url: str,
+    body_file: str | Path,
+    header_length: int | None = None,
+    connections: int = 64,
+    threads: int = 2,
+    duration_s: float = 10.0,
+    timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
+) -> list[str]:
+    """The wrk argv `run_wrk` runs (threads capped at connections, whole seconds)."""
+    if connections < 1 or threads < 1:
+        raise ValueError(f"connections and threads must be >= 1, got connections={connections} threads={threads}")
+    if not duration_s > 0 or not timeout_s > 0:
+        raise ValueError(f"duration_s and timeout_s must be > 0 s, got {duration_s} and {timeout_s}")
+    argv = [
+        "wrk", f"-t{min(threads, connections)}", f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s", "--timeout", f"{max(1, math.ceil(timeout_s))}s",
+        "-s", str(REPORT_SCRIPT),
+    ]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv += [url, "--", str(body_file)]
+    if header_length is not None:
+        argv.append(str(int(header_length)))
+    return argv
+
+
+def parse_report(output: str, connections: int) -> LoadResult:
+    """The LoadResult in wrk's stdout (the last WRK_JSON line); WrkError if there is none."""
+    lines = [line for line in output.splitlines() if line.startswith(_MARKER)]
+    if not lines:
+        raise WrkError("wrk printed no WRK_JSON line")
+    report = json.loads(lines[-1][len(_MARKER):])
+    requests = int(report["requests"])
+    duration_s = float(report["duration_us"]) / 1e6
+    statuses = {str(code): int(n) for code, n in sorted(report["statuses"].items())}
+    if requests:
+        latency = {key: None if v is None else float(v) / 1e3 for key, v in report["latency_us"].items()}
+    else:  # wrk reports 0 for an empty histogram; no data is not zero latency
+        latency = {key: None for key in report["latency_us"]}
+    errors = {kind: int(report["errors"][kind]) for kind in _TRANSPORT_ERRORS if report["errors"].get(kind)}
+    return LoadResult(
+        tool="wrk",
+        mode="closed",
+        connections=connections,
+        rate_rps=None,
+        duration_s=duration_s,
+        requests=requests,
+        throughput_rps=count_2xx(statuses) / duration_s if duration_s > 0 else 0.0,
+        latency_ms=latency,
+        statuses=statuses,
+        errors=errors,
+    )
+
+
+def run_wrk(
+    url: str,
+    body_file: str | Path,
+    header_length: int | None = None,
+    connections: int = 64,
+    threads: int = 2,
+    duration_s: float = 10.0,
+    timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
+) -> LoadResult:
+    """POST `body_file` to `url` with wrk for `duration_s` over `connections` connections.
+
+    With `header_length` the body is a KServe v2 binary-tensor request: the
+    request carries `Inference-Header-Content-Length: <header_length>` and
+    `Content-Type: application/octet-stream`; without it, `application/json`.
+    `headers` are added to every request (a Content-Type here wins). A response
+    slower than `timeout_s` counts as errors["timeout"] and is not in the latencies.
+    """
+    if not wrk_available():
+        raise WrkError("wrk is not installed (not on PATH): run `make wrk`")
+    if not Path(body_file).is_file():
+        raise FileNotFoundError(f"body file {body_file} does not exist")
+    argv = wrk_command(url, body_file, header_length, connections, threads, duration_s, timeout_s, headers)
+    budget_s = max(1, round(duration_s)) + max(1, math.ceil(timeout_s)) + 30
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise WrkError(f"wrk did not finish within {budget_s} s: {' '.join(argv)}") from exc
+    try:
+        return parse_report(proc.stdout, connections)
+    except (WrkError, ValueError, KeyError) as exc:
+        raise WrkError(
+            f"wrk exited with {proc.returncode} and no usable WRK_JSON report ({exc}); command: {' '.join(argv)}\n"
+            f"stderr tail:\n{_tail(proc.stderr)}\nstdout tail:\n{_tail(proc.stdout)}"
+        ) from exc
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"

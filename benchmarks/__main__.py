@@ -21,7 +21,13 @@ from pathlib import Path
 
 from benchmarks.bodies import request_bodies
 from benchmarks.report import git_sha, machine, ratios_and_goals, write_report
-from benchmarks.scenarios import Bodies, closed_sweep, mixed_models, open_rate, step_rates
+from benchmarks.scenarios import (
+    Bodies,
+    closed_sweep,
+    mixed_models,
+    open_rate,
+    step_rates,
+)
 from benchmarks.systems import BaselineSystem, FleetSystem, System, TritonSystem
 from benchmarks.wrk import wrk_available
 from serving.model_config import LATENCY_TARGET_PARAM
@@ -138,27 +144,32 @@ def run(args) -> Path:
     print("in-process model (the limit for compute) ...", flush=True)
     inprocess = measure_inprocess(repo.root, MODEL)
     closed, opened, adaptive, systems, ramp, mixed = [], [], {}, [], [], {}
-    sustained = None
+    sustained = peak = None
     for system in make_systems(args, repo):
         print(f"{system.name}: starting ({system.label}) ...", flush=True)
         started = time.monotonic()
         with system:
             systems.append({**system.describe(), "start_s": round(time.monotonic() - started, 1)})
             main = system.name in ("fleet", "triton")
-            connections = args.connections if main else sorted({1, 4, max(args.connections)} & set(args.connections))
+            connections = args.connections if main else sorted({1, 4, 64, max(args.connections)} & set(args.connections))
             kinds = ("json", "binary") if main else ("json",)
             closed += closed_sweep(system, bodies, connections, args.duration, kinds)
             if system.name == "fleet":
                 peak = max((r["throughput_rps"] for r in closed if r["system"] == "fleet"), default=0)
                 if peak:
-                    ramp = step_rates(system, bodies, MODEL, [round(peak * f, -1) for f in RAMP], args.step_seconds)
+                    ramp = step_rates(system, bodies, MODEL, [round(peak * f, -1) for f in RAMP], args.step_seconds,
+                                      args.arrivals)
                     sustained = sustained_rate(ramp)
-                if not args.no_adaptive and not args.url:
-                    adaptive = adaptive_scenario(system, bodies, sustained or 0.6 * peak, args.step_seconds)
             if system.name in ("fleet", "triton") and sustained:
                 opened.append(open_rate(system, bodies, sustained, args.open_duration, arrivals=args.arrivals))
-            if system.name == "fleet" and sustained and not args.url:
-                mixed = mixed_models(system, bodies, MIX, 0.5 * sustained, args.open_duration, args.arrivals)
+                cool_down(system, bodies, MODEL)
+            if system.name == "fleet" and not args.url:
+                if sustained:
+                    mixed = mixed_models(system, bodies, MIX, 0.5 * sustained, args.open_duration, args.arrivals)
+                    cool_down(system, bodies, MODEL)
+                if not args.no_adaptive and peak:
+                    adaptive = adaptive_scenario(system, bodies, sustained or 0.6 * peak, args.step_seconds,
+                                                 args.arrivals)
     ratios, goals = ratios_and_goals(closed, opened, peak_connections=64 if 64 in args.connections
                                      else max(args.connections), inprocess=inprocess)
     report = {
@@ -185,12 +196,13 @@ def sustained_rate(ramp: list[dict]) -> float | None:
     return best
 
 
-def adaptive_scenario(system: System, bodies: Bodies, sustained_rps: float, step_s: float) -> dict:
+def adaptive_scenario(system: System, bodies: Bodies, sustained_rps: float, step_s: float,
+                      arrivals: str = "poisson") -> dict:
     """The same model under three batching policies, an open-loop load rising in steps past fleet's sustained rate."""
     rates = [round(sustained_rps * f, -1) for f in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.15)]
     print(f"adaptive batching: steps {rates} req/s, {step_s:.0f} s each, target p99 {ADAPTIVE_TARGET_MS} ms",
           flush=True)
-    series = {name: step_rates(system, bodies, name, rates, step_s) for name in POLICIES}
+    series = {name: step_rates(system, bodies, name, rates, step_s, arrivals) for name in POLICIES}
     return {"target_ms": ADAPTIVE_TARGET_MS, "rates_rps": rates, "policies": {
         name: {"max_queue_delay_us": d, "latency_target_ms": t} for name, (d, t) in POLICIES.items()},
         "series": series}

@@ -27,33 +27,22 @@ _MAX_HEAD_BYTES = 1 << 16
 _HEAD, _LENGTH, _CHUNK, _TRAILER, _TO_EOF = range(5)  # parser states
 
 
-def _header(lower_head: bytes, name: bytes) -> bytes | None:
-    """The value of header `name` (given as b"\\r\\nname:") in a lowercased head, or None."""
-    i = lower_head.find(name)
-    if i < 0:
-        return None
-    i += len(name)
-    end = lower_head.find(b"\r\n", i)
-    return lower_head[i:end if end >= 0 else len(lower_head)].strip()
-
-
 def parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
-    """(status, content length or None, chunked, keep-alive) from a status line + headers block."""
+    """(status, content length or None, chunked, keep-alive) from a status line + headers + blank line."""
     if head[:7] != b"HTTP/1." or head[8:9] != b" " or not head[9:12].isdigit():
         raise ValueError(f"not an HTTP/1.x status line: {bytes(head[:40])!r}")
-    status = int(head[9:12])
-    keep_alive = head[7:8] != b"0"
+    keep_alive, length, chunked = head[7:8] != b"0", None, False
     lower = head.lower()
-    length = _header(lower, b"\r\ncontent-length:")
-    if length is not None:
-        length = int(length)
+    if (i := lower.find(b"\r\ncontent-length:")) >= 0:
+        length = int(lower[i + 17:lower.find(b"\r\n", i + 17)])
         if length < 0:
             raise ValueError(f"negative Content-Length {length}")
-    encoding = _header(lower, b"\r\ntransfer-encoding:")
-    connection = _header(lower, b"\r\nconnection:")
-    if connection is not None:
-        keep_alive = b"close" not in connection if keep_alive else b"keep-alive" in connection
-    return status, length, encoding is not None and b"chunked" in encoding, keep_alive
+    if (i := lower.find(b"\r\ntransfer-encoding:")) >= 0:
+        chunked = b"chunked" in lower[i + 20:lower.find(b"\r\n", i + 20)]
+    if (i := lower.find(b"\r\nconnection:")) >= 0:
+        value = lower[i + 13:lower.find(b"\r\n", i + 13)]
+        keep_alive = b"close" not in value if keep_alive else b"keep-alive" in value
+    return int(head[9:12]), length, chunked, keep_alive
 
 
 class ResponseParser:
@@ -105,16 +94,19 @@ class ResponseParser:
                 pos = end + 4
                 if status < 200:
                     continue  # interim answer: the real one follows
-                if status in (204, 304) or length == 0:
-                    self._on_response(status, b"", keep_alive)
-                    continue
-                self._status, self._keep_alive = status, keep_alive
+                if status in (204, 304):
+                    chunked, length = False, 0
                 if chunked:
                     self._state, self._chunks = _CHUNK, []
-                elif length is not None:
-                    self._state, self._need = _LENGTH, length
+                elif length is None:
+                    self._state, keep_alive = _TO_EOF, False
+                elif pos + length <= n:  # the usual case: the whole body is here
+                    self._on_response(status, bytes(buf[pos:pos + length]), keep_alive)
+                    pos += length
+                    continue
                 else:
-                    self._state, self._keep_alive = _TO_EOF, False
+                    self._state, self._need = _LENGTH, length
+                self._status, self._keep_alive = status, keep_alive
             elif state == _LENGTH:
                 stop = pos + self._need
                 if stop > n:
@@ -189,7 +181,12 @@ class _Connection(asyncio.Protocol):
         if key < 0:
             raise ValueError("a response with no request outstanding")
         self.key = -1
-        self.pool._answered(self, key, status, keep_alive)
+        pool = self.pool
+        if keep_alive:
+            pool._release(self)
+        else:
+            pool._drop(self)
+        pool._on_done(key, status, 0)
 
 
 class ConnectionPool:
@@ -224,7 +221,7 @@ class ConnectionPool:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if now - conn.used_at < _IDLE_REUSE_S and not conn.transport.is_closing():
+                if now - conn.used_at < _IDLE_REUSE_S:  # (a lost one has left the list already)
                     self._send_on(conn, key, request)
                     return
                 self._drop(conn)
@@ -332,13 +329,6 @@ class ConnectionPool:
         else:
             conn.transport.close()
         self._slot_freed()
-
-    def _answered(self, conn: _Connection, key: int, status: int, keep_alive: bool) -> None:
-        if keep_alive:
-            self._release(conn)
-        else:
-            self._drop(conn)
-        self._on_done(key, status, 0)
 
     def _broken(self, conn: _Connection) -> None:
         """The connection was lost or sent garbage: drop it; the request in flight, if any, failed."""

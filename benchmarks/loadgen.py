@@ -12,11 +12,9 @@ counts from the actual send. Closed loop (`closed_loop`): N connections each
 send the next request when the previous answer arrives; latency is from the
 actual send.
 
-Requests go over persistent keep-alive connections opened on demand, through
-the callback-driven client of `benchmarks.http_client` (one prebuilt request
-per target). A connection answered with `Connection: close`, or idle for over
-a second, is replaced. Run the coroutines with `run()` (uvloop when installed,
-several times cheaper per request) or in any running event loop.
+Requests go over keep-alive connections opened on demand, through the
+callback-driven client of `benchmarks.http_client`. Run the coroutines with
+`run()` (uvloop when installed: less CPU per request) or in any running loop.
 
 Every request ends as a response (any status) or one transport error:
 "connect", "write", "read", or "timeout" (no full response `timeout_s` after the
@@ -141,64 +139,92 @@ def _draw(rng: np.random.Generator, weights: Sequence[float], n: int) -> np.ndar
 
 
 class _Run:
-    """One run's requests, in order of intended send time, and their fates; sends them through a ConnectionPool.
+    """One run's requests (ids in order of intended send) and their fates, sent through a ConnectionPool.
 
-    Requests are kept as columns of plain lists indexed by request id, timeouts
-    by one timer for the oldest request in flight, and sends and answers are
-    callbacks: no task, future or object per request.
+    No task, future or object per request: columns of plain lists, callbacks, one
+    timer for all timeouts. A wake-up costs more CPU than a request, so an
+    open-loop schedule also sends what is due whenever an answer wakes the loop.
     """
 
-    def __init__(self, host: str, port: int, targets: Sequence[Target], max_connections: int, timeout_s: float):
+    def __init__(self, host: str, port: int, targets: Sequence[Target], max_connections: int, timeout_s: float,
+                 due: list[float] | None = None, picks: list[int] | None = None):
         if max_connections < 1 or not timeout_s > 0:
             raise ValueError(f"need max_connections >= 1 and timeout_s > 0, got {max_connections}, {timeout_s}")
         self.loop = asyncio.get_running_loop()
         self.timeout_s = timeout_s
         self.requests = [t.request_bytes(host, port) for t in targets]
         self.pool = ConnectionPool(host, port, max_connections, self._finish)
-        # target, intended send (clock s), latency base (intended, or the send if it was early), tag
+        # target, intended send (clock s), latency base (intended, or the send if that was early), tag
         # (schedule index, or closed-loop worker), status (0: none yet), error index, latency s
-        self.target: list[int] = []
-        self.intended: list[float] = []
-        self.base: list[float] = []
-        self.tag: list[int] = []
-        self.status: list[int] = []
-        self.error: list[int] = []
-        self.latency: list[float] = []
+        due, picks = due or [], picks or []
+        n = self._scheduled = len(due)
+        self.target, self.intended, self.base, self.tag = picks, due, list(due), list(range(n))
+        self.status, self.error, self.latency = [0] * n, [0] * n, [math.nan] * n
         self.pending = 0  # requests sent, not yet finished
-        self.sources = 0  # schedules or workers still sending
+        self.sources = 1 if n else 0  # schedules or workers still sending
         self.on_finish: Callable[[int, int], object] | None = None  # (request id, error index)
         self.done = self.loop.create_future()
+        self._next = 0  # the schedule's next request to send
+        self._tick: asyncio.TimerHandle | None = self.loop.call_later(due[0] - _clock(), self._on_tick) if n else None
         self._swept = 0  # requests before this one are all finished
         self._timer: asyncio.TimerHandle | None = None
 
-    def submit(self, target: int, intended: float, base: float, tag: int) -> None:
-        rid = len(self.status)
-        self.target.append(target)
-        self.intended.append(intended)
-        self.base.append(base)
-        self.tag.append(tag)
-        self.status.append(0)
-        self.error.append(0)
-        self.latency.append(math.nan)
+    def add(self, target: int, now: float, tag: int) -> None:
+        """Send one request now (closed loop)."""
+        columns = (self.target, self.intended, self.base, self.tag, self.status, self.error, self.latency)
+        for column, value in zip(columns, (target, now, now, tag, 0, 0, math.nan)):
+            column.append(value)
+        self._send(len(self.status) - 1)
+
+    def _send(self, rid: int) -> None:
         self.pending += 1
         if self._timer is None:
             self._arm(rid)
-        self.pool.send(rid, self.requests[target])
+        self.pool.send(rid, self.requests[self.target[rid]])
+
+    def _pump(self, now: float) -> None:
+        """Send every scheduled request due by now + _EARLY_S (however late the loop woke); re-arm the tick."""
+        due, n, horizon = self.intended, self._scheduled, now + _EARLY_S
+        while (i := self._next) < n and due[i] <= horizon:
+            self._next = i + 1  # before sending: a send can finish a request, which pumps again
+            if due[i] > now:
+                self.base[i] = now
+            self._send(i)
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        if self._next < n:
+            self._tick = self.loop.call_later(due[self._next] - now, self._on_tick)
+        elif self.sources:
+            self.sources = 0
+            self.check_done()
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        try:
+            self._pump(_clock())
+        except BaseException as exc:  # a callback's exception would be lost and the run hang: end it
+            self.fail(exc)
 
     def _finish(self, rid: int, status: int, error: int) -> None:
         try:
             if self.status[rid] or self.error[rid]:
                 return  # timed out already
+            now = _clock()
             if error:
                 self.error[rid] = error
             else:
                 self.status[rid] = status
-                self.latency[rid] = _clock() - self.base[rid]
+                self.latency[rid] = now - self.base[rid]
             self.pending -= 1
             if self.on_finish is not None:
                 self.on_finish(rid, error)
-            self.check_done()
-        except BaseException as exc:  # a callback's exception would be lost and the run hang: end it
+            if self._next < self._scheduled:
+                if self.intended[self._next] <= now + _EARLY_S:
+                    self._pump(now)
+            elif not self.pending:
+                self.check_done()
+        except BaseException as exc:
             self.fail(exc)
 
     def _arm(self, rid: int) -> None:
@@ -211,7 +237,7 @@ class _Run:
         try:
             self._timer = None
             now, status, error, intended = _clock(), self.status, self.error, self.intended
-            i, n, expired = self._swept, len(status), []
+            i, n, expired = self._swept, self._next if self._scheduled else len(status), []
             while i < n and (status[i] or error[i] or intended[i] + self.timeout_s <= now):
                 if not (status[i] or error[i]):
                     error[i] = _TIMEOUT
@@ -223,8 +249,8 @@ class _Run:
                 self.pool.cancel(expired)
                 for rid in expired if self.on_finish is not None else ():
                     self.on_finish(rid, _TIMEOUT)
-            if self._timer is None and self._swept < len(status):
-                self._arm(self._swept)
+            if self._timer is None and i < n:
+                self._arm(i)
             self.check_done()
         except BaseException as exc:
             self.fail(exc)
@@ -239,11 +265,12 @@ class _Run:
 
     async def wait(self) -> None:
         """Until every request has finished; then close the connections."""
+        self.check_done()
         try:
             await self.done
         finally:
-            if self._timer is not None:
-                self._timer.cancel()
+            for timer in filter(None, (self._tick, self._timer)):
+                timer.cancel()
             await self.pool.aclose()
 
     def records(self, origin: float) -> np.ndarray:
@@ -277,36 +304,14 @@ def _result(records: np.ndarray, targets: Sequence[Target], mode: str, connectio
     )
 
 
-
 async def _run_schedule(host: str, port: int, targets: Sequence[Target], offsets: np.ndarray, seed: int,
                         max_connections: int, timeout_s: float) -> np.ndarray:
     """Send at start + offsets; return the records, intended times relative to start."""
-    run = _Run(host, port, targets, max_connections, timeout_s)
     picks = choose_targets([t.weight for t in targets], len(offsets), seed).tolist()
     start = _clock() + 0.005
-    due = (start + offsets).tolist()
-    n, i = len(due), 0
-
-    def tick() -> None:
-        nonlocal i
-        try:
-            now = _clock()
-            horizon = now + _EARLY_S
-            while i < n and due[i] <= horizon:  # everything due goes out now, however late the loop woke
-                run.submit(picks[i], due[i], min(due[i], now), i)
-                i += 1
-            if i < n:
-                run.loop.call_later(due[i] - now, tick)
-            else:
-                run.sources = 0
-                run.check_done()
-        except BaseException as exc:
-            run.fail(exc)
-
-    run.sources = 1
-    run.loop.call_later(start - _clock(), tick)
-    await run.wait()
-    return run.records(start)
+    load = _Run(host, port, targets, max_connections, timeout_s, (start + offsets).tolist(), picks)
+    await load.wait()
+    return load.records(start)
 
 
 async def open_loop(host: str, port: int, targets: Sequence[Target], rate_rps: float, duration_s: float,
@@ -355,7 +360,6 @@ def _span(records: np.ndarray, start_s: float, window_s: float) -> float:
     return max(window_s, last - start_s)
 
 
-
 async def closed_loop(host: str, port: int, targets: Sequence[Target], connections: int, duration_s: float,
                       timeout_s: float = 10.0, seed: int = 0) -> LoadResult:
     """`connections` workers, each sending its next request as soon as the previous one ended, for duration_s.
@@ -367,7 +371,7 @@ async def closed_loop(host: str, port: int, targets: Sequence[Target], connectio
     _check_targets(targets)
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
-    run = _Run(host, port, targets, connections, timeout_s)
+    load = _Run(host, port, targets, connections, timeout_s)
     weights = [t.weight for t in targets]
     rngs = [np.random.default_rng([seed, 2, k]) for k in range(connections)]
     picks: list[list[int]] = [[] for _ in range(connections)]
@@ -378,36 +382,36 @@ async def closed_loop(host: str, port: int, targets: Sequence[Target], connectio
         try:
             now = _clock()
             if now >= end:
-                run.sources -= 1
-                run.check_done()
+                load.sources -= 1
+                load.check_done()
                 return
             if not picks[k]:
                 picks[k] = _draw(rngs[k], weights, 1024).tolist()
-            run.submit(picks[k].pop(), now, now, k)
+            load.add(picks[k].pop(), now, k)
         except BaseException as exc:
-            run.fail(exc)
+            load.fail(exc)
 
     def finished(rid: int, error: int) -> None:
         if error == CONNECT:
-            run.loop.call_later(0.05, issue, run.tag[rid])
+            load.loop.call_later(0.05, issue, load.tag[rid])
         else:
-            issue(run.tag[rid])
+            issue(load.tag[rid])
 
-    run.on_finish = finished
-    run.sources = connections
+    load.on_finish = finished
+    load.sources = connections
     for k in range(connections):
         issue(k)
-    await run.wait()
-    return _result(run.records(start), targets, "closed", connections, None, _clock() - start)
+    await load.wait()
+    return _result(load.records(start), targets, "closed", connections, None, _clock() - start)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a load coroutine (`open_loop(...)`, ...) to completion in a new event loop, and return its result.
 
-    The loop is uvloop's when it is installed: its callbacks and socket I/O cost
-    several times less CPU per request than asyncio's own loop, which matters
+    The loop is uvloop's when it is installed: its callbacks and socket I/O take
+    about a quarter less CPU per request than asyncio's own loop, which matters
     when the generator shares the machine with the server it measures. The
-    async functions also run in any existing loop, at a higher CPU cost.
+    async functions also run in any running loop, at that higher cost.
     """
     try:
         import uvloop

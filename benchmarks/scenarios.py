@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from benchmarks.loadgen import Target, open_loop, run, step_load
+from benchmarks.loadgen import Target, open_loop, run
 from benchmarks.systems import System, fetch_stats, stats_delta
 from benchmarks.wrk import run_wrk
 
@@ -94,21 +95,48 @@ def open_rate(system: System, bodies: Bodies, rate_rps: float, duration_s: float
 
 
 def step_rates(system: System, bodies: Bodies, model: str, rates: list[float], step_s: float,
-               log=print) -> list[dict]:
-    """An open-loop load rising through `rates` against `model` (one record per step)."""
+               arrivals: str = "poisson", log=print) -> list[dict]:
+    """An open-loop load rising through `rates` against `model`, one record per step.
+
+    It stops at the first step the server could not keep up with (under 80 % of the
+    offered rate delivered, or a p99 over 2 s): further steps would only measure the
+    backlog. Then it waits for the server to drain, so the next scenario starts clean.
+    """
     host, port = _host_port(system.url)
     before = fetch_stats(system.url, model)
-    results = run(step_load(host, port, [bodies.target("json", model)], rates, step_s))
-    server = stats_delta(before, fetch_stats(system.url, model))
     out = []
-    for rate, result in zip(rates, results):
+    for rate in rates:
+        result = run(open_loop(host, port, [bodies.target("json", model)], rate, step_s, arrivals=arrivals,
+                               max_connections=256))
         p = result.latency_ms
         log(f"  {model:22s} {rate:7.0f}/s: {result.throughput_rps:8.0f} req/s  p50 {_ms(p['p50'])}  "
             f"p99 {_ms(p['p99'])}  statuses {result.statuses}")
         out.append(_record(system, "json", result, {}, model=model, offered_rps=rate))
+        if result.throughput_rps < 0.8 * rate or (p["p99"] or 0) > 2000:
+            log(f"  {model}: overloaded at {rate:.0f}/s, stopping the ramp")
+            break
     if out:
-        out[-1]["server"] = server  # the whole run's batch sizes and split
+        out[-1]["server"] = stats_delta(before, fetch_stats(system.url, model))
+    cool_down(system, bodies, model)
     return out
+
+
+def cool_down(system: System, bodies: Bodies, model: str, timeout_s: float = 60.0) -> None:
+    """Wait until a lone request to `model` is answered quickly again (the queue has drained)."""
+    body = bodies.json_body
+    request = urllib.request.Request(system.url + infer_path(model), data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                answer.read()
+        except OSError:
+            pass
+        if time.perf_counter() - started < 0.02:
+            return
+        time.sleep(0.5)
 
 
 def mixed_models(system: System, bodies: Bodies, mix: dict[tuple[str, str], float], rate_rps: float,

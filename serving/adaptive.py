@@ -18,7 +18,9 @@ overhead, so the model saturates earlier). The adaptive policy instead:
   unsaturated — fewer rows would let the queue grow — or once the oldest request
   has used its share of the latency budget (`budget - 2*t(b)`: its own batch
   plus one running ahead of it);
-- caps the batch at the size whose service time still fits the budget;
+- and, within that budget, waits for a batch big enough that its fixed CPU
+  cost is at most a quarter of what its requests cost (small batches on a busy
+  CPU steal time from the HTTP work and raise everyone's latency);
 - watches the p99 of what it delivers (queue + compute) and shrinks the wait
   it plans with when the p99 runs over the target, growing it back slowly.
 
@@ -109,6 +111,7 @@ class AdaptivePolicy:
     RATE_WINDOW_NS = 100_000_000
     REPLAN_NS = 10_000_000
     HEADROOM = 1.2
+    EFFICIENCY = 0.25
 
     CPU_WINDOW_NS = 100_000_000
 
@@ -187,9 +190,7 @@ class AdaptivePolicy:
         self._planned_ns = now_ns
         budget_s = self.scale * self.target_ns / 1e9
         a, c = self.model.coefficients()
-        # Largest batch whose service time fits half the target (a batch may queue behind one).
-        cap = self.max_batch_size if c <= 0 else int((self.target_ns / 2e9 - a) / c)
-        self.cap_rows = min(self.max_batch_size, max(1, cap))
+        self.cap_rows = self.max_batch_size
         rate = self.rate_rows_per_s * self.HEADROOM
         # The model keeps up: smallest b with b / (a + c*b) >= rate  <=>  b >= rate*a / (1 - rate*c).
         if rate <= 0:
@@ -198,11 +199,14 @@ class AdaptivePolicy:
             need = self.cap_rows  # the model cannot keep up: full batches
         else:
             need = math.ceil(rate * a / (1 - rate * c))
-        # The process keeps up: rate * (per_request + per_batch / b) <= cpu_budget.
         per_request, per_batch = self.cpu.coefficients()
-        spare = self.cpu_budget - rate * per_request
-        if rate > 0 and per_batch > 0:
-            need = max(need, self.cap_rows if spare <= 0 else math.ceil(rate * per_batch / spare))
+        if per_batch > 0 and per_request > 0:
+            # The batch is worth its overhead: per-batch CPU at most EFFICIENCY of what its requests cost.
+            need = max(need, math.ceil(per_batch / (self.EFFICIENCY * per_request)))
+            # The process keeps up: rate * (per_request + per_batch / b) <= cpu_budget.
+            spare = self.cpu_budget - rate * per_request
+            if rate > 0:
+                need = max(need, self.cap_rows if spare <= 0 else math.ceil(rate * per_batch / spare))
         self.need_rows = min(self.cap_rows, max(1, need))
         self.max_wait_ns = max(0, int((budget_s - 2 * self.model.predict(self.need_rows)) * 1e9))
 

@@ -4,7 +4,8 @@ No Ray cluster: these check what the benchmark numbers mean (statuses, throughpu
 latency from the intended send time), so a server with known behaviour is enough:
 /ok answers 200 (after ?delay_ms), /busy 503, /close 200 with Connection: close,
 and /stall sleeps 0.5 s once after `stall_next` is set while holding a global lock,
-so every request behind it queues.
+so every request behind it queues. A raw asyncio server (`_RawServer`) does what
+uvicorn won't: answers dribbled a byte at a time, and hanging up mid-request.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks.loadgen import Target, closed_loop, open_loop, step_load
+from benchmarks.loadgen import Target, closed_loop, open_loop, run, step_load
 from benchmarks.wrk import WrkError, run_wrk, wrk_available
 from cluster.ports import free_port
 
@@ -184,3 +185,112 @@ async def test_step_load_gives_one_result_per_step_with_rising_throughput(server
     assert throughputs == sorted(throughputs)
     for s in steps:
         assert s.throughput_rps == pytest.approx(s.rate_rps, rel=0.3) and s.errors == {}
+
+
+async def test_open_loop_through_uvloop_matches_asyncio(server):
+    """`run` (uvloop) and a plain asyncio loop give the same counts for the same schedule."""
+    target = [Target("/ok", b"{}", JSON)]
+    on_asyncio = await open_loop(HOST, server.port, target, 300, 1.0, seed=2)
+    on_uvloop = await asyncio.to_thread(run, open_loop(HOST, server.port, target, 300, 1.0, seed=2))
+    for r in (on_asyncio, on_uvloop):
+        assert r.statuses == {"200": r.requests} and r.errors == {}
+        _sane(r.latency_ms)
+        assert r.latency_ms["p50"] < 50
+    assert on_uvloop.requests == on_asyncio.requests == pytest.approx(300, rel=0.2)
+
+
+async def test_closed_loop_on_uvloop_keeps_its_connections_busy(server):
+    r = await asyncio.to_thread(run, closed_loop(HOST, server.port, [Target("/ok?delay_ms=20", b"{}", JSON)], 4, 1.0))
+    assert 100 <= r.requests <= 220 and r.statuses == {"200": r.requests} and r.errors == {}
+
+
+class _RawServer:
+    """A hand-written HTTP/1.1 server in its own thread: /drip answers one byte per write, /hangup
+    closes without answering, /slow answers after 30 ms; it counts connections (open at once, and ever)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.open = self.max_open = self.accepted = 0
+        self.handlers: set[asyncio.Task] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="raw-http-server", daemon=True)
+
+    def __enter__(self) -> _RawServer:
+        self.thread.start()
+        start = asyncio.start_server(self.handle, HOST, self.port)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        async def stop() -> None:
+            self.server.close()
+            for task in self.handlers:
+                task.cancel()
+            await asyncio.gather(*self.handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handlers.add(asyncio.current_task())
+        self.accepted += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                path = head.split(b" ")[1]
+                if path == b"/hangup":
+                    return
+                if path == b"/slow":
+                    await asyncio.sleep(0.03)
+                answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nslow\r\n0\r\n\r\n"
+                for i in range(len(answer)) if path == b"/drip" else (None,):
+                    writer.write(answer if i is None else answer[i:i + 1])
+                    await writer.drain()
+                    if i is not None:
+                        await asyncio.sleep(0.001)  # one TCP segment per byte
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+async def test_answers_dribbled_a_byte_at_a_time_are_parsed():
+    with _RawServer() as raw:
+        r = await open_loop(HOST, raw.port, [Target("/drip", b"{}", JSON)], 20, 0.5, arrivals="constant")
+    assert r.statuses == {"200": 10} and r.errors == {}
+    assert r.latency_ms["p50"] >= 40  # ~50 one-byte writes 1 ms apart: completion is the last byte
+
+
+async def test_a_hang_up_without_an_answer_is_a_read_error():
+    with _RawServer() as raw:
+        r = await open_loop(HOST, raw.port, [Target("/hangup", b"{}", JSON)], 40, 0.5, arrivals="constant")
+    assert r.requests == 0 and r.errors == {"read": 20}
+
+
+def test_connections_are_opened_on_demand_up_to_max_connections():
+    """30 ms answers at 200/s need ~6 connections: with 3 allowed, requests queue for one and wait."""
+    with _RawServer() as raw:
+        r = run(open_loop(HOST, raw.port, [Target("/slow", b"{}", JSON)], 200, 0.5, arrivals="constant",
+                          max_connections=3))
+        assert raw.max_open == raw.accepted == 3
+    assert r.statuses == {"200": 100} and r.errors == {}
+    assert r.latency_ms["max"] > 200  # 100 requests over 3 connections at ~30 ms each: ~1 s of backlog
+    with _RawServer() as raw:
+        run(open_loop(HOST, raw.port, [Target("/slow", b"{}", JSON)], 20, 0.5, arrivals="constant"))
+        assert raw.accepted == 1  # one at a time: one connection, kept alive
+
+
+def test_requests_queued_for_a_connection_time_out_too():
+    """One connection, 30 ms answers, 100/s offered: the backlog grows until requests expire, queued or in flight."""
+    with _RawServer() as raw:
+        r = run(open_loop(HOST, raw.port, [Target("/slow", b"{}", JSON)], 100, 0.5, arrivals="constant",
+                          max_connections=1, timeout_s=0.2))
+    assert r.requests + r.errors["timeout"] == 50 and set(r.errors) == {"timeout"}
+    assert r.requests >= 5 and r.errors["timeout"] >= 10
+    assert r.statuses == {"200": r.requests} and r.latency_ms["max"] <= 200

@@ -62,11 +62,12 @@ def test_a_costly_batch_makes_the_policy_wait_for_bigger_batches_as_the_rate_ris
     now = _arrivals(policy, 1000)
     policy.replan(now)
     low = policy.need_rows
-    now = _arrivals(policy, 4000, start_ns=now + 1)
+    now = _arrivals(policy, 4500, start_ns=now + 1, seconds=1.0)
     policy._planned_ns = -1
     policy.replan(now)
-    # 4000*1.2 = 4800/s: spare 0.9 - 0.72 = 0.18 s/s; b >= 4800*600e-6/0.18 = 16
-    assert low <= 4 and 12 <= policy.need_rows <= 18, policy.describe()
+    # low load: the batch pays for itself at 600 / (0.25 * 150) = 16 rows;
+    # 4500*1.2 = 5400/s: spare 0.9 - 0.81 = 0.09 s/s, so b >= 5400*600e-6/0.09 = 36
+    assert low == 16 and 30 <= policy.need_rows <= 42, policy.describe()
 
 
 def _learned(target_ms: float, a_s: float, c_s: float, max_batch: int = 256) -> AdaptivePolicy:
@@ -114,12 +115,15 @@ def test_the_wait_leaves_room_for_two_batches_inside_the_budget():
     assert policy.max_wait_ns + 2 * policy.model.predict(policy.need_rows) * 1e9 == pytest.approx(budget, rel=0.01)
 
 
-def test_the_batch_is_capped_where_its_service_time_would_break_the_target():
-    # 100 us per row: with a 10 ms target a batch may take 5 ms (one may run ahead of it) -> 49 rows
-    policy = _learned(10, 0.0001, 0.0001)
-    policy.replan(1)
-    assert policy.cap_rows == 49
-    assert policy.model.predict(policy.cap_rows) <= 0.010 / 2
+def test_the_batch_waits_until_its_overhead_is_a_small_share_of_its_requests_cost():
+    # 100 us CPU per request, 500 us per batch: a batch of 20 keeps the overhead at a quarter
+    policy = _learned(10, 0.0001, 0.000001)
+    for batches in [40, 8, 20, 4] * 10:
+        policy.cpu.observe(200, batches, 200 * 100e-6 + batches * 500e-6)
+    policy.replan(_arrivals(policy, 100))
+    assert policy.need_rows == 20
+    assert policy.plan(10**12, queued_rows=5, head_wait_ns=0, inflight=1) is not None  # waits for company
+    assert policy.plan(10**12, queued_rows=5, head_wait_ns=policy.max_wait_ns, inflight=1) is None  # not past budget
 
 
 def test_overload_asks_for_full_batches_up_to_the_cap():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import sys
 import tempfile
 import time
@@ -21,13 +22,7 @@ from pathlib import Path
 
 from benchmarks.bodies import request_bodies
 from benchmarks.report import git_sha, machine, ratios_and_goals, write_report
-from benchmarks.scenarios import (
-    Bodies,
-    closed_sweep,
-    mixed_models,
-    open_rate,
-    step_rates,
-)
+from benchmarks.scenarios import Bodies, closed_sweep, cool_down, mixed_models, open_rate, step_rates
 from benchmarks.systems import BaselineSystem, FleetSystem, System, TritonSystem
 from benchmarks.wrk import wrk_available
 from serving.model_config import LATENCY_TARGET_PARAM
@@ -210,6 +205,8 @@ def adaptive_scenario(system: System, bodies: Bodies, sustained_rps: float, step
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every system started so far is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not wrk_available():
         print("wrk is not installed: run `make wrk` (Debian's package)", file=sys.stderr)
         return 2

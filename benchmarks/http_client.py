@@ -2,9 +2,8 @@
 
 No task, future or stream per request: each connection is an `asyncio.Protocol`
 whose `data_received` feeds a `ResponseParser`, and a finished response goes
-straight to the pool's `on_done` callback. That keeps the client's CPU per
-request in the tens of microseconds, so a generator sharing cores with the
-server it measures takes little from it.
+straight to the pool's `on_done` callback. A generator shares the machine with
+the server it measures, so what it spends per request is taken from the server.
 
 The client sends one prebuilt request at a time per connection (no
 pipelining). Responses are framed by Content-Length, chunked encoding, or the

@@ -36,16 +36,8 @@ import numpy as np
 from benchmarks.http_client import CONNECT, READ, WRITE, ConnectionPool
 from benchmarks.load import LoadResult, count_2xx, summarize
 
-__all__ = [
-    "Target",
-    "arrival_times",
-    "choose_targets",
-    "closed_loop",
-    "open_loop",
-    "run",
-    "step_arrival_times",
-    "step_load",
-]
+__all__ = ["Target", "arrival_times", "choose_targets", "closed_loop", "open_loop", "run", "step_arrival_times",
+           "step_load"]
 
 T = TypeVar("T")
 _clock = time.perf_counter  # loop.time() is only good to 1 ms on uvloop
@@ -203,7 +195,7 @@ class _Run:
         self._tick = None
         try:
             self._pump(_clock())
-        except BaseException as exc:  # a callback's exception would be lost and the run hang: end it
+        except Exception as exc:  # noqa: BLE001 - lost in a callback, it would hang the run: end it
             self.fail(exc)
 
     def _finish(self, rid: int, status: int, error: int) -> None:
@@ -224,7 +216,7 @@ class _Run:
                     self._pump(now)
             elif not self.pending:
                 self.check_done()
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - ends the run, see _on_tick
             self.fail(exc)
 
     def _arm(self, rid: int) -> None:
@@ -252,7 +244,7 @@ class _Run:
             if self._timer is None and i < n:
                 self._arm(i)
             self.check_done()
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - ends the run, see _on_tick
             self.fail(exc)
 
     def check_done(self) -> None:
@@ -388,7 +380,7 @@ async def closed_loop(host: str, port: int, targets: Sequence[Target], connectio
             if not picks[k]:
                 picks[k] = _draw(rngs[k], weights, 1024).tolist()
             load.add(picks[k].pop(), now, k)
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - ends the run, see _Run._on_tick
             load.fail(exc)
 
     def finished(rid: int, error: int) -> None:

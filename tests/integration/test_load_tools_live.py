@@ -11,8 +11,10 @@ uvicorn won't: answers dribbled a byte at a time, and hanging up mid-request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -205,33 +207,13 @@ async def test_closed_loop_on_uvloop_keeps_its_connections_busy(server):
 
 
 class _RawServer:
-    """A hand-written HTTP/1.1 server in its own thread: /drip answers one byte per write, /hangup
-    closes without answering, /slow answers after 30 ms; it counts connections (open at once, and ever)."""
+    """A hand-written HTTP/1.1 server (`_raw_server` runs it in a thread): /drip answers one byte per
+    write, /hangup closes without answering, /slow answers after 30 ms; it counts connections."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.open = self.max_open = self.accepted = 0
         self.handlers: set[asyncio.Task] = set()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="raw-http-server", daemon=True)
-
-    def __enter__(self) -> _RawServer:
-        self.thread.start()
-        start = asyncio.start_server(self.handle, HOST, self.port)
-        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        async def stop() -> None:
-            self.server.close()
-            for task in self.handlers:
-                task.cancel()
-            await asyncio.gather(*self.handlers, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.handlers.add(asyncio.current_task())
@@ -260,35 +242,57 @@ class _RawServer:
             writer.close()
 
 
+@contextlib.contextmanager
+def _raw_server() -> Iterator[_RawServer]:
+    raw, loop = _RawServer(), asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="raw-http-server", daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(asyncio.start_server(raw.handle, HOST, raw.port), loop).result(10)
+
+    async def stop() -> None:
+        server.close()
+        for task in raw.handlers:
+            task.cancel()
+        await asyncio.gather(*raw.handlers, return_exceptions=True)
+
+    try:
+        yield raw
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
 async def test_answers_dribbled_a_byte_at_a_time_are_parsed():
-    with _RawServer() as raw:
+    with _raw_server() as raw:
         r = await open_loop(HOST, raw.port, [Target("/drip", b"{}", JSON)], 20, 0.5, arrivals="constant")
     assert r.statuses == {"200": 10} and r.errors == {}
     assert r.latency_ms["p50"] >= 40  # ~50 one-byte writes 1 ms apart: completion is the last byte
 
 
 async def test_a_hang_up_without_an_answer_is_a_read_error():
-    with _RawServer() as raw:
+    with _raw_server() as raw:
         r = await open_loop(HOST, raw.port, [Target("/hangup", b"{}", JSON)], 40, 0.5, arrivals="constant")
     assert r.requests == 0 and r.errors == {"read": 20}
 
 
 def test_connections_are_opened_on_demand_up_to_max_connections():
     """30 ms answers at 200/s need ~6 connections: with 3 allowed, requests queue for one and wait."""
-    with _RawServer() as raw:
+    with _raw_server() as raw:
         r = run(open_loop(HOST, raw.port, [Target("/slow", b"{}", JSON)], 200, 0.5, arrivals="constant",
                           max_connections=3))
         assert raw.max_open == raw.accepted == 3
     assert r.statuses == {"200": 100} and r.errors == {}
     assert r.latency_ms["max"] > 200  # 100 requests over 3 connections at ~30 ms each: ~1 s of backlog
-    with _RawServer() as raw:
+    with _raw_server() as raw:
         run(open_loop(HOST, raw.port, [Target("/slow", b"{}", JSON)], 20, 0.5, arrivals="constant"))
         assert raw.accepted == 1  # one at a time: one connection, kept alive
 
 
 def test_requests_queued_for_a_connection_time_out_too():
     """One connection, 30 ms answers, 100/s offered: the backlog grows until requests expire, queued or in flight."""
-    with _RawServer() as raw:
+    with _raw_server() as raw:
         r = run(open_loop(HOST, raw.port, [Target("/slow", b"{}", JSON)], 100, 0.5, arrivals="constant",
                           max_connections=1, timeout_s=0.2))
     assert r.requests + r.errors["timeout"] == 50 and set(r.errors) == {"timeout"}

@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make serve   set up and serve on http://127.0.0.1:8000 (Ctrl-C stops)"
 	@echo "make test    set up and run the whole test suite"
-	@echo "make bench   run the load-test benchmarks (wrk)"
+	@echo "make bench   fleet against Triton, Ray Serve and plain HTTP (BENCH_ARGS=--quick for a short run)"
 
 setup: $(VENV)/.installed
 

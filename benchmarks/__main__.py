@@ -35,11 +35,11 @@ MIX = {("fraud", "json"): 0.5, ("fraud", "binary"): 0.2, ("fraud_adaptive", "jso
 RAMP = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # fractions of fleet's closed-loop peak, to find its sustained rate
 SYSTEMS = ("fleet", "fleet_split", "fleet_serve", "plain_http", "serve_default", "triton")
 ADAPTIVE_TARGET_MS = 10.0
-# name -> (dynamic_batching max_queue_delay_us, latency_target_ms or None)
+# name -> (dynamic_batching max_queue_delay_us, adaptive: latency_target_ms set)
 POLICIES = {
-    "fraud_fixed_100us": (100, None),
-    "fraud_fixed_8ms": (8000, None),
-    "fraud_adaptive": (1000, ADAPTIVE_TARGET_MS),
+    "fraud_fixed_100us": (100, False),
+    "fraud_fixed_8ms": (8000, False),
+    "fraud_adaptive": (1000, True),
 }
 
 
@@ -55,6 +55,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arrivals", choices=["poisson", "constant"], default="poisson", help="open-loop arrivals")
     p.add_argument("--quick", action="store_true", help="2 s points, connections 1,16,64, shorter scenarios")
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive batching scenario")
+    p.add_argument("--latency-target-ms", type=float, default=ADAPTIVE_TARGET_MS,
+                   help="the adaptive model's p99 target (latency_target_ms)")
+    p.add_argument("--only-adaptive", action="store_true",
+                   help="fleet only: the ramp and the adaptive batching scenario, no closed-loop sweep")
     p.add_argument("--triton-instances", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results", help="parent folder of the run's folder")
     args = p.parse_args(argv)
@@ -63,6 +67,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         if args.connections == p.get_default("connections"):
             args.connections = "1,16,64"
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.only_adaptive:
+        args.systems = ["fleet"]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
@@ -70,7 +76,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_repository(folder: Path) -> ModelRepository:
+def build_repository(folder: Path, target_ms: float = ADAPTIVE_TARGET_MS) -> ModelRepository:
     """A fresh repository: the fraud model, plus copies of it under each batching policy."""
     from training.bootstrap import bootstrap
 
@@ -79,13 +85,13 @@ def build_repository(folder: Path) -> ModelRepository:
     config = repo.config_proto(MODEL)
     model_file = repo.model_file(MODEL, 1)
     data = Path(model_file).read_bytes()
-    for name, (delay_us, target_ms) in POLICIES.items():
+    for name, (delay_us, adaptive) in POLICIES.items():
         variant = type(config)()
         variant.CopyFrom(config)
         variant.name = name
         variant.dynamic_batching.max_queue_delay_microseconds = delay_us
         del variant.dynamic_batching.preferred_batch_size[:]
-        if target_ms is not None:
+        if adaptive:
             variant.parameters[LATENCY_TARGET_PARAM].string_value = str(target_ms)
         repo.publish(name, {"model.pt": data}, {"copy_of": f"{MODEL}/1"}, config=variant)
     return repo
@@ -132,7 +138,7 @@ def run(args) -> Path:
     out_dir = Path(args.out) / stamp
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     print(f"benchmark run {stamp}: results in {out_dir}", flush=True)
-    repo = build_repository(work / "repository")
+    repo = build_repository(work / "repository", args.latency_target_ms)
     bodies = write_bodies(repo, work / "bodies")
     from benchmarks.baselines import measure_inprocess
 
@@ -148,6 +154,8 @@ def run(args) -> Path:
             main = system.name in ("fleet", "triton")
             connections = args.connections if main else sorted({1, 4, 64, max(args.connections)} & set(args.connections))
             kinds = ("json", "binary") if main else ("json",)
+            if args.only_adaptive:
+                connections, kinds = [max(args.connections)], ("json",)
             closed += closed_sweep(system, bodies, connections, args.duration, kinds)
             if system.name == "fleet":
                 peak = max((r["throughput_rps"] for r in closed if r["system"] == "fleet"), default=0)
@@ -164,7 +172,7 @@ def run(args) -> Path:
                     cool_down(system, bodies, MODEL)
                 if not args.no_adaptive and peak:
                     adaptive = adaptive_scenario(system, bodies, sustained or 0.6 * peak, args.step_seconds,
-                                                 args.arrivals)
+                                                 args.arrivals, args.latency_target_ms)
     ratios, goals = ratios_and_goals(closed, opened, peak_connections=64 if 64 in args.connections
                                      else max(args.connections), inprocess=inprocess)
     report = {
@@ -192,14 +200,14 @@ def sustained_rate(ramp: list[dict]) -> float | None:
 
 
 def adaptive_scenario(system: System, bodies: Bodies, sustained_rps: float, step_s: float,
-                      arrivals: str = "poisson") -> dict:
+                      arrivals: str = "poisson", target_ms: float = ADAPTIVE_TARGET_MS) -> dict:
     """The same model under three batching policies, an open-loop load rising in steps past fleet's sustained rate."""
     rates = [round(sustained_rps * f, -1) for f in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.15)]
-    print(f"adaptive batching: steps {rates} req/s, {step_s:.0f} s each, target p99 {ADAPTIVE_TARGET_MS} ms",
-          flush=True)
+    print(f"adaptive batching: steps {rates} req/s, {step_s:.0f} s each, target p99 {target_ms} ms", flush=True)
     series = {name: step_rates(system, bodies, name, rates, step_s, arrivals) for name in POLICIES}
-    return {"target_ms": ADAPTIVE_TARGET_MS, "rates_rps": rates, "policies": {
-        name: {"max_queue_delay_us": d, "latency_target_ms": t} for name, (d, t) in POLICIES.items()},
+    return {"target_ms": target_ms, "rates_rps": rates, "policies": {
+        name: {"max_queue_delay_us": d, "latency_target_ms": target_ms if a else None}
+        for name, (d, a) in POLICIES.items()},
         "series": series}
 
 

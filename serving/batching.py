@@ -112,6 +112,7 @@ class Batcher:
         self._preferred = sorted(config.preferred_batch_sizes)
         self._preferred_set = frozenset(self._preferred)
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
+        self._last_done_ns = 0  # when the last batch finished (adaptive mode's service times)
         self.adaptive = (
             AdaptivePolicy(config.latency_target_ms, self._cap)
             if config.latency_target_ms > 0 and config.max_batch_size > 0 else None
@@ -309,8 +310,10 @@ class Batcher:
                         )
             adaptive = self.adaptive
             if adaptive is not None:
+                # Service time, not time in flight: a batch sent while another ran started when that one ended.
                 done_ns = time.monotonic_ns()
-                adaptive.on_batch(rows, compute_ns, done_ns)
+                adaptive.on_batch(rows, done_ns - max(start, self._last_done_ns), done_ns)
+                self._last_done_ns = done_ns
             offset = 0
             for p in batch:
                 if self.config.max_batch_size and len(batch) > 1:

@@ -112,7 +112,6 @@ class AdaptivePolicy:
     REPLAN_NS = 10_000_000
     HEADROOM = 1.2
     EFFICIENCY = 0.25
-
     CPU_WINDOW_NS = 100_000_000
 
     def __init__(self, target_ms: float, max_batch_size: int, window: int = 512, cpu_budget: float = 0.9,
@@ -138,7 +137,6 @@ class AdaptivePolicy:
         self.rate_rows_per_s = 0.0
         self._planned_ns = -1
         self.need_rows = 1
-        self.cap_rows = self.max_batch_size
         self.max_wait_ns = 0
 
     # -- observations -----------------------------------------------------------
@@ -190,13 +188,12 @@ class AdaptivePolicy:
         self._planned_ns = now_ns
         budget_s = self.scale * self.target_ns / 1e9
         a, c = self.model.coefficients()
-        self.cap_rows = self.max_batch_size
         rate = self.rate_rows_per_s * self.HEADROOM
         # The model keeps up: smallest b with b / (a + c*b) >= rate  <=>  b >= rate*a / (1 - rate*c).
         if rate <= 0:
             need = 1
         elif rate * c >= 1:
-            need = self.cap_rows  # the model cannot keep up: full batches
+            need = self.max_batch_size  # the model cannot keep up: full batches
         else:
             need = math.ceil(rate * a / (1 - rate * c))
         per_request, per_batch = self.cpu.coefficients()
@@ -206,8 +203,8 @@ class AdaptivePolicy:
             # The process keeps up: rate * (per_request + per_batch / b) <= cpu_budget.
             spare = self.cpu_budget - rate * per_request
             if rate > 0:
-                need = max(need, self.cap_rows if spare <= 0 else math.ceil(rate * per_batch / spare))
-        self.need_rows = min(self.cap_rows, max(1, need))
+                need = max(need, self.max_batch_size if spare <= 0 else math.ceil(rate * per_batch / spare))
+        self.need_rows = min(self.max_batch_size, max(1, need))
         self.max_wait_ns = max(0, int((budget_s - 2 * self.model.predict(self.need_rows)) * 1e9))
 
     def plan(self, now_ns: int, queued_rows: int, head_wait_ns: int, inflight: int) -> int | None:
@@ -224,6 +221,6 @@ class AdaptivePolicy:
             "target_ms": self.target_ns / 1e6, "scale": round(self.scale, 3),
             "cpu_per_request_us": round(per_request * 1e6, 1), "cpu_per_batch_us": round(per_batch * 1e6, 1),
             "rate_rows_per_s": round(self.rate_rows_per_s, 1), "need_rows": self.need_rows,
-            "cap_rows": self.cap_rows, "max_wait_ms": self.max_wait_ns / 1e6,
+            "max_wait_ms": self.max_wait_ns / 1e6,
             "batch_fixed_us": round(a * 1e6, 1), "per_row_us": round(c * 1e6, 3),
         }

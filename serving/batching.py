@@ -14,7 +14,7 @@ When it sends a batch:
   to `max_queue_delay_us` after the oldest one arrived.
 
 With `latency_target_ms` set (adaptive mode), `serving.adaptive.AdaptivePolicy`
-decides the batch cap and the wait instead of the fixed delay and preferred sizes.
+decides the wait instead of the fixed delay and preferred sizes.
 
 A request waits at most its timeout: the queue policy's default, or its own
 (`parameters.timeout`) when `allow_timeout_override` is set and it is shorter
@@ -222,11 +222,6 @@ class Batcher:
         head = queue[0]
         if not self.config.max_batch_size:
             return 1, None
-        adaptive = self.adaptive
-        cap = self._cap
-        if adaptive is not None:
-            adaptive.replan(now)
-            cap = min(cap, adaptive.cap_rows)
         rows = count = 0
         preferred = 0  # requests making up the preferred batch to send, 0 if none
         full = False
@@ -235,7 +230,7 @@ class Batcher:
                 # A withdrawn request in the middle: drop it now, re-plan.
                 self._queue = collections.deque(q for q in queue if not q.future.done())
                 return self._plan(now)
-            if p.signature != head.signature or (count and rows + p.rows > cap):
+            if p.signature != head.signature or rows + p.rows > self._cap:
                 full = True
                 break
             if self._preferred and not preferred and count and rows + p.rows > self._preferred[-1]:
@@ -245,11 +240,11 @@ class Batcher:
             count += 1
             if rows in self._preferred_set:
                 preferred = count
-        if rows >= cap:
+        if rows >= self._cap:
             full = True
         waited = now - head.enqueued_ns
-        if adaptive is not None:
-            wait_ns = None if full else adaptive.plan(now, rows, waited, self._inflight)
+        if self.adaptive is not None:
+            wait_ns = None if full else self.adaptive.plan(now, rows, waited, self._inflight)
             return (count, None) if wait_ns is None else (0, wait_ns)
         delay = self.config.max_queue_delay_us * 1000
         delay_over = bool(delay) and waited >= delay

@@ -201,12 +201,6 @@ def _endpoint(handler):
     return wrapped
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed if Content-Encoding says so; 413 over `limit` bytes."""
-    headers = request.headers
-    return await read_body(headers.get("content-length"), headers.get("content-encoding"), request.stream(), limit)
-
-
 async def read_body(declared: str | None, encoding: str | None, chunks, limit: int) -> bytes:
     """Collect `chunks` (an async iterator of bytes) into the body, enforcing `limit` before and after inflating."""
     if declared is not None:
@@ -241,7 +235,7 @@ def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def build_starlette_app(service: InferenceService) -> Starlette:
-    """Every route, through Starlette (the infer routes too, for apps mounted elsewhere)."""
+    """Every route, through Starlette (infer too, through the same `infer_handler` as the front ends)."""
     limit = service.options.max_request_bytes
 
     @_endpoint
@@ -279,15 +273,18 @@ def build_starlette_app(service: InferenceService) -> Starlette:
     async def repository_index(request: Request) -> Response:
         return _json(service.repository_index())
 
+    fast_infer = infer_handler(service)
+
     @_endpoint
     async def infer(request: Request) -> Response:
+        # The front ends (build_handler, build_http_app) take POST infer before routing; the
+        # route gives other methods their 405 and serves this app when it is mounted on its own.
         p = request.path_params
-        header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
-        body = await _read_body(request, limit)
-        payload, json_length = await service.infer(p["model"], p.get("version"), body, header_length)
-        if json_length is None:
-            return Response(payload, media_type=_JSON)
-        return Response(payload, media_type=_BINARY, headers={HEADER_LENGTH: str(json_length)})
+        body = await read_body(request.headers.get("content-length"), None, request.stream(), limit)
+        status, headers, payload = await fast_infer(p["model"], p.get("version"), request.headers.raw, body)
+        response = Response(payload, status_code=status)
+        response.raw_headers += headers
+        return response
 
     @_endpoint
     async def metrics(request: Request) -> Response:

@@ -47,12 +47,6 @@ class HttpRequest:
     body: bytes
     client: tuple[str, int] | None = None
 
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
 
 HttpResponse = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]

@@ -130,7 +130,7 @@ def test_overload_asks_for_full_batches_up_to_the_cap():
     policy = _learned(100, 0.001, 0.0001)  # at most 10k rows/s even with infinite batches
     now = _arrivals(policy, 50_000, seconds=0.3)
     policy.replan(now)
-    assert policy.need_rows == policy.cap_rows
+    assert policy.need_rows == policy.max_batch_size
 
 
 def test_p99_over_the_target_shrinks_the_plan_and_a_comfortable_p99_grows_it_back():

@@ -60,5 +60,20 @@ wrk:
 bench: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# The native kernels under AddressSanitizer and UBSan: a wheel built with FLEET_SANITIZE=ON into
+# build/sanitize (the .venv's install is left alone) and unpacked there, first on the path of a Python
+# started without site (-S: no editable-install finder) nor the working directory (-P: not the source
+# tree), which runs the native parity and fuzz tests against it. libstdc++ is preloaded with libasan so
+# that ASan's interceptor of C++ throws finds the real one (Python itself is C).
+sanitize: $(VENV)/.installed
+	rm -rf build/sanitize/dist build/sanitize/site
+	$(PY) -m pip wheel $(PIP_QUIET) --no-deps -w build/sanitize/dist -C cmake.define.FLEET_SANITIZE=ON \
+	  -C cmake.build-type=RelWithDebInfo -C build-dir=build/sanitize/cmake .
+	$(PY) -m zipfile -e build/sanitize/dist/fleet-*.whl build/sanitize/site
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  PYTHONPATH="build/sanitize/site:$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	  $(PY) -S -P -m pytest -q -p no:cacheprovider tests/unit/test_native*.py $(PYTEST_ARGS)
+
 clean:
 	rm -rf build $(VENV) $(TRITON_VENV)

@@ -1,7 +1,16 @@
 """fleet's preprocessing kernels: compiled (`native._core`) or the NumPy reference.
 
 `BACKEND` says which is live: "native" or "numpy". `FLEET_PURE_PYTHON=1` forces
-the NumPy reference (the test suite runs both ways).
+the reference (the test suite runs both ways). The kernels and their contracts:
+
+- `parse_v2_json(body)`: a KServe v2 JSON infer request as `orjson.loads` would
+  read it, each input's "data" a NumPy array of its datatype and shape;
+- `standardize(x, mean, std, clip, out=None)`: clipped z-scores and rows with NaN/Inf;
+- `histogram(x, edges, counts)`: per-feature bin counts accumulated in place;
+- `resize_normalize(images, out_h, out_w, mean, std, out=None, *, threads=1)`:
+  bilinear resize and normalisation of uint8 images into a float32 batch.
+
+Each docstring in `native._reference` is the contract of both implementations.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import os
 
 from native import _reference
 
-__all__ = ["BACKEND", "standardize"]
+__all__ = ["BACKEND", "standardize", "histogram", "resize_normalize", "parse_v2_json"]
 
 _log = logging.getLogger("fleet.native")
 
@@ -31,3 +40,6 @@ _impl, BACKEND = _load()
 _log.info("native kernels: %s", BACKEND)
 
 standardize = _impl.standardize
+histogram = _impl.histogram
+resize_normalize = _impl.resize_normalize
+parse_v2_json = _impl.parse_v2_json

@@ -140,7 +140,7 @@ _M = np.zeros(3, dtype=np.float32)
 _S = np.ones(3, dtype=np.float32)
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
+def readonly(a: np.ndarray) -> np.ndarray:
     a = a.copy()
     a.flags.writeable = False
     return a
@@ -173,22 +173,26 @@ BAD_CALLS = {
     "out shape": ((_X, _M, _S, 3.0), {"out": np.zeros((3, 3), np.float32)}, ValueError, "out"),
     "out 1-d": ((_X, _M, _S, 3.0), {"out": np.zeros(12, np.float32)}, TypeError, "out"),
     "out strided": ((_X, _M, _S, 3.0), {"out": np.zeros((4, 6), np.float32)[:, ::2]}, TypeError, "out"),
-    "out read-only": ((_X, _M, _S, 3.0), {"out": _readonly(np.zeros((4, 3), np.float32))}, TypeError, "out"),
+    "out read-only": ((_X, _M, _S, 3.0), {"out": readonly(np.zeros((4, 3), np.float32))}, TypeError, "out"),
 }
+
+
+def assert_refused(impl, args, kw, error, name, written=None):
+    """impl(*args, **kw) raises exactly `error`, its message naming `name`, and leaves `written` as it was."""
+    before = written.copy() if isinstance(written, np.ndarray) else None
+    with pytest.raises(error) as info:
+        impl(*args, **kw)
+    assert type(info.value) is error
+    assert str(info.value).startswith(f"{name}:"), str(info.value)
+    if before is not None:
+        np.testing.assert_array_equal(written, before)  # a refused call writes nothing
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_an_error_naming_the_argument(impl, case):
     args, kw, error, name = BAD_CALLS[case]
-    out = kw.get("out")
-    before = out.copy() if isinstance(out, np.ndarray) else None
-    with pytest.raises(error) as info:
-        impl(*args, **kw)
-    assert type(info.value) is error
-    assert str(info.value).startswith(f"{name}:"), str(info.value)
-    if before is not None:
-        np.testing.assert_array_equal(out, before)  # a refused call writes nothing
+    assert_refused(impl, args, kw, error, name, kw.get("out"))
 
 
 def test_a_refused_strided_out_is_not_silently_replaced_by_a_copy():
@@ -202,11 +206,15 @@ def test_a_refused_strided_out_is_not_silently_replaced_by_a_copy():
 # -- which implementation is live ------------------------------------------------------------
 
 
+KERNELS = ("standardize", "histogram", "resize_normalize", "parse_v2_json")
+
+
 def _backend_in_subprocess(pure: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "FLEET_PURE_PYTHON"}
     if pure is not None:
         env["FLEET_PURE_PYTHON"] = pure
-    code = "import native; print(native.BACKEND, native.standardize.__module__)"
+    code = ("import native; print(native.BACKEND, *sorted({getattr(native, k).__module__.split('.')[1] for k in "
+            f"{KERNELS!r}}}))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
@@ -215,7 +223,9 @@ def _backend_in_subprocess(pure: str | None) -> str:
 def test_backend_is_native_unless_pure_python_is_forced():
     forced = os.environ.get("FLEET_PURE_PYTHON", "") not in ("", "0")
     assert native.BACKEND == ("numpy" if forced else "native")
-    assert native.standardize is (_reference.standardize if forced else _core.standardize)
-    assert _backend_in_subprocess(None) == "native native._core"
-    assert _backend_in_subprocess("0") == "native native._core"
-    assert _backend_in_subprocess("1") == "numpy native._reference"
+    for name in KERNELS:
+        assert getattr(native, name) is getattr(_reference if forced else _core, name)
+    assert set(native.__all__) == {"BACKEND", *KERNELS}
+    assert _backend_in_subprocess(None) == "native _core"
+    assert _backend_in_subprocess("0") == "native _core"
+    assert _backend_in_subprocess("1") == "numpy _reference"

@@ -131,12 +131,21 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {run['system']} | {run['rate_rps']:.0f} | {run['throughput_rps']:.0f} | "
                          f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} |")
     if report.get("adaptive"):
-        lines += ["", "| batching policy | offered req/s | achieved req/s | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
-        for policy, steps in report["adaptive"]["series"].items():
+        adaptive = report["adaptive"]
+        lines += ["", f"Adaptive batching: `{adaptive.get('model')}`, target p99 {adaptive['target_ms']:g} ms, "
+                  f"median of {adaptive.get('repeats')} interleaved runs of {adaptive.get('step_s')} s per step",
+                  "", "| batching policy | offered req/s | achieved req/s | p50 ms | p99 ms | p99 of each run | "
+                  "machine CPU busy | CPU ms / request | avg batch |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for policy, steps in adaptive["series"].items():
             for s in steps:
                 lat = s["latency_ms"]
-                lines.append(f"| {policy} | {s['rate_rps']:.0f} | {s['throughput_rps']:.0f} | "
-                             f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} |")
+                runs = ", ".join(_fmt(v) for v in s.get("p99_ms_runs", []))
+                lines.append(f"| {policy} | {s['rate_rps']:.0f} | {_fmt(s['throughput_rps'])} | "
+                             f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {runs} | {_fmt(s.get('cpu_busy'))} | "
+                             f"{_fmt(s.get('cpu_ms_per_request'))} | {_fmt(s.get('avg_batch_rows'))} |")
+        for v in adaptive.get("goal", {}).get("steps", []):
+            extra = f" (CPU per request {v['cpu_ratio']} x adaptive's)" if v.get("cpu_ratio") else ""
+            lines.append(f"- at {v['rate_rps']:.0f} req/s, {v['policy']}: {v['verdict']}{extra}")
     return "\n".join(lines) + "\n"
 
 

@@ -33,10 +33,12 @@ from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 
-from serving.adaptive import AdaptivePolicy
+from serving.adaptive import DEFAULT_MAX_UTILIZATION, AdaptivePolicy
 from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidInput, ModelUnavailable, Overloaded
 
 __all__ = ["BatcherConfig", "BatchResult", "Batcher"]
+
+_NEVER = 1 << 62  # a row count no queue reaches
 
 Arrays = Mapping[str, np.ndarray]
 Execute = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
@@ -59,6 +61,7 @@ class BatcherConfig:
     allow_timeout_override: bool = True
     max_inflight_batches: int = 2
     latency_target_ms: float = 0.0  # > 0: adaptive mode (serving/adaptive.py) instead of the fixed delay
+    adaptive_max_utilization: float = DEFAULT_MAX_UTILIZATION  # adaptive mode: the model's busy share
 
     def __post_init__(self):
         if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.max_queue_size < 0:
@@ -103,6 +106,11 @@ class Batcher:
         self._execute = execute
         self._on_batch = on_batch
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0  # rows in the queue, withdrawn requests included until they are dropped
+        # The scheduling loop sleeps until a batch finishes, its timer fires, or the queue
+        # reaches this many rows: an arrival below it cannot change the decision, so it
+        # does not wake the loop (no O(queue) re-plan per request while a batch fills).
+        self._wake_rows = 1
         self._inflight = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -114,7 +122,8 @@ class Batcher:
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
         self._last_done_ns = 0  # when the last batch finished (adaptive mode's service times)
         self.adaptive = (
-            AdaptivePolicy(config.latency_target_ms, self._cap)
+            AdaptivePolicy(config.latency_target_ms, self._cap, max_utilization=config.adaptive_max_utilization,
+                           name=name)
             if config.latency_target_ms > 0 and config.max_batch_size > 0 else None
         )
 
@@ -156,15 +165,20 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, rows, _signature(inputs) if cfg.max_batch_size else None, loop.create_future(),
                            now, deadline)
-        if not self._queue and self._inflight == 0:
+        if not self._queue and self._inflight == 0 and (self.adaptive is None or self.adaptive.send_at_once(now, rows)):
             # Nothing queued and nothing running: send at once, no hop through the loop.
             self._dispatch([pending], now)
         else:
             self._queue.append(pending)
+            self._queued_rows += rows
+            wake = self._queued_rows >= self._wake_rows or pending.signature != self._queue[0].signature
             if deadline and (not self._next_deadline_ns or deadline < self._next_deadline_ns):
                 self._next_deadline_ns = deadline
-            self._ensure_loop()
-            self._wake.set()
+                wake = True
+            if self._task is None or self._task.done():
+                self._ensure_loop()
+            elif wake:
+                self._wake.set()
         return await pending.future
 
     async def close(self, *, drain_timeout_s: float = 0.0) -> None:
@@ -182,6 +196,7 @@ class Batcher:
             p = self._queue.popleft()
             if not p.future.done():
                 p.future.set_exception(error)
+        self._queued_rows = 0
 
     # -- the scheduling loop ---------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -189,39 +204,50 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             now = time.monotonic_ns()
             if self._next_deadline_ns and now >= self._next_deadline_ns:
                 self._expire(now)
             wait_ns = None
+            wake_rows = 1  # queue empty: any arrival may be sent
             while self._queue and self._inflight < self.config.max_inflight_batches:
-                take, wait_ns = self._plan(now)
+                take, wait_ns, wake_rows = self._plan(now)
                 if not take:
                     break
-                self._dispatch([self._queue.popleft() for _ in range(take)], now)
-                wait_ns = None
+                self._dispatch([self._popleft() for _ in range(take)], now)
+                wait_ns, wake_rows = None, 1
+            if self._inflight >= self.config.max_inflight_batches:
+                wake_rows = _NEVER  # nothing can go until a batch finishes (which wakes the loop)
+            self._wake_rows = wake_rows
             if self._next_deadline_ns:
                 until_deadline = max(0, self._next_deadline_ns - now)
                 wait_ns = until_deadline if wait_ns is None else min(wait_ns, until_deadline)
             if wait_ns is None:
                 await self._wake.wait()
             elif wait_ns > 0:
+                timer = loop.call_later(wait_ns / 1e9, self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), wait_ns / 1e9)
-                except asyncio.TimeoutError:
-                    pass
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
 
-    def _plan(self, now: int) -> tuple[int, int | None]:
-        """(number of queued requests to send now, 0 if none; ns to wait otherwise)."""
+    def _popleft(self) -> _Pending:
+        p = self._queue.popleft()
+        self._queued_rows -= p.rows
+        return p
+
+    def _plan(self, now: int) -> tuple[int, int | None, int]:
+        """(queued requests to send now, 0 if none; ns to wait otherwise; queued rows that end the wait)."""
         queue = self._queue
         while queue and queue[0].future.done():  # withdrawn by its client
-            queue.popleft()
+            self._popleft()
         if not queue:
-            return 0, None
+            return 0, None, 1
         head = queue[0]
         if not self.config.max_batch_size:
-            return 1, None
+            return 1, None, 1
         rows = count = 0
         preferred = 0  # requests making up the preferred batch to send, 0 if none
         full = False
@@ -229,6 +255,7 @@ class Batcher:
             if p.future.done():
                 # A withdrawn request in the middle: drop it now, re-plan.
                 self._queue = collections.deque(q for q in queue if not q.future.done())
+                self._queued_rows = sum(q.rows for q in self._queue)
                 return self._plan(now)
             if p.signature != head.signature or rows + p.rows > self._cap:
                 full = True
@@ -245,14 +272,18 @@ class Batcher:
         waited = now - head.enqueued_ns
         if self.adaptive is not None:
             wait_ns = None if full else self.adaptive.plan(now, rows, waited, self._inflight)
-            return (count, None) if wait_ns is None else (0, wait_ns)
+            if wait_ns is None:
+                return count, None, 1
+            return 0, wait_ns, min(self._cap, self.adaptive.need_rows)
         delay = self.config.max_queue_delay_us * 1000
         delay_over = bool(delay) and waited >= delay
         if preferred and not delay_over:
-            return preferred, None
+            return preferred, None, 1
         if full or self._inflight == 0 or not delay or delay_over:
-            return count, None
-        return 0, delay - waited
+            return count, None, 1
+        # Waiting for the delay: an arrival matters once the rows reach a preferred size or a full batch.
+        larger = [size for size in self._preferred if size > rows]
+        return 0, delay - waited, larger[0] if larger else self._cap
 
     def _expire(self, now: int) -> None:
         kept: collections.deque[_Pending] = collections.deque()
@@ -273,6 +304,7 @@ class Batcher:
             if p.deadline_ns and (not next_deadline or p.deadline_ns < next_deadline):
                 next_deadline = p.deadline_ns
         self._queue = kept
+        self._queued_rows = sum(p.rows for p in kept)
         self._next_deadline_ns = next_deadline
 
     # -- executing a batch -----------------------------------------------------
@@ -284,12 +316,15 @@ class Batcher:
             inputs = {name: np.concatenate([p.inputs[name] for p in live]) for name in live[0].inputs}
         else:
             inputs = dict(live[0].inputs)
+        # Since when the model has been idle (adaptive mode's held time); `now` if it is busy.
+        idle_since = self._last_done_ns if self._inflight == 0 else now
         self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._execute_batch(live, inputs, now))
+        task = asyncio.get_running_loop().create_task(self._execute_batch(live, inputs, now, idle_since))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute_batch(self, batch: list[_Pending], inputs: dict[str, np.ndarray], sent_ns: int) -> None:
+    async def _execute_batch(self, batch: list[_Pending], inputs: dict[str, np.ndarray], sent_ns: int,
+                             idle_since_ns: int = 0) -> None:
         rows = sum(p.rows for p in batch)
         ok = False
         start = time.monotonic_ns()
@@ -307,7 +342,7 @@ class Batcher:
             if adaptive is not None:
                 # Service time, not time in flight: a batch sent while another ran started when that one ended.
                 done_ns = time.monotonic_ns()
-                adaptive.on_batch(rows, done_ns - max(start, self._last_done_ns), done_ns)
+                adaptive.on_batch(rows, done_ns - max(start, self._last_done_ns))
                 self._last_done_ns = done_ns
             offset = 0
             for p in batch:
@@ -319,7 +354,7 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(BatchResult(part, sent_ns - p.enqueued_ns, compute_ns, rows))
                 if adaptive is not None:
-                    adaptive.on_latency(done_ns - p.enqueued_ns)
+                    adaptive.on_latency(done_ns - p.enqueued_ns, max(0, sent_ns - max(p.enqueued_ns, idle_since_ns)))
             ok = True
         except asyncio.CancelledError:
             for p in batch:
@@ -339,5 +374,9 @@ class Batcher:
             if self._queue:
                 self._ensure_loop()
                 self._wake.set()
+            else:
+                # The loop may sleep with the "nothing can go" threshold of a full pipeline:
+                # with a slot free again, the next arrival must wake it.
+                self._wake_rows = 1
             if self._on_batch is not None:
                 self._on_batch(rows, len(batch), time.monotonic_ns() - start, ok)

@@ -13,6 +13,7 @@ batch runs on a local thread, no Ray call) — `workers[name]` is a handle or No
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import uuid
@@ -101,6 +102,11 @@ class Ingress:
                 max_body_bytes=self.options.max_request_bytes, graceful_shutdown_s=self.options.drain_timeout_s,
             )
             await self.listener.start()
+        # Everything alive now (Ray, torch, the models) lives as long as the replica: move it out of
+        # the collector's reach, or each full collection walks it all (about 180 ms measured here,
+        # a stall of every request in flight).
+        gc.collect()
+        gc.freeze()
 
     async def _client(self, name: str, handle):
         if handle is not None:

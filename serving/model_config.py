@@ -46,6 +46,7 @@ TRITON_VERSION_PARAM = "fleet.triton.version"
 MAX_INFLIGHT_PARAM = "fleet.max_inflight_batches"
 PLACEMENT_PARAM = "fleet.placement"  # "colocated" | "split": overrides the cluster's placement for this model
 LATENCY_TARGET_PARAM = "latency_target_ms"  # adaptive batching (serving/adaptive.py)
+MAX_UTILIZATION_PARAM = "fleet.adaptive.max_utilization"  # adaptive batching: the model's busy share, (0, 1]
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,14 @@ def _check_numeric_params(params: dict[str, str], source: str) -> None:
             value = None
         if value is None or not 0 < value < math.inf:
             raise RepositoryError(f"{source}: parameter {key!r} must be a positive number, got {raw!r}")
+    raw = params.get(MAX_UTILIZATION_PARAM)
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= 1:
+            raise RepositoryError(f"{source}: parameter {MAX_UTILIZATION_PARAM!r} must lie in (0, 1], got {raw!r}")
 
 
 def spec_from_config(config: mc.ModelConfig, *, name: str | None = None, source: str = "config.pbtxt") -> ModelSpec:

@@ -15,10 +15,11 @@ from typing import Awaitable, Callable, Protocol
 
 from google.protobuf import json_format
 
+from serving.adaptive import DEFAULT_MAX_UTILIZATION
 from serving.batching import Batcher, BatcherConfig
 from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable
 from serving.metrics import ModelStats, StatsRecorder
-from serving.model_config import LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, ModelConfig, ModelSpec
+from serving.model_config import LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec
 from serving.monitor import triton_model_stats
 from serving.options import ServingOptions
 from serving.protocol import decode_request, encode_response
@@ -129,6 +130,7 @@ class InferenceService:
                 allow_timeout_override=policy.queue.allow_timeout_override,
                 max_inflight_batches=max(1, inflight),
                 latency_target_ms=float(spec.parameters.get(LATENCY_TARGET_PARAM, 0)) if policy.enabled else 0.0,
+                adaptive_max_utilization=float(spec.parameters.get(MAX_UTILIZATION_PARAM, DEFAULT_MAX_UTILIZATION)),
             )
             worker, name, tag = state.worker, spec.name, str(version)
             recorder = self.recorder

@@ -97,7 +97,8 @@ def build_repository(folder: Path, target_ms: float = ADAPTIVE_TARGET_MS) -> Mod
         del variant.dynamic_batching.preferred_batch_size[:]
         if adaptive:
             variant.parameters[LATENCY_TARGET_PARAM].string_value = str(target_ms)
-        repo.publish(name, {"model.pt": data}, {"copy_of": f"{MODEL}/1"}, config=variant)
+        metadata = {**repo.metadata(MODEL, 1), "copy_of": f"{MODEL}/1"}  # its reference statistics too
+        repo.publish(name, {"model.pt": data}, metadata, config=variant)
     publish_policies(repo, target_ms)
     return repo
 

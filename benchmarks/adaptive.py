@@ -50,16 +50,17 @@ CPU_WASTE = 1.1  # a policy meeting the target with >= 10 % more CPU per request
 
 
 def publish_policies(repo: ModelRepository, target_ms: float, rows: int = 20_000, seed: int = 0) -> None:
-    """Train `fraud_large` once and publish it under each policy's name."""
-    import torch
+    """Train `fraud_large` once (the fraud bootstrap, wider) and publish it under each policy's name."""
+    import tempfile
 
-    from training.bootstrap import TrainParams, export_torchscript, fit_fraud, fraud_config
-    from training.datasets import make_fraud
+    from training.bootstrap import TrainParams, bootstrap
 
-    torch.set_num_threads(2)
-    x, y = make_fraud(rows, seed=seed)
-    data = export_torchscript(fit_fraud(x, y, TrainParams(**LARGE_PARAMS), seed=seed))
-    base = fraud_config()
+    scratch = tempfile.mkdtemp(prefix="fraud-large-")
+    bootstrap(scratch, rows=rows, seed=seed, params=TrainParams(**LARGE_PARAMS), log=lambda line: None)
+    trained = ModelRepository(scratch)
+    data = Path(trained.model_file("fraud", 1)).read_bytes()
+    metadata = {**trained.metadata("fraud", 1), "copy_of": f"{LARGE_MODEL} (fraud, hidden 1024, depth 3)"}
+    base = trained.config_proto("fraud")
     for name, (delay_us, adaptive) in POLICIES.items():
         config = type(base)()
         config.CopyFrom(base)
@@ -68,7 +69,7 @@ def publish_policies(repo: ModelRepository, target_ms: float, rows: int = 20_000
         del config.dynamic_batching.preferred_batch_size[:]
         if adaptive:
             config.parameters[LATENCY_TARGET_PARAM].string_value = str(target_ms)
-        repo.publish(name, {"model.pt": data}, {"params": LARGE_PARAMS, "rows": rows, "seed": seed}, config=config)
+        repo.publish(name, {"model.pt": data}, metadata, config=config)
 
 
 def machine_cpu(path: str = "/proc/stat") -> tuple[float, float]:

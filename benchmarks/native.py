@@ -1,6 +1,6 @@
 """The native kernels against their baselines, as the goals of issue 4 state them.
 
-    python -m benchmarks.native [--repeats 15] [--quick]
+    python -m benchmarks.native [--repeats 15] [--quick] [--no-e2e]
 
 Each case times the compiled kernel and its baseline in the same run, single
 thread unless stated: warm-up excluded, samples interleaved (kernel, baseline,
@@ -156,7 +156,7 @@ def _finish(result: dict) -> dict:
     return result
 
 
-def run(repeats: int = 15, out_root: Path = RESULTS) -> tuple[dict, Path]:
+def run(repeats: int = 15, out_root: Path = RESULTS, end_to_end: bool = True) -> tuple[dict, Path]:
     """Run every case; returns the report and the folder it was written to."""
     from native import _core, _reference
 
@@ -178,6 +178,15 @@ def run(repeats: int = 15, out_root: Path = RESULTS) -> tuple[dict, Path]:
     report = {"kind": "native", "started_at": started.isoformat(timespec="seconds"), "git_sha": git_sha(),
               "machine": machine(), "config": {"repeats": repeats, "threads": 1, "statistic": "median per call"},
               "results": results, "errors": errors}
+    if end_to_end:
+        from benchmarks.native_e2e import e2e
+
+        print("end to end, native kernels on and off (two fleet clusters, one after the other) ...", flush=True)
+        try:
+            report["end_to_end"] = e2e()
+        except Exception as exc:  # recorded as data, like a failed case
+            errors.append({"case": "end to end", "error": f"{type(exc).__name__}: {exc}",
+                           "traceback": traceback.format_exc()})
     folder = out_root / f"{started:%Y%m%d-%H%M%S}-native"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2))
@@ -194,6 +203,10 @@ def markdown(report: dict) -> str:
                      f"{r['baseline']['median_us']:.1f} | {r['baseline_is']} | {r['ratio']:.2f}× | {goal} | "
                      f"{'met' if r['met'] else 'missed'} |")
     lines += [f"| {e['case']} | error: {e['error']} | | | | | | missed |" for e in report["errors"]]
+    if report.get("end_to_end"):
+        from benchmarks.native_e2e import markdown as e2e_markdown
+
+        lines += ["", "End to end (fleet defaults, wrk):", "", e2e_markdown(report["end_to_end"])]
     return "\n".join(lines)
 
 
@@ -220,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="samples per kernel and baseline (median kept)")
     parser.add_argument("--quick", action="store_true", help="5 samples: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--no-e2e", action="store_true", help="kernels only: no end-to-end runs of fleet")
     args = parser.parse_args(argv)
-    report, folder = run(5 if args.quick else args.repeats, args.out)
+    report, folder = run(5 if args.quick else args.repeats, args.out, end_to_end=not (args.no_e2e or args.quick))
     print(markdown(report))
     print(f"\n{folder / 'report.json'}")
     return 1 if report["errors"] else 0

@@ -73,13 +73,16 @@ def describe_cluster(state: dict) -> dict:
 
 
 def curl_example(url: str) -> str | None:
-    """A ready-to-paste curl infer request for the first served model (zeros as data)."""
+    """A ready-to-paste curl infer request (zeros as data) for the first served model of fixed input shapes."""
     try:
         index = _get(f"{url}/v2/repository/index", method="POST")
         if not index:
             return None
-        name = index[0]["name"]
-        meta = _get(f"{url}/v2/models/{name}")
+        meta = None
+        for name in dict.fromkeys(entry["name"] for entry in index):
+            meta = _get(f"{url}/v2/models/{name}")
+            if all(d != -1 for t in meta["inputs"] for d in t["shape"][1:]):
+                break
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return None
     inputs = []

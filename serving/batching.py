@@ -29,12 +29,15 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 import numpy as np
 
 from serving.adaptive import DEFAULT_MAX_UTILIZATION, AdaptivePolicy
 from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidInput, ModelUnavailable, Overloaded
+
+if TYPE_CHECKING:
+    from serving.preprocess import Preprocessor
 
 __all__ = ["BatcherConfig", "BatchResult", "Batcher"]
 
@@ -100,8 +103,10 @@ def _signature(inputs: Arrays) -> tuple:
 class Batcher:
     """Queue requests for one model version and execute them in batches."""
 
-    def __init__(self, name: str, execute: Execute, config: BatcherConfig, on_batch: OnBatch | None = None):
+    def __init__(self, name: str, execute: Execute, config: BatcherConfig, on_batch: OnBatch | None = None,
+                 preprocess: "Preprocessor | None" = None):
         self.name = name
+        self.preprocess = preprocess
         self.config = config
         self._execute = execute
         self._on_batch = on_batch
@@ -126,6 +131,13 @@ class Batcher:
                            name=name)
             if config.latency_target_ms > 0 and config.max_batch_size > 0 else None
         )
+
+    def _signature(self, inputs: Arrays) -> tuple:
+        pre = self.preprocess
+        if pre is None:
+            return _signature(inputs)
+        return tuple((name, pre.signature(arr) if name == pre.input_name else (arr.dtype.str, arr.shape[1:]))
+                     for name, arr in sorted(inputs.items()))
 
     @property
     def queue_depth(self) -> int:
@@ -163,8 +175,8 @@ class Batcher:
             self.adaptive.on_arrival(now, rows)
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, rows, _signature(inputs) if cfg.max_batch_size else None, loop.create_future(),
-                           now, deadline)
+        pending = _Pending(inputs, rows, self._signature(inputs) if cfg.max_batch_size else None,
+                           loop.create_future(), now, deadline)
         if not self._queue and self._inflight == 0 and (self.adaptive is None or self.adaptive.send_at_once(now, rows)):
             # Nothing queued and nothing running: send at once, no hop through the loop.
             self._dispatch([pending], now)
@@ -312,10 +324,13 @@ class Batcher:
         live = [p for p in batch if not p.future.done()]
         if not live:
             return
+        pre = self.preprocess
         if self.config.max_batch_size and len(live) > 1:
-            inputs = {name: np.concatenate([p.inputs[name] for p in live]) for name in live[0].inputs}
+            # The preprocessed input is assembled by its kernel when the batch runs, not concatenated here.
+            inputs = {name: np.concatenate([p.inputs[name] for p in live]) for name in live[0].inputs
+                      if pre is None or name != pre.input_name}
         else:
-            inputs = dict(live[0].inputs)
+            inputs = {name: arr for name, arr in live[0].inputs.items() if pre is None or name != pre.input_name}
         # Since when the model has been idle (adaptive mode's held time); `now` if it is busy.
         idle_since = self._last_done_ns if self._inflight == 0 else now
         self._inflight += 1
@@ -323,12 +338,36 @@ class Batcher:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
+    async def _preprocess(self, batch: list[_Pending], inputs: dict[str, np.ndarray]) -> bool:
+        """Assemble the preprocessed input into `inputs` and answer the requests it refuses.
+
+        A refused request's rows still run with the batch (its answer is already sent); False
+        when no request is left waiting.
+        """
+        pre = self.preprocess
+        parts = [p.inputs[pre.input_name] for p in batch]
+        try:
+            if pre.heavy:
+                arr, errors = await asyncio.get_running_loop().run_in_executor(None, pre.assemble, parts)
+            else:
+                arr, errors = pre.assemble(parts)
+        except (ValueError, TypeError) as exc:  # what check() let through: the whole batch's data is refused
+            raise InvalidInput(f"model {self.name}: preprocessing refused the input: {exc}") from exc
+        inputs[pre.input_name] = arr
+        for p, error in zip(batch, errors):
+            if error is not None and not p.future.done():
+                p.future.set_exception(error)
+        return any(not p.future.done() for p in batch)
+
     async def _execute_batch(self, batch: list[_Pending], inputs: dict[str, np.ndarray], sent_ns: int,
                              idle_since_ns: int = 0) -> None:
         rows = sum(p.rows for p in batch)
-        ok = False
+        ok = ran = False
         start = time.monotonic_ns()
         try:
+            if self.preprocess is not None and not await self._preprocess(batch, inputs):
+                return  # every request of the batch was refused: nothing to run
+            ran = True
             outputs = await self._execute(inputs)
             compute_ns = time.monotonic_ns() - start
             if self.config.max_batch_size:
@@ -378,5 +417,5 @@ class Batcher:
                 # The loop may sleep with the "nothing can go" threshold of a full pipeline:
                 # with a slot free again, the next arrival must wake it.
                 self._wake_rows = 1
-            if self._on_batch is not None:
+            if self._on_batch is not None and ran:
                 self._on_batch(rows, len(batch), time.monotonic_ns() - start, ok)

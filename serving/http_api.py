@@ -270,6 +270,10 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         return _json(await service.model_stats(p.get("model"), p.get("version")))
 
     @_endpoint
+    async def model_features(request: Request) -> Response:
+        p = request.path_params
+        return _json(await service.model_features(p["model"], p.get("version")))
+
     async def repository_index(request: Request) -> Response:
         return _json(service.repository_index())
 
@@ -300,10 +304,12 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/config", model_config, methods=["GET"]),
         Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/features", model_features, methods=["GET"]),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/features", model_features, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

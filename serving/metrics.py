@@ -10,6 +10,10 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "LATENCY_BUCKETS_S",
@@ -39,6 +43,9 @@ class ModelStats:
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # rows -> [executions, compute ns]
     last_inference_ms: int = 0
+    # Live feature histograms of a model that counts them (serving/preprocess.py): per feature,
+    # [underflow, bin 0 .. bin b-1, overflow] against its reference edges; [] until counted.
+    feature_counts: list[list[int]] = field(default_factory=list)
 
     def merge(self, other: "ModelStats") -> None:
         self.success += other.success
@@ -57,6 +64,18 @@ class ModelStats:
             entry[0] += count
             entry[1] += ns
         self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+        if other.feature_counts:
+            self.add_feature_counts(other.feature_counts)
+
+    def add_feature_counts(self, counts) -> None:
+        """Add per-feature bin counts (a [d][bins] list or int array); a change of shape starts afresh."""
+        rows = [list(map(int, row)) for row in counts]
+        if not self.feature_counts or [len(r) for r in self.feature_counts] != [len(r) for r in rows]:
+            self.feature_counts = rows
+            return
+        for mine, theirs in zip(self.feature_counts, rows):
+            for k, n in enumerate(theirs):
+                mine[k] += n
 
     def to_dict(self) -> dict:
         return {
@@ -71,11 +90,14 @@ class ModelStats:
             "latency_buckets": list(self.latency_buckets),
             "batch_sizes": {str(k): list(v) for k, v in self.batch_sizes.items()},
             "last_inference_ms": self.last_inference_ms,
+            "feature_counts": [list(r) for r in self.feature_counts],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelStats":
-        s = cls(**{k: v for k, v in d.items() if k not in ("batch_sizes", "failure", "latency_buckets")})
+        s = cls(**{k: v for k, v in d.items()
+                   if k not in ("batch_sizes", "failure", "latency_buckets", "feature_counts")})
+        s.feature_counts = [list(r) for r in d.get("feature_counts", [])]
         s.failure = dict(d.get("failure", {}))
         s.latency_buckets = list(d.get("latency_buckets", s.latency_buckets))
         s.batch_sizes = {int(k): list(v) for k, v in d.get("batch_sizes", {}).items()}
@@ -98,6 +120,7 @@ class StatsRecorder:
 
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], ModelStats] = {}
+        self._features: dict[tuple[str, str], "np.ndarray"] = {}  # feature bin counts since the last take()
 
     def _get(self, model: str, version: str) -> ModelStats:
         key = (model, version)
@@ -133,11 +156,23 @@ class StatsRecorder:
             entry[0] += 1
             entry[1] += compute_ns
 
+    def features(self, model: str, version: str, counts) -> None:
+        """Add one batch's feature bin counts (int64 [d, bins + 2]): one array addition, no Python loop."""
+        key = (model, version)
+        total = self._features.get(key)
+        if total is None or total.shape != counts.shape:
+            self._features[key] = counts.copy()
+        else:
+            total += counts
+
     def give_back(self, delta: dict[tuple[str, str], ModelStats]) -> None:
         """Return a delta that could not be handed off; it goes out with the next one."""
         merge_stats(self._stats, delta)
 
     def take(self) -> dict[tuple[str, str], ModelStats]:
         """Everything recorded since the last call, and start afresh."""
+        features, self._features = self._features, {}
+        for (model, version), counts in features.items():
+            self._get(model, version).add_feature_counts(counts.tolist())
         out, self._stats = self._stats, {}
         return out

@@ -13,17 +13,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
+import numpy as np
 from google.protobuf import json_format
 
 from serving.adaptive import DEFAULT_MAX_UTILIZATION
 from serving.batching import Batcher, BatcherConfig
-from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable
+from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
 from serving.metrics import ModelStats, StatsRecorder
 from serving.model_config import LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec
 from serving.monitor import triton_model_stats
 from serving.options import ServingOptions
+from serving.preprocess import Preprocessor, Standardize, make_preprocessor
 from serving.protocol import decode_request, encode_response
-from serving.registry import check_model_name
+from serving.registry import ModelRepository, check_model_name
 from serving.validation import validate_request
 
 __all__ = ["WorkerClient", "ModelState", "InferenceService", "SERVER_NAME", "SERVER_VERSION", "parse_header_length"]
@@ -77,6 +79,24 @@ class InferenceService:
         self.recorder = recorder or StatsRecorder()
         self._stats_source = stats_source
         self._metrics_source = metrics_source
+        self._repository: ModelRepository | None = None
+        self._preprocessors: dict[tuple[str, int], Preprocessor | None] = {}
+
+    def _preprocessor(self, state: ModelState, version: int) -> Preprocessor | None:
+        """The version's preprocessing (config.pbtxt parameters, statistics from its metadata.json), built once."""
+        key = (state.spec.name, version)
+        if key not in self._preprocessors:
+            metadata = None
+            try:
+                if state.spec.parameters.get("preprocess") == "standardize":
+                    if self._repository is None:
+                        self._repository = ModelRepository(self.options.repository)
+                    metadata = self._repository.metadata(state.spec.name, version)
+                self._preprocessors[key] = make_preprocessor(
+                    state.spec, metadata, source=f"{state.spec.name}/{version}")
+            except RepositoryError as exc:
+                raise ModelUnavailable(f"model {state.spec.name!r} version {version} cannot serve: {exc}") from exc
+        return self._preprocessors[key]
 
     # -- model state -----------------------------------------------------------
     async def refresh(self, timeout_s: float = 5.0) -> None:
@@ -141,7 +161,10 @@ class InferenceService:
             def on_batch(rows: int, requests: int, compute_ns: int, ok: bool) -> None:
                 recorder.batch(name, tag, rows, compute_ns, ok)
 
-            batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch)
+            pre = self._preprocessor(state, version)
+            if isinstance(pre, Standardize):
+                pre.on_counts = lambda counts: recorder.features(name, tag, counts)
+            batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch, pre)
         return batcher
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
@@ -208,7 +231,10 @@ class InferenceService:
         try:
             request = decode_request(body, header_length)
             checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements)
-            result = await self._batcher(state, number).submit(
+            batcher = self._batcher(state, number)
+            if batcher.preprocess is not None:
+                batcher.preprocess.check(checked.inputs[batcher.preprocess.input_name])
+            result = await batcher.submit(
                 checked.inputs, checked.rows, timeout_us=request.timeout_us
             )
             outputs = []
@@ -243,6 +269,28 @@ class InferenceService:
             for v in state.versions if version is None else [int(version)]:
                 entries.append(triton_model_stats(model, str(v), ModelStats()))
         return {"model_stats": entries}
+
+    async def model_features(self, model: str, version: str | None) -> dict:
+        """The live feature histograms of a model that counts them (cluster-wide), against its reference bins."""
+        state = self._model(model)
+        number = self._version(state, version)
+        pre = self._preprocessor(state, number)
+        reference = pre.reference if isinstance(pre, Standardize) else None
+        if reference is None:
+            raise InvalidInput(f"model {model!r} keeps no feature statistics: it declares no 'preprocess: standardize' "
+                               "with reference histograms in its metadata.json")
+        totals = await self._stats_source() if self._stats_source else {}
+        raw = totals.get((model, str(number)))
+        counts = None
+        if raw and raw.get("feature_counts"):
+            counts = np.asarray(raw["feature_counts"], np.int64)
+            if counts.shape != (len(reference.names), reference.edges.shape[1] + 1):
+                counts = None
+        features = reference.describe(counts)
+        return {"model_name": model, "model_version": str(number),
+                "rows": int(sum(features[0]["counts"])) if features else 0,
+                "bins": "counts[0] is below edges[0], counts[-1] above edges[-1]",
+                "features": features}
 
     async def metrics(self) -> bytes:
         if self._metrics_source is None:

@@ -10,6 +10,7 @@ replica itself (`LocalWorkerClient`: no Ray call at all). No HTTP here.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 
@@ -73,6 +74,8 @@ class ModelWorker:
 
     async def __init__(self, repository: str, model: str, threads: int | None = None):
         self.runner = await ModelRunner.load(repository, model, threads)
+        gc.collect()
+        gc.freeze()  # as in the ingress: what start-up made lives as long as the replica
 
     async def infer(self, version: int, inputs: dict) -> dict:
         return await self.runner.infer(version, inputs)

@@ -1,25 +1,27 @@
 """Train the example `fraud` model with plain PyTorch and publish it into a model repository.
 
 `python -m training.bootstrap --repository DIR [--if-empty] [--rows N] [--epochs E] [--seed S]`
+publishes fraud and the `digits` example (training/digits.py).
 
 `make serve` runs this with `--if-empty` on a fresh clone, so a new cluster has
-a model to serve without downloading anything. The pieces (train loop,
+models to serve without downloading anything. The pieces (train loop,
 evaluation, reference statistics, TorchScript export, metadata) are plain
 functions so the Ray Train job can reuse them inside its workers.
+
+The server standardizes fraud's features (`preprocess: standardize` in its
+config, with the mean and std of metadata `reference_stats`), so the exported
+model takes z-scores: `FraudMLP.for_serving()`. The model trains on raw rows
+with those same statistics inside, and the holdout metrics are those of the
+exported file fed `preprocess_reference.standardize(...)`: what it serves.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import math
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -28,16 +30,20 @@ from torch import Tensor, nn
 
 from serving.model_config import ModelConfig, TensorSpec, make_config
 from serving.registry import ModelRepository
+from training.artifacts import arrays_sha256, export_torchscript, git_sha, load_torchscript, version_metadata
 from training.datasets import FRAUD_FEATURES, make_fraud
-from training.models import FraudMLP
+from training.digits import bootstrap_digits
+from training.models import DEFAULT_CLIP, FraudMLP
+from training.preprocess_reference import feature_stats, standardize
 
 __all__ = [
-    "FRAUD_MODEL", "TrainParams", "fraud_config", "split_holdout", "iterate_batches", "train_epoch", "fit_fraud",
-    "evaluate", "reference_stats", "export_torchscript", "arrays_sha256", "git_sha", "fraud_metadata",
+    "FRAUD_MODEL", "FRAUD_CLIP", "TrainParams", "fraud_config", "split_holdout", "iterate_batches", "train_epoch",
+    "fit_fraud", "evaluate", "reference_stats", "export_torchscript", "arrays_sha256", "git_sha", "fraud_metadata",
     "bootstrap", "main",
 ]  # fmt: skip
 
 FRAUD_MODEL = "fraud"
+FRAUD_CLIP = DEFAULT_CLIP  # the config's `preprocess.clip`: z-scores are clipped to ±10, in training too
 _GENERATOR = "training.datasets.make_fraud"
 
 
@@ -56,7 +62,11 @@ class TrainParams:
 
 
 def fraud_config() -> ModelConfig:
-    """The fraud model's config.pbtxt: features FP32 [30] in, probability FP32 [1] out, dynamic batching."""
+    """The fraud model's config.pbtxt: features FP32 [30] in, probability FP32 [1] out, dynamic batching.
+
+    `preprocess: standardize` has the server z-score and clip (`preprocess.clip`)
+    the raw features before the model runs: the published model takes z-scores.
+    """
     return make_config(
         FRAUD_MODEL,
         [TensorSpec("features", "FP32", (len(FRAUD_FEATURES),))],
@@ -65,6 +75,7 @@ def fraud_config() -> ModelConfig:
         max_queue_delay_us=1000,
         max_queue_size=4096,
         instance_count=1,
+        parameters={"preprocess": "standardize", "preprocess.clip": f"{FRAUD_CLIP:g}"},
     )
 
 
@@ -118,10 +129,12 @@ def fit_fraud(
 
     `pos_weight = negatives / positives` balances the ~1% positives; the model's
     `logit_offset` is then set to `-log(pos_weight)` so `forward` serves a
-    calibrated probability rather than the weighted one.
+    calibrated probability rather than the weighted one. The model standardizes
+    with `feature_stats(x)`, the numbers `reference_stats(x, ...)` records.
     """
     torch.manual_seed(seed)
-    model = FraudMLP(x.mean(axis=0), x.std(axis=0), hidden=params.hidden, depth=params.depth, dropout=params.dropout)
+    mean, std = feature_stats(x)
+    model = FraudMLP(mean, std, hidden=params.hidden, depth=params.depth, dropout=params.dropout)
     positives = int(y.sum())
     if positives == 0 or positives == len(y):
         raise ValueError(f"training data needs both classes; got {positives} positives in {len(y)} rows")
@@ -141,8 +154,9 @@ def fit_fraud(
 def evaluate(model: Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray, *, batch_size: int = 8192) -> dict:
     """Holdout metrics of a model that returns P(fraud) [n, 1]: log loss, accuracy at 0.5, ROC AUC.
 
-    Works on an eager FraudMLP or a loaded TorchScript module. `roc_auc` is None
-    when `y` holds a single class (it is undefined then).
+    `x` goes to the model as it is: raw rows for an eager FraudMLP, and
+    `standardize(x, metadata, FRAUD_CLIP)` for the exported file (which takes
+    z-scores). `roc_auc` is None when `y` holds a single class (it is undefined then).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -168,9 +182,12 @@ def reference_stats(x: np.ndarray, feature_names: Sequence[str], *, bins: int = 
     percentile; `counts` histogram the training data into those bins with values
     outside the range counted in the end bins (clip first), so counts sum to the
     row count. Bin live traffic the same way before computing PSI.
+    `mean` and `std` are `feature_stats(x)`: what FraudMLP trains with and the
+    server standardizes with, float32 values written exactly.
     """
     if x.ndim != 2 or x.shape[1] != len(feature_names):
         raise ValueError(f"x must be [n, {len(feature_names)}], got {list(x.shape)}")
+    means, stds = feature_stats(x)
     stats = {}
     for i, name in enumerate(feature_names):
         col = x[:, i].astype(np.float64)
@@ -180,44 +197,12 @@ def reference_stats(x: np.ndarray, feature_names: Sequence[str], *, bins: int = 
         edges = np.linspace(lo, hi, bins + 1)
         counts, _ = np.histogram(np.clip(col, lo, hi), bins=edges)
         stats[name] = {
-            "mean": float(col.mean()),
-            "std": float(col.std()),
+            "mean": float(means[i]),
+            "std": float(stds[i]),
             "edges": [float(e) for e in edges],
             "counts": [int(c) for c in counts],
         }
     return stats
-
-
-def export_torchscript(model: nn.Module) -> bytes:
-    """Script `model` (in eval mode) and return the bytes of its TorchScript file (what `torch.jit.load` reads)."""
-    scripted = torch.jit.script(model.eval())
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
-    return buffer.getvalue()
-
-
-def arrays_sha256(*arrays: np.ndarray) -> str:
-    """SHA-256 over the arrays' C-order bytes, in order: the training-data fingerprint."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
-
-
-def git_sha() -> str | None:
-    """`git rev-parse HEAD` of the checkout this code runs from, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip() if out.returncode == 0 else ""
-    return sha or None
 
 
 def fraud_metadata(
@@ -228,18 +213,18 @@ def fraud_metadata(
     reference: Mapping,
     parent_version: int | None = None,
 ) -> dict:
-    """The metadata.json of a fraud version (created_at, framework, git_sha and feature names filled in)."""
-    return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "framework": f"torch {torch.__version__}",
-        "training_data": dict(training_data),
-        "params": dict(params),
-        "metrics": dict(metrics),
-        "parent_version": parent_version,
-        "git_sha": git_sha(),
-        "feature_names": list(FRAUD_FEATURES),
-        "reference_stats": dict(reference),
-    }
+    """The metadata.json of a fraud version (created_at, framework, git_sha and feature names filled in).
+
+    The server standardizes with `reference`'s mean and std in `feature_names` order.
+    """
+    return version_metadata(
+        training_data=training_data,
+        params=params,
+        metrics=metrics,
+        parent_version=parent_version,
+        feature_names=list(FRAUD_FEATURES),
+        reference_stats=dict(reference),
+    )
 
 
 def bootstrap(
@@ -257,11 +242,11 @@ def bootstrap(
 
     With `if_empty`, returns None without training when the repository already holds a model.
     `params` overrides every hyper-parameter (then `epochs` is ignored). Sets torch's
-    intra-op threads to `num_threads` for the process.
+    intra-op threads to `num_threads` for the process. The metrics recorded are
+    the exported file's on holdout rows standardized and clipped as the server does.
     """
     repo = ModelRepository(repository)
-    if if_empty and not repo.is_empty():
-        log(f"repository {repo.root_uri} already holds models ({', '.join(repo.list_models())}); nothing to do")
+    if if_empty and _holds_models(repo, log):
         return None
     started = time.perf_counter()
     torch.set_num_threads(num_threads)
@@ -269,7 +254,11 @@ def bootstrap(
     x, y = make_fraud(rows, seed=seed)
     x_train, y_train, x_hold, y_hold = split_holdout(x, y, params.holdout_fraction)
     model = fit_fraud(x_train, y_train, params, seed=seed, log=log)
-    metrics = evaluate(model, x_hold, y_hold)
+    reference = reference_stats(x_train, FRAUD_FEATURES)
+    model_file = export_torchscript(model.for_serving())
+    served = {"feature_names": list(FRAUD_FEATURES), "reference_stats": reference}  # what the server reads
+    metrics = evaluate(load_torchscript(model_file), standardize(x_hold, served, FRAUD_CLIP), y_hold)
+    clipped = np.abs(standardize(x_hold, served, math.inf)) > FRAUD_CLIP
     training_data = {
         "generator": _GENERATOR,
         "seed": seed,
@@ -291,10 +280,15 @@ def bootstrap(
     metadata = fraud_metadata(
         training_data=training_data,
         params=run_params,
-        metrics={**metrics, "holdout_rows": int(len(y_hold)), "holdout_positives": int(y_hold.sum())},
-        reference=reference_stats(x_train, FRAUD_FEATURES),
+        metrics={
+            **metrics,
+            "holdout_rows": int(len(y_hold)),
+            "holdout_positives": int(y_hold.sum()),
+            "holdout_clipped_rows": int(clipped.any(axis=1).sum()),  # rows with a z-score beyond ±FRAUD_CLIP
+        },
+        reference=reference,
     )
-    version = repo.publish(FRAUD_MODEL, {"model.pt": export_torchscript(model)}, metadata, config=fraud_config())
+    version = repo.publish(FRAUD_MODEL, {"model.pt": model_file}, metadata, config=fraud_config())
     auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
     log(
         f"published {FRAUD_MODEL} version {version} at {repo.version(FRAUD_MODEL, version).path}: "
@@ -304,17 +298,27 @@ def bootstrap(
     return version
 
 
+def _holds_models(repo: ModelRepository, log: Callable[[str], None]) -> bool:
+    if repo.is_empty():
+        return False
+    log(f"repository {repo.root_uri} already holds models ({', '.join(repo.list_models())}); nothing to do")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.bootstrap", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", required=True, help="repository root: a local path or a pyarrow.fs URI")
     parser.add_argument("--if-empty", action="store_true", help="do nothing when the repository already holds models")
-    parser.add_argument("--rows", type=int, default=40_000, help="generated rows, holdout included")
-    parser.add_argument("--epochs", type=int, default=TrainParams.epochs)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=40_000, help="fraud: generated rows, holdout included")
+    parser.add_argument("--epochs", type=int, default=TrainParams.epochs, help="fraud: training epochs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both models' data and training")
     args = parser.parse_args(argv)
     if args.rows < 100 or args.epochs < 1:
         parser.error(f"need --rows >= 100 and --epochs >= 1, got {args.rows} and {args.epochs}")
-    bootstrap(args.repository, rows=args.rows, epochs=args.epochs, seed=args.seed, if_empty=args.if_empty)
+    if args.if_empty and _holds_models(ModelRepository(args.repository), print):
+        return 0
+    bootstrap(args.repository, rows=args.rows, epochs=args.epochs, seed=args.seed)
+    bootstrap_digits(args.repository, seed=args.seed)
     return 0
 
 

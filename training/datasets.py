@@ -1,4 +1,4 @@
-"""Seeded synthetic datasets for the example models.
+"""Seeded datasets for the example models: synthetic fraud transactions and scikit-learn's digits.
 
 `make_fraud` draws card transactions with 30 numeric features and a ~1% fraud
 label. The label follows a fixed nonlinear rule of the features plus noise, so
@@ -13,6 +13,10 @@ Scenarios, for drift and rollout experiments:
 - "concept_shift": the same features as "baseline" (the same seed gives the
   very same X), labelled by a different rule.
 
+`load_digits` splits scikit-learn's bundled 8 x 8 handwritten digits (1,797
+images, shipped inside sklearn: no download) into seeded train and holdout sets,
+as the uint8 images a client of the `digits` model sends.
+
 CLI: `python -m training.datasets fraud --rows N --scenario S --out DIR`.
 """
 
@@ -26,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FRAUD_FEATURES", "FRAUD_SCENARIOS", "make_fraud", "write_fraud_parquet", "main"]
+__all__ = [
+    "FRAUD_FEATURES", "FRAUD_SCENARIOS", "make_fraud", "write_fraud_parquet", "DigitsSplit", "load_digits", "main",
+]  # fmt: skip
 
 _N_COMPONENTS = 22
 FRAUD_FEATURES: list[str] = [
@@ -171,6 +177,35 @@ def write_fraud_parquet(path: str, n_rows: int, seed: int = 0, scenario: str = "
     os.makedirs(parent, exist_ok=True)
     pq.write_table(table, path)
     return path
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """Digits images uint8 [n, 8, 8] (0 = background, 255 = ink) and labels int64 [n] (0..9), train and holdout."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+
+
+def load_digits(*, seed: int = 0, holdout_fraction: float = 0.2) -> DigitsSplit:
+    """scikit-learn's digits as uint8 images, split at random (seeded) into train and holdout.
+
+    The bundled pixels are 0..16; they are scaled to 0..255 (`rint(v * 255 / 16)`)
+    so the images look like what a client sends. The same seed gives the same split.
+    """
+    from sklearn.datasets import load_digits as _sklearn_digits
+
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    bunch = _sklearn_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_holdout = max(1, int(round(len(images) * holdout_fraction)))
+    train, holdout = order[:-n_holdout], order[-n_holdout:]
+    return DigitsSplit(images[train], labels[train], images[holdout], labels[holdout])
 
 
 def main(argv: list[str] | None = None) -> int:

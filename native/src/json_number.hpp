@@ -70,6 +70,12 @@ inline constexpr double kPow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e
 
 // w * 10^exp10 correctly rounded, or false when the fast ways cannot tell.
 inline bool fast_double(uint64_t w, int64_t exp10, double &out) {
+  // Clinger: w and 10^|exp10| are exact doubles, one IEEE operation rounds once.
+  if (w <= (uint64_t{1} << 53) && exp10 >= -22 && exp10 <= 22) {
+    double v = static_cast<double>(w);
+    out = exp10 < 0 ? v / kPow10[-exp10] : v * kPow10[exp10];
+    return true;
+  }
 #if defined(__x86_64__) && LDBL_MANT_DIG == 64
   // x87 extended precision: w (< 2^64) and 10^|exp10| (exp10 <= 27) are exact,
   // so r is the exact value rounded once to 64 bits. Rounding r to 53 bits is

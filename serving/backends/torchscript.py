@@ -20,6 +20,7 @@ import torch
 from serving.backends.base import positional_order
 from serving.errors import BackendError, RepositoryError
 from serving.model_config import ModelSpec, TensorSpec
+from serving.preprocess import model_inputs
 
 __all__ = ["TorchScriptBackend", "pick_device"]
 
@@ -60,7 +61,7 @@ class TorchScriptBackend:
         self.device = device or pick_device(spec.instance_kind)
         self._file = model_file
         self._threads = threads
-        self._inputs = positional_order(spec.inputs)
+        self._inputs = positional_order(model_inputs(spec))  # what the file takes, after any preprocessing
         self._outputs = positional_order(spec.outputs)
         self._module: torch.jit.ScriptModule | None = None
         self._pinned: dict[str, torch.Tensor] = {}

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.errors import BackendError, ModelUnavailable
 from serving.model_config import TRITON_MODEL_PARAM, TRITON_VERSION_PARAM, ModelSpec
+from serving.preprocess import model_inputs
 
 __all__ = ["TritonBackend"]
 
@@ -71,7 +72,7 @@ class TritonBackend:
         if self._client is None:
             raise ModelUnavailable(f"model {self.spec.name!r}: not connected to Triton")
         request = []
-        for t in self.spec.inputs:
+        for t in model_inputs(self.spec):  # after any preprocessing the ingress did
             arr = inputs.get(t.name)
             if arr is None:
                 continue

@@ -7,12 +7,15 @@ The repository holds:
 - `libtorch`      a model laid out by hand for Triton's pytorch_libtorch backend (input__0/output__0);
 - `slow`          ~100 ms per batch, one batch in flight, a queue of 2: for overload;
 - `slow_deep`     the same, one request per batch and a queue of 64: for queue timeouts;
-- `fraud_triton`  forwarded by fleet to a real Triton server serving fraud's TorchScript file.
+- `fraud_triton`  forwarded by fleet to a real Triton server serving fraud's TorchScript file
+                  (fleet standardizes the features first, as it does for fraud);
+- `digits`        the example CNN over uint8 images of any size (resized by fleet's native kernel).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import threading
@@ -28,6 +31,7 @@ from cluster.ports import free_port
 from serving.model_config import TensorSpec, make_config
 from serving.registry import ModelRepository
 from training.bootstrap import bootstrap
+from training.digits import bootstrap_digits
 
 pytestmark = pytest.mark.integration
 
@@ -64,14 +68,17 @@ def _save(module: torch.nn.Module) -> bytes:
 def _build_repository(root: Path, triton_url: str) -> None:
     repo = ModelRepository(str(root))
     bootstrap(str(root), rows=8000, epochs=3, seed=1, num_threads=1, log=lambda *a, **k: None)
+    bootstrap_digits(str(root), seed=1, num_threads=1, log=lambda *a, **k: None)
     fraud_file = (root / "fraud" / "1" / "model.pt").read_bytes()
     fraud_spec = repo.spec("fraud")
+    fraud_metadata = repo.metadata("fraud", 1)  # its reference statistics: the copies standardize as fraud does
+    preprocess = {k: v for k, v in fraud_spec.parameters.items() if k.startswith("preprocess")}
     repo.publish(
         "fraud_slowq",
         {"model.pt": fraud_file},
-        {"note": "fraud with a long queue delay"},
+        {**fraud_metadata, "note": "fraud with a long queue delay"},
         config=make_config("fraud_slowq", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
-                           max_queue_delay_us=200_000, parameters={"fleet.placement": "split"}),
+                           max_queue_delay_us=200_000, parameters={"fleet.placement": "split", **preprocess}),
     )
     # Laid out as for Triton, by hand: config text, version folder, no metadata.json.
     torch.manual_seed(0)
@@ -96,8 +103,11 @@ def _build_repository(root: Path, triton_url: str) -> None:
         "fraud_triton",
         make_config("fraud_triton", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
                     platform="", parameters={"fleet.backend": "triton", "fleet.triton.url": triton_url,
-                                             "fleet.triton.model": "fraud"}),
+                                             "fleet.triton.model": "fraud", **preprocess}),
     )
+    # Fronting Triton needs no model file: version 1 is a folder with fleet's metadata.json only.
+    (root / "fraud_triton" / "1").mkdir()
+    (root / "fraud_triton" / "1" / "metadata.json").write_text(json.dumps(fraud_metadata))
 
 
 @pytest.fixture(scope="package")

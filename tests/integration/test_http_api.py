@@ -14,7 +14,14 @@ pytestmark = pytest.mark.integration
 
 
 def _direct(repository, model: str, version: int, x: np.ndarray) -> np.ndarray:
-    """What the TorchScript file computes when run in this process."""
+    """What the TorchScript file computes when run in this process (after the standardization fleet applies)."""
+    from serving.registry import ModelRepository
+    from training.preprocess_reference import standardize
+
+    repo = ModelRepository(str(repository))
+    params = repo.spec(model).parameters
+    if params.get("preprocess") == "standardize":
+        x = standardize(x, repo.metadata(model, version), float(params["preprocess.clip"]))
     module = torch.jit.load(str(repository / model / str(version) / "model.pt"))
     with torch.inference_mode():
         return module(torch.from_numpy(x)).numpy()

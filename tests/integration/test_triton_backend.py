@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tritonclient.http as tc
 
+from training.preprocess_reference import standardize
+
 pytestmark = pytest.mark.integration
 
 
@@ -20,7 +22,7 @@ def triton(fleet_cluster):
     return triton["proc"]
 
 
-def test_forwarded_answers_equal_triton_and_fleet_own(host_port, triton):
+def test_forwarded_answers_equal_triton_and_fleet_own(host_port, triton, repository_models):
     x = np.random.default_rng(5).standard_normal((6, 30)).astype(np.float32)
 
     def infer(address: str, model: str) -> np.ndarray:
@@ -30,8 +32,11 @@ def test_forwarded_answers_equal_triton_and_fleet_own(host_port, triton):
         return client.infer(model, [inp]).as_numpy("probability")
 
     via_fleet = infer(host_port, "fraud_triton")
-    straight = infer(triton.http_url, "fraud")
     local = infer(host_port, "fraud")
+    # fleet standardizes the features (preprocess: standardize) before Triton sees them
+    metadata = repository_models.metadata("fraud", 1)
+    x = standardize(x, metadata, float(repository_models.spec("fraud").parameters["preprocess.clip"]))
+    straight = infer(triton.http_url, "fraud")
     np.testing.assert_allclose(via_fleet, straight, rtol=1e-6)
     np.testing.assert_allclose(via_fleet, local, rtol=1e-5, atol=1e-7)
     meta = tc.InferenceServerClient(host_port).get_model_metadata("fraud_triton")

@@ -1,8 +1,13 @@
-"""The fraud example: seeded generator, FraudMLP (eager == TorchScript), bootstrap into a repository."""
+"""The fraud example: seeded generator, FraudMLP (eager == TorchScript), bootstrap into a repository.
+
+The published model takes z-scores: the server standardizes (`preprocess:
+standardize`), and these tests feed it through `preprocess_reference.standardize`.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -11,10 +16,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from serving.model_config import spec_from_config
 from serving.registry import ModelRepository
 from training import bootstrap as boot
+from training.artifacts import load_torchscript
 from training.datasets import FRAUD_FEATURES, main as datasets_main, make_fraud
 from training.models import FraudMLP
+from training.preprocess_reference import feature_stats, standardize
 
 # Small enough to keep the whole file in a few seconds, big enough for a stable AUC.
 _ROWS, _EPOCHS = 16_000, 4
@@ -74,6 +82,42 @@ def test_scripted_model_equals_eager():
     assert ((eager >= 0) & (eager <= 1)).all()
 
 
+def _served_metadata(x: np.ndarray) -> dict:
+    """The part of metadata.json the server standardizes with."""
+    return {"feature_names": list(FRAUD_FEATURES), "reference_stats": boot.reference_stats(x, FRAUD_FEATURES)}
+
+
+def test_exported_model_on_standardized_rows_equals_eager_on_raw_rows():
+    # Training clips the z-scores as the server does, so the two agree on outliers too.
+    x, y = make_fraud(4_000, seed=2)
+    x[:, 7] = 1.0  # a constant feature: the std guard must match on both sides
+    mean, std = feature_stats(x)
+    model = FraudMLP(mean, std, hidden=16, depth=2).eval()
+    model.logit_offset.fill_(-3.0)
+    exported = load_torchscript(boot.export_torchscript(model.for_serving()))
+    with torch.inference_mode():
+        eager = model(torch.from_numpy(x))
+        served = exported(torch.from_numpy(standardize(x, _served_metadata(x), boot.FRAUD_CLIP)))
+    assert served.shape == (4_000, 1)
+    assert float((served - eager).abs().max()) < 1e-5
+    assert model.prestandardized is False  # exporting leaves the eager model on raw features
+
+
+def test_standardize_clips_z_scores_as_the_config_says():
+    x, _ = make_fraud(4_000, seed=2)
+    z = standardize(x, _served_metadata(x), boot.FRAUD_CLIP)
+    assert z.dtype == np.float32 and z.shape == x.shape
+    assert np.abs(z).max() == pytest.approx(boot.FRAUD_CLIP)
+    assert abs(float(z[:, 0].mean())) < 0.05  # amount: roughly centred (clipping trims its long tail)
+
+
+def test_fraud_config_declares_server_side_standardization():
+    spec = spec_from_config(boot.fraud_config())
+    assert spec.parameters["preprocess"] == "standardize"
+    assert float(spec.parameters["preprocess.clip"]) == boot.FRAUD_CLIP == 10.0
+    assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [("features", "FP32", (30,))]
+
+
 def test_constant_feature_does_not_blow_up():
     x = np.random.default_rng(0).normal(size=(100, 30)).astype(np.float32)
     x[:, 7] = 1.0
@@ -90,6 +134,10 @@ def test_reference_stats_cover_the_training_data():
         assert np.all(np.diff(s["edges"]) > 0)
         assert sum(s["counts"]) == 5_000
     assert stats["amount"]["mean"] == pytest.approx(float(x[:, 0].astype(np.float64).mean()))
+    # Exactly the statistics the model is trained with (FraudMLP's buffers), so the server standardizes alike.
+    model = FraudMLP(*feature_stats(x))
+    assert [stats[n]["mean"] for n in FRAUD_FEATURES] == model.mean.tolist()
+    assert [stats[n]["std"] for n in FRAUD_FEATURES] == model.std.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -102,18 +150,20 @@ def published(tmp_path_factory):
 
 def test_bootstrap_publishes_a_loadable_fraud_model(published):
     repo = published
-    assert repo.list_models() == ["fraud"]
+    assert repo.list_models() == ["digits", "fraud"]  # the CLI publishes both examples
     assert repo.list_versions("fraud") == [1]
     spec = repo.spec("fraud")
     assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [("features", "FP32", (30,))]
     assert [(t.name, t.datatype, t.dims) for t in spec.outputs] == [("probability", "FP32", (1,))]
     assert spec.max_batch_size == 256 and spec.batching.max_queue_delay_us == 1000
     assert spec.batching.queue.max_queue_size == 4096 and spec.instance_count == 1
+    assert spec.parameters["preprocess"] == "standardize"
 
     model = torch.jit.load(repo.model_file("fraud", 1))
     x, y = make_fraud(20_000, seed=12_345)  # rows the model never saw
+    z = standardize(x, repo.metadata("fraud", 1), float(spec.parameters["preprocess.clip"]))  # as the server does
     with torch.inference_mode():
-        p = model(torch.from_numpy(x))
+        p = model(torch.from_numpy(z))
     assert p.shape == (20_000, 1) and p.dtype == torch.float32
     assert ((p >= 0) & (p <= 1)).all()
     assert roc_auc_score(y, p.numpy()[:, 0]) > 0.85
@@ -135,6 +185,11 @@ def test_bootstrap_metadata(published):
     metrics = meta["metrics"]
     assert all(isinstance(metrics[k], float) for k in ("loss", "accuracy", "roc_auc"))
     assert metrics["roc_auc"] > 0.85 and 0.9 < metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+    assert 0 <= metrics["holdout_clipped_rows"] < 0.01 * metrics["holdout_rows"]
+    # The recorded metrics are the published file's on holdout rows as the server standardizes them.
+    served = boot.evaluate(torch.jit.load(published.model_file("fraud", 1)), standardize(x[n:], meta, boot.FRAUD_CLIP),
+                           y[n:])
+    assert served == {k: pytest.approx(metrics[k]) for k in ("loss", "accuracy", "roc_auc")}
     assert meta["parent_version"] is None
     assert "git_sha" in meta and (meta["git_sha"] is None or re.match(r"^[0-9a-f]{40}$", meta["git_sha"]))
     assert meta["feature_names"] == FRAUD_FEATURES

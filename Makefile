@@ -42,9 +42,14 @@ serve: $(VENV)/.installed
 	$(PY) -m training.bootstrap --repository $(REPOSITORY) --if-empty
 	$(VENV)/bin/fleet serve --repository $(REPOSITORY)
 
+# The whole suite with the compiled kernels, then again with FLEET_PURE_PYTHON=1 (the NumPy references)
+# over every test whose outcome the kernels decide: the unit tests and the request path of a live cluster.
+PURE_PYTHON_TESTS := tests/unit tests/integration/test_http_api.py tests/integration/test_bad_input.py \
+  tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py
+
 test: $(VENV)/.installed $(TRITON_VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_TESTS) $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

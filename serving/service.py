@@ -16,6 +16,7 @@ from typing import Awaitable, Callable, Protocol
 import numpy as np
 from google.protobuf import json_format
 
+import native
 from serving.adaptive import DEFAULT_MAX_UTILIZATION
 from serving.batching import Batcher, BatcherConfig
 from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
@@ -174,7 +175,9 @@ class InferenceService:
 
     # -- answers ---------------------------------------------------------------
     def server_metadata(self) -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        # `native_kernels` (fleet's): which preprocessing kernels this replica runs, "native" or "numpy".
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS,
+                "native_kernels": native.BACKEND}
 
     def is_ready(self) -> bool:
         return all(s.ready for s in self.models.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import httpx
 import numpy as np
@@ -37,6 +38,8 @@ def _features(n: int, seed: int = 0) -> np.ndarray:
 def test_server_metadata_and_health(base_url):
     meta = httpx.get(f"{base_url}/v2").json()
     assert meta["name"] == "fleet"
+    # `make test` runs the request path twice: compiled kernels, then FLEET_PURE_PYTHON=1 in every replica too
+    assert meta["native_kernels"] == ("numpy" if os.environ.get("FLEET_PURE_PYTHON") == "1" else "native")
     assert "binary_tensor_data" in meta["extensions"]
     assert httpx.get(f"{base_url}/v2/health/live").status_code == 200
     assert httpx.get(f"{base_url}/v2/health/ready").status_code == 200

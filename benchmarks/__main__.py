@@ -20,13 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.adaptive import adaptive_scenario, publish_policies
+from benchmarks.adaptive import adaptive_scenario, publish_policies, publish_variants
 from benchmarks.bodies import request_bodies
 from benchmarks.report import git_sha, machine, ratios_and_goals, write_report
 from benchmarks.scenarios import Bodies, closed_sweep, cool_down, mixed_models, open_rate, step_rates
 from benchmarks.systems import BaselineSystem, FleetSystem, System, TritonSystem
 from benchmarks.wrk import wrk_available
-from serving.model_config import LATENCY_TARGET_PARAM
 from serving.registry import ModelRepository
 
 MODEL = "fraud"
@@ -86,19 +85,7 @@ def build_repository(folder: Path, target_ms: float = ADAPTIVE_TARGET_MS) -> Mod
 
     bootstrap(str(folder), rows=20_000, epochs=3, log=lambda line: None)
     repo = ModelRepository(str(folder))
-    config = repo.config_proto(MODEL)
-    model_file = repo.model_file(MODEL, 1)
-    data = Path(model_file).read_bytes()
-    for name, (delay_us, adaptive) in VARIANTS.items():
-        variant = type(config)()
-        variant.CopyFrom(config)
-        variant.name = name
-        variant.dynamic_batching.max_queue_delay_microseconds = delay_us
-        del variant.dynamic_batching.preferred_batch_size[:]
-        if adaptive:
-            variant.parameters[LATENCY_TARGET_PARAM].string_value = str(target_ms)
-        metadata = {**repo.metadata(MODEL, 1), "copy_of": f"{MODEL}/1"}  # its reference statistics too
-        repo.publish(name, {"model.pt": data}, metadata, config=variant)
+    publish_variants(repo, MODEL, repo, VARIANTS, target_ms, note=f"{MODEL}/1")
     publish_policies(repo, target_ms)
     return repo
 

@@ -35,7 +35,7 @@ from benchmarks.wrk import run_wrk
 from serving.model_config import LATENCY_TARGET_PARAM
 from serving.registry import ModelRepository
 
-__all__ = ["LARGE_MODEL", "POLICIES", "publish_policies", "machine_cpu", "adaptive_scenario", "adaptive_goal"]
+__all__ = ["LARGE_MODEL", "POLICIES", "publish_policies", "publish_variants", "machine_cpu", "adaptive_scenario", "adaptive_goal"]
 
 LARGE_MODEL = "fraud_large"
 LARGE_PARAMS = {"hidden": 1024, "depth": 3, "epochs": 1}
@@ -57,11 +57,20 @@ def publish_policies(repo: ModelRepository, target_ms: float, rows: int = 20_000
 
     scratch = tempfile.mkdtemp(prefix="fraud-large-")
     bootstrap(scratch, rows=rows, seed=seed, params=TrainParams(**LARGE_PARAMS), log=lambda line: None)
-    trained = ModelRepository(scratch)
-    data = Path(trained.model_file("fraud", 1)).read_bytes()
-    metadata = {**trained.metadata("fraud", 1), "copy_of": f"{LARGE_MODEL} (fraud, hidden 1024, depth 3)"}
-    base = trained.config_proto("fraud")
-    for name, (delay_us, adaptive) in POLICIES.items():
+    publish_variants(ModelRepository(scratch), "fraud", repo, POLICIES, target_ms,
+                     note=f"{LARGE_MODEL}: fraud at hidden 1024, depth 3")
+
+
+def publish_variants(source: ModelRepository, model: str, repo: ModelRepository,
+                     variants: dict[str, tuple[int, bool]], target_ms: float, note: str) -> None:
+    """Copies of source's `model` version 1 (file and metadata) into `repo`, one per batching policy.
+
+    `variants` maps a name to (max_queue_delay_us, adaptive); adaptive ones get `latency_target_ms`.
+    """
+    data = Path(source.model_file(model, 1)).read_bytes()
+    metadata = {**source.metadata(model, 1), "copy_of": note}  # its reference statistics too
+    base = source.config_proto(model)
+    for name, (delay_us, adaptive) in variants.items():
         config = type(base)()
         config.CopyFrom(base)
         config.name = name

@@ -107,6 +107,8 @@ void count_block(const Feature &f, const float *x, size_t d, size_t begin, size_
   }
 }
 
+constexpr size_t kSmallBatch = 64;  // rows below which the tables do not pay for themselves
+
 }  // namespace
 
 nb::object histogram(nb::handle x_obj, nb::handle edges_obj, nb::handle counts_obj) {
@@ -131,21 +133,43 @@ nb::object histogram(nb::handle x_obj, nb::handle edges_obj, nb::handle counts_o
   }
   {
     nb::gil_scoped_release release;
-    Tables tables;
-    build_tables(e, d, bins, tables);
-    // Blocks of rows small enough to stay in L1 while each feature's column
-    // is counted into a private array, added to `counts` once at the end.
-    constexpr size_t kBlockBytes = 16 * 1024;
-    const size_t block = std::max<size_t>(1, kBlockBytes / (sizeof(float) * std::max<size_t>(d, 1)));
-    const size_t slots = static_cast<size_t>(bins) + 2;
-    std::vector<int64_t> local(d * slots, 0);
-    for (size_t begin = 0; begin < n; begin += block)
+    if (n < kSmallBatch) {
+      // A few rows (a serving batch): building the lookup tables would cost more than a
+      // binary search of each value among its feature's edges.
+      int64_t *total = counts.data();
+      const float *xs = x.data();
+      for (size_t i = 0; i < n; ++i)
+        for (size_t j = 0; j < d; ++j) {
+          const float v = xs[i * d + j];
+          const float *row = e + j * (bins + 1);
+          int64_t *c = total + j * (bins + 2);
+          if (v < row[0]) {
+            ++c[0];
+          } else if (v > row[bins]) {
+            ++c[bins + 1];
+          } else if (v == row[bins]) {
+            ++c[bins];  // the last bin is closed
+          } else if (v == v) {
+            ++c[std::upper_bound(row, row + bins + 1, v) - row];  // 1 + the bin: edges[k] <= v < edges[k+1]
+          }
+        }
+    } else {
+      Tables tables;
+      build_tables(e, d, bins, tables);
+      // Blocks of rows small enough to stay in L1 while each feature's column
+      // is counted into a private array, added to `counts` once at the end.
+      constexpr size_t kBlockBytes = 16 * 1024;
+      const size_t block = std::max<size_t>(1, kBlockBytes / (sizeof(float) * std::max<size_t>(d, 1)));
+      const size_t slots = static_cast<size_t>(bins) + 2;
+      std::vector<int64_t> local(d * slots, 0);
+      for (size_t begin = 0; begin < n; begin += block)
+        for (size_t j = 0; j < d; ++j)
+          (tables.features[j].in_float ? count_block<true> : count_block<false>)(
+              tables.features[j], x.data() + j, d, begin, std::min(n, begin + block), local.data() + j * slots);
+      int64_t *total = counts.data();
       for (size_t j = 0; j < d; ++j)
-        (tables.features[j].in_float ? count_block<true> : count_block<false>)(
-            tables.features[j], x.data() + j, d, begin, std::min(n, begin + block), local.data() + j * slots);
-    int64_t *total = counts.data();
-    for (size_t j = 0; j < d; ++j)
-      for (int k = 0; k < bins + 2; ++k) total[j * (bins + 2) + k] += local[j * slots + k];
+        for (int k = 0; k < bins + 2; ++k) total[j * (bins + 2) + k] += local[j * slots + k];
+    }
   }
   return nb::borrow(counts_obj);
 }

@@ -122,3 +122,18 @@ BAD_CALLS = {
 def test_bad_arguments_raise_an_error_naming_the_argument(impl, case):
     args, error, name = BAD_CALLS[case]
     assert_refused(impl, args, {}, error, name, args[2])  # a refused call counts nothing
+
+
+def test_small_batches_and_large_ones_count_alike_on_every_kind_of_value():
+    # Below 64 rows the kernel searches the edges; from 64 rows on it builds lookup tables.
+    big = np.finfo(np.float32).max
+    edges = np.array([[-big, -1.0, 0.0, 1.0, 2.0, 3.0, big]], np.float32)
+    values = np.array([-big, big, 0.0, -0.0, 1.0, 2.0, 3.0, np.nextafter(np.float32(3), np.float32(4)),
+                       np.nan, np.inf, -np.inf, 2.9999998, 0.99999994, -1.0, 1e-40], np.float32)
+    x = np.tile(values, 10)[:, None]  # 150 rows
+    whole = both(x, edges)
+    pieces = np.zeros_like(whole)
+    for start in range(0, len(x), 15):
+        pieces = both(x[start:start + 15], edges, pieces)
+    np.testing.assert_array_equal(whole, pieces)
+    assert whole.sum() == 140  # every value but the 10 NaNs

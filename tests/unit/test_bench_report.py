@@ -78,6 +78,8 @@ def test_sustained_rate_is_the_highest_step_fleet_kept_up_with():
     assert sustained_rate(ramp) == 2000
     assert sustained_rate([step(1000, 1000, 5.0, statuses={"200": 990, "503": 10})]) is None
     assert sustained_rate([]) is None
+    # a step that passes after one that failed does not count: the ramp stops at the first failure
+    assert sustained_rate([step(1000, 1000, 5.0), step(2000, 1990, 150.0), step(3000, 2990, 9.0)]) == 1000
 
 
 def test_report_files_are_written_with_tables_and_plots(tmp_path):

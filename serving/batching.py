@@ -95,9 +95,11 @@ class _Pending:
         self.deadline_ns = deadline_ns
 
 
-def _signature(inputs: Arrays) -> tuple:
-    # Requests batch together only when every non-batch dimension and dtype agree.
-    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
+def _signature(inputs: Arrays, pre: "Preprocessor | None" = None) -> tuple:
+    # Requests batch together only when every non-batch dimension and dtype agree, but for the
+    # input a preprocessor assembles: it says what may share a batch (images of any size, say).
+    return tuple((name, pre.signature(arr)) if pre is not None and name == pre.input_name
+                 else (name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
 
 
 class Batcher:
@@ -131,13 +133,6 @@ class Batcher:
                            name=name)
             if config.latency_target_ms > 0 and config.max_batch_size > 0 else None
         )
-
-    def _signature(self, inputs: Arrays) -> tuple:
-        pre = self.preprocess
-        if pre is None:
-            return _signature(inputs)
-        return tuple((name, pre.signature(arr) if name == pre.input_name else (arr.dtype.str, arr.shape[1:]))
-                     for name, arr in sorted(inputs.items()))
 
     @property
     def queue_depth(self) -> int:
@@ -175,7 +170,7 @@ class Batcher:
             self.adaptive.on_arrival(now, rows)
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, rows, self._signature(inputs) if cfg.max_batch_size else None,
+        pending = _Pending(inputs, rows, _signature(inputs, self.preprocess) if cfg.max_batch_size else None,
                            loop.create_future(), now, deadline)
         if not self._queue and self._inflight == 0 and (self.adaptive is None or self.adaptive.send_at_once(now, rows)):
             # Nothing queued and nothing running: send at once, no hop through the loop.

@@ -87,11 +87,6 @@ class Standardize(Preprocessor):
         self.clip = float(clip)
         self.reference = reference
 
-    def check(self, arr: np.ndarray) -> None:
-        if arr.ndim != 2 or arr.shape[1] != self.mean.shape[0]:
-            raise InvalidInput(f"input {self.input_name!r}: expected [n, {self.mean.shape[0]}] features, "
-                               f"got shape {list(arr.shape)}")
-
     def assemble(self, parts):
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         x = np.ascontiguousarray(x, np.float32)

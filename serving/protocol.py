@@ -235,21 +235,6 @@ def _binary_data(blob: memoryview, datatype: str, shape: tuple[int, ...], where:
     return arr.reshape(shape)
 
 
-def _check_plain(doc) -> None:
-    """Decode every input's JSON data the plain way, raising its InvalidInput (named) for the first bad one."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
-        return
-    for i, raw in enumerate(doc["inputs"]):
-        if not isinstance(raw, dict) or "data" not in raw:
-            continue
-        name = raw.get("name")
-        where = f"input {name!r}" if isinstance(name, str) and name else f"inputs[{i}]"
-        datatype = raw.get("datatype")
-        if datatype not in V2_TO_NUMPY:
-            raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
-        _json_data(raw["data"], datatype, _shape(raw.get("shape"), where), where)
-
-
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Decode an infer request body; `header_length` is Inference-Header-Content-Length.
 
@@ -265,19 +250,18 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         header, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         header, binary = body, memoryview(b"")
+    native_error = None
     try:
         # The native parser reads each input's JSON "data" straight into an array of its datatype.
         doc = native.parse_v2_json(header)
     except ValueError as exc:
-        # A refused body (the rare path): read it again the plain way, whose messages name the
-        # input and say what it allows; the kernel's own message (with its byte offset) otherwise.
+        # A refused body (the rare path): read it again the plain way, so that the checks below
+        # say which input is wrong and what it allows; the kernel's own message otherwise.
         native_error = str(exc)
         try:
             doc = orjson.loads(header)
         except orjson.JSONDecodeError as json_exc:
             raise InvalidInput(f"malformed JSON in the request: {json_exc}") from None
-        _check_plain(doc)
-        raise InvalidInput(f"invalid request: {native_error}") from None
     if not isinstance(doc, dict):
         raise InvalidInput("the request must be a JSON object with 'inputs'")
     raw_inputs = doc.get("inputs")
@@ -324,13 +308,13 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             offset += size
         elif "data" in raw:
             data = raw["data"]
-            if not isinstance(data, np.ndarray):  # parse_v2_json makes every input's data an array
+            if native_error is not None:  # the plain read: lists, decoded and checked here
                 data = _json_data(data, datatype, shape, where)
-            elif data.shape != shape:
-                raise InvalidInput(f"{where}: 'data' does not have shape {list(shape)}")
         else:
             raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
         inputs.append(InputTensor(name, datatype, shape, data))
+    if native_error is not None:  # the plain checks found nothing more precise to say
+        raise InvalidInput(f"invalid request: {native_error}")
     if offset != len(binary):
         raise InvalidInput(
             f"the body has {len(binary)} bytes after the JSON header but the inputs' binary_data_size add up to {offset}"

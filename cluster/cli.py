@@ -4,6 +4,7 @@
     fleet up        the same cluster in the background; returns once it is ready
     fleet down      stop the cluster `fleet up` started
     fleet status    models, versions, replicas, URL
+    fleet train     retrain a model as a Ray job (Ray Train, or Ray Tune with --tune) and follow its logs
 """
 
 from __future__ import annotations
@@ -190,6 +191,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.jobs import submit_and_follow, train_entrypoint
+
+    address = args.address
+    if address is None:
+        doc = StateFile(_settings(args).state_dir).running()
+        if not doc:
+            print("fleet: no cluster is running (start one with `fleet up`, or pass --address)")
+            return 1
+        address = doc["dashboard_url"]
+    extra = list(args.job_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    entrypoint = train_entrypoint(args.model, tune=args.tune, extra=extra)
+    _, status = submit_and_follow(address, entrypoint, follow=not args.no_follow)
+    done = status == "SUCCEEDED" or (args.no_follow and status in ("PENDING", "RUNNING"))
+    return 0 if done else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleet", description="fleet: a model-serving cluster on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+    train = sub.add_parser("train", help="retrain a model as a Ray job on the running cluster and follow its logs",
+                           description="Submits `python -m training.retrain --model MODEL ...` (or training.tune "
+                           "with --tune) through the Ray Jobs SDK; arguments after MODEL go to the job.")
+    train.add_argument("model", help="the model to retrain (e.g. fraud)")
+    train.add_argument("--tune", action="store_true", help="a Ray Tune search (ASHA) instead of one training run")
+    train.add_argument("--address", help="job server URL (default: the running cluster's dashboard)")
+    train.add_argument("--no-follow", action="store_true", help="submit and return without following the logs")
+    train.add_argument("--state-dir", help="where `fleet up` keeps its state (default ./.fleet)")
+    train.add_argument("job_args", nargs=argparse.REMAINDER, help="passed to the job, e.g. --epochs 5 --num-workers 2")
+    train.set_defaults(fn=cmd_train)
     args = parser.parse_args(argv)
     return args.fn(args)
 

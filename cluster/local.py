@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,10 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
         # Ray jobs (`ray job submit`) run in a copy of the working dir: this names
         # the repository the cluster serves from.
         "FLEET_REPOSITORY": settings.repository,
+        "FLEET_DATA_DIR": settings.data_dir,
+        "FLEET_TRAIN_STORAGE": settings.train_storage_path,
+        # A job's `python` is this installation's interpreter (its venv), whatever the user's PATH.
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         # Serve's default (30 s) makes every shutdown and rolling update wait that long;
         # HAProxy is reconfigured within about a second of a replica leaving.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(settings.ingress_drain_period_s),

@@ -1,7 +1,9 @@
 """Train the example `fraud` model with plain PyTorch and publish it into a model repository.
 
-`python -m training.bootstrap --repository DIR [--if-empty] [--rows N] [--epochs E] [--seed S]`
-publishes fraud and the `digits` example (training/digits.py).
+`python -m training.bootstrap --repository DIR [--if-empty] [--rows N] [--epochs E] [--seed S] [--trainer ray|plain]`
+publishes fraud and the `digits` example (training/digits.py). By default fraud
+goes through the job path: the example parquet data, then `training.retrain`
+on a short local Ray run (`--trainer plain`: the loop below, in this process).
 
 `make serve` runs this with `--if-empty` on a fresh clone, so a new cluster has
 models to serve without downloading anything. The pieces (train loop,
@@ -312,14 +314,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=40_000, help="fraud: generated rows, holdout included")
     parser.add_argument("--epochs", type=int, default=TrainParams.epochs, help="fraud: training epochs")
     parser.add_argument("--seed", type=int, default=0, help="seed of both models' data and training")
+    parser.add_argument("--trainer", choices=["ray", "plain"], default="ray",
+                        help="fraud: ray = write the example parquet data and run training.retrain on a local Ray "
+                        "(the job path, one worker); plain = this module's single-process PyTorch loop")
+    parser.add_argument("--data-dir", help="with --trainer ray: the data folder (default $FLEET_DATA_DIR, else ./data)")
     args = parser.parse_args(argv)
     if args.rows < 100 or args.epochs < 1:
         parser.error(f"need --rows >= 100 and --epochs >= 1, got {args.rows} and {args.epochs}")
     if args.if_empty and _holds_models(ModelRepository(args.repository), print):
         return 0
-    bootstrap(args.repository, rows=args.rows, epochs=args.epochs, seed=args.seed)
+    if args.trainer == "plain":
+        bootstrap(args.repository, rows=args.rows, epochs=args.epochs, seed=args.seed)
+    elif _bootstrap_with_ray(args) != 0:
+        return 1
     bootstrap_digits(args.repository, seed=args.seed)
     return 0
+
+
+def _bootstrap_with_ray(args: argparse.Namespace) -> int:
+    """fraud through the job path: example parquet data, then `training.retrain` on a local Ray, one worker."""
+    import os
+
+    import ray
+
+    from training import retrain
+    from training.data import data_dir, ensure_example_data
+
+    root = data_dir(args.data_dir)
+    path = ensure_example_data(root, FRAUD_MODEL, rows=args.rows, seed=args.seed)
+    print(f"example data: {path}", flush=True)
+    repository = os.path.abspath(args.repository) if "://" not in args.repository else args.repository
+    try:
+        return retrain.main(["--model", FRAUD_MODEL, "--repository", repository, "--data-dir", str(root),
+                             "--num-workers", "1", "--cpus-per-worker", "1", "--epochs", str(args.epochs),
+                             "--seed", str(args.seed), "--no-traffic", "--use-gpu", "no"])
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

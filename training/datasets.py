@@ -17,7 +17,9 @@ Scenarios, for drift and rollout experiments:
 images, shipped inside sklearn: no download) into seeded train and holdout sets,
 as the uint8 images a client of the `digits` model sends.
 
-CLI: `python -m training.datasets fraud --rows N --scenario S --out DIR`.
+CLI: `python -m training.datasets fraud --rows N --scenario S --out DIR` and
+`python -m training.datasets digits --out DIR` (parquet: "image" as 8 x 8 uint8
+lists, "label"; "split" says train or holdout).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "FRAUD_FEATURES", "FRAUD_SCENARIOS", "make_fraud", "write_fraud_parquet", "DigitsSplit", "load_digits", "main",
+    "FRAUD_FEATURES", "FRAUD_SCENARIOS", "make_fraud", "write_fraud_parquet", "DigitsSplit", "load_digits",
+    "write_digits_parquet", "main",
 ]  # fmt: skip
 
 _N_COMPONENTS = 22
@@ -208,6 +211,23 @@ def load_digits(*, seed: int = 0, holdout_fraction: float = 0.2) -> DigitsSplit:
     return DigitsSplit(images[train], labels[train], images[holdout], labels[holdout])
 
 
+def write_digits_parquet(path: str, seed: int = 0) -> str:
+    """Write `load_digits(seed=seed)` as parquet: "image" (list<list<uint8>>, 8 x 8), "label", "split"; return path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split = load_digits(seed=seed)
+    images = np.concatenate([split.x_train, split.x_holdout])
+    labels = np.concatenate([split.y_train, split.y_holdout])
+    which = ["train"] * len(split.y_train) + ["holdout"] * len(split.y_holdout)
+    table = pa.table({"image": pa.array(images.tolist(), type=pa.list_(pa.list_(pa.uint8()))),
+                      "label": pa.array(labels), "split": pa.array(which)})
+    table = table.replace_schema_metadata({"fleet.source": "sklearn.datasets.load_digits", "fleet.seed": str(seed)})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.datasets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="dataset", required=True)
@@ -216,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     fraud.add_argument("--seed", type=int, default=0)
     fraud.add_argument("--scenario", choices=FRAUD_SCENARIOS, default="baseline")
     fraud.add_argument("--out", required=True, help="output folder")
+    digits = sub.add_parser("digits", help="scikit-learn's bundled 8 x 8 digits as uint8 images")
+    digits.add_argument("--seed", type=int, default=0, help="of the train/holdout split")
+    digits.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    if args.dataset == "digits":
+        path = write_digits_parquet(os.path.join(args.out, f"digits-seed{args.seed}.parquet"), args.seed)
+        print(f"wrote the 1,797 digits images (seed {args.seed}) to {path}")
+        return 0
+    if args.rows < 1:
+        parser.error(f"--rows must be >= 1, got {args.rows}")
     path = os.path.join(args.out, f"fraud-{args.scenario}-seed{args.seed}-{args.rows}.parquet")
     write_fraud_parquet(path, args.rows, args.seed, args.scenario)
     print(f"wrote {args.rows} rows ({args.scenario}, seed {args.seed}) to {path}")

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import tune
     from ray.train import Checkpoint
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     started = time.perf_counter()
     quiet_train_logs()
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its trainer; the workers hold the CPUs
         param_space=search_space(),
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=args.num_samples,
-                                    max_concurrent_trials=args.max_concurrent),
+                                    max_concurrent_trials=args.max_concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=args.seed)),  # --seed: same trials
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
     results = tuner.fit()

@@ -1,0 +1,65 @@
+"""`fleet train`: submit a training job to the cluster's job server and follow it, as `ray job submit` would.
+
+Ray 2.60 turns token authentication on for local clusters (the token is in
+~/.ray/auth_token); the Jobs SDK sends it only with RAY_AUTH_MODE=token, which
+`fleet train` sets itself. The job's working dir is this checkout, uploaded
+without what .gitignore/.rayignore leave out (venvs, data, the repository,
+build output), so it stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from pathlib import Path
+
+__all__ = ["PROJECT_ROOT", "auth_env", "train_entrypoint", "submit_and_follow"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def auth_env() -> None:
+    """Have the Jobs SDK send the cluster's token (a user's explicit RAY_AUTH_MODE wins)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def train_entrypoint(model: str, *, tune: bool, extra: list[str]) -> str:
+    """The job's command line: `python -m training.retrain|tune --model M ...`."""
+    module = "training.tune" if tune else "training.retrain"
+    return shlex.join(["python", "-m", module, "--model", model, *extra])
+
+
+def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJECT_ROOT, follow: bool = True,
+                      submission_id: str | None = None, print_fn=print) -> tuple[str, str]:
+    """Submit `entrypoint`, print its logs until it ends (unless not `follow`); return (job id, final status)."""
+    auth_env()
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)},
+                               submission_id=submission_id)
+    print_fn(f"submitted job {job_id} to {address}: {entrypoint}")
+    if not follow:
+        return job_id, str(client.get_job_status(job_id).value)
+    print_fn(f"following its logs (Ctrl-C stops following, not the job; RAY_AUTH_MODE=token ray job stop "
+             f"--address {address} {job_id} stops it)")
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            print_fn(chunk, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print_fn(f"\nstopped following; job {job_id} goes on")
+        return job_id, str(client.get_job_status(job_id).value)
+    status = str(client.get_job_status(job_id).value)
+    deadline = time.monotonic() + 30
+    while status not in _TERMINAL and time.monotonic() < deadline:  # the log stream can end just before the status
+        time.sleep(0.5)
+        status = str(client.get_job_status(job_id).value)
+    print_fn(f"job {job_id}: {status}")
+    return job_id, status

@@ -57,6 +57,14 @@ class FleetSettings(BaseSettings):
     ingress_drain_period_s: float = Field(
         5.0, ge=0, description="a stopping ingress replica keeps answering this long while HAProxy deregisters it"
     )
+    version_poll_interval_s: float = Field(
+        5.0, ge=0, description="how often each replica holding a model looks for newly published, accepted "
+        "versions and switches to them in place (±20 % jitter, so replicas switch one after another); 0: never"
+    )
+    version_retire_grace_s: float = Field(
+        15.0, ge=0, description="a version that is no longer served stays loaded this long, so requests "
+        "already routed to it still get answered"
+    )
     state_dir: str = Field(".fleet", description="where `fleet up` keeps its pid, state and log")
 
     @field_validator("repository")
@@ -97,6 +105,8 @@ class FleetSettings(BaseSettings):
             startup_timeout_s=self.startup_timeout_s,
             listen_host=self.host,
             listen_port=self.port if self.http_server == "fleet" else None,
+            version_poll_interval_s=self.version_poll_interval_s,
+            version_retire_grace_s=self.version_retire_grace_s,
         )
 
     def deployment_options(self, gpus_available: bool) -> DeploymentOptions:

@@ -81,7 +81,9 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
                 health_check_period_s=5,
                 graceful_shutdown_timeout_s=10,
             )
-            .bind(options.repository, name, options.worker_threads)
+            .bind(options.repository, name, options.worker_threads,
+                  version_poll_interval_s=options.version_poll_interval_s,
+                  version_retire_grace_s=options.version_retire_grace_s)
         )
         _log.info("model %s: %d worker replica(s)%s", name, replicas, " on GPU" if use_gpu else "")
     ingress = serve.deployment(Ingress).options(

@@ -8,11 +8,14 @@ statistics and pushes the statistics to the monitor about once a second.
 A model runs either in its own worker deployment (split mode: one
 DeploymentHandle call per batch) or inside this replica (colocated mode: the
 batch runs on a local thread, no Ray call) — `workers[name]` is a handle or None.
+Either way the model's versions follow the repository (serving/versions.py);
+the routes learn of a switch from the status refresh, at once for a colocated model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -93,6 +96,11 @@ class Ingress:
             models, self.options, self.recorder, stats_source=self._stats, metrics_source=self._metrics
         )
         await self._wait_for_workers()
+        for name, client in zip(workers, clients):
+            if isinstance(client, LocalWorkerClient):
+                # The switch is announced at once: the next request without a version goes to the new one.
+                client.runner.start_polling(self.options.version_poll_interval_s,
+                                            functools.partial(self.service.refresh, models=(name,)))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
         self.listener = None
@@ -112,7 +120,9 @@ class Ingress:
         if handle is not None:
             return HandleWorkerClient(handle)
         try:
-            return LocalWorkerClient(await ModelRunner.load(self.options.repository, name, self.options.worker_threads))
+            runner = await ModelRunner.load(self.options.repository, name, self.options.worker_threads,
+                                            retire_grace_s=self.options.version_retire_grace_s)
+            return LocalWorkerClient(runner)
         except Exception as exc:  # noqa: BLE001 - one broken model must not take the others down
             _log.error("model %s failed to load in this replica: %s", name, exc)
             return FailedWorkerClient(f"{type(exc).__name__}: {exc}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -28,10 +29,17 @@ import pyarrow.fs as pafs
 from serving.errors import ModelNotFound, RepositoryError
 from serving.model_config import ModelConfig, ModelSpec, format_config, parse_config, spec_from_config
 
-__all__ = ["ModelRepository", "VersionInfo", "CONFIG_FILE", "METADATA_FILE"]
+__all__ = ["ModelRepository", "VersionInfo", "CONFIG_FILE", "METADATA_FILE", "GATE_KEY", "GATE_REJECTED"]
+
+_log = logging.getLogger("fleet.registry")
 
 CONFIG_FILE = "config.pbtxt"
 METADATA_FILE = "metadata.json"
+# metadata.json's verdict of the training job's holdout gate: "accepted" or "rejected".
+# A rejected version stays in the repository (for the record) and is never served;
+# a version without a gate (a Triton repository, an older publish) counts as accepted.
+GATE_KEY = "gate"
+GATE_REJECTED = "rejected"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _STAGING_PREFIX = ".staging-"
 
@@ -69,6 +77,8 @@ class ModelRepository:
             self.fs, path = pafs.LocalFileSystem(), os.path.abspath(self.root_uri)
         self.root = path.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        # (model, version) -> rejected by the gate? Versions are immutable, so each metadata.json is read once.
+        self._rejected: dict[tuple[str, int], bool] = {}
 
     def __repr__(self) -> str:
         return f"ModelRepository({self.root_uri!r})"
@@ -156,10 +166,32 @@ class ModelRepository:
             versions = [1]
         return sorted(versions)
 
-    def served_versions(self, model: str, spec: ModelSpec | None = None) -> list[int]:
-        """The versions the model's version_policy selects among the published ones."""
+    def accepted_versions(self, model: str, spec: ModelSpec | None = None) -> list[int]:
+        """Published versions whose metadata.json does not say `"gate": "rejected"`, ascending.
+
+        A version whose metadata.json cannot be read is left out (and logged): it
+        might be a rejected one. Each version's verdict is read once and kept.
+        """
         spec = spec or self.spec(model)
-        return spec.version_policy.select(self.list_versions(model, spec))
+        return [v for v in self.list_versions(model, spec) if not self._is_rejected(model, v)]
+
+    def _is_rejected(self, model: str, version: int) -> bool:
+        key = (model, version)
+        verdict = self._rejected.get(key)
+        if verdict is None:
+            try:
+                metadata = self.metadata(model, version)
+            except (RepositoryError, OSError) as exc:
+                _log.warning("model %s version %s is not served: its metadata cannot be read: %s", model, version, exc)
+                return True  # not kept: the next poll reads it again
+            verdict = isinstance(metadata, Mapping) and metadata.get(GATE_KEY) == GATE_REJECTED
+            self._rejected[key] = verdict
+        return verdict
+
+    def served_versions(self, model: str, spec: ModelSpec | None = None) -> list[int]:
+        """The versions the model's version_policy selects among the accepted published ones."""
+        spec = spec or self.spec(model)
+        return spec.version_policy.select(self.accepted_versions(model, spec))
 
     def metadata(self, model: str, version: int) -> dict:
         """The version's metadata.json ({} when the version has none, as a Triton repository)."""

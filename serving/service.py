@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Iterable, Protocol
 
 import numpy as np
 from google.protobuf import json_format
@@ -58,6 +58,8 @@ class ModelState:
     backend: dict = field(default_factory=dict)
     error: str | None = None  # why the worker is not ready, if it is not
     batchers: dict[int, Batcher] = field(default_factory=dict)
+    status_asked: int = 0  # status questions sent to the worker, and the latest one whose answer applies:
+    status_applied: int = 0  # an older answer arriving after a newer one must not undo a switch
 
     @property
     def ready(self) -> bool:
@@ -82,6 +84,7 @@ class InferenceService:
         self._metrics_source = metrics_source
         self._repository: ModelRepository | None = None
         self._preprocessors: dict[tuple[str, int], Preprocessor | None] = {}
+        self._draining: set[asyncio.Task] = set()  # batchers of versions no longer served, finishing their queue
 
     def _preprocessor(self, state: ModelState, version: int) -> Preprocessor | None:
         """The version's preprocessing (config.pbtxt parameters, statistics from its metadata.json), built once."""
@@ -100,20 +103,53 @@ class InferenceService:
         return self._preprocessors[key]
 
     # -- model state -----------------------------------------------------------
-    async def refresh(self, timeout_s: float = 5.0) -> None:
-        """Ask every worker which versions it has loaded (one call per model)."""
+    async def refresh(self, timeout_s: float = 5.0, models: Iterable[str] | None = None) -> None:
+        """Ask every worker (or those of `models`) which versions it serves: one call per model."""
 
         async def one(state: ModelState) -> None:
+            state.status_asked += 1
+            asked = state.status_asked
             try:
                 status = await asyncio.wait_for(state.worker.status(), timeout_s)
             except Exception as exc:  # worker restarting or failed to load
                 state.error = f"{type(exc).__name__}: {exc}"
                 return
-            state.versions = sorted(status.get("versions", []))
+            if asked < state.status_applied:
+                return  # a question asked later (the refresh right after a switch) was answered first
+            state.status_applied = asked
+            versions = sorted(status.get("versions", []))
+            if versions != state.versions:
+                self._switch(state, versions)
             state.backend = status.get("backend", {})
             state.error = status.get("error")
 
-        await asyncio.gather(*(one(s) for s in self.models.values()))
+        states = self.models.values() if models is None else [self.models[name] for name in models]
+        await asyncio.gather(*(one(s) for s in states))
+
+    def _switch(self, state: ModelState, versions: list[int]) -> None:
+        """Route to `versions` from now on; the batchers of versions that left drain, then close.
+
+        Requests without a version go to the newest one. A request already queued
+        on a version that left still runs on it (the worker keeps it loaded for
+        its retire grace); a new one naming that version is refused (404).
+        """
+        gone = [v for v in state.versions if v not in versions]
+        new = [v for v in versions if v not in state.versions]
+        state.versions = versions
+        _log.debug("model %s: routing to versions %s (new %s, gone %s)", state.spec.name, versions, new, gone)
+        loop = asyncio.get_running_loop()
+        for version in gone:
+            self._preprocessors.pop((state.spec.name, version), None)
+            batcher = state.batchers.pop(version, None)
+            if batcher is not None:
+                task = loop.create_task(batcher.close(drain_timeout_s=self.options.drain_timeout_s))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+        for version in new:
+            try:  # read the version's metadata now, not on its first request
+                self._preprocessor(state, version)
+            except Exception:  # noqa: BLE001 - its requests say why; the refresh must go on
+                pass
 
     def _model(self, name: str) -> ModelState:
         check_model_name(name)
@@ -302,7 +338,7 @@ class InferenceService:
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:
         batchers = [b for s in self.models.values() for b in s.batchers.values()]
-        await asyncio.gather(*(b.close(drain_timeout_s=drain_timeout_s) for b in batchers))
+        await asyncio.gather(*(b.close(drain_timeout_s=drain_timeout_s) for b in batchers), *self._draining)
 
 
 def parse_header_length(value: str | None) -> int | None:

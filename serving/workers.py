@@ -1,22 +1,24 @@
 """Model execution: the versions a model serves, loaded on their backends.
 
-`ModelRunner` loads the versions the model's version_policy selects, warms them
-up and runs whole batches (NumPy arrays in, NumPy arrays out). It lives either
-in a worker replica (`ModelWorker`, one Serve deployment per model, reached by
-one DeploymentHandle call per batch) or, in colocated mode, in the ingress
-replica itself (`LocalWorkerClient`: no Ray call at all). No HTTP here.
+`ModelRunner` loads the versions the model's version_policy selects among the
+accepted ones, warms them up and runs whole batches (NumPy arrays in, NumPy
+arrays out). It keeps following the repository (`serving.versions`): newly
+published, accepted versions are loaded next to the served ones and switched to
+in place, without a replica restart. It lives either in a worker replica
+(`ModelWorker`, one Serve deployment per model, reached by one DeploymentHandle
+call per batch) or, in colocated mode, in the ingress replica itself
+(`LocalWorkerClient`: no Ray call at all). No HTTP here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
 
-from serving.backends import Backend, make_backend
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, ModelUnavailable
 from serving.registry import ModelRepository
+from serving.versions import OnSwitch, ServedVersions
 
 __all__ = ["ModelRunner", "ModelWorker", "LocalWorkerClient"]
 
@@ -26,54 +28,62 @@ _log = logging.getLogger("fleet.worker")
 class ModelRunner:
     """One model's loaded versions. Build with `await ModelRunner.load(...)`."""
 
-    def __init__(self, model: str, backends: dict[int, Backend]):
-        self.model = model
-        self.backends = backends
+    def __init__(self, versions: ServedVersions):
+        self.model = versions.model
+        self.versions = versions
 
     @classmethod
-    async def load(cls, repository: str, model: str, threads: int | None = None) -> "ModelRunner":
+    async def load(cls, repository: str, model: str, threads: int | None = None, *,
+                   retire_grace_s: float = 15.0) -> "ModelRunner":
+        """Load the served versions; raise if the model has none, or none of them loads."""
         repo = ModelRepository(repository)
-        spec = repo.spec(model)
-        versions = repo.served_versions(model, spec)
-        if not versions:
-            raise ModelNotFound(f"model {model!r} has no published version to serve in {repository}")
+        versions = ServedVersions(repo, model, repo.spec(model), threads=threads, retire_grace_s=retire_grace_s)
+        await versions.sync()
+        if not versions.served:
+            await versions.close()
+            if versions.last_error:
+                raise ModelUnavailable(f"model {model!r}: no version could be loaded ({versions.last_error})")
+            raise ModelNotFound(f"model {model!r} has no published, accepted version to serve in {repository}")
+        return cls(versions)
 
-        async def one(version: int) -> Backend:
-            model_file = None if spec.backend == "triton" else repo.model_file(model, version, spec)
-            backend = make_backend(spec, version, model_file, threads=threads)
-            await backend.load()
-            return backend
-
-        loaded = await asyncio.gather(*(one(v) for v in versions))
-        return cls(model, dict(zip(versions, loaded)))
+    def start_polling(self, interval_s: float, on_switch: OnSwitch | None = None) -> None:
+        """Follow the repository every `interval_s` (0: never); `on_switch` runs after each switch."""
+        self.versions.on_switch = on_switch
+        self.versions.start_polling(interval_s)
 
     async def infer(self, version: int, inputs: dict) -> dict:
         """Run one batch through `version`; arrays in, arrays out."""
-        backend = self.backends.get(version)
+        backend = self.versions.backends.get(version)
         if backend is None:
-            raise ModelNotFound(f"model {self.model!r} version {version} is not loaded on this worker")
+            backend = await self.versions.on_miss(version)
+            if backend is None:
+                raise ModelNotFound(f"model {self.model!r} version {version} is not loaded on this worker; "
+                                    f"served versions: {list(self.versions.served)}")
         return await backend.infer(inputs)
 
     async def status(self) -> dict:
-        """Loaded versions and backend details, for readiness and `fleet status`."""
-        any_backend = next(iter(self.backends.values()), None)
+        """Served versions and backend details, for readiness, the ingress's routing and `fleet status`."""
+        any_backend = next(iter(self.versions.backends.values()), None)
         return {
             "model": self.model,
-            "versions": sorted(self.backends),
+            "versions": list(self.versions.served),
+            "loaded": sorted(self.versions.backends),
             "backend": any_backend.describe() if any_backend else {},
             "pid": os.getpid(),
         }
 
     async def close(self) -> None:
-        for backend in self.backends.values():
-            await backend.close()
+        await self.versions.close()
 
 
 class ModelWorker:
     """Serve deployment class for split mode (wrapped with `serve.deployment` by `serving.app`)."""
 
-    async def __init__(self, repository: str, model: str, threads: int | None = None):
-        self.runner = await ModelRunner.load(repository, model, threads)
+    async def __init__(self, repository: str, model: str, threads: int | None = None, *,
+                       version_poll_interval_s: float = 0.0, version_retire_grace_s: float = 15.0):
+        self.runner = await ModelRunner.load(repository, model, threads, retire_grace_s=version_retire_grace_s)
+        # The ingress learns of a switch from its periodic status refresh (status_refresh_interval_s).
+        self.runner.start_polling(version_poll_interval_s)
         gc.collect()
         gc.freeze()  # as in the ingress: what start-up made lives as long as the replica
 

@@ -9,7 +9,9 @@ The repository holds:
 - `slow_deep`     the same, one request per batch and a queue of 64: for queue timeouts;
 - `fraud_triton`  forwarded by fleet to a real Triton server serving fraud's TorchScript file
                   (fleet standardizes the features first, as it does for fraud);
-- `digits`        the example CNN over uint8 images of any size (resized by fleet's native kernel).
+- `digits`        the example CNN over uint8 images of any size (resized by fleet's native kernel);
+- `fraud_roll`, `fraud_roll_split`  fraud's file, colocated and split, serving the latest 2 versions,
+  `fraud_roll_one` split, serving the latest one: test_version_switch.py publishes versions of them live.
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ def _build_repository(root: Path, triton_url: str) -> None:
         config=make_config("fraud_slowq", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
                            max_queue_delay_us=200_000, parameters={"fleet.placement": "split", **preprocess}),
     )
+    # fraud's file again, for test_version_switch.py to publish new versions of while the cluster serves:
+    # the latest 2 are served, so version 1 stays reachable by its URL after version 2 arrives; `fraud_roll_one`
+    # serves the latest 1 (the default policy), so version 1 leaves and retires.
+    for name, placement, latest in (("fraud_roll", "colocated", 2), ("fraud_roll_split", "split", 2),
+                                    ("fraud_roll_one", "split", 1)):
+        repo.publish(
+            name,
+            {"model.pt": fraud_file},
+            {**fraud_metadata, "note": "fraud, to publish live versions of"},
+            config=make_config(name, list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                               max_queue_delay_us=1000, latest_versions=latest,
+                               parameters={"fleet.placement": placement, **preprocess}),
+        )
     # Laid out as for Triton, by hand: config text, version folder, no metadata.json.
     torch.manual_seed(0)
     (root / "libtorch" / "1").mkdir(parents=True)
@@ -144,6 +159,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         max_request_bytes=1 << 20,
         metrics_push_interval_s=0.5,
         startup_timeout_s=180,
+        version_poll_interval_s=1.0,  # new versions are picked up sooner than the default 5 s
     )
     saved_env = dict(os.environ)
     cluster = LocalCluster(settings)

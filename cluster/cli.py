@@ -204,7 +204,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = list(args.job_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    entrypoint = train_entrypoint(args.model, tune=args.tune, extra=extra)
+    tune = args.tune or "--tune" in extra  # `fleet train fraud --tune ...` reads as the user means it
+    extra = [a for a in extra if a != "--tune"]
+    entrypoint = train_entrypoint(args.model, tune=tune, extra=extra)
     _, status = submit_and_follow(address, entrypoint, follow=not args.no_follow)
     done = status == "SUCCEEDED" or (args.no_follow and status in ("PENDING", "RUNNING"))
     return 0 if done else 1

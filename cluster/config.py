@@ -66,12 +66,26 @@ class FleetSettings(BaseSettings):
         "already routed to it still get answered"
     )
     state_dir: str = Field(".fleet", description="where `fleet up` keeps its pid, state and log")
+    data_dir: str = Field("data", description="training data of the cluster's jobs: example parquet files, "
+                          "logged traffic under traffic/<model>/ (FLEET_DATA_DIR in the jobs)")
+    train_storage: str | None = Field(None, description="where training jobs keep checkpoints "
+                                      "(FLEET_TRAIN_STORAGE in the jobs; default <state_dir>/train)")
 
     @field_validator("repository")
     @classmethod
     def _absolute_repository(cls, value: str) -> str:
         # Jobs and replicas run in other working directories: pin local paths down.
         return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    @field_validator("data_dir", "state_dir", "train_storage")
+    @classmethod
+    def _absolute_path(cls, value: str | None) -> str | None:
+        # A job runs in Ray's copy of the working dir: a relative path would point into that copy.
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+    @property
+    def train_storage_path(self) -> str:
+        return self.train_storage or str(Path(self.state_dir) / "train")
 
     @classmethod
     def settings_customise_sources(

@@ -15,7 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
-__all__ = ["PROJECT_ROOT", "auth_env", "train_entrypoint", "submit_and_follow"]
+__all__ = ["PROJECT_ROOT", "auth_env", "train_entrypoint", "submit", "submit_and_follow"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -32,6 +32,18 @@ def train_entrypoint(model: str, *, tune: bool, extra: list[str]) -> str:
     return shlex.join(["python", "-m", module, "--model", model, *extra])
 
 
+def submit(client, *, attempts: int = 4, **job) -> str:
+    """`client.submit_job(**job)`, retried while the job server says it has no agent ready (a busy node)."""
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(3.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJECT_ROOT, follow: bool = True,
                       submission_id: str | None = None, print_fn=print) -> tuple[str, str]:
     """Submit `entrypoint`, print its logs until it ends (unless not `follow`); return (job id, final status)."""
@@ -39,8 +51,8 @@ def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJ
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)},
-                               submission_id=submission_id)
+    job_id = submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)},
+                    submission_id=submission_id)
     print_fn(f"submitted job {job_id} to {address}: {entrypoint}")
     if not follow:
         return job_id, str(client.get_job_status(job_id).value)

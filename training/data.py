@@ -126,7 +126,7 @@ def read_fraud(sources: DataSources, *, num_cpus: float = 0.25):
     """A Ray Dataset of the sources' rows as training batches (features, label, bucket)."""
     import ray.data
 
-    ds = ray.data.read_parquet(sources.files, columns=[*FRAUD_FEATURES, LABEL], ray_remote_args={"num_cpus": num_cpus})
+    ds = ray.data.read_parquet(sources.files, columns=[*FRAUD_FEATURES, LABEL], num_cpus=num_cpus)
     return ds.map_batches(to_training_batch, batch_format="numpy", num_cpus=num_cpus)
 
 

@@ -66,6 +66,7 @@ def prepare(model: str, root: Path, *, include_traffic: bool = True, log=print) 
     if model not in MODELS:
         raise SystemExit(f"--model {model!r}: retraining supports {', '.join(MODELS)}")
     sources = find_sources(root, model, include_traffic=include_traffic)
+    _warn_if_short_of_cpu(log)
     log(f"data: {len(sources.example)} example file(s) and {len(sources.traffic)} traffic file(s) under {root}")
     datasets = split_fraud(read_fraud(sources))
     x_train, y_train = to_numpy(datasets["train"])
@@ -81,6 +82,15 @@ def prepare(model: str, root: Path, *, include_traffic: bool = True, log=print) 
         f"({positives} fraud in train)")
     return Prepared(sources, datasets, mean, std, (len(y_train) - positives) / positives,
                     reference_stats(x_train, FRAUD_FEATURES), holdout, rows)
+
+
+def _warn_if_short_of_cpu(log) -> None:
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < 1.0:
+        log(f"note: the cluster has {free:.2f} logical CPUs free; Ray Data's file listing task asks for 1, so "
+            "reading waits until one is free (serving replicas and other jobs hold the rest)")
 
 
 def worker_config(prepared: Prepared, params: TrainParams, *, seed: int, threads: int = 1,

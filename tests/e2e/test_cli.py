@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from cluster.ports import free_port
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[2]  # the checkout: what `--working-dir .` uploads
 
 
 def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -76,15 +78,39 @@ def test_up_status_curl_job_down(workdir: Path):
         again = _run(["fleet", "up", *flags], workdir, env)
         assert again.returncode != 0 and "already running" in (again.stdout + again.stderr)
 
+        # The README's submit line, from the checkout: the job publishes into the cluster's repository
+        # (FLEET_REPOSITORY), not into its copy of the working dir.
         job_env = dict(env, RAY_AUTH_MODE="token")
         for _ in range(3):  # a loaded machine: the job agent may time out and say "try again later"
-            job = _run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-                        "python", "-c", "import os; print('repository=' + os.environ['FLEET_REPOSITORY'])"],
-                       workdir, job_env, timeout=180)
+            job = _run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                        "python", "-m", "training.retrain", "--model", "fraud", "--num-workers", "2", "--epochs", "1",
+                        "--cpus-per-worker", "0.25"], PROJECT, job_env, timeout=300)
             if "No available agent" not in job.stderr:
                 break
         assert job.returncode == 0, job.stdout + job.stderr
-        assert f"repository={workdir / 'model_repository'}" in job.stdout
+        assert f"published fraud version 2 " in job.stdout and str(workdir / "model_repository" / "fraud" / "2") \
+            in job.stdout, job.stdout[-3000:]
+        assert (workdir / "model_repository" / "fraud" / "2" / "metadata.json").exists()
+
+        # fleet train: the same through the Jobs SDK, authentication handled, logs followed; accepted
+        # (--tolerance 1), so the running cluster switches to it.
+        env_no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        train = _run(["fleet", "train", "fraud", "--state-dir", str(workdir / ".fleet"), "--epochs", "1",
+                      "--num-workers", "1", "--cpus-per-worker", "0.25", "--tolerance", "1"], workdir, env_no_auth)
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr
+        assert "epoch 1/1" in train.stdout and "published fraud version 3 (accepted" in train.stdout
+        assert "SUCCEEDED" in train.stdout
+        body = json.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
+                                       "data": [0.0] * 30}]}).encode()
+        deadline = time.monotonic() + 30  # the promise: served within 30 s (poll 5 s, refresh 2 s)
+        version = None
+        while time.monotonic() < deadline and version != "3":
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/fraud/infer", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                version = json.loads(answer.read())["model_version"]
+            time.sleep(0.5)
+        assert version == "3"
     finally:
         down = _run(["fleet", "down", *flags], workdir, env)
     assert down.returncode == 0 and "fleet stopped" in down.stdout

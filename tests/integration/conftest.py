@@ -95,6 +95,15 @@ def _build_repository(root: Path, triton_url: str) -> None:
                                max_queue_delay_us=1000, latest_versions=latest,
                                parameters={"fleet.placement": placement, **preprocess}),
         )
+    # fraud's file again, for test_training_jobs.py's Ray jobs to publish retrained versions of.
+    for name in ("fraud_jobs", "fraud_tune", "fraud_reject"):
+        repo.publish(
+            name,
+            {"model.pt": fraud_file},
+            {**fraud_metadata, "note": "fraud, for training jobs to publish into"},
+            config=make_config(name, list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                               max_queue_delay_us=1000, parameters=preprocess),
+        )
     # Laid out as for Triton, by hand: config text, version folder, no metadata.json.
     torch.manual_seed(0)
     (root / "libtorch" / "1").mkdir(parents=True)
@@ -156,10 +165,15 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         dashboard_port=free_port(),
         state_dir=str(tmp_path_factory.mktemp("state")),
         ingress_replicas=2,
+        # Three split models' workers: 0.1 CPU each leaves one logical CPU free, which a training
+        # job's Ray Data file listing task needs (it always asks for 1) beside the 0.5 of the ingress.
+        worker_num_cpus=0.1,
         max_request_bytes=1 << 20,
         metrics_push_interval_s=0.5,
         startup_timeout_s=180,
         version_poll_interval_s=1.0,  # new versions are picked up sooner than the default 5 s
+        data_dir=str(tmp_path_factory.mktemp("data")),  # the jobs' training data (FLEET_DATA_DIR)
+        train_storage=str(tmp_path_factory.mktemp("train")),  # their checkpoints (FLEET_TRAIN_STORAGE)
     )
     saved_env = dict(os.environ)
     cluster = LocalCluster(settings)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.jobs import PROJECT_ROOT, auth_env, train_entrypoint
+from cluster.jobs import PROJECT_ROOT, auth_env, submit, train_entrypoint
 from training.datasets import make_fraud, write_fraud_parquet
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the first test waits for the jobs
 
 JOB_TIMEOUT_S = 420
 COMMON = ["--cpus-per-worker", "0.2", "--use-gpu", "auto"]
@@ -48,7 +48,7 @@ def jobs(fleet_cluster, repository):
     submitted = {}
     for name, (target, tune, flags) in JOBS.items():
         entrypoint = train_entrypoint("fraud", tune=tune, extra=["--publish-as", target, *COMMON, *flags])
-        submitted[name] = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(PROJECT_ROOT)})
+        submitted[name] = submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(PROJECT_ROOT)})
     deadline = time.monotonic() + JOB_TIMEOUT_S
     out = {}
     while len(out) < len(submitted) and time.monotonic() < deadline:

@@ -143,7 +143,8 @@ def test_reference_stats_cover_the_training_data():
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    code = boot.main(["--repository", str(root), "--rows", str(_ROWS), "--epochs", str(_EPOCHS), "--seed", "1"])
+    code = boot.main(["--repository", str(root), "--rows", str(_ROWS), "--epochs", str(_EPOCHS), "--seed", "1",
+                      "--trainer", "plain"])  # no Ray in unit tests: the Ray path is e2e (tests/e2e/test_cli.py)
     assert code == 0
     return ModelRepository(str(root))
 

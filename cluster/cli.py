@@ -120,7 +120,10 @@ def _banner(doc: dict) -> str:
         f"  repository: {doc['repository']}",
         f"  metrics:    {url}/metrics",
         f"  dashboard and job server: {doc['dashboard_url']}",
-        f"    RAY_AUTH_MODE=token ray job submit --address {doc['dashboard_url']} --working-dir . -- python ...",
+        "    (token authentication is on: the `ray job` CLI needs RAY_AUTH_MODE=token, the token is ~/.ray/auth_token)",
+        f"    RAY_AUTH_MODE=token ray job submit --address {doc['dashboard_url']} --working-dir . -- \\",
+        "        python -m training.retrain --model fraud --num-workers 2 --epochs 5",
+        "    or: fleet train fraud --num-workers 2 --epochs 5",
     ]
     example = curl_example(url)
     if example:
@@ -201,12 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("fleet: no cluster is running (start one with `fleet up`, or pass --address)")
             return 1
         address = doc["dashboard_url"]
-    extra = list(args.job_args)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    tune = args.tune or "--tune" in extra  # `fleet train fraud --tune ...` reads as the user means it
-    extra = [a for a in extra if a != "--tune"]
-    entrypoint = train_entrypoint(args.model, tune=tune, extra=extra)
+    entrypoint = train_entrypoint(args.model, tune=args.tune, extra=args.job_args)
     _, status = submit_and_follow(address, entrypoint, follow=not args.no_follow)
     done = status == "SUCCEEDED" or (args.no_follow and status in ("PENDING", "RUNNING"))
     return 0 if done else 1
@@ -226,17 +224,22 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
-    train = sub.add_parser("train", help="retrain a model as a Ray job on the running cluster and follow its logs",
+    train = sub.add_parser("train", allow_abbrev=False,
+                           help="retrain a model as a Ray job on the running cluster and follow its logs",
                            description="Submits `python -m training.retrain --model MODEL ...` (or training.tune "
-                           "with --tune) through the Ray Jobs SDK; arguments after MODEL go to the job.")
+                           "with --tune) through the Ray Jobs SDK; the arguments it does not know go to the job "
+                           "(e.g. --epochs 5 --num-workers 2; see python -m training.retrain --help).")
     train.add_argument("model", help="the model to retrain (e.g. fraud)")
     train.add_argument("--tune", action="store_true", help="a Ray Tune search (ASHA) instead of one training run")
     train.add_argument("--address", help="job server URL (default: the running cluster's dashboard)")
     train.add_argument("--no-follow", action="store_true", help="submit and return without following the logs")
     train.add_argument("--state-dir", help="where `fleet up` keeps its state (default ./.fleet)")
-    train.add_argument("job_args", nargs=argparse.REMAINDER, help="passed to the job, e.g. --epochs 5 --num-workers 2")
     train.set_defaults(fn=cmd_train)
-    args = parser.parse_args(argv)
+    # Whatever `fleet train` does not know goes to the job (--epochs 5 --num-workers 2 ...), before or after MODEL.
+    args, unknown = parser.parse_known_args(argv)
+    if args.command != "train" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.job_args = [a for a in unknown if a != "--"] if args.command == "train" else []
     return args.fn(args)
 
 

@@ -23,7 +23,14 @@ _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def auth_env() -> None:
     """Have the Jobs SDK send the cluster's token (a user's explicit RAY_AUTH_MODE wins)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray reads its config once, at import (fleet's CLI has imported it): refresh it as ray.init does
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        return
+    _enable_token_auth()
 
 
 def train_entrypoint(model: str, *, tune: bool, extra: list[str]) -> str:

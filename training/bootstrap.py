@@ -347,7 +347,8 @@ def _bootstrap_with_ray(args: argparse.Namespace) -> int:
     try:
         return retrain.main(["--model", FRAUD_MODEL, "--repository", repository, "--data-dir", str(root),
                              "--num-workers", "1", "--cpus-per-worker", "1", "--epochs", str(args.epochs),
-                             "--seed", str(args.seed), "--no-traffic", "--use-gpu", "no"])
+                             "--seed", str(args.seed), "--no-traffic", "--use-gpu", "no",
+                             "--storage-path", str(root / "checkpoints")])
     finally:
         ray.shutdown()
 

@@ -37,7 +37,8 @@ from training.datasets import FRAUD_FEATURES
 from training.preprocess_reference import feature_stats
 from training.publish import DEFAULT_TOLERANCE, publish_candidate, resolve_repository
 
-__all__ = ["Prepared", "prepare", "worker_config", "make_trainer", "publish_best", "add_common_flags", "main"]
+__all__ = ["Prepared", "prepare", "worker_config", "make_trainer", "publish_best", "add_common_flags", "JobStart",
+           "start_job", "main"]
 
 MODELS = ("fraud",)
 STORAGE_ENV = "FLEET_TRAIN_STORAGE"
@@ -170,6 +171,32 @@ def storage_path(flag: str | None) -> str:
     return str(Path(flag or os.environ.get(STORAGE_ENV) or "~/ray_results").expanduser().resolve())
 
 
+@dataclass
+class JobStart:
+    """What every training job begins with: where to publish, under which name, the data, where checkpoints go."""
+
+    repo: ModelRepository
+    model: str
+    prepared: Prepared
+    storage: str
+    name: str  # of the run (its checkpoint folder)
+    started: float  # perf_counter
+
+
+def start_job(args: argparse.Namespace, kind: str) -> JobStart:
+    """Resolve the repository, connect to Ray (the cluster of a submitted job) and prepare the data."""
+    import ray
+
+    repo = ModelRepository(resolve_repository(args.repository))
+    model = args.publish_as or args.model
+    started = time.perf_counter()
+    quiet_train_logs()
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    prepared = prepare(args.model, data_dir(args.data_dir), include_traffic=not args.no_traffic)
+    name = f"{kind}-{model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return JobStart(repo, model, prepared, storage_path(args.storage_path), name, started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.retrain", description=__doc__.split("\n\n")[0])
     add_common_flags(parser)
@@ -189,20 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs, --num-workers and --batch-size must be >= 1")
     if args.fail_at_epoch is not None and not 1 <= args.fail_at_epoch <= args.epochs:
         parser.error(f"--fail-at-epoch must lie in 1..{args.epochs}")
-    repo = ModelRepository(resolve_repository(args.repository))
-    model = args.publish_as or args.model
-
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    started = time.perf_counter()
-    quiet_train_logs()
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    prepared = prepare(args.model, data_dir(args.data_dir), include_traffic=not args.no_traffic)
+    job = start_job(args, "retrain")
+    repo, model, prepared, storage, name, started = (job.repo, job.model, job.prepared, job.storage, job.name,
+                                                     job.started)
     params = replace(defaults, hidden=args.hidden, depth=args.depth, dropout=args.dropout, lr=args.lr,
                      weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs)
-    name = f"retrain-{model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage = storage_path(args.storage_path)
     fault = str(Path(storage) / name / "fault-injected") if args.fail_at_epoch else None
     config = worker_config(prepared, params, seed=args.seed,
                            fail_at_epoch=None if args.fail_at_epoch is None else args.fail_at_epoch - 1,

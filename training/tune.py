@@ -15,15 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
 from dataclasses import asdict, replace
 
-from serving.registry import ModelRepository
 from training.bootstrap import TrainParams
-from training.data import data_dir
-from training.publish import resolve_repository
-from training.retrain import (Prepared, add_common_flags, make_trainer, prepare, publish_best, quiet_train_logs,
-                              storage_path, use_gpu_flag, worker_config)
+from training.retrain import Prepared, add_common_flags, make_trainer, publish_best, start_job, use_gpu_flag, worker_config
 
 __all__ = ["search_space", "main"]
 
@@ -79,22 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_epochs < 1 or args.num_workers < 1:
         parser.error("--num-samples, --max-epochs and --num-workers must be >= 1")
-    repo = ModelRepository(resolve_repository(args.repository))
-    model = args.publish_as or args.model
-
-    import ray
     from ray import tune
     from ray.train import Checkpoint
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    started = time.perf_counter()
-    quiet_train_logs()
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    prepared = prepare(args.model, data_dir(args.data_dir), include_traffic=not args.no_traffic)
+    job = start_job(args, "tune")
+    repo, model, prepared, storage, name, started = (job.repo, job.model, job.prepared, job.storage, job.name,
+                                                     job.started)
     base = replace(TrainParams(), epochs=args.max_epochs)
-    storage = storage_path(args.storage_path)
-    name = f"tune-{model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     use_gpu = use_gpu_flag(args.use_gpu)
     trial = tune.with_parameters(_trial, prepared=prepared, base=base, seed=args.seed, num_workers=args.num_workers,
                                  use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker, storage=storage)

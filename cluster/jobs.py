@@ -41,14 +41,14 @@ def train_entrypoint(model: str, *, tune: bool, extra: list[str]) -> str:
 
 def submit(client, *, attempts: int = 4, **job) -> str:
     """`client.submit_job(**job)`, retried while the job server says it has no agent ready (a busy node)."""
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
             return client.submit_job(**job)
         except RuntimeError as exc:
-            if "No available agent" not in str(exc) or attempt == attempts - 1:
+            if "No available agent" not in str(exc):
                 raise
-            time.sleep(3.0 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(3.0 * attempt)
+    return client.submit_job(**job)  # the last attempt: its error is the caller's
 
 
 def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJECT_ROOT, follow: bool = True,

@@ -40,7 +40,7 @@ from training.preprocess_reference import feature_stats, standardize
 
 __all__ = [
     "FRAUD_MODEL", "FRAUD_CLIP", "TrainParams", "fraud_config", "split_holdout", "iterate_batches", "train_epoch",
-    "fit_fraud", "evaluate", "reference_stats", "export_torchscript", "arrays_sha256", "git_sha", "fraud_metadata",
+    "fit_fraud", "evaluate", "score_file", "reference_stats", "export_torchscript", "arrays_sha256", "git_sha", "fraud_metadata",
     "bootstrap", "main",
 ]  # fmt: skip
 
@@ -177,6 +177,14 @@ def evaluate(model: Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray, *,
     return {"loss": float(loss), "accuracy": float(np.mean((p >= 0.5) == (y == 1))), "roc_auc": auc}
 
 
+def score_file(model_file: bytes, served: Mapping, x: np.ndarray, y: np.ndarray, clip: float = FRAUD_CLIP) -> dict:
+    """`evaluate` of an exported fraud file fed `x` standardized as the server would with `served`'s statistics.
+
+    `served` is a version's metadata.json, or anything with its `feature_names` and `reference_stats`.
+    """
+    return evaluate(load_torchscript(model_file), standardize(x, served, clip), y)
+
+
 def reference_stats(x: np.ndarray, feature_names: Sequence[str], *, bins: int = 20) -> dict:
     """Per-feature training statistics for drift detection: {name: {mean, std, edges, counts}}.
 
@@ -259,7 +267,7 @@ def bootstrap(
     reference = reference_stats(x_train, FRAUD_FEATURES)
     model_file = export_torchscript(model.for_serving())
     served = {"feature_names": list(FRAUD_FEATURES), "reference_stats": reference}  # what the server reads
-    metrics = evaluate(load_torchscript(model_file), standardize(x_hold, served, FRAUD_CLIP), y_hold)
+    metrics = score_file(model_file, served, x_hold, y_hold)
     clipped = np.abs(standardize(x_hold, served, math.inf)) > FRAUD_CLIP
     training_data = {
         "generator": _GENERATOR,

@@ -20,9 +20,7 @@ import numpy as np
 
 from serving.errors import FleetError
 from serving.registry import ModelRepository
-from training.artifacts import load_torchscript
-from training.bootstrap import FRAUD_CLIP, evaluate, fraud_config, fraud_metadata
-from training.preprocess_reference import standardize
+from training.bootstrap import FRAUD_CLIP, fraud_config, fraud_metadata, score_file
 
 __all__ = ["REPOSITORY_ENV", "resolve_repository", "ray_job_id", "serving_version", "score_version", "gate",
            "publish_candidate"]
@@ -77,7 +75,7 @@ def score_version(repo: ModelRepository, model: str, version: int, x: np.ndarray
     metadata = repo.metadata(model, version)
     data = _bytes(repo.model_file(model, version))
     clip = float(repo.spec(model).parameters.get("preprocess.clip", FRAUD_CLIP))
-    return evaluate(load_torchscript(data), standardize(x, metadata, clip), y)
+    return score_file(data, metadata, x, y, clip)
 
 
 def gate(candidate: Mapping, serving: Mapping | None, tolerance: float = DEFAULT_TOLERANCE) -> tuple[str, str]:
@@ -112,8 +110,8 @@ def publish_candidate(
 ) -> tuple[int, dict]:
     """Score, gate and publish `model_file` (TorchScript taking z-scores); return (version, metadata)."""
     x_hold, y_hold = holdout
-    served = {"feature_names": list(reference), "reference_stats": dict(reference)}
-    metrics = evaluate(load_torchscript(model_file), standardize(x_hold, served, FRAUD_CLIP), y_hold)
+    metrics = score_file(model_file, {"feature_names": list(reference), "reference_stats": dict(reference)},
+                         x_hold, y_hold)
     parent = serving_version(repo, model)
     serving_metrics = None
     if parent is not None:

@@ -52,6 +52,10 @@ class FleetSettings(BaseSettings):
     max_queue_size: int = Field(4096, ge=1, description="for configs that leave max_queue_size unbounded")
     max_request_bytes: int = Field(64 << 20, ge=1024)
     max_tensor_elements: int = Field(1 << 26, ge=1)
+    max_connections: int = Field(4096, ge=1, description="open HTTP connections per ingress replica; one more "
+                                 "is answered 503 with Retry-After and closed")
+    drain_timeout_s: float = Field(10.0, ge=0, description="a stopping ingress replica answers what it has read "
+                                   "and what is queued within this long (each), then exits")
     metrics_push_interval_s: float = Field(1.0, gt=0)
     startup_timeout_s: float = Field(180.0, gt=0)
     ingress_drain_period_s: float = Field(
@@ -115,6 +119,8 @@ class FleetSettings(BaseSettings):
             max_request_bytes=self.max_request_bytes,
             max_tensor_elements=self.max_tensor_elements,
             metrics_push_interval_s=self.metrics_push_interval_s,
+            max_connections=self.max_connections,
+            drain_timeout_s=self.drain_timeout_s,
             worker_threads=self.worker_threads,
             startup_timeout_s=self.startup_timeout_s,
             listen_host=self.host,

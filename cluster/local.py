@@ -18,7 +18,7 @@ from cluster.config import FleetSettings
 from cluster.ports import free_ports
 from serving.http_server import port_is_free
 
-__all__ = ["LocalCluster", "ray_env"]
+__all__ = ["LocalCluster", "ray_env", "enable_request_migration"]
 
 _log = logging.getLogger("fleet.cluster")
 
@@ -51,6 +51,29 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
     return env
 
 
+_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def enable_request_migration() -> bool:
+    """Ask the kernel to hand connections queued on a closing SO_REUSEPORT socket to the other replicas.
+
+    Without it (`net.ipv4.tcp_migrate_req`, Linux 5.14+), a connection that reached a
+    draining replica's accept queue just before the replica closed its socket is reset.
+    Best effort: True when it is on (it is per network namespace and needs the right to set it).
+    """
+    try:
+        with open(_MIGRATE_REQ) as f:
+            if f.read().strip() == "1":
+                return True
+        with open(_MIGRATE_REQ, "w") as f:
+            f.write("1")
+        return True
+    except OSError as exc:
+        _log.warning("could not set net.ipv4.tcp_migrate_req=1 (%s): connections queued on a draining "
+                     "replica's socket may be reset during rolling updates; set it with sysctl", exc)
+        return False
+
+
 def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -79,6 +102,8 @@ class LocalCluster:
             # fleet's listeners share the port with SO_REUSEPORT: check nobody else has it.
             raise RuntimeError(f"port {s.port} on {s.host} is in use; pick another with --port")
         os.environ.update(ray_env(s))
+        if s.http_server == "fleet":
+            enable_request_migration()
         ray.init(
             num_cpus=s.num_cpus or os.cpu_count(),
             num_gpus=s.num_gpus,

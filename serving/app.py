@@ -91,6 +91,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
         num_replicas=deployment.ingress_replicas,
         max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": deployment.ingress_num_cpus},
-        graceful_shutdown_timeout_s=10,
+        # A stopping replica drains its connections, then its queues (each up to drain_timeout_s).
+        graceful_shutdown_timeout_s=2 * options.drain_timeout_s + 5,
     )
     return ingress.bind(options.to_dict(), workers)

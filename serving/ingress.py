@@ -108,6 +108,7 @@ class Ingress:
             self.listener = HttpListener(
                 build_handler(self.service), self.options.listen_host, self.options.listen_port,
                 max_body_bytes=self.options.max_request_bytes, graceful_shutdown_s=self.options.drain_timeout_s,
+                max_connections=self.options.max_connections,
             )
             await self.listener.start()
         # Everything alive now (Ray, torch, the models) lives as long as the replica: move it out of

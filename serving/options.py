@@ -24,6 +24,7 @@ class ServingOptions:
     listen_host: str = "127.0.0.1"
     listen_port: int | None = None
     drain_timeout_s: float = 10.0  # requests in flight get this long at shutdown
+    max_connections: int = 4096  # per ingress replica's listener; one more is answered 503
     # Live version pickup (serving/versions.py): each replica holding a model polls the repository
     # this often (±20 % jitter; 0: never, the versions stay those loaded at start) ...
     version_poll_interval_s: float = 5.0

@@ -205,3 +205,88 @@ async def test_replicas_share_the_port_and_a_foreign_listener_is_detected():
         plain.bind(("127.0.0.1", port))
         plain.listen()
         assert not port_is_free("127.0.0.1", port)
+
+
+async def test_a_connection_past_max_connections_is_answered_503_with_retry_after():
+    listener = HttpListener(Recorder(), "127.0.0.1", free_port(), max_connections=2)
+    await listener.start()
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        answer = await _exchange(listener.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer
+        assert b"max_connections 2" in answer and listener.refused_connections == 1
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.05)
+        assert (await _exchange(listener.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    finally:
+        await listener.stop()
+
+
+async def test_drain_answers_a_request_sent_on_an_idle_keep_alive_connection_then_closes_it():
+    """A client that sends on its kept-alive connection while the replica drains gets its answer
+    (with connection: close), not a reset."""
+    listener = HttpListener(Recorder(), "127.0.0.1", free_port(), graceful_shutdown_s=5.0, drain_idle_close_s=1.0)
+    await listener.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = await reader.readuntil(b":")
+    assert first.startswith(b"HTTP/1.1 200")
+    await reader.read(65536)
+    stopping = asyncio.create_task(listener.stop())
+    await asyncio.sleep(0.3)  # draining; this connection is idle, within its idle allowance
+    writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(65536), 3)
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer and answer.endswith(b"GET /b 0:")
+    assert await reader.read(10) == b""  # then closed
+    await stopping
+    writer.close()
+
+
+async def test_continuous_load_across_one_of_two_replicas_draining_loses_nothing():
+    """Two listeners share the port as two ingress replicas do; one drains while 8 clients keep
+    sending on keep-alive connections and reconnecting when told to close. Every request is answered."""
+    port = free_port()
+    a = HttpListener(Recorder(), "127.0.0.1", port, graceful_shutdown_s=5.0)
+    b = HttpListener(Recorder(), "127.0.0.1", port, graceful_shutdown_s=5.0)
+    await a.start()
+    await b.start()
+    stop_load = asyncio.Event()
+    failures: list[str] = []
+    answered = 0
+
+    async def client(i: int) -> None:
+        nonlocal answered
+        reader = writer = None
+        while not stop_load.is_set():
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /c%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                writer.close()
+                reader = writer = None
+                continue
+            answered += 1
+            if b"connection: close" in head:
+                writer.close()
+                reader = writer = None
+            await asyncio.sleep(0.002)
+        if writer is not None:
+            writer.close()
+
+    clients = [asyncio.create_task(client(i)) for i in range(8)]
+    await asyncio.sleep(0.5)
+    await a.stop()
+    before = answered
+    await asyncio.sleep(0.5)
+    stop_load.set()
+    await asyncio.gather(*clients)
+    await b.stop()
+    assert failures == []
+    assert answered > before > 50  # the load went on through the other replica

@@ -64,6 +64,8 @@ class LoadResult:
     statuses:       {"200": n, "503": m, ...}.
     errors:         transport errors by kind ("connect", "read", "write", "timeout"); zero kinds omitted.
     by_target:      open/closed asyncio runs with several targets: {target name: LoadResult.to_dict()}.
+    latency_2xx_ms: asyncio runs: `summarize` over the 2xx responses only (what the accepted requests
+                    saw under overload, where fast refusals pull `latency_ms` down); {} for wrk.
     """
 
     tool: str
@@ -77,11 +79,13 @@ class LoadResult:
     statuses: dict[str, int]
     errors: dict[str, int]
     by_target: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency_2xx_ms: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (no NaN: missing latencies are None)."""
         d = asdict(self)
         d["latency_ms"] = {k: _finite_or_none(v) for k, v in self.latency_ms.items()}
+        d["latency_2xx_ms"] = {k: _finite_or_none(v) for k, v in self.latency_2xx_ms.items()}
         return d
 
     @classmethod
@@ -99,6 +103,7 @@ class LoadResult:
             statuses={str(k): int(v) for k, v in d.get("statuses", {}).items()},
             errors={str(k): int(v) for k, v in d.get("errors", {}).items()},
             by_target={str(k): dict(v) for k, v in d.get("by_target", {}).items()},
+            latency_2xx_ms={k: _finite_or_none(v) for k, v in d.get("latency_2xx_ms", {}).items()},
         )
 
 

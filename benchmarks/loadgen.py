@@ -293,6 +293,7 @@ def _result(records: np.ndarray, targets: Sequence[Target], mode: str, connectio
         requests=int(ok.sum()), throughput_rps=count_2xx(statuses) / duration_s if duration_s > 0 else 0.0,
         latency_ms=summarize(records[ok, 3] * 1e9), statuses=statuses,
         errors={_ERRORS[k]: int(n) for k, n in zip(kinds, kind_counts)}, by_target=by_target,
+        latency_2xx_ms=summarize(records[ok & (records[:, 2] >= 200) & (records[:, 2] < 300), 3] * 1e9),
     )
 
 

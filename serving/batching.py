@@ -144,23 +144,32 @@ class Batcher:
         """Batches sent and not yet answered."""
         return self._inflight
 
+    def admit(self) -> None:
+        """Raise Overloaded (503, Retry-After) when the queue is full, ModelUnavailable when closed.
+
+        `submit` checks it; the service also calls it before decoding a request body,
+        so a refusal under overload costs no parsing.
+        """
+        if self._closed:
+            raise ModelUnavailable(f"model {self.name} is shutting down")
+        limit = self.config.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise Overloaded(
+                f"model {self.name} is overloaded: its queue holds {len(self._queue)} requests "
+                f"(max_queue_size {limit}); retry later",
+                retry_after_s=1.0,
+            )
+
     async def submit(self, inputs: Arrays, rows: int = 1, *, timeout_us: int | None = None) -> BatchResult:
         """Queue one request of `rows` batch rows and wait for its outputs.
 
         `inputs` must already be validated: for a batching model each array's
         first dimension is `rows`. Cancelling the caller withdraws the request.
         """
-        if self._closed:
-            raise ModelUnavailable(f"model {self.name} is shutting down")
+        self.admit()
         cfg = self.config
         if cfg.max_batch_size and not 1 <= rows <= cfg.max_batch_size:
             raise InvalidInput(f"batch of {rows} rows is outside 1..{cfg.max_batch_size} for model {self.name}")
-        if cfg.max_queue_size and len(self._queue) >= cfg.max_queue_size:
-            raise Overloaded(
-                f"model {self.name} is overloaded: its queue holds {len(self._queue)} requests "
-                f"(max_queue_size {cfg.max_queue_size}); retry later",
-                retry_after_s=1.0,
-            )
         timeout = cfg.default_timeout_us
         if cfg.allow_timeout_override and timeout_us is not None and timeout_us > 0:
             # Triton: a request may shorten the default timeout, never lengthen it.

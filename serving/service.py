@@ -268,6 +268,9 @@ class InferenceService:
         number = self._version(state, version)
         tag = str(number)
         try:
+            queued = state.batchers.get(number)
+            if queued is not None:
+                queued.admit()  # a full queue refuses before the body is parsed: overload costs little
             request = decode_request(body, header_length)
             checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements)
             batcher = self._batcher(state, number)

@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks.http_client import CONNECT, READ, WRITE, ConnectionPool
 from benchmarks.load import LoadResult, count_2xx, summarize
 
-__all__ = ["Target", "arrival_times", "choose_targets", "closed_loop", "open_loop", "run", "step_arrival_times",
+__all__ = ["Target", "arrival_times", "choose_targets", "closed_loop", "open_loop", "open_loop_records", "run", "step_arrival_times",
            "step_load"]
 
 T = TypeVar("T")
@@ -324,6 +324,17 @@ async def open_loop(host: str, port: int, targets: Sequence[Target], rate_rps: f
     offsets = arrival_times(rate_rps, duration_s, arrivals, seed)
     records = await _run_schedule(host, port, targets, offsets, seed, max_connections, timeout_s)
     return _result(records, targets, "open", None, rate_rps, _span(records, 0.0, duration_s))
+
+
+async def open_loop_records(host: str, port: int, targets: Sequence[Target], rate_rps: float, duration_s: float,
+                            arrivals: str = "poisson", seed: int = 0, max_connections: int = 256,
+                            timeout_s: float = 10.0) -> tuple[np.ndarray, LoadResult]:
+    """`open_loop`, plus each request's record: rows of (target, intended send s from the start, status,
+    latency s, error kind (0: none), tag) — for figures over time, such as recovery after a fault."""
+    _check_targets(targets)
+    offsets = arrival_times(rate_rps, duration_s, arrivals, seed)
+    records = await _run_schedule(host, port, targets, offsets, seed, max_connections, timeout_s)
+    return records, _result(records, targets, "open", None, rate_rps, _span(records, 0.0, duration_s))
 
 
 async def step_load(host: str, port: int, targets: Sequence[Target], rates: list[float], step_s: float,

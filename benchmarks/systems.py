@@ -112,6 +112,7 @@ class FleetSystem(System):
         self._external = url is not None
         self._state_dir: str | None = None
         self._timeout = startup_timeout_s
+        self.dashboard_url: str | None = None  # Ray's dashboard of a cluster this system started
 
     def _fleet(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         cli = [sys.executable, "-m", "cluster.cli", *args]
@@ -121,9 +122,10 @@ class FleetSystem(System):
         if self._external:
             return self
         self._state_dir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
-        port = free_port()
+        port, dashboard = free_port(), free_port()
+        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
         result = self._fleet("up", "--repository", str(self.repository), "--port", str(port),
-                             "--dashboard-port", str(free_port()), "--state-dir", self._state_dir, *self.flags,
+                             "--dashboard-port", str(dashboard), "--state-dir", self._state_dir, *self.flags,
                              timeout=self._timeout)
         if result.returncode != 0:
             log = Path(self._state_dir, "fleet.log")

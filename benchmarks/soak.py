@@ -1,0 +1,257 @@
+"""`python -m benchmarks.soak`: minutes of load with faults injected, against a fleet started for the run.
+
+    python -m benchmarks.soak                       # both scenarios, 2 minutes each
+    python -m benchmarks.soak --minutes 5 --scenarios replica_kill
+
+Scenarios (the integration tests run each for seconds; these run it for minutes):
+
+- `overload`: the `slow` model (~100 ms per batch of up to 8, queue of 8, in
+  each ingress replica). Its sustainable rate is measured (closed loop), then it
+  gets a third of it (the unloaded p99 of the answered requests) and 3 x it for
+  the soak, with the ingress replicas' resident memory sampled every 5 s.
+  Figures: p99 of the 200s at 3 x over p99 at a third (fleet's promise: <= 2),
+  the refused share (503 with Retry-After), memory growth over the soak.
+- `replica_kill`: `fraud_split` (fraud's model in a worker deployment of 2
+  replicas, one Ray call per batch) at a steady open-loop rate while one worker
+  replica is SIGKILLed every `--kill-every` seconds. Figures: the failure rate
+  over the run (promise: <= 0.1 %), and per kill the recovery time — from the
+  kill to the first 1 s window from which on the 2xx answers completed keep up
+  with >= 90 % of the requests sent (promise: < 10 s).
+
+Results go to `benchmarks/results/<timestamp>-soak/`: report.json and summary.md,
+with the git SHA and the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from benchmarks.fault_models import publish_slow
+from benchmarks.loadgen import Target, closed_loop, open_loop, open_loop_records, run
+from benchmarks.report import git_sha, machine
+from benchmarks.scenarios import _host_port
+from benchmarks.systems import FleetSystem
+from serving.model_config import make_config
+from serving.registry import ModelRepository
+
+__all__ = ["recovery_s", "failure_rate", "overload_soak", "replica_kill_soak", "main"]
+
+SCENARIOS = ("overload", "replica_kill")
+
+
+def _slow_target() -> Target:
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]})
+    return Target("/v2/models/slow/infer", body, {"Content-Type": "application/json"})
+
+
+def _fraud_target(model: str) -> Target:
+    body = orjson.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
+                                     "data": [0.1] * 30}]})
+    return Target(f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+
+
+def build_repository(folder: Path) -> ModelRepository:
+    from training.bootstrap import bootstrap
+
+    bootstrap(str(folder), rows=8000, epochs=2, log=lambda line: None)
+    repo = ModelRepository(str(folder))
+    publish_slow(repo, "slow", max_batch_size=8, max_queue_size=8)
+    spec = repo.spec("fraud")
+    preprocess = {k: v for k, v in spec.parameters.items() if k.startswith("preprocess")}
+    repo.publish("fraud_split", {"model.pt": (folder / "fraud" / "1" / "model.pt").read_bytes()},
+                 repo.metadata("fraud", 1),
+                 config=make_config("fraud_split", list(spec.inputs), list(spec.outputs), max_batch_size=256,
+                                    max_queue_delay_us=1000, instance_count=2,
+                                    parameters={"fleet.placement": "split", **preprocess}))
+    return repo
+
+
+def _actors(dashboard_url: str, suffix: str) -> list:
+    from ray.util.state import list_actors
+
+    from cluster.jobs import auth_env
+
+    auth_env()  # the state API goes through the dashboard, which wants the cluster's token
+
+    return [a for a in list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name and a.class_name.endswith(suffix)]
+
+
+def _rss_mb(pids: list[int]) -> list[float]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                out.append(next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024)
+        except (OSError, StopIteration):
+            out.append(float("nan"))
+    return out
+
+
+def failure_rate(records: np.ndarray) -> float:
+    """Share of the requests that got no 2xx answer (transport errors included)."""
+    if len(records) == 0:
+        return 0.0
+    ok = (records[:, 4] == 0) & (records[:, 2] >= 200) & (records[:, 2] < 300)
+    return float(1.0 - ok.mean())
+
+
+def recovery_s(records: np.ndarray, kill_s: float, until_s: float, window_s: float = 1.0, step_s: float = 0.25,
+               keep_up: float = 0.9) -> float | None:
+    """Seconds from `kill_s` until full throughput is back: the end of the last `window_s` window
+    (windows start every `step_s` up to `until_s`) in which fewer 2xx answers completed than
+    `keep_up` of the requests the schedule sent in it. 0 if none fell short, None if the last did."""
+    ok = (records[:, 4] == 0) & (records[:, 2] >= 200) & (records[:, 2] < 300)
+    done = np.sort(records[ok, 1] + records[ok, 3])
+    sent = np.sort(records[:, 1])
+    starts = np.arange(kill_s, until_s - window_s + 1e-9, step_s)
+    if len(starts) == 0:
+        return None
+    completed = np.searchsorted(done, starts + window_s) - np.searchsorted(done, starts)
+    offered = np.searchsorted(sent, starts + window_s) - np.searchsorted(sent, starts)
+    bad = np.flatnonzero(completed < keep_up * offered)
+    if len(bad) == 0:
+        return 0.0
+    if bad[-1] == len(starts) - 1:
+        return None  # still short at the end of the run
+    return float(starts[bad[-1]] + window_s - kill_s)  # the end of the last window that fell short
+
+
+def overload_soak(system: FleetSystem, minutes: float) -> dict:
+    host, port = _host_port(system.url)
+    target = [_slow_target()]
+    sustained = run(closed_loop(host, port, target, connections=24, duration_s=10.0))
+    rate = sustained.throughput_rps
+    light = run(open_loop(host, port, target, rate / 3, duration_s=30.0, seed=1))
+    pids = [a.pid for a in _actors(system.dashboard_url, ":ingress")]
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        started = time.monotonic()
+        while not stop.wait(5.0):
+            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": _rss_mb(pids)})
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    samples.append({"t_s": 0.0, "rss_mb": _rss_mb(pids)})
+    sampler.start()
+    heavy = run(open_loop(host, port, target, 3 * rate, duration_s=60.0 * minutes, seed=2, timeout_s=30))
+    stop.set()
+    sampler.join()
+    samples.append({"t_s": round(60.0 * minutes, 1), "rss_mb": _rss_mb(pids)})
+    first, peak = samples[0]["rss_mb"], [max(s["rss_mb"][i] for s in samples) for i in range(len(pids))]
+    ratio = heavy.latency_2xx_ms["p99"] / light.latency_2xx_ms["p99"]
+    return {
+        "model": "slow", "sustainable_rps": rate, "light": light.to_dict(), "heavy": heavy.to_dict(),
+        "p99_ratio": ratio, "refused_share": heavy.statuses.get("503", 0) / max(1, heavy.requests),
+        "rss_samples": samples, "rss_growth_mb": [p - f for p, f in zip(peak, first)],
+    }
+
+
+def replica_kill_soak(system: FleetSystem, minutes: float, rate_rps: float, kill_every_s: float) -> dict:
+    host, port = _host_port(system.url)
+    duration = 60.0 * minutes
+    kills: list[dict] = []
+    stop = threading.Event()
+    start = time.monotonic() + 0.005  # the schedule's origin, as open_loop_records takes it (near enough)
+
+    def killer() -> None:
+        while not stop.wait(kill_every_s):
+            if time.monotonic() - start > duration - 12:
+                return  # leave room to see the last recovery
+            workers = _actors(system.dashboard_url, ":worker-fraud_split")
+            if not workers:
+                continue
+            victim = workers[len(kills) % len(workers)]
+            try:
+                os.kill(victim.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            kills.append({"t_s": time.monotonic() - start, "pid": victim.pid})
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    records, result = run(open_loop_records(host, port, [_fraud_target("fraud_split")], rate_rps, duration,
+                                            seed=3, max_connections=64, timeout_s=30))
+    stop.set()
+    thread.join()
+    for kill in kills:
+        kill["recovery_s"] = recovery_s(records, kill["t_s"], duration)
+    recoveries = [k["recovery_s"] for k in kills]
+    return {
+        "model": "fraud_split", "rate_rps": rate_rps, "result": result.to_dict(), "kills": kills,
+        "failure_rate": failure_rate(records), "failed": int(round(failure_rate(records) * len(records))),
+        "max_recovery_s": None if not recoveries or None in recoveries else max(recoveries),
+    }
+
+
+def summary_markdown(report: dict) -> str:
+    lines = [f"# fleet soak, git {report['git_sha']}, {report['created_at']}", ""]
+    over = report.get("overload")
+    if over:
+        lines += ["## overload (slow model)", "",
+                  f"- sustainable rate {over['sustainable_rps']:.0f} req/s; soak at 3 x for {report['config']['minutes']} min",
+                  f"- p99 of the answered requests: {over['light']['latency_2xx_ms']['p99']:.0f} ms at a third, "
+                  f"{over['heavy']['latency_2xx_ms']['p99']:.0f} ms at 3 x: ratio {over['p99_ratio']:.2f} (promise <= 2)",
+                  f"- refused (503 + Retry-After): {100 * over['refused_share']:.0f} % of the requests; statuses "
+                  f"{over['heavy']['statuses']}, transport errors {over['heavy']['errors'] or 'none'}",
+                  f"- ingress memory growth over the soak: {', '.join(f'{g:.0f} MB' for g in over['rss_growth_mb'])}",
+                  ""]
+    kill = report.get("replica_kill")
+    if kill:
+        lines += ["## replica_kill (fraud_split, 2 worker replicas)", "",
+                  f"- {kill['rate_rps']:.0f} req/s for {report['config']['minutes']} min, {len(kill['kills'])} worker "
+                  f"replicas SIGKILLed",
+                  f"- failures: {kill['failed']} of {kill['result']['requests']} "
+                  f"({100 * kill['failure_rate']:.3f} %, promise <= 0.1 %)",
+                  f"- recovery per kill (s): {[None if k['recovery_s'] is None else round(k['recovery_s'], 1) for k in kill['kills']]}"
+                  f" (promise < 10 s)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--minutes", type=float, default=2.0, help="soak length of each scenario")
+    p.add_argument("--rate", type=float, default=300.0, help="replica_kill: offered req/s")
+    p.add_argument("--kill-every", type=float, default=30.0, help="replica_kill: seconds between kills")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    out_dir = Path(args.out) / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-soak")
+    repo = build_repository(Path(tempfile.mkdtemp(prefix="fleet-soak-")) / "repository")
+    report: dict = {"git_sha": git_sha(), "machine": machine(), "config": vars(args),
+                    "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    with FleetSystem(repo.root, label="fleet (defaults)") as system:
+        if "overload" in scenarios:
+            print("overload soak ...", flush=True)
+            report["overload"] = overload_soak(system, args.minutes)
+        if "replica_kill" in scenarios:
+            print("replica kill soak ...", flush=True)
+            report["replica_kill"] = replica_kill_soak(system, args.minutes, args.rate, args.kill_every)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "summary.md").write_text(summary_markdown(report))
+    print(f"wrote {out_dir / 'report.json'}")
+    print(summary_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

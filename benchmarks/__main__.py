@@ -24,6 +24,8 @@ from benchmarks.adaptive import adaptive_scenario, publish_policies, publish_var
 from benchmarks.bodies import request_bodies
 from benchmarks.report import git_sha, machine, ratios_and_goals, write_report
 from benchmarks.scenarios import Bodies, closed_sweep, cool_down, mixed_models, open_rate, step_rates
+from benchmarks.soak import SCENARIOS as SOAK_SCENARIOS
+from benchmarks.soak import publish_soak_models, run_soak, soak_goals
 from benchmarks.systems import BaselineSystem, FleetSystem, System, TritonSystem
 from benchmarks.wrk import wrk_available
 from serving.registry import ModelRepository
@@ -61,6 +63,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="the adaptive model's p99 target (latency_target_ms)")
     p.add_argument("--only-adaptive", action="store_true",
                    help="fleet only: the adaptive batching scenario and nothing else")
+    p.add_argument("--soak-minutes", type=float, default=0.0,
+                   help="also run the fault soak scenarios (benchmarks.soak: overload, replica_kill) this long each")
     p.add_argument("--triton-instances", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results", help="parent folder of the run's folder")
     args = p.parse_args(argv)
@@ -87,6 +91,7 @@ def build_repository(folder: Path, target_ms: float = ADAPTIVE_TARGET_MS) -> Mod
     repo = ModelRepository(str(folder))
     publish_variants(repo, MODEL, repo, VARIANTS, target_ms, note=f"{MODEL}/1")
     publish_policies(repo, target_ms)
+    publish_soak_models(repo)
     return repo
 
 
@@ -137,7 +142,7 @@ def run(args) -> Path:
 
     print("in-process model (the limit for compute) ...", flush=True)
     inprocess = measure_inprocess(repo.root, MODEL)
-    closed, opened, adaptive, systems, ramp, mixed = [], [], {}, [], [], {}
+    closed, opened, adaptive, systems, ramp, mixed, soak = [], [], {}, [], [], {}, {}
     sustained = peak = None
     for system in make_systems(args, repo):
         print(f"{system.name}: starting ({system.label}) ...", flush=True)
@@ -168,6 +173,8 @@ def run(args) -> Path:
                 if not args.no_adaptive:
                     adaptive = adaptive_scenario(system, bodies, args.step_seconds, args.repeats,
                                                  args.latency_target_ms, args.arrivals, args.adaptive_rates)
+                if args.soak_minutes > 0:
+                    soak = run_soak(system, list(SOAK_SCENARIOS), args.soak_minutes, 300.0, 30.0)
     ratios, goals = ratios_and_goals(closed, opened, peak_connections=64 if 64 in args.connections
                                      else max(args.connections), inprocess=inprocess)
     if adaptive:
@@ -177,11 +184,12 @@ def run(args) -> Path:
                               "misses it or wastes throughput (highest step under target per policy)",
                       "value": ", ".join(f"{n}: {r if r is not None else '-'}" for n, r in best.items()),
                       "target": None, "unit": "", "met": verdict["met"], "gap": None})
+    goals += soak_goals(soak)
     report = {
         "git_sha": git_sha(), "machine": machine(), "model": MODEL,
         "config": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
         "systems": systems, "inprocess": inprocess, "closed_loop": closed, "open_loop": opened,
-        "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "ratios": ratios, "goals": goals,
+        "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "soak": soak, "ratios": ratios, "goals": goals,
     }
     for path in write_report(out_dir, report):
         print(f"wrote {path}")

@@ -146,6 +146,10 @@ def summary_markdown(report: dict) -> str:
         for v in adaptive.get("goal", {}).get("steps", []):
             extra = f" (CPU per request {v['cpu_ratio']} x adaptive's)" if v.get("cpu_ratio") else ""
             lines.append(f"- at {v['rate_rps']:.0f} req/s, {v['policy']}: {v['verdict']}{extra}")
+    if report.get("soak"):
+        from benchmarks.soak import soak_markdown
+
+        lines += ["", soak_markdown(report["soak"])]
     return "\n".join(lines) + "\n"
 
 

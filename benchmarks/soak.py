@@ -45,7 +45,8 @@ from benchmarks.systems import FleetSystem
 from serving.model_config import make_config
 from serving.registry import ModelRepository
 
-__all__ = ["recovery_s", "failure_rate", "overload_soak", "replica_kill_soak", "main"]
+__all__ = ["recovery_s", "failure_rate", "overload_soak", "replica_kill_soak", "run_soak", "soak_goals",
+           "soak_markdown", "publish_soak_models", "main"]
 
 SCENARIOS = ("overload", "replica_kill")
 
@@ -66,15 +67,25 @@ def build_repository(folder: Path) -> ModelRepository:
 
     bootstrap(str(folder), rows=8000, epochs=2, log=lambda line: None)
     repo = ModelRepository(str(folder))
+    publish_soak_models(repo)
+    return repo
+
+
+def publish_soak_models(repo: ModelRepository) -> None:
+    """`slow` and `fraud_split` (from the repository's fraud version 1) for the soak scenarios."""
     publish_slow(repo, "slow", max_batch_size=8, max_queue_size=8)
     spec = repo.spec("fraud")
     preprocess = {k: v for k, v in spec.parameters.items() if k.startswith("preprocess")}
-    repo.publish("fraud_split", {"model.pt": (folder / "fraud" / "1" / "model.pt").read_bytes()},
-                 repo.metadata("fraud", 1),
+    source = repo.model_file("fraud", 1)
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            fraud_file = f.read()
+    else:
+        fraud_file = source.getvalue()
+    repo.publish("fraud_split", {"model.pt": fraud_file}, repo.metadata("fraud", 1),
                  config=make_config("fraud_split", list(spec.inputs), list(spec.outputs), max_batch_size=256,
                                     max_queue_delay_us=1000, instance_count=2,
                                     parameters={"fleet.placement": "split", **preprocess}))
-    return repo
 
 
 def _actors(dashboard_url: str, suffix: str) -> list:
@@ -196,12 +207,50 @@ def replica_kill_soak(system: FleetSystem, minutes: float, rate_rps: float, kill
     }
 
 
+def soak_goals(soak: dict) -> list[dict]:
+    """The soak's promises as goals of the benchmark report (same shape as `ratios_and_goals`)."""
+    goals = []
+    over = soak.get("overload")
+    if over:
+        goals.append({"goal": "overload at 3x the sustainable rate: p99 of the accepted requests over their p99 at "
+                              "a third of it", "value": round(over["p99_ratio"], 2), "target": 2, "unit": "x",
+                      "met": over["p99_ratio"] <= 2, "gap": round(over["p99_ratio"] - 2, 2)})
+    kill = soak.get("replica_kill")
+    if kill:
+        pct = 100 * kill["failure_rate"]
+        goals.append({"goal": "worker replicas SIGKILLed under load: failed requests", "value": round(pct, 3),
+                      "target": 0.1, "unit": "%", "met": pct <= 0.1, "gap": round(pct - 0.1, 3)})
+        worst = kill["max_recovery_s"]
+        goals.append({"goal": "worker replicas SIGKILLed under load: worst recovery to full throughput",
+                      "value": worst, "target": 10, "unit": "s", "met": worst is not None and worst < 10,
+                      "gap": None if worst is None else round(worst - 10, 1)})
+    return goals
+
+
+def run_soak(system: FleetSystem, scenarios: list[str], minutes: float, rate_rps: float, kill_every_s: float) -> dict:
+    """The soak scenarios against `system` (a fleet serving `build_repository`'s models)."""
+    out: dict = {"minutes": minutes}
+    if "overload" in scenarios:
+        print("overload soak ...", flush=True)
+        out["overload"] = overload_soak(system, minutes)
+    if "replica_kill" in scenarios:
+        print("replica kill soak ...", flush=True)
+        out["replica_kill"] = replica_kill_soak(system, minutes, rate_rps, kill_every_s)
+    return out
+
+
 def summary_markdown(report: dict) -> str:
     lines = [f"# fleet soak, git {report['git_sha']}, {report['created_at']}", ""]
+    return "\n".join(lines) + soak_markdown(report)
+
+
+def soak_markdown(report: dict) -> str:
+    """The soak figures as markdown (`report` holds `overload` / `replica_kill` and `minutes`)."""
+    lines = []
     over = report.get("overload")
     if over:
         lines += ["## overload (slow model)", "",
-                  f"- sustainable rate {over['sustainable_rps']:.0f} req/s; soak at 3 x for {report['config']['minutes']} min",
+                  f"- sustainable rate {over['sustainable_rps']:.0f} req/s; soak at 3 x for {report['minutes']} min",
                   f"- p99 of the answered requests: {over['light']['latency_2xx_ms']['p99']:.0f} ms at a third, "
                   f"{over['heavy']['latency_2xx_ms']['p99']:.0f} ms at 3 x: ratio {over['p99_ratio']:.2f} (promise <= 2)",
                   f"- refused (503 + Retry-After): {100 * over['refused_share']:.0f} % of the requests; statuses "
@@ -211,7 +260,7 @@ def summary_markdown(report: dict) -> str:
     kill = report.get("replica_kill")
     if kill:
         lines += ["## replica_kill (fraud_split, 2 worker replicas)", "",
-                  f"- {kill['rate_rps']:.0f} req/s for {report['config']['minutes']} min, {len(kill['kills'])} worker "
+                  f"- {kill['rate_rps']:.0f} req/s for {report['minutes']} min, {len(kill['kills'])} worker "
                   f"replicas SIGKILLed",
                   f"- failures: {kill['failed']} of {kill['result']['requests']} "
                   f"({100 * kill['failure_rate']:.3f} %, promise <= 0.1 %)",
@@ -239,12 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"git_sha": git_sha(), "machine": machine(), "config": vars(args),
                     "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     with FleetSystem(repo.root, label="fleet (defaults)") as system:
-        if "overload" in scenarios:
-            print("overload soak ...", flush=True)
-            report["overload"] = overload_soak(system, args.minutes)
-        if "replica_kill" in scenarios:
-            print("replica kill soak ...", flush=True)
-            report["replica_kill"] = replica_kill_soak(system, args.minutes, args.rate, args.kill_every)
+        report.update(run_soak(system, scenarios, args.minutes, args.rate, args.kill_every))
+    report["goals"] = soak_goals(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "summary.md").write_text(summary_markdown(report))

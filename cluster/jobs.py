@@ -51,13 +51,30 @@ def submit(client, *, attempts: int = 4, **job) -> str:
     return client.submit_job(**job)  # the last attempt: its error is the caller's
 
 
+_PACKAGE_GONE = "Failed to download runtime_env file package"
+
+
 def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJECT_ROOT, follow: bool = True,
                       submission_id: str | None = None, print_fn=print) -> tuple[str, str]:
-    """Submit `entrypoint`, print its logs until it ends (unless not `follow`); return (job id, final status)."""
+    """Submit `entrypoint`, print its logs until it ends (unless not `follow`); return (job id, final status).
+
+    A job whose working-dir package vanished from the cluster before its driver fetched it (Ray drops
+    an uploaded package soon after the last job using it ends, while a new submission of the same
+    files may still count on it) is submitted once more, which uploads the package again.
+    """
     auth_env()
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
+    job_id, status = _submit_and_follow(client, address, entrypoint, working_dir, follow, submission_id, print_fn)
+    if status == "FAILED" and submission_id is None and _PACKAGE_GONE in (client.get_job_info(job_id).message or ""):
+        print_fn(f"job {job_id} could not fetch its working dir from the cluster; submitting it again")
+        job_id, status = _submit_and_follow(client, address, entrypoint, working_dir, follow, None, print_fn)
+    return job_id, status
+
+
+def _submit_and_follow(client, address: str, entrypoint: str, working_dir: Path, follow: bool,
+                       submission_id: str | None, print_fn) -> tuple[str, str]:
     job_id = submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)},
                     submission_id=submission_id)
     print_fn(f"submitted job {job_id} to {address}: {entrypoint}")

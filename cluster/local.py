@@ -105,6 +105,9 @@ class LocalCluster:
         if s.http_server == "fleet":
             enable_request_migration()
         ray.init(
+            # Always a new cluster of its own: never attach to another one this machine runs
+            # (`ray start` leaves its address where a bare ray.init() would pick it up).
+            address="local",
             num_cpus=s.num_cpus or os.cpu_count(),
             num_gpus=s.num_gpus,
             include_dashboard=True,

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 import tritonclient.http as tc
 
+from benchmarks.fault_models import publish_slow
 from cluster.ports import free_port
+from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +46,8 @@ def workdir(tmp_path_factory) -> Path:
                 "--rows", "4000", "--epochs", "2", "--if-empty"], root, _env(root))
     assert out.returncode == 0, out.stderr
     assert "published fraud version 1" in out.stdout
+    # ~100 ms per batch, queue of 8: what `fleet down` must drain.
+    publish_slow(ModelRepository(str(root / "model_repository")), "slow", max_batch_size=1, max_queue_size=8)
     return root
 
 
@@ -58,6 +63,7 @@ def test_up_status_curl_job_down(workdir: Path):
     port, dash = free_port(), free_port()
     flags = ["--port", str(port), "--dashboard-port", str(dash)]
     up = _run(["fleet", "up", *flags], workdir, env)
+    down = None
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"fleet is serving on http://127.0.0.1:{port}" in up.stdout
@@ -111,8 +117,32 @@ def test_up_status_curl_job_down(workdir: Path):
                 version = json.loads(answer.read())["model_version"]
             time.sleep(0.5)
         assert version == "3"
-    finally:
+
+        # fleet down drains: requests queued on the slow model (one ~100 ms batch at a time per replica)
+        # when it is run are answered, not dropped.
+        slow = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}).encode()
+        answers: list = []
+
+        def ask() -> None:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/slow/infer", data=slow,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    answers.append(answer.status)
+            except Exception as exc:  # noqa: BLE001 - the assertion shows it
+                answers.append(repr(exc))
+
+        askers = [threading.Thread(target=ask) for _ in range(8)]
+        for t in askers:
+            t.start()
+        time.sleep(0.3)
         down = _run(["fleet", "down", *flags], workdir, env)
+        for t in askers:
+            t.join()
+        assert answers == [200] * 8, answers
+    finally:
+        if down is None:
+            down = _run(["fleet", "down", *flags], workdir, env)
     assert down.returncode == 0 and "fleet stopped" in down.stdout
     assert not _port_open(port) and not _port_open(dash)
     assert "no cluster is running" in _run(["fleet", "status", *flags], workdir, env).stdout

@@ -45,7 +45,8 @@ serve: $(VENV)/.installed
 # The whole suite with the compiled kernels, then again with FLEET_PURE_PYTHON=1 (the NumPy references)
 # over every test whose outcome the kernels decide: the unit tests and the request path of a live cluster.
 PURE_PYTHON_TESTS := tests/unit tests/integration/test_http_api.py tests/integration/test_bad_input.py \
-  tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py
+  tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py \
+  tests/integration/test_limits_live.py tests/integration/test_fuzz.py
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -241,7 +241,7 @@ def run_soak(system: FleetSystem, scenarios: list[str], minutes: float, rate_rps
 
 def summary_markdown(report: dict) -> str:
     lines = [f"# fleet soak, git {report['git_sha']}, {report['created_at']}", ""]
-    return "\n".join(lines) + soak_markdown(report)
+    return "\n".join(lines) + "\n" + soak_markdown(report)
 
 
 def soak_markdown(report: dict) -> str:

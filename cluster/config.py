@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               YamlConfigSettingsSource)
 
 from serving.app import DeploymentOptions
+from serving.auth import as_digest
 from serving.options import ServingOptions
 
 __all__ = ["FleetSettings", "load_settings"]
@@ -51,11 +54,24 @@ class FleetSettings(BaseSettings):
     max_inflight_batches: int = Field(2, ge=1, description="per model version and ingress replica")
     max_queue_size: int = Field(4096, ge=1, description="for configs that leave max_queue_size unbounded")
     max_request_bytes: int = Field(64 << 20, ge=1024)
-    max_tensor_elements: int = Field(1 << 26, ge=1)
+    max_tensor_elements: int = Field(1 << 26, ge=1, description="elements of one input tensor, checked on its "
+                                     "declared shape before its data is read (400 past it)")
+    max_batch_rows: int = Field(0, ge=0, description="batch rows of one request, on top of each model's "
+                                "max_batch_size (400 past it); 0: the model's max_batch_size only")
+    max_string_bytes: int = Field(1 << 20, ge=1, description="UTF-8 bytes of each BYTES element (JSON or "
+                                  "binary) and of every other string of a request: id, names, parameters (400 past it)")
+    max_json_depth: int = Field(32, ge=1, le=512, description="arrays and objects open at once anywhere in a "
+                                "request's JSON, checked before it is parsed (400 past it); the parsers stop at 1024 anyway")
+    default_timeout_ms: float = Field(0.0, ge=0, description="queue timeout of models whose config sets no "
+                                      "default_timeout_microseconds: a request still queued past it is answered 504 "
+                                      "without being computed; a request's parameters.timeout (µs) may shorten it; "
+                                      "0: none")
     max_connections: int = Field(4096, ge=1, description="open HTTP connections per ingress replica; one more "
                                  "is answered 503 with Retry-After and closed")
     drain_timeout_s: float = Field(10.0, ge=0, description="a stopping ingress replica answers what it has read "
                                    "and what is queued within this long (each), then exits")
+    worker_retry_timeout_s: float = Field(10.0, ge=0, description="a batch whose worker replica died is sent "
+                                          "once more to another replica, waiting at most this long; 0: no retry")
     metrics_push_interval_s: float = Field(1.0, gt=0)
     startup_timeout_s: float = Field(180.0, gt=0)
     ingress_drain_period_s: float = Field(
@@ -69,6 +85,22 @@ class FleetSettings(BaseSettings):
         15.0, ge=0, description="a version that is no longer served stays loaded this long, so requests "
         "already routed to it still get answered"
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys inference needs (`Authorization: Bearer <key>`); env "
+        "FLEET_API_KEYS comma-separated; a `sha256:<hex>` entry is a key's digest. Held as SHA-256 digests "
+        "once read. Empty (and no api_keys_file): inference needs no key"
+    )
+    api_keys_file: str | None = Field(None, description="a file of more API keys, one a line ('#' comments); "
+                                      "read at start-up")
+    admin_token: str | None = Field(None, description="the token the admin endpoints (model load/unload, version "
+                                    "pins) need; held as its SHA-256 digest. None: the admin endpoints are off (403)")
+    rate_limit_rps: float | None = Field(None, gt=0, description="requests per second per API key (per client "
+                                         "address when no keys are configured) in each ingress replica, so a "
+                                         "client's cluster-wide limit is up to replicas x this; None: no limit")
+    rate_limit_burst: int | None = Field(None, ge=1, description="requests a client may send at once above the "
+                                         "rate (default: one second's worth)")
+    rate_limit_max_clients: int = Field(10_000, ge=1, description="clients tracked per ingress replica; the "
+                                        "least recently seen are forgotten first")
     state_dir: str = Field(".fleet", description="where `fleet up` keeps its pid, state and log")
     data_dir: str = Field("data", description="training data of the cluster's jobs: example parquet files, "
                           "logged traffic under traffic/<model>/ (FLEET_DATA_DIR in the jobs)")
@@ -86,6 +118,35 @@ class FleetSettings(BaseSettings):
     def _absolute_path(cls, value: str | None) -> str | None:
         # A job runs in Ray's copy of the working dir: a relative path would point into that copy.
         return None if value is None else str(Path(value).expanduser().resolve())
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        # FLEET_API_KEYS=key1,key2 (NoDecode: not JSON)
+        return [k for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hash_keys(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(as_digest(k) for k in value))
+
+    @field_validator("admin_token")
+    @classmethod
+    def _hash_admin_token(cls, value: str | None) -> str | None:
+        return None if value is None else as_digest(value)
+
+    @model_validator(mode="after")
+    def _read_keys_file(self) -> "FleetSettings":
+        if self.api_keys_file:
+            path = Path(self.api_keys_file).expanduser().resolve()
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {str(path)!r} cannot be read: {exc}") from None
+            keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            self.api_keys = list(dict.fromkeys([*self.api_keys, *(as_digest(k) for k in keys)]))
+            self.api_keys_file = str(path)
+        return self
 
     @property
     def train_storage_path(self) -> str:
@@ -118,15 +179,25 @@ class FleetSettings(BaseSettings):
             max_queue_size=self.max_queue_size,
             max_request_bytes=self.max_request_bytes,
             max_tensor_elements=self.max_tensor_elements,
+            max_batch_rows=self.max_batch_rows,
+            max_string_bytes=self.max_string_bytes,
+            max_json_depth=self.max_json_depth,
+            default_timeout_ms=self.default_timeout_ms,
             metrics_push_interval_s=self.metrics_push_interval_s,
             max_connections=self.max_connections,
             drain_timeout_s=self.drain_timeout_s,
+            worker_retry_timeout_s=self.worker_retry_timeout_s,
             worker_threads=self.worker_threads,
             startup_timeout_s=self.startup_timeout_s,
             listen_host=self.host,
             listen_port=self.port if self.http_server == "fleet" else None,
             version_poll_interval_s=self.version_poll_interval_s,
             version_retire_grace_s=self.version_retire_grace_s,
+            api_key_digests=tuple(self.api_keys),
+            admin_token_digest=self.admin_token,
+            rate_limit_rps=self.rate_limit_rps,
+            rate_limit_burst=self.rate_limit_burst or max(1, math.ceil(self.rate_limit_rps or 1)),
+            rate_limit_max_clients=self.rate_limit_max_clients,
         )
 
     def deployment_options(self, gpus_available: bool) -> DeploymentOptions:

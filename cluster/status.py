@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["describe_cluster", "curl_example", "ray_token"]
+__all__ = ["describe_cluster", "curl_example", "ray_token", "client_key"]
 
 _EXAMPLE_VALUES = {"BOOL": False, "BYTES": "x"}
 
@@ -18,6 +19,11 @@ def ray_token() -> str | None:
         return (Path.home() / ".ray" / "auth_token").read_text().strip() or None
     except OSError:
         return None
+
+
+def client_key() -> str | None:
+    """The API key `fleet status` and the banner send to a cluster that requires one (env FLEET_API_KEY)."""
+    return os.environ.get("FLEET_API_KEY") or None
 
 
 def _get(url: str, *, method: str = "GET", token: str | None = None, timeout_s: float = 5.0):
@@ -54,8 +60,12 @@ def describe_cluster(state: dict) -> dict:
         "ingress_replicas": replicas.get("ingress", 0),
     }
     try:
-        index = _get(f"{url}/v2/repository/index", method="POST")
+        index = _get(f"{url}/v2/repository/index", method="POST", token=client_key())
         info["status"] = "ready" if all(e.get("state") == "READY" for e in index) else "degraded"
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            info["status"] = "requires an API key (set FLEET_API_KEY to one)"
+        return info
     except (urllib.error.URLError, OSError, ValueError):
         return info
     models: dict[str, dict] = {}
@@ -74,13 +84,14 @@ def describe_cluster(state: dict) -> dict:
 
 def curl_example(url: str) -> str | None:
     """A ready-to-paste curl infer request (zeros as data) for the first served model of fixed input shapes."""
+    key = client_key()
     try:
-        index = _get(f"{url}/v2/repository/index", method="POST")
+        index = _get(f"{url}/v2/repository/index", method="POST", token=key)
         if not index:
             return None
         meta = None
         for name in dict.fromkeys(entry["name"] for entry in index):
-            meta = _get(f"{url}/v2/models/{name}")
+            meta = _get(f"{url}/v2/models/{name}", token=key)
             if all(d != -1 for t in meta["inputs"] for d in t["shape"][1:]):
                 break
     except (urllib.error.URLError, OSError, ValueError, KeyError):
@@ -94,4 +105,5 @@ def curl_example(url: str) -> str | None:
         value = _EXAMPLE_VALUES.get(t["datatype"], 0)
         inputs.append({"name": t["name"], "shape": shape, "datatype": t["datatype"], "data": [value] * count})
     body = json.dumps({"inputs": inputs}, separators=(",", ":"))
-    return f"curl -s -X POST {url}/v2/models/{name}/infer -H 'Content-Type: application/json' -d '{body}'"
+    auth = " -H \"Authorization: Bearer $FLEET_API_KEY\"" if key else ""
+    return f"curl -s -X POST {url}/v2/models/{name}/infer -H 'Content-Type: application/json'{auth} -d '{body}'"

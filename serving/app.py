@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from ray import serve
 from ray.serve import Application
 
+from serving.fallback import check_fallbacks
 from serving.ingress import Ingress
-from serving.model_config import PLACEMENT_PARAM
+from serving.model_config import PLACEMENT_PARAM, PREFER_LABELS_PARAM, node_labels
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.workers import ModelWorker
@@ -59,6 +60,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
     """The application graph: ingress bound to a handle for each split model's worker (None: colocated)."""
     repository = ModelRepository(options.repository)
     names = models if models is not None else repository.list_models()
+    check_fallbacks({name: repository.spec(name) for name in names})  # a bad fleet.fallback fails here, named
     workers = {}
     for name in names:
         spec = repository.spec(name)
@@ -70,6 +72,11 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
             _log.info("model %s: colocated in the ingress replicas", name)
             continue
         inflight_per_replica = options.max_inflight_batches * deployment.ingress_replicas
+        actor_options = {"num_cpus": deployment.worker_num_cpus, "num_gpus": 1 if use_gpu else 0}
+        if PREFER_LABELS_PARAM in spec.parameters:
+            # Preferred, not required: with no such node (or it is lost), any node takes the replica.
+            actor_options["label_selector"] = node_labels(spec.parameters[PREFER_LABELS_PARAM])
+            actor_options["fallback_strategy"] = [{"label_selector": {}}]
         workers[name] = (
             serve.deployment(ModelWorker)
             .options(
@@ -77,7 +84,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
                 num_replicas=replicas,
                 # The batchers bound what is in flight; this only has to stay above it.
                 max_ongoing_requests=max(8, 2 * inflight_per_replica),
-                ray_actor_options={"num_cpus": deployment.worker_num_cpus, "num_gpus": 1 if use_gpu else 0},
+                ray_actor_options=actor_options,
                 health_check_period_s=5,
                 graceful_shutdown_timeout_s=10,
             )

@@ -8,6 +8,8 @@ __all__ = [
     "ModelNotFound",
     "PayloadTooLarge",
     "Unauthorized",
+    "Forbidden",
+    "RateLimited",
     "Overloaded",
     "DeadlineExceeded",
     "ModelUnavailable",
@@ -34,7 +36,21 @@ class InvalidInput(FleetError):
 
 
 class Unauthorized(FleetError):
+    """Missing, malformed or unknown credentials (401, answered with `WWW-Authenticate: Bearer`)."""
+
     status = 401
+
+
+class Forbidden(FleetError):
+    """Valid credentials that may not call this endpoint, or an endpoint switched off (403)."""
+
+    status = 403
+
+
+class RateLimited(FleetError):
+    """The client's key (or address) is over its request rate: retry after `retry_after_s` (429)."""
+
+    status = 429
 
 
 class ModelNotFound(FleetError):

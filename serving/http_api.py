@@ -2,6 +2,8 @@
 
 Thin: each route reads the request, calls `InferenceService`, writes the answer.
 Every error leaves through `error_response` with one shape, `{"error": "..."}`.
+Each route is open, under the inference rule or admin (serving/auth.py); one `Guard`
+per front end checks it, the infer fast path included (nothing to check: no cost).
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from serving import admin
+from serving.auth import Access, Guard
 from serving.errors import FleetError, InvalidInput, PayloadTooLarge
+from serving.fallback import FALLBACK_HEADER
+from serving.limits import over_limit
 from serving.http_server import Handler, HttpRequest, HttpResponse
-from serving.service import InferenceService, parse_header_length
+from serving.openapi import openapi_document
+from serving.service import SERVER_VERSION, InferenceService, parse_header_length
 
 __all__ = [
     "build_handler", "build_http_app", "build_starlette_app", "call_asgi", "infer_handler", "read_body",
@@ -47,6 +54,8 @@ def error_response(exc: BaseException) -> Response:
         headers = None
         if exc.retry_after_s is not None:
             headers = {"retry-after": str(max(1, round(exc.retry_after_s)))}
+        if exc.status == 401:
+            headers = {**(headers or {}), "www-authenticate": 'Bearer realm="fleet"'}
         return _json({"error": exc.message}, exc.status, headers)
     if isinstance(exc, HTTPException):
         return _json({"error": exc.detail}, exc.status_code)
@@ -55,6 +64,8 @@ def error_response(exc: BaseException) -> Response:
     return _json({"error": f"internal error; request id {request_id}"}, 500)
 
 
+_UNGUARDED = Guard()  # a front end that checks a request itself hands the fast path this
+_ADMIN_BODY_BYTES = 64 << 10
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
@@ -84,18 +95,24 @@ def _answer(response: Response) -> HttpResponse:
     return response.status_code, response.raw_headers, response.body
 
 
-def infer_handler(service: InferenceService):
+def infer_handler(service: InferenceService, guard: Guard | None = None):
     """`POST /v2/models/{m}[/versions/{v}]/infer` straight to the service: no routing or middleware layers.
 
     The hot path. Returns `(status, headers, body)`; every error leaves through `error_response`.
+    `guard` (default: the service options'): the API key and rate limit, skipped when there is none.
     """
     limit = service.options.max_request_bytes
+    guard = guard or Guard.from_options(service.options)
+    check = None if guard.inference_free else guard.inference
     json_type = (b"content-type", _JSON.encode())
     binary_type = (b"content-type", _BINARY.encode())
     length_key = HEADER_LENGTH.encode()
+    fallback_key = FALLBACK_HEADER.encode()
 
-    async def handle(model: str, version: str | None, headers, body: bytes) -> HttpResponse:
+    async def handle(model: str, version: str | None, headers, body: bytes, client=None) -> HttpResponse:
         try:
+            if check is not None:
+                check(headers, client)
             encoding = header_length = None
             for key, value in headers:
                 if key == b"inference-header-content-length":
@@ -104,26 +121,29 @@ def infer_handler(service: InferenceService):
                     encoding = value.decode("latin-1")
             if encoding is not None:
                 body = decode_body(body, encoding, limit)
-            payload, json_length = await service.infer(model, version, body, parse_header_length(header_length))
+            payload, json_length, answered_by = await service.infer(
+                model, version, body, parse_header_length(header_length))
         except Exception as exc:  # noqa: BLE001 - every error leaves through error_response
             return _answer(error_response(exc))
-        if json_length is None:
-            return 200, [json_type], payload
-        return 200, [binary_type, (length_key, str(json_length).encode())], payload
+        headers = [json_type] if json_length is None else [binary_type, (length_key, str(json_length).encode())]
+        if answered_by is not None:  # the model's backend is down: its fallback answered (serving/fallback.py)
+            headers.append((fallback_key, answered_by.encode()))
+        return 200, headers, payload
 
     return handle
 
 
 def build_handler(service: InferenceService) -> Handler:
     """What fleet's own HTTP server (`serving.http_server`) calls per request."""
-    routes = build_starlette_app(service)
-    infer = infer_handler(service)
+    guard = Guard.from_options(service.options)
+    routes = build_starlette_app(service, guard)
+    infer = infer_handler(service, guard)
 
     async def handler(request: HttpRequest) -> HttpResponse:
         if request.method == "POST":
             match = _INFER_PATH.fullmatch(request.path)
             if match is not None:
-                return await infer(match.group(1), match.group(2), request.headers, request.body)
+                return await infer(match.group(1), match.group(2), request.headers, request.body, request.client)
         return await call_asgi(routes, request)
 
     return handler
@@ -161,8 +181,10 @@ async def call_asgi(app, request: HttpRequest) -> HttpResponse:
 
 def build_http_app(service: InferenceService):
     """The ASGI app for Serve's HTTP ingress (http_server: serve): the infer routes on the lean path."""
-    routes = build_starlette_app(service)
-    infer = infer_handler(service)
+    guard = Guard.from_options(service.options)
+    routes = build_starlette_app(service, guard)
+    infer = infer_handler(service, _UNGUARDED)  # checked here, before the body is read
+    check = None if guard.inference_free else guard.inference
     limit = service.options.max_request_bytes
 
     async def app(scope, receive, send):
@@ -170,6 +192,12 @@ def build_http_app(service: InferenceService):
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
                 headers = scope["headers"]
+                if check is not None:
+                    try:
+                        check(headers, scope.get("client"))
+                    except FleetError as exc:
+                        await error_response(exc)(scope, receive, send)
+                        return
                 declared = next((v.decode("latin-1") for k, v in headers if k == b"content-length"), None)
                 try:
                     body = await read_body(declared, None, _Chunks(receive), limit)
@@ -204,15 +232,15 @@ def _endpoint(handler):
 async def read_body(declared: str | None, encoding: str | None, chunks, limit: int) -> bytes:
     """Collect `chunks` (an async iterator of bytes) into the body, enforcing `limit` before and after inflating."""
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput("Content-Length must be a non-negative integer")
         if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+            raise PayloadTooLarge(over_limit(f"request body of {declared} bytes", limit, "max_request_bytes", " bytes"))
     parts, size = [], 0
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            raise PayloadTooLarge(over_limit("request body", limit, "max_request_bytes", " bytes"))
         parts.append(chunk)
     return decode_body(parts[0] if len(parts) == 1 else b"".join(parts), encoding, limit)
 
@@ -230,13 +258,40 @@ def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
     except zlib.error as exc:
         raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+        raise PayloadTooLarge(over_limit("decompressed request body", limit, "max_request_bytes", " bytes"))
     return out
 
 
-def build_starlette_app(service: InferenceService) -> Starlette:
-    """Every route, through Starlette (infer too, through the same `infer_handler` as the front ends)."""
+def _requires(guard: Guard, access: Access):
+    """An endpoint that answers only requests `guard` lets through for `access` (inside `_endpoint`)."""
+
+    def wrap(handler):
+        if access is Access.OPEN or (access is Access.INFERENCE and guard.inference_free):
+            return handler
+
+        @functools.wraps(handler)
+        async def checked(request: Request) -> Response:
+            try:
+                guard.check(access, request.headers.raw, request.client)
+            except FleetError as exc:
+                if access is Access.ADMIN:
+                    admin.audit_denied(request.method, request.url.path, exc.status, request.client)
+                raise
+            return await handler(request)
+
+        return checked
+
+    return wrap
+
+
+def build_starlette_app(service: InferenceService, guard: Guard | None = None) -> Starlette:
+    """Every route, through Starlette (infer too, through the same `infer_handler` as the front ends).
+
+    `guard` (default: the service options'): who may call which route (serving/auth.py).
+    """
     limit = service.options.max_request_bytes
+    guard = guard or Guard.from_options(service.options)
+    inference, admin_only = _requires(guard, Access.INFERENCE), _requires(guard, Access.ADMIN)
 
     @_endpoint
     async def server_metadata(request: Request) -> Response:
@@ -251,6 +306,7 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         return Response(status_code=200 if service.is_ready() else 503)
 
     @_endpoint
+    @inference
     async def model_metadata(request: Request) -> Response:
         p = request.path_params
         return _json(service.model_metadata(p["model"], p.get("version")))
@@ -261,23 +317,49 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         return Response(status_code=200 if service.model_ready(p["model"], p.get("version")) else 503)
 
     @_endpoint
+    @inference
     async def model_config(request: Request) -> Response:
         return _json(service.model_config(request.path_params["model"]))
 
     @_endpoint
+    @inference
     async def model_stats(request: Request) -> Response:
         p = request.path_params
         return _json(await service.model_stats(p.get("model"), p.get("version")))
 
     @_endpoint
+    @inference
     async def model_features(request: Request) -> Response:
         p = request.path_params
         return _json(await service.model_features(p["model"], p.get("version")))
 
+    @_endpoint
+    @inference
     async def repository_index(request: Request) -> Response:
         return _json(service.repository_index())
 
-    fast_infer = infer_handler(service)
+    async def admin_body(request: Request) -> bytes:
+        return await read_body(request.headers.get("content-length"), None, request.stream(), _ADMIN_BODY_BYTES)
+
+    @_endpoint
+    @admin_only
+    async def repository_load(request: Request) -> Response:
+        body = admin.parse_request(await admin_body(request), admin.RepositoryRequest)
+        return _json(await admin.load_model(service, request.path_params["model"], body, request.client))
+
+    @_endpoint
+    @admin_only
+    async def repository_unload(request: Request) -> Response:
+        body = admin.parse_request(await admin_body(request), admin.RepositoryRequest)
+        return _json(await admin.unload_model(service, request.path_params["model"], body, request.client))
+
+    @_endpoint
+    @admin_only
+    async def model_versions(request: Request) -> Response:
+        body = admin.parse_request(await admin_body(request), admin.VersionsRequest)
+        return _json(await admin.pin_versions(service, request.path_params["model"], body, request.client))
+
+    fast_infer = infer_handler(service, guard)
 
     @_endpoint
     async def infer(request: Request) -> Response:
@@ -285,14 +367,22 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         # route gives other methods their 405 and serves this app when it is mounted on its own.
         p = request.path_params
         body = await read_body(request.headers.get("content-length"), None, request.stream(), limit)
-        status, headers, payload = await fast_infer(p["model"], p.get("version"), request.headers.raw, body)
+        status, headers, payload = await fast_infer(p["model"], p.get("version"), request.headers.raw, body,
+                                                    request.client)
         response = Response(payload, status_code=status)
         response.raw_headers += headers
         return response
 
     @_endpoint
+    @inference
     async def metrics(request: Request) -> Response:
         return Response(await service.metrics(), media_type=_PROMETHEUS)
+
+    # serving/openapi.py: one entry per route
+    openapi_body = orjson.dumps(openapi_document(SERVER_VERSION, api_keys=guard.keys_required))
+
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_body, media_type=_JSON)
 
     routes = [
         Route("/v2", server_metadata, methods=["GET"]),
@@ -300,6 +390,9 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route("/v2/admin/models/{model}/versions", model_versions, methods=["POST"]),
         Route("/v2/models/{model}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/config", model_config, methods=["GET"]),
@@ -312,6 +405,7 @@ def build_starlette_app(service: InferenceService) -> Starlette:
         Route("/v2/models/{model}/versions/{version}/features", model_features, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
     async def http_error(request: Request, exc: HTTPException) -> Response:

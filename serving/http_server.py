@@ -42,6 +42,8 @@ from urllib.parse import unquote
 
 import httptools
 
+from serving.limits import over_limit
+
 __all__ = ["HttpRequest", "HttpResponse", "Handler", "HttpListener", "reuseport_socket", "port_is_free"]
 
 _log = logging.getLogger("fleet.http_server")
@@ -184,7 +186,7 @@ class _Connection(asyncio.Protocol):
         limit = self.server.max_body_bytes
         for key, value in self._headers:
             if key == b"content-length" and value.isdigit() and int(value) > limit:
-                self._fail(413, f"request body of {int(value)} bytes is over the limit of {limit} bytes")
+                self._fail(413, over_limit(f"request body of {int(value)} bytes", limit, "max_request_bytes", " bytes"))
                 self._skip = True
                 return
             if key == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
@@ -195,7 +197,7 @@ class _Connection(asyncio.Protocol):
             return
         self._size += len(body)
         if self._size > self.server.max_body_bytes:
-            self._fail(413, f"request body is over the limit of {self.server.max_body_bytes} bytes")
+            self._fail(413, over_limit("request body", self.server.max_body_bytes, "max_request_bytes", " bytes"))
             self._skip = True
             return
         self._body.append(body)

@@ -19,12 +19,14 @@ import functools
 import gc
 import logging
 import os
+import time
 import uuid
 
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import ReplicaUnavailableError
 
-from serving.errors import FleetError, ModelUnavailable
+from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
 from serving.http_server import HttpListener
 from serving.metrics import StatsRecorder
@@ -33,27 +35,63 @@ from serving.registry import ModelRepository
 from serving.service import InferenceService
 from serving.workers import LocalWorkerClient, ModelRunner
 
-__all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient"]
+__all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient", "replica_gone", "retry_budget_s"]
 
 _log = logging.getLogger("fleet.ingress")
 
 
 class HandleWorkerClient:
-    """A model's worker reached through its Serve DeploymentHandle: one call per batch."""
+    """A model's worker reached through its Serve DeploymentHandle: one call per batch.
 
-    def __init__(self, handle):
+    A batch whose replica died under it (the process killed, its node lost) is sent
+    once more: Serve routes the second call to a live replica, and inference is
+    idempotent. The retry waits at most until the batch's deadline (a monotonic-ns
+    instant, 0: none) or `retry_timeout_s`, whichever comes first. An error the
+    model raised (a FleetError) is never retried.
+    """
+
+    def __init__(self, handle, *, retry_timeout_s: float = 10.0):
         self._infer = handle.infer
         self._status = handle.status
+        self._handle = handle
+        self.retry_timeout_s = retry_timeout_s
+        self.retries = 0  # batches sent again after their replica went away
 
-    async def infer(self, version: int, inputs: dict) -> dict:
+    async def infer(self, version: int, inputs: dict, deadline_ns: int = 0) -> dict:
         try:
-            return await self._infer.remote(version, inputs)
+            return await self._call(version, inputs)
+        except Exception as exc:
+            if not replica_gone(exc):
+                raise _unwrap(exc) from exc
+            first = exc
+        budget_s = retry_budget_s(time.monotonic_ns(), deadline_ns, self.retry_timeout_s)
+        if budget_s <= 0:
+            raise _unwrap(first) from first
+        self.retries += 1
+        _log.warning("a worker replica went away during a batch (%s); sending it once more", type(first).__name__)
+        try:
+            return await asyncio.wait_for(self._call(version, inputs), budget_s)
+        except asyncio.TimeoutError:
+            if deadline_ns and time.monotonic_ns() >= deadline_ns:
+                raise DeadlineExceeded("the model's worker replica went away and the retry ran out of time") from first
+            raise ModelUnavailable(f"the model's worker replica went away and no other answered within "
+                                   f"{budget_s:.1f} s; retry", retry_after_s=1.0) from first
         except Exception as exc:
             raise _unwrap(exc) from exc
+
+    async def _call(self, version: int, inputs: dict) -> dict:
+        return await self._infer.remote(version, inputs)
 
     async def status(self) -> dict:
         try:
             return await self._status.remote()
+        except Exception as exc:
+            raise _unwrap(exc) from exc
+
+    async def sync(self) -> dict:
+        """One worker replica follows the repository now (the others at their next poll)."""
+        try:
+            return await self._handle.sync.remote()
         except Exception as exc:
             raise _unwrap(exc) from exc
 
@@ -71,12 +109,33 @@ class FailedWorkerClient:
         return {"versions": [], "error": self.error}
 
 
+# What a DeploymentHandle call raises when the replica it went to is gone (ActorDiedError and
+# ActorUnavailableError are RayActorErrors; Serve raises ReplicaUnavailableError for a replica
+# it had picked that left), as opposed to an error of the model's own.
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+
+
+def replica_gone(exc: BaseException) -> bool:
+    """True when `exc` says the worker replica died or became unreachable: the call may go again."""
+    if isinstance(exc, RayTaskError):
+        exc = exc.cause  # a task error is the model's, unless what it wraps is a dead actor
+    return isinstance(exc, _REPLICA_GONE) and not isinstance(exc, FleetError)
+
+
+def retry_budget_s(now_ns: int, deadline_ns: int, retry_timeout_s: float) -> float:
+    """How long a retried call may take: up to the deadline (monotonic ns, 0: none), at most `retry_timeout_s`."""
+    if not deadline_ns:
+        return retry_timeout_s
+    return min(retry_timeout_s, (deadline_ns - now_ns) / 1e9)
+
+
 def _unwrap(exc: Exception) -> Exception:
     """A worker's FleetError as it was raised; a dead or unreachable worker as ModelUnavailable."""
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, FleetError):
         return exc.cause
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
-        return ModelUnavailable(f"the model's worker is unavailable ({type(exc).__name__}); retry")
+    if replica_gone(exc):
+        return ModelUnavailable(f"the model's worker is unavailable ({type(exc).__name__}); retry",
+                                retry_after_s=1.0)
     return exc
 
 
@@ -119,7 +178,7 @@ class Ingress:
 
     async def _client(self, name: str, handle):
         if handle is not None:
-            return HandleWorkerClient(handle)
+            return HandleWorkerClient(handle, retry_timeout_s=self.options.worker_retry_timeout_s)
         try:
             runner = await ModelRunner.load(self.options.repository, name, self.options.worker_threads,
                                             retire_grace_s=self.options.version_retire_grace_s)
@@ -137,15 +196,18 @@ class Ingress:
             raise RuntimeError("the HTTP listener of this ingress replica has stopped")
 
     async def _wait_for_workers(self) -> None:
+        """Wait for the models still loading; one whose backend answered "down" (Triton unreachable) is not
+        waited for: the replica starts, reports it not ready, and the status refresh sees it come back."""
         deadline = asyncio.get_running_loop().time() + self.options.startup_timeout_s
         while True:
             await self.service.refresh(timeout_s=10.0)
-            if self.service.is_ready() or asyncio.get_running_loop().time() > deadline:
+            settled = all(s.ready or s.backend_error for s in self.service.models.values())
+            if self.service.is_ready() or settled or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.5)
         for name, state in self.service.models.items():
             if not state.ready:
-                _log.warning("model %s is not ready: %s", name, state.error)
+                _log.warning("model %s is not ready: %s", name, state.error or state.backend_error)
 
     # -- the control plane: aggregated, never per request -------------------------
     def _monitor_actor(self):

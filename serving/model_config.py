@@ -31,6 +31,7 @@ __all__ = [
     "format_config",
     "spec_from_config",
     "make_config",
+    "node_labels",
 ]
 
 ModelConfig = mc.ModelConfig
@@ -47,6 +48,14 @@ MAX_INFLIGHT_PARAM = "fleet.max_inflight_batches"
 PLACEMENT_PARAM = "fleet.placement"  # "colocated" | "split": overrides the cluster's placement for this model
 LATENCY_TARGET_PARAM = "latency_target_ms"  # adaptive batching (serving/adaptive.py)
 MAX_UTILIZATION_PARAM = "fleet.adaptive.max_utilization"  # adaptive batching: the model's busy share, (0, 1]
+FALLBACK_PARAM = "fleet.fallback"  # "<model>[:<version>]" answering when the backend is down (serving/fallback.py)
+BREAKER_FAILURES_PARAM = "fleet.breaker.failures"  # failed batches in a row that open the circuit breaker
+BREAKER_COOLDOWN_PARAM = "fleet.breaker.cooldown_ms"  # open -> the first probe
+BREAKER_MAX_COOLDOWN_PARAM = "fleet.breaker.max_cooldown_ms"  # the cool-down doubles per failed probe up to this
+# "key=value,...": a split model's worker replicas go to nodes with these Ray labels when one has room
+# (`ray start --labels fleet-role=worker`), and to any node otherwise (a lost worker node's replicas
+# are re-placed on the others).
+PREFER_LABELS_PARAM = "fleet.worker.prefer_labels"
 
 
 @dataclass(frozen=True)
@@ -230,7 +239,8 @@ def _instances(config: mc.ModelConfig) -> tuple[int, str]:
 
 
 def _check_numeric_params(params: dict[str, str], source: str) -> None:
-    for key, kind in ((LATENCY_TARGET_PARAM, float), (MAX_INFLIGHT_PARAM, int)):
+    for key, kind in ((LATENCY_TARGET_PARAM, float), (MAX_INFLIGHT_PARAM, int), (BREAKER_FAILURES_PARAM, int),
+                      (BREAKER_COOLDOWN_PARAM, float), (BREAKER_MAX_COOLDOWN_PARAM, float)):
         raw = params.get(key)
         if raw is None:
             continue
@@ -248,6 +258,19 @@ def _check_numeric_params(params: dict[str, str], source: str) -> None:
             value = math.nan
         if not 0 < value <= 1:
             raise RepositoryError(f"{source}: parameter {MAX_UTILIZATION_PARAM!r} must lie in (0, 1], got {raw!r}")
+
+
+def node_labels(text: str, *, source: str = "config.pbtxt") -> dict[str, str]:
+    """Parse `fleet.worker.prefer_labels` ("key=value,key2=value2") into a Ray label selector."""
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise RepositoryError(f"{source}: parameter {PREFER_LABELS_PARAM!r} must be 'key=value,...', got {text!r}")
+        labels[key.strip()] = value.strip()
+    if not labels:
+        raise RepositoryError(f"{source}: parameter {PREFER_LABELS_PARAM!r} names no label")
+    return labels
 
 
 def spec_from_config(config: mc.ModelConfig, *, name: str | None = None, source: str = "config.pbtxt") -> ModelSpec:
@@ -276,6 +299,8 @@ def spec_from_config(config: mc.ModelConfig, *, name: str | None = None, source:
     if params.get(PLACEMENT_PARAM, "colocated") not in ("colocated", "split"):
         raise RepositoryError(f"{source}: parameter {PLACEMENT_PARAM!r} must be 'colocated' or 'split', "
                               f"got {params[PLACEMENT_PARAM]!r}")
+    if PREFER_LABELS_PARAM in params:
+        node_labels(params[PREFER_LABELS_PARAM], source=source)
     count, kind = _instances(config)
     return ModelSpec(
         name=model_name,

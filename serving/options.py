@@ -16,6 +16,12 @@ class ServingOptions:
     max_queue_size: int = 4096  # applied when a config's max_queue_size is 0 (unbounded)
     max_request_bytes: int = 64 << 20
     max_tensor_elements: int = 1 << 26
+    # Request limits (serving/limits.py), each refused with a 400 naming the setting; 0: none.
+    max_batch_rows: int = 0  # rows of one request, on top of the model's max_batch_size
+    max_string_bytes: int = 1 << 20  # each BYTES element, id, name, parameter key or value
+    max_json_depth: int = 32  # arrays and objects open at once in a request's JSON
+    # Queue timeout for models whose config sets no default_timeout_microseconds (0: none).
+    default_timeout_ms: float = 0.0
     metrics_push_interval_s: float = 1.0
     status_refresh_interval_s: float = 2.0
     worker_threads: int = 1
@@ -25,11 +31,20 @@ class ServingOptions:
     listen_port: int | None = None
     drain_timeout_s: float = 10.0  # requests in flight get this long at shutdown
     max_connections: int = 4096  # per ingress replica's listener; one more is answered 503
+    # A batch whose worker replica died is sent once more, waiting at most this long (and its deadline).
+    worker_retry_timeout_s: float = 10.0
     # Live version pickup (serving/versions.py): each replica holding a model polls the repository
     # this often (±20 % jitter; 0: never, the versions stay those loaded at start) ...
     version_poll_interval_s: float = 5.0
     # ... and keeps a version that left the served set loaded this long before closing it.
     version_retire_grace_s: float = 15.0
+    # Auth (serving/auth.py): SHA-256 digests ("sha256:<hex>") only, never a key itself.
+    api_key_digests: tuple[str, ...] = ()  # empty: inference needs no key
+    admin_token_digest: str | None = None  # None: the admin endpoints are off (403)
+    # Token bucket per key (per client address without keys) in each ingress replica; None: no limit.
+    rate_limit_rps: float | None = None
+    rate_limit_burst: int = 1
+    rate_limit_max_clients: int = 10_000  # buckets kept per ingress replica (idle ones dropped first)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,6 +19,7 @@ import orjson
 import native
 from serving.datatypes import V2_TO_NUMPY
 from serving.errors import InvalidInput
+from serving.limits import RequestLimits, check_json_depth, check_string, check_strings, over_limit
 
 __all__ = [
     "InputTensor",
@@ -188,8 +189,8 @@ def _flatten(data: list, where: str, depth: int = 0) -> list:
     return flat
 
 
-def deserialize_bytes_tensor(buf: memoryview | bytes, count: int, where: str) -> np.ndarray:
-    """Binary BYTES: each element is a 4-byte little-endian length then that many bytes."""
+def deserialize_bytes_tensor(buf: memoryview | bytes, count: int, where: str, max_bytes: int = 0) -> np.ndarray:
+    """Binary BYTES: each element is a 4-byte little-endian length then that many bytes (at most `max_bytes`)."""
     view = memoryview(buf)
     pos, end = 0, len(view)
     if count > end // 4:  # check before allocating `count` slots for a made-up shape
@@ -204,6 +205,9 @@ def deserialize_bytes_tensor(buf: memoryview | bytes, count: int, where: str) ->
         pos += 4
         if pos + n > end:
             raise InvalidInput(f"{where}: binary BYTES element {i} claims {n} bytes past the end of its data")
+        if max_bytes and n > max_bytes:  # before the copy
+            raise InvalidInput(over_limit(f"{where}: BYTES element {i} of {n} bytes", max_bytes, "max_string_bytes",
+                                          " bytes"))
         out[i] = bytes(view[pos : pos + n])
         pos += n
     if pos != end:
@@ -220,10 +224,11 @@ def serialize_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _binary_data(blob: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _binary_data(blob: memoryview, datatype: str, shape: tuple[int, ...], where: str,
+                 max_string_bytes: int = 0) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
-        return deserialize_bytes_tensor(blob, count, where).reshape(shape)
+        return deserialize_bytes_tensor(blob, count, where, max_string_bytes).reshape(shape)
     dtype = V2_TO_NUMPY[datatype]
     expected = count * dtype.itemsize
     if len(blob) != expected:
@@ -235,10 +240,24 @@ def _binary_data(blob: memoryview, datatype: str, shape: tuple[int, ...], where:
     return arr.reshape(shape)
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+def _check_bytes_elements(data: np.ndarray, where: str, limit: int) -> None:
+    longest = max(map(len, data.ravel()), default=0) if limit else 0
+    if longest > limit:
+        raise InvalidInput(over_limit(f"{where}: a BYTES element of {longest} bytes", limit, "max_string_bytes",
+                                      " bytes"))
+
+
+_NO_LIMITS = RequestLimits(max_tensor_elements=0, max_string_bytes=0, max_json_depth=0, max_batch_rows=0)
+
+
+def decode_request(body: bytes, header_length: int | None = None,
+                   limits: RequestLimits = _NO_LIMITS) -> InferRequest:
     """Decode an infer request body; `header_length` is Inference-Header-Content-Length.
 
-    Raises InvalidInput naming the input and what is wrong for any malformed body.
+    Raises InvalidInput naming the input and what is wrong for any malformed body,
+    and for one over `limits` (none unless given: the JSON's nesting depth before
+    it is parsed, each input's element count from its declared shape before its
+    data is checked and kept, the length of every string read).
     """
     if not body:
         raise InvalidInput("empty request body: expected a KServe v2 inference request (JSON)")
@@ -250,6 +269,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         header, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         header, binary = body, memoryview(b"")
+    check_json_depth(header, limits.max_json_depth)
+    max_string = limits.max_string_bytes
     native_error = None
     try:
         # The native parser reads each input's JSON "data" straight into an array of its datatype.
@@ -268,9 +289,12 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("the request needs 'inputs': a non-empty list of tensors")
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise InvalidInput("'id' must be a string")
+        check_string(request_id, "'id'", max_string)
     parameters = _parameters(doc.get("parameters"), "request")
+    check_strings(parameters, "request parameter", max_string)
     timeout = parameters.get("timeout")
     if timeout is not None and (type(timeout) is not int or timeout < 0):
         raise InvalidInput("request parameter 'timeout' must be a non-negative integer (microseconds)")
@@ -284,15 +308,23 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}] needs a 'name'")
+        check_string(name, f"inputs[{i}] name", max_string)
         where = f"input {name!r}"
         if name in seen:
             raise InvalidInput(f"{where} is given twice")
         seen.add(name)
         datatype = raw.get("datatype")
+        if isinstance(datatype, str):  # checked before a wrong one is quoted back
+            check_string(datatype, f"{where} datatype", max_string)
         if datatype not in V2_TO_NUMPY:
             raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
         shape = _shape(raw.get("shape"), where)
+        count = math.prod(shape)
+        if limits.max_tensor_elements and count > limits.max_tensor_elements:
+            raise InvalidInput(over_limit(f"{where}: {count} elements (shape {list(shape)})",
+                                          limits.max_tensor_elements, "max_tensor_elements", " elements"))
         params = _parameters(raw.get("parameters"), where)
+        check_strings(params, f"{where} parameter", max_string)
         size = params.get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0:
@@ -304,12 +336,14 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                     f"{where}: binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} binary bytes left)"
                 )
-            data = _binary_data(binary[offset : offset + size], datatype, shape, where)
+            data = _binary_data(binary[offset : offset + size], datatype, shape, where, max_string)
             offset += size
         elif "data" in raw:
             data = raw["data"]
             if native_error is not None:  # the plain read: lists, decoded and checked here
                 data = _json_data(data, datatype, shape, where)
+            if datatype == "BYTES" and isinstance(data, np.ndarray):
+                _check_bytes_elements(data, where, max_string)
         else:
             raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
         inputs.append(InputTensor(name, datatype, shape, data))
@@ -329,7 +363,9 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         for j, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise InvalidInput(f"outputs[{j}] needs a 'name'")
+            check_string(raw["name"], f"outputs[{j}] name", max_string)
             params = _parameters(raw.get("parameters"), f"output {raw['name']!r}")
+            check_strings(params, f"output {raw['name']!r} parameter", max_string)
             if params.get("classification"):
                 raise InvalidInput(f"output {raw['name']!r}: the classification extension is not supported")
             binary_flag = params.get("binary_data")

@@ -4,6 +4,7 @@
 <root>/<model>/config.pbtxt              ModelConfig (text protobuf)
 <root>/<model>/<version>/model.pt        TorchScript
 <root>/<model>/<version>/metadata.json   fleet's metadata
+<root>/<model>/serving.json              fleet's: an administrator's unload or version pin
 ```
 
 A published version is immutable. Publishing writes a staging folder next to the
@@ -20,27 +21,30 @@ import logging
 import os
 import posixpath
 import re
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pyarrow.fs as pafs
 
 from serving.errors import ModelNotFound, RepositoryError
 from serving.model_config import ModelConfig, ModelSpec, format_config, parse_config, spec_from_config
 
-__all__ = ["ModelRepository", "VersionInfo", "CONFIG_FILE", "METADATA_FILE", "GATE_KEY", "GATE_REJECTED"]
+__all__ = ["ModelRepository", "VersionInfo", "ServingState", "CONFIG_FILE", "METADATA_FILE", "SERVING_FILE",
+           "GATE_KEY", "GATE_REJECTED", "check_model_name"]
 
 _log = logging.getLogger("fleet.registry")
 
 CONFIG_FILE = "config.pbtxt"
 METADATA_FILE = "metadata.json"
+SERVING_FILE = "serving.json"
 # metadata.json's verdict of the training job's holdout gate: "accepted" or "rejected".
 # A rejected version stays in the repository (for the record) and is never served;
 # a version without a gate (a Triton repository, an older publish) counts as accepted.
 GATE_KEY = "gate"
 GATE_REJECTED = "rejected"
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # fullmatch: "$" would let "name\n" in
 _STAGING_PREFIX = ".staging-"
 
 
@@ -52,6 +56,39 @@ class VersionInfo:
     metadata: Mapping
 
 
+@dataclass(frozen=True)
+class ServingState:
+    """An administrator's say over a model, kept in `<model>/serving.json` (absent: the defaults).
+
+    `loaded=False`: unloaded, nothing served until loaded again. `versions`: the pinned
+    served set, in place of the config's version_policy (None: follow the policy).
+    """
+
+    loaded: bool = True
+    versions: tuple[int, ...] | None = None
+
+    def select(self, spec: ModelSpec, accepted: Sequence[int]) -> list[int]:
+        """The versions to serve out of `accepted` (ascending)."""
+        if not self.loaded:
+            return []
+        if self.versions is not None:
+            return sorted(set(self.versions) & set(accepted))
+        return spec.version_policy.select(list(accepted))
+
+    def to_dict(self) -> dict:
+        return {"loaded": self.loaded, "versions": None if self.versions is None else list(self.versions)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping, source: str) -> "ServingState":
+        loaded, versions = doc.get("loaded", True), doc.get("versions")
+        ok = isinstance(loaded, bool) and (versions is None or (
+            isinstance(versions, list) and all(type(v) is int and v >= 1 for v in versions)))
+        if not ok:
+            raise RepositoryError(f"{source}: 'loaded' must be true/false and 'versions' null or a list of "
+                                  f"positive integers, got {dict(doc)!r}")
+        return cls(loaded, None if versions is None else tuple(sorted(set(versions))))
+
+
 def _plain(value):
     """JSON for NumPy scalars and arrays in metadata (anything else is an error)."""
     if hasattr(value, "tolist"):
@@ -61,7 +98,7 @@ def _plain(value):
 
 def check_model_name(name: str) -> str:
     """A model name is one path component: letters, digits, `_ . -`; never `..`."""
-    if not isinstance(name, str) or not _MODEL_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name) or name in (".", ".."):
         raise ModelNotFound(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (at most 128)")
     return name
 
@@ -119,7 +156,7 @@ class ModelRepository:
         selector = pafs.FileSelector(self.root, recursive=False)
         names = []
         for info in self.fs.get_file_info(selector):
-            if info.type == pafs.FileType.Directory and _MODEL_NAME.match(info.base_name):
+            if info.type == pafs.FileType.Directory and _MODEL_NAME.fullmatch(info.base_name):
                 if self._exists(posixpath.join(info.path, CONFIG_FILE)):
                     names.append(info.base_name)
         return sorted(names)
@@ -189,9 +226,32 @@ class ModelRepository:
         return verdict
 
     def served_versions(self, model: str, spec: ModelSpec | None = None) -> list[int]:
-        """The versions the model's version_policy selects among the accepted published ones."""
+        """The versions to serve: none when unloaded, the pinned ones, else the version_policy's,
+        among the accepted published ones (see `serving_state`)."""
         spec = spec or self.spec(model)
-        return spec.version_policy.select(self.accepted_versions(model, spec))
+        return self.serving_state(model).select(spec, self.accepted_versions(model, spec))
+
+    def serving_state(self, model: str) -> ServingState:
+        """The model's `serving.json` (the defaults when it has none)."""
+        path = posixpath.join(self._model_dir(model), SERVING_FILE)
+        if not self._exists(path):
+            return ServingState()
+        source = f"{model}/{SERVING_FILE}"
+        try:
+            doc = json.loads(self._read(path))
+        except ValueError as exc:
+            raise RepositoryError(f"{source}: {exc}") from exc
+        if not isinstance(doc, Mapping):
+            raise RepositoryError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+        return ServingState.from_dict(doc, source)
+
+    def write_serving_state(self, model: str, state: ServingState) -> None:
+        """Replace the model's `serving.json` atomically: every replica follows it at its next poll."""
+        model_dir = self._model_dir(model)
+        if not self._exists(posixpath.join(model_dir, CONFIG_FILE)):
+            raise ModelNotFound(f"model {model!r} is not in the repository {self.root_uri}")
+        doc = {**state.to_dict(), "updated_at": time.time()}
+        self._write_atomic(posixpath.join(model_dir, SERVING_FILE), json.dumps(doc, indent=2).encode())
 
     def metadata(self, model: str, version: int) -> dict:
         """The version's metadata.json ({} when the version has none, as a Triton repository)."""

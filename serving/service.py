@@ -18,13 +18,16 @@ from google.protobuf import json_format
 
 import native
 from serving.adaptive import DEFAULT_MAX_UTILIZATION
-from serving.batching import Batcher, BatcherConfig
-from serving.errors import FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
+from serving.batching import Batcher, BatcherConfig, BatchResult
+from serving.breaker import CircuitBreaker
+from serving.errors import BackendError, FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
+from serving.fallback import Fallback, breaker_config, check_fallbacks, wants_breaker
 from serving.metrics import ModelStats, StatsRecorder
 from serving.model_config import LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec
 from serving.monitor import triton_model_stats
 from serving.options import ServingOptions
 from serving.preprocess import Preprocessor, Standardize, make_preprocessor
+from serving.limits import RequestLimits
 from serving.protocol import decode_request, encode_response
 from serving.registry import ModelRepository, check_model_name
 from serving.validation import validate_request
@@ -60,10 +63,16 @@ class ModelState:
     batchers: dict[int, Batcher] = field(default_factory=dict)
     status_asked: int = 0  # status questions sent to the worker, and the latest one whose answer applies:
     status_applied: int = 0  # an older answer arriving after a newer one must not undo a switch
+    breaker: CircuitBreaker | None = None  # guards a remote backend (serving/fallback.py)
+    fallback: Fallback | None = None  # answers while the backend cannot
+    backend_error: str | None = None  # why the backend cannot answer now (the worker's health check)
+    unloaded: bool = False  # by an administrator (serving/admin.py): answered 503, ignored by server readiness
 
     @property
     def ready(self) -> bool:
-        return bool(self.versions) and self.error is None
+        # A model whose backend is down still answers, through its fallback.
+        down = self.backend_error is not None and self.fallback is None
+        return bool(self.versions) and self.error is None and not down and not self.unloaded
 
 
 class InferenceService:
@@ -78,7 +87,13 @@ class InferenceService:
         metrics_source: Callable[[], Awaitable[bytes]] | None = None,
     ):
         self.options = options
+        self._limits = RequestLimits.from_options(options)
         self.models = {name: ModelState(spec, config, worker) for name, (spec, config, worker) in models.items()}
+        fallbacks = check_fallbacks({name: state.spec for name, state in self.models.items()})
+        for name, state in self.models.items():
+            state.fallback = fallbacks.get(name)
+            if wants_breaker(state.spec):
+                state.breaker = CircuitBreaker(name, breaker_config(state.spec))
         self.recorder = recorder or StatsRecorder()
         self._stats_source = stats_source
         self._metrics_source = metrics_source
@@ -122,6 +137,8 @@ class InferenceService:
                 self._switch(state, versions)
             state.backend = status.get("backend", {})
             state.error = status.get("error")
+            state.backend_error = status.get("backend_error")
+            state.unloaded = bool(status.get("unloaded", False))
 
         states = self.models.values() if models is None else [self.models[name] for name in models]
         await asyncio.gather(*(one(s) for s in states))
@@ -159,11 +176,14 @@ class InferenceService:
         return state
 
     def _version(self, state: ModelState, version: str | None) -> int:
+        if state.unloaded:
+            raise ModelUnavailable(f"model {state.spec.name!r} was unloaded by an administrator; it answers again "
+                                   "once an administrator loads it")
         if version is None or version == "":
             if not state.versions:
                 raise ModelUnavailable(f"model {state.spec.name!r} is not ready: {state.error or 'loading'}")
             return state.versions[-1]
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):  # "²".isdigit(), int("²") fails
             raise ModelNotFound(f"model version must be a positive integer, got {version!r}")
         number = int(version)
         if number not in state.versions:
@@ -183,7 +203,8 @@ class InferenceService:
                 max_queue_delay_us=policy.max_queue_delay_us if policy.enabled else 0,
                 preferred_batch_sizes=policy.preferred_batch_sizes if policy.enabled else (),
                 max_queue_size=policy.queue.max_queue_size or self.options.max_queue_size,
-                default_timeout_us=policy.queue.default_timeout_us,
+                # The server's default where the config sets none; a request's own timeout may shorten either.
+                default_timeout_us=policy.queue.default_timeout_us or round(self.options.default_timeout_ms * 1000),
                 allow_timeout_override=policy.queue.allow_timeout_override,
                 max_inflight_batches=max(1, inflight),
                 latency_target_ms=float(spec.parameters.get(LATENCY_TARGET_PARAM, 0)) if policy.enabled else 0.0,
@@ -191,9 +212,23 @@ class InferenceService:
             )
             worker, name, tag = state.worker, spec.name, str(version)
             recorder = self.recorder
+            breaker = state.breaker
 
             async def execute(inputs: dict) -> dict:
-                return await worker.infer(version, inputs)
+                if breaker is None:
+                    return await worker.infer(version, inputs)
+                if not breaker.allow():  # open: the dead backend sees nothing, the requests go to the fallback
+                    raise ModelUnavailable(f"model {name!r}: {breaker.describe()}",
+                                           retry_after_s=max(1.0, breaker.retry_after_s))
+                try:
+                    outputs = await worker.infer(version, inputs)
+                except ModelNotFound:
+                    raise  # the version left: not the backend's failure
+                except Exception as exc:
+                    breaker.failure(str(exc))
+                    raise
+                breaker.success()
+                return outputs
 
             def on_batch(rows: int, requests: int, compute_ns: int, ok: bool) -> None:
                 recorder.batch(name, tag, rows, compute_ns, ok)
@@ -216,7 +251,8 @@ class InferenceService:
                 "native_kernels": native.BACKEND}
 
     def is_ready(self) -> bool:
-        return all(s.ready for s in self.models.values())
+        """Every model ready, but those an administrator unloaded (they are not meant to answer)."""
+        return all(s.ready for s in self.models.values() if not s.unloaded)
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
         state = self._model(model)
@@ -254,15 +290,25 @@ class InferenceService:
                 entry = {"name": name, "state": "READY" if state.ready else "UNAVAILABLE"}
                 if v is not None:
                     entry["version"] = str(v)
-                if not state.ready:
-                    entry["reason"] = state.error or "loading"
+                if state.unloaded:
+                    entry["reason"] = "unloaded by an administrator"
+                elif not state.ready:
+                    entry["reason"] = state.error or state.backend_error or "loading"
+                elif state.breaker is not None and state.breaker.state != "closed":
+                    # fleet's: a model whose breaker is open says so (per ingress replica), and who answers.
+                    answered = f"answered by {state.fallback.model}" if state.fallback else "refused with 503"
+                    entry["reason"] = f"{state.breaker.describe()}; {answered}"
                 out.append(entry)
         return out
 
     async def infer(
         self, model: str, version: str | None, body: bytes, header_length: int | None
-    ) -> tuple[bytes, int | None]:
-        """Decode, validate, batch, execute, encode. Returns (body, json header length or None)."""
+    ) -> tuple[bytes, int | None, str | None]:
+        """Decode, validate, batch, execute, encode.
+
+        Returns (body, json header length or None, "<model>/<version>" of the fallback that
+        answered, None when the model itself did).
+        """
         start = time.perf_counter_ns()
         state = self._model(model)
         number = self._version(state, version)
@@ -271,14 +317,10 @@ class InferenceService:
             queued = state.batchers.get(number)
             if queued is not None:
                 queued.admit()  # a full queue refuses before the body is parsed: overload costs little
-            request = decode_request(body, header_length)
-            checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements)
-            batcher = self._batcher(state, number)
-            if batcher.preprocess is not None:
-                batcher.preprocess.check(checked.inputs[batcher.preprocess.input_name])
-            result = await batcher.submit(
-                checked.inputs, checked.rows, timeout_us=request.timeout_us
-            )
+            request = decode_request(body, header_length, self._limits)
+            checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements,
+                                       max_batch_rows=self.options.max_batch_rows)
+            result, answered_by = await self._submit(state, number, checked.inputs, checked.rows, request.timeout_us)
             outputs = []
             for ospec, binary in checked.outputs:
                 arr = result.outputs.get(ospec.name)
@@ -293,7 +335,32 @@ class InferenceService:
             self.recorder.failure(model, tag, "Cancelled", time.perf_counter_ns() - start)
             raise
         self.recorder.success(model, tag, time.perf_counter_ns() - start, result.queue_ns, result.compute_ns)
-        return response
+        return (*response, answered_by)
+
+    async def _submit(self, state: ModelState, number: int, inputs: dict, rows: int,
+                      timeout_us: int | None) -> tuple[BatchResult, str | None]:
+        """Batch the request on the model, or on its fallback while the model's backend cannot answer."""
+        breaker = state.breaker
+        if breaker is None or breaker.would_allow():
+            try:
+                return await self._batcher_submit(state, number, inputs, rows, timeout_us), None
+            except (ModelUnavailable, BackendError):
+                if state.fallback is None:
+                    raise
+        elif state.fallback is None:
+            raise ModelUnavailable(f"model {state.spec.name!r} cannot answer now: {breaker.describe()}; retry",
+                                   retry_after_s=max(1.0, breaker.retry_after_s))
+        fallback = self._model(state.fallback.model)
+        version = self._version(fallback, None if state.fallback.version is None else str(state.fallback.version))
+        result = await self._batcher_submit(fallback, version, inputs, rows, timeout_us)
+        return result, f"{fallback.spec.name}/{version}"
+
+    async def _batcher_submit(self, state: ModelState, number: int, inputs: dict, rows: int,
+                              timeout_us: int | None) -> BatchResult:
+        batcher = self._batcher(state, number)
+        if batcher.preprocess is not None:
+            batcher.preprocess.check(inputs[batcher.preprocess.input_name])
+        return await batcher.submit(inputs, rows, timeout_us=timeout_us)
 
     async def model_stats(self, model: str | None, version: str | None) -> dict:
         """Triton's statistics document, cluster-wide (from the monitor)."""
@@ -348,6 +415,6 @@ def parse_header_length(value: str | None) -> int | None:
     """Inference-Header-Content-Length, validated."""
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not (value.isascii() and value.strip().isdigit()):
         raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}")
     return int(value)

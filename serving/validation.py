@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import InvalidInput
+from serving.limits import over_limit
 from serving.model_config import ModelSpec, TensorSpec
 from serving.protocol import InferRequest
 
@@ -28,11 +29,13 @@ def _shown(spec: TensorSpec, max_batch_size: int) -> list:
     return spec.metadata(max_batch_size)["shape"]
 
 
-def validate_request(request: InferRequest, spec: ModelSpec, *, max_elements: int = 1 << 26) -> ValidatedRequest:
+def validate_request(request: InferRequest, spec: ModelSpec, *, max_elements: int = 1 << 26,
+                     max_batch_rows: int = 0) -> ValidatedRequest:
     """Match inputs to the model's by name, datatype and shape; resolve the outputs asked for.
 
     Raises InvalidInput saying what is expected for a missing, unknown or
-    mis-shaped input, a wrong datatype, a batch over max_batch_size, or an
+    mis-shaped input, a wrong datatype, a batch over max_batch_size or over the
+    server's `max_batch_rows` (0: none), an input over `max_elements`, or an
     unknown output.
     """
     given = {t.name: t for t in request.inputs}
@@ -56,7 +59,8 @@ def validate_request(request: InferRequest, spec: ModelSpec, *, max_elements: in
             )
         shape = tensor.shape
         if tensor.data.size > max_elements:
-            raise InvalidInput(f"input {ispec.name!r}: {tensor.data.size} elements is over the limit of {max_elements}")
+            raise InvalidInput(over_limit(f"input {ispec.name!r}: {tensor.data.size} elements",
+                                          max_elements, "max_tensor_elements", " elements"))
         if batching:
             if len(shape) == 0 or not _dims_match(ispec.dims, shape[1:]):
                 raise InvalidInput(
@@ -68,6 +72,9 @@ def validate_request(request: InferRequest, spec: ModelSpec, *, max_elements: in
                 raise InvalidInput(
                     f"input {ispec.name!r}: batch size {n} is outside 1..{spec.max_batch_size} (max_batch_size)"
                 )
+            if max_batch_rows and n > max_batch_rows:
+                raise InvalidInput(over_limit(f"input {ispec.name!r}: a batch of {n} rows", max_batch_rows,
+                                              "max_batch_rows", " rows"))
             if rows is not None and n != rows:
                 raise InvalidInput(f"inputs disagree on the batch size: {rows} and {n} ({ispec.name!r})")
             rows = n

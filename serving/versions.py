@@ -3,7 +3,9 @@
 `ServedVersions` holds one model's backends in one replica (an ingress replica
 for a colocated model, a worker replica for a split one) and which of them are
 served. `sync()` reads the served set (`ModelRepository.served_versions`: the
-version_policy over the published versions the training gate did not reject),
+version_policy — or an administrator's pin, or nothing once an administrator
+unloaded the model, `<model>/serving.json` — over the published versions the
+training gate did not reject),
 loads and warms up what is new next to what serves, then switches with one
 assignment, so a batch runs either on the old set or on the new one. A version
 that leaves the set keeps its backend for `retire_grace_s` (calls already routed
@@ -31,7 +33,8 @@ from typing import Awaitable, Callable
 
 from serving.backends import Backend, make_backend
 from serving.model_config import ModelSpec
-from serving.registry import ModelRepository
+from serving.errors import RepositoryError
+from serving.registry import ModelRepository, ServingState
 
 __all__ = ["ServedVersions", "OnSwitch"]
 
@@ -58,6 +61,7 @@ class ServedVersions:
         self.backends: dict[int, Backend] = {}  # served and retiring versions
         self.on_switch: OnSwitch | None = None
         self.last_error: str | None = None  # the latest load failure, for the start-up error message
+        self.state = ServingState()  # the administrator's say (serving.json) as last read
         self._retiring: dict[int, asyncio.Task] = {}
         self._failed: dict[int, float] = {}  # version -> time.monotonic() of its failed load
         self._lock = asyncio.Lock()
@@ -79,13 +83,14 @@ class ServedVersions:
 
     async def _sync(self) -> bool:
         self._last_sync = time.monotonic()
-        accepted = await asyncio.to_thread(self.repository.accepted_versions, self.model, self.spec)
+        accepted, state = await asyncio.to_thread(self._read_repository)
+        state_changed, self.state = state != self.state, state
         started = time.perf_counter()
         loaded: list[int] = []
         while True:
             now = time.monotonic()
             usable = [v for v in accepted if v not in self._failed or now - self._failed[v] >= _RETRY_FAILED_S]
-            wanted = tuple(self.spec.version_policy.select(usable))
+            wanted = tuple(state.select(self.spec, usable))
             missing = [v for v in wanted if v not in self.backends]
             if not missing:
                 break
@@ -102,14 +107,14 @@ class ServedVersions:
                     self._failed.pop(version, None)
                     loaded.append(version)
         if wanted == self.served:
-            return False
-        if not wanted:
+            return state_changed
+        if not wanted and state.loaded:
             # Nothing left to serve (versions deleted, none loads): keep what serves rather than go down.
             if self.served:
                 _log.warning("model %s: the repository offers no version to serve; keeping %s",
                              self.model, list(self.served))
-            return False
-        old, self.served = self.served, wanted  # the switch
+            return state_changed
+        old, self.served = self.served, wanted  # the switch (to nothing: an administrator unloaded the model)
         for version in wanted:
             task = self._retiring.pop(version, None)
             if task is not None:
@@ -121,6 +126,15 @@ class ServedVersions:
         _log.info("model %s: serving versions %s -> %s (loaded %s in %.2f s)", self.model, list(old), list(wanted),
                   loaded or "nothing", time.perf_counter() - started)
         return True
+
+    def _read_repository(self) -> tuple[list[int], ServingState]:
+        accepted = self.repository.accepted_versions(self.model, self.spec)
+        try:
+            state = self.repository.serving_state(self.model)
+        except RepositoryError as exc:  # a broken serving.json: keep following the last good one
+            _log.warning("model %s: %s; keeping %s", self.model, exc, self.state)
+            state = self.state
+        return accepted, state
 
     async def _load(self, version: int) -> Backend:
         model_file = None

@@ -12,6 +12,7 @@ call per batch) or, in colocated mode, in the ingress replica itself
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -39,7 +40,7 @@ class ModelRunner:
         repo = ModelRepository(repository)
         versions = ServedVersions(repo, model, repo.spec(model), threads=threads, retire_grace_s=retire_grace_s)
         await versions.sync()
-        if not versions.served:
+        if not versions.served and versions.state.loaded:  # (an unloaded model starts with nothing loaded)
             await versions.close()
             if versions.last_error:
                 raise ModelUnavailable(f"model {model!r}: no version could be loaded ({versions.last_error})")
@@ -62,15 +63,32 @@ class ModelRunner:
         return await backend.infer(inputs)
 
     async def status(self) -> dict:
-        """Served versions and backend details, for readiness, the ingress's routing and `fleet status`."""
+        """Served versions and backend details, for readiness, the ingress's routing and `fleet status`.
+
+        `backend_error` says why a served version's backend cannot answer now (a Triton
+        server down); the ingress reports the model not ready then, or ready through its fallback.
+        """
         any_backend = next(iter(self.versions.backends.values()), None)
-        return {
+        status = {
             "model": self.model,
             "versions": list(self.versions.served),
             "loaded": sorted(self.versions.backends),
             "backend": any_backend.describe() if any_backend else {},
             "pid": os.getpid(),
+            "unloaded": not self.versions.state.loaded,  # by an administrator (serving.json)
+            "pinned": None if self.versions.state.versions is None else list(self.versions.state.versions),
         }
+        checks = [b.health() for v, b in self.versions.backends.items()
+                  if v in self.versions.served and hasattr(b, "health")]
+        errors = [e for e in await asyncio.gather(*checks) if e]
+        if errors:
+            status["backend_error"] = errors[0]
+        return status
+
+    async def sync(self) -> dict:
+        """Follow the repository now (an administrator just changed serving.json); the new status."""
+        await self.versions.sync()
+        return await self.status()
 
     async def close(self) -> None:
         await self.versions.close()
@@ -93,6 +111,9 @@ class ModelWorker:
     async def status(self) -> dict:
         return await self.runner.status()
 
+    async def sync(self) -> dict:
+        return await self.runner.sync()
+
     async def __del__(self):
         await self.runner.close()
 
@@ -108,6 +129,9 @@ class LocalWorkerClient:
 
     async def status(self) -> dict:
         return await self.runner.status()
+
+    async def sync(self) -> dict:
+        return await self.runner.sync()
 
     async def close(self) -> None:
         await self.runner.close()

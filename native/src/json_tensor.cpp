@@ -316,6 +316,9 @@ PyObject *tensor_direct(Cursor &c, int depth, PyObject *datatype, PyObject *shap
   } catch (const JsonError &) {
     return nullptr;
   }
+  // Each value takes a digit and a separator at least: a shape the rest of the body cannot hold is
+  // never allocated (the token path counts the values first and says what is wrong).
+  if (count > static_cast<size_t>(c.end - c.p) / 2) return nullptr;
   Ref array{PyObject_CallFunctionObjArgs(np_cache.empty, tuple.p, np_cache.dtypes[type - kTypes], nullptr)};
   Buffer buffer;
   if (!array.p || PyObject_GetBuffer(array.p, &buffer.view, PyBUF_WRITABLE) < 0) {

@@ -6,11 +6,17 @@ to the server's own model name and version from the config's parameters:
     parameters { key: "fleet.triton.url"     value { string_value: "triton-host:8000" } }
     parameters { key: "fleet.triton.model"   value { string_value: "fraud" } }    # default: same name
     parameters { key: "fleet.triton.version" value { string_value: "1" } }        # default: Triton's choice
+
+A Triton that is down when the replica starts does not stop it: `load()` waits
+a few seconds for it, then returns; `health()` says the model is not ready
+(what the replica's status reports) until the server answers, and batches meet
+ModelUnavailable meanwhile (the ingress's circuit breaker and fallback take them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Mapping
 
@@ -26,6 +32,10 @@ from serving.preprocess import model_inputs
 __all__ = ["TritonBackend"]
 
 _CONNECTIONS = 32
+_CHECK_TIMEOUT_S = 2.0  # a readiness question that takes longer fails
+_HEALTH_MAX_AGE_S = 1.0  # the replica's status is asked by every ingress replica: one check per second serves all
+
+_log = logging.getLogger("fleet.backends.triton")
 
 
 def _host_port(url: str) -> str:
@@ -41,7 +51,7 @@ class TritonBackend:
 
     device = "triton"
 
-    def __init__(self, spec: ModelSpec, version: int, *, connect_timeout_s: float = 60.0):
+    def __init__(self, spec: ModelSpec, version: int, *, connect_timeout_s: float = 2.0):
         self.spec = spec
         self.version = version
         self.url = _host_port(spec.triton_url or "")
@@ -50,23 +60,41 @@ class TritonBackend:
         self._connect_timeout_s = connect_timeout_s
         self._client: aioclient.InferenceServerClient | None = None
         self._outputs = [httpclient.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
+        self._health: tuple[float, str | None] = (-float("inf"), "not checked yet")  # (when, error or None)
 
     async def load(self) -> None:
-        """Connect and wait (up to the connect timeout) until Triton says the model is ready."""
+        """Connect and wait (up to the connect timeout) until Triton says the model is ready.
+
+        A server still down then is not an error: the replica starts, and `health()`
+        reports the model not ready until Triton answers.
+        """
         self._client = aioclient.InferenceServerClient(self.url, conn_limit=_CONNECTIONS)
         deadline = time.monotonic() + self._connect_timeout_s
-        last_error = "not ready"
         while time.monotonic() < deadline:
-            try:
-                if await self._client.is_model_ready(self.remote_model, self.remote_version):
-                    return
-            except Exception as exc:  # connection refused while Triton starts
-                last_error = str(exc)
+            if await self.health(max_age_s=0) is None:
+                return
             await asyncio.sleep(0.5)
-        raise ModelUnavailable(
-            f"Triton at {self.url} has no ready model {self.remote_model!r} "
-            f"(version {self.remote_version or 'default'}): {last_error}"
-        )
+        _log.warning("model %s version %s: %s; serving it as not ready until Triton answers",
+                     self.spec.name, self.version, self._health[1])
+
+    async def health(self, max_age_s: float = _HEALTH_MAX_AGE_S) -> str | None:
+        """None when Triton has the model ready, else why not; asked at most once per `max_age_s`."""
+        checked, error = self._health
+        if time.monotonic() - checked < max_age_s:
+            return error
+        error = None
+        try:
+            ready = await asyncio.wait_for(
+                self._client.is_model_ready(self.remote_model, self.remote_version), _CHECK_TIMEOUT_S)
+            if not ready:
+                error = "not ready"
+        except Exception as exc:  # connection refused while Triton starts or after it went away
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if error is not None:
+            error = (f"Triton at {self.url} has no ready model {self.remote_model!r} "
+                     f"(version {self.remote_version or 'default'}): {error}")
+        self._health = (time.monotonic(), error)
+        return error
 
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._client is None:

@@ -11,7 +11,11 @@ The repository holds:
                   (fleet standardizes the features first, as it does for fraud);
 - `digits`        the example CNN over uint8 images of any size (resized by fleet's native kernel);
 - `fraud_roll`, `fraud_roll_split`  fraud's file, colocated and split, serving the latest 2 versions,
-  `fraud_roll_one` split, serving the latest one: test_version_switch.py publishes versions of them live.
+  `fraud_roll_one` split, serving the latest one: test_version_switch.py publishes versions of them live;
+- `fraud_failover` fraud's file in 2 split worker replicas that prefer nodes labelled fleet-role=worker:
+                  test_replica_failure.py kills one under load, then a worker node holding one;
+- `fraud_triton_fb` Triton on a port where nothing listens at first, `fleet.fallback: fraud`: its circuit
+                  breaker opens, fraud answers, until test_triton_fallback.py starts a Triton there.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.fault_models import publish_slow, scripted_bytes
 from benchmarks.triton_process import TritonProcess
 from cluster.config import FleetSettings
 from cluster.local import LocalCluster
 from cluster.ports import free_port
-from serving.model_config import TensorSpec, make_config
+from serving.model_config import make_config
 from serving.registry import ModelRepository
 from training.bootstrap import bootstrap
 from training.digits import bootstrap_digits
@@ -47,18 +52,22 @@ dynamic_batching { max_queue_delay_microseconds: 100 }
 """
 
 
-class _Slow(torch.nn.Module):
-    """About 100 ms of matrix products per call, whatever the batch."""
+class _SlowOnMarker(torch.nn.Module):
+    """A model that is slow on demand: ~0.3 s of matrix products for a batch holding a row whose x[0] > 1e6."""
 
-    def __init__(self):
+    def __init__(self, inner: torch.nn.Module):
         super().__init__()
+        self.inner = inner
         self.register_buffer("w", torch.randn(384, 384) / 20.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = self.w
-        for _ in range(40):
-            acc = torch.tanh(acc @ self.w)
-        return x * 0.0 + acc[0, 0]
+        out = self.inner(x)
+        if bool((x[:, 0] > 1e6).any()):
+            acc = self.w
+            for _ in range(160):
+                acc = torch.tanh(acc @ self.w)
+            out = out + 0.0 * acc[0, 0]
+        return out
 
 
 def _save(module: torch.nn.Module) -> bytes:
@@ -67,7 +76,7 @@ def _save(module: torch.nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def _build_repository(root: Path, triton_url: str) -> None:
+def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = "") -> None:
     repo = ModelRepository(str(root))
     bootstrap(str(root), rows=8000, epochs=3, seed=1, num_threads=1, log=lambda *a, **k: None)
     bootstrap_digits(str(root), seed=1, num_threads=1, log=lambda *a, **k: None)
@@ -108,21 +117,9 @@ def _build_repository(root: Path, triton_url: str) -> None:
     torch.manual_seed(0)
     (root / "libtorch" / "1").mkdir(parents=True)
     (root / "libtorch" / "config.pbtxt").write_text(LIBTORCH_CONFIG)
-    (root / "libtorch" / "1" / "model.pt").write_bytes(_save(torch.nn.Linear(4, 2)))
-    repo.publish(
-        "slow",
-        {"model.pt": _save(_Slow())},
-        {},
-        config=make_config("slow", [TensorSpec("x", "FP32", (1,))], [TensorSpec("y", "FP32", (1,))],
-                           max_batch_size=8, max_queue_size=2, parameters={"fleet.max_inflight_batches": "1"}),
-    )
-    repo.publish(
-        "slow_deep",
-        {"model.pt": _save(_Slow())},
-        {},
-        config=make_config("slow_deep", [TensorSpec("x", "FP32", (1,))], [TensorSpec("y", "FP32", (1,))],
-                           max_batch_size=1, max_queue_size=64, parameters={"fleet.max_inflight_batches": "1"}),
-    )
+    (root / "libtorch" / "1" / "model.pt").write_bytes(scripted_bytes(torch.nn.Linear(4, 2)))
+    publish_slow(repo, "slow", max_batch_size=8, max_queue_size=2)
+    publish_slow(repo, "slow_deep", max_batch_size=1, max_queue_size=64)
     repo.write_config(
         "fraud_triton",
         make_config("fraud_triton", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
@@ -132,6 +129,28 @@ def _build_repository(root: Path, triton_url: str) -> None:
     # Fronting Triton needs no model file: version 1 is a folder with fleet's metadata.json only.
     (root / "fraud_triton" / "1").mkdir()
     (root / "fraud_triton" / "1" / "metadata.json").write_text(json.dumps(fraud_metadata))
+    # fraud's file in 2 worker replicas, for test_replica_failure.py to kill one of under load; a batch
+    # holding a row whose first feature is above 1e6 takes ~0.3 s, so the test can kill a replica mid-batch.
+    repo.publish(
+        "fraud_failover",
+        {"model.pt": _save(_SlowOnMarker(torch.jit.load(io.BytesIO(fraud_file))))},
+        {"note": "fraud, in 2 worker replicas to kill one of"},
+        config=make_config("fraud_failover", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                           max_queue_delay_us=1000, instance_count=2,
+                           parameters={"fleet.placement": "split", "fleet.worker.prefer_labels": "fleet-role=worker"}),
+    )
+    # Triton on a port where nothing listens until test_triton_fallback.py starts one: answered by fraud.
+    if fallback_triton_url:
+        repo.write_config(
+            "fraud_triton_fb",
+            make_config("fraud_triton_fb", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                        platform="", parameters={"fleet.backend": "triton", "fleet.triton.url": fallback_triton_url,
+                                                 "fleet.triton.model": "fraud", "fleet.fallback": "fraud",
+                                                 "fleet.breaker.failures": "3", "fleet.breaker.cooldown_ms": "500",
+                                                 "fleet.breaker.max_cooldown_ms": "1000", **preprocess}),
+        )
+        (root / "fraud_triton_fb" / "1").mkdir()
+        (root / "fraud_triton_fb" / "1" / "metadata.json").write_text(json.dumps(fraud_metadata))
 
 
 @pytest.fixture(scope="package")
@@ -143,10 +162,11 @@ def repository(tmp_path_factory) -> Path:
 def fleet_cluster(repository: Path, tmp_path_factory):
     """The running cluster: yields (settings, triton) and shuts both down afterwards."""
     triton_ports = (free_port(), free_port(), free_port())
-    _build_repository(repository, f"127.0.0.1:{triton_ports[0]}")
+    fallback_ports = (free_port(), free_port(), free_port())  # test_triton_fallback.py starts a Triton there
+    _build_repository(repository, f"127.0.0.1:{triton_ports[0]}", f"127.0.0.1:{fallback_ports[0]}")
     model_file = tmp_path_factory.mktemp("triton") / "fraud.pt"
     shutil.copy(repository / "fraud" / "1" / "model.pt", model_file)
-    triton: dict = {}
+    triton: dict = {"fallback_ports": fallback_ports}
 
     def start_triton() -> None:
         try:
@@ -165,10 +185,13 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         dashboard_port=free_port(),
         state_dir=str(tmp_path_factory.mktemp("state")),
         ingress_replicas=2,
-        # Three split models' workers: 0.1 CPU each leaves one logical CPU free, which a training
-        # job's Ray Data file listing task needs (it always asks for 1) beside the 0.5 of the ingress.
+        # Five split worker replicas (fraud_failover has 2): 0.1 CPU each leaves one logical CPU free,
+        # which a training job's Ray Data file listing task needs (it always asks for 1) beside the
+        # 0.5 of the ingress.
         worker_num_cpus=0.1,
         max_request_bytes=1 << 20,
+        max_batch_rows=200,  # below the models' 256: test_limits_live.py sends a batch between the two
+        max_string_bytes=64 << 10,  # below the body limit: test_limits_live.py sends a longer string
         metrics_push_interval_s=0.5,
         startup_timeout_s=180,
         version_poll_interval_s=1.0,  # new versions are picked up sooner than the default 5 s

@@ -350,6 +350,10 @@ _INPUT_BLOCK = TRITON_CONFIG[TRITON_CONFIG.index("input ["):TRITON_CONFIG.index(
         (TRITON_CONFIG.replace("preferred_batch_size: [ 4, 8 ]", "preferred_batch_size: [ 4, 16 ]"), "preferred_batch_size \\[4, 16\\] must lie in 1..max_batch_size \\(8\\)"),
         (TRITON_CONFIG.replace("data_type: TYPE_FP32\n    dims: [ 4 ]", "data_type: TYPE_BF16\n    dims: [ 4 ]"), "'input__0'.*unsupported tensor data type 'TYPE_BF16'"),
         (TRITON_CONFIG.replace("max_batch_size: 8", "max_batch_size: eight"), "linear/config.pbtxt:.*"),
+        (TRITON_CONFIG + 'parameters { key: "fleet.worker.prefer_labels" value: { string_value: "fleet-role" } }',
+         "'fleet.worker.prefer_labels' must be 'key=value,...', got 'fleet-role'"),
+        (TRITON_CONFIG + 'parameters { key: "fleet.breaker.failures" value: { string_value: "0" } }',
+         "'fleet.breaker.failures' must be a positive number"),
     ],
 )
 def test_a_bad_config_is_a_repository_error_that_names_the_problem(tmp_path, model_pt, text, match):
@@ -467,3 +471,12 @@ def test_positional_order_follows_the_index_not_the_text():
     assert [t.name for t in positional_order(specs)] == ["input__0", "input__1", "input__2", "input__10"]
     mixed = (TensorSpec("b", "FP32", (1,)), TensorSpec("input__0", "FP32", (1,)), TensorSpec("a", "FP32", (1,)))
     assert [t.name for t in positional_order(mixed)] == ["b", "input__0", "a"]  # config order kept
+
+
+def test_worker_replicas_may_prefer_labelled_nodes():
+    from serving.model_config import node_labels
+
+    # fleet.worker.prefer_labels: a Ray label selector the worker replicas prefer (serving/app.py)
+    assert node_labels("fleet-role=worker, zone = a") == {"fleet-role": "worker", "zone": "a"}
+    with pytest.raises(RepositoryError, match="names no label"):
+        node_labels(" , ")

@@ -267,7 +267,7 @@ async def test_the_service_switches_its_default_version_and_drains_the_old_batch
         assert after["model_version"] == "2"
         assert after["outputs"][0]["data"][0] == 2.0 * (X[0, 0] + X[0, 2])
 
-        done = [json.loads(body) for body, _ in await asyncio.gather(*queued)]  # none failed
+        done = [json.loads(body) for body, *_ in await asyncio.gather(*queued)]  # none failed
         assert [d["model_version"] for d in done] == ["1"] * 6  # each names the version that answered
         assert all(d["outputs"][0]["data"][0] == X[0, 0] + X[0, 2] for d in done)
         assert 1 not in service.models[MODEL].batchers

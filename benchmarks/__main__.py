@@ -174,7 +174,7 @@ def run(args) -> Path:
                     adaptive = adaptive_scenario(system, bodies, args.step_seconds, args.repeats,
                                                  args.latency_target_ms, args.arrivals, args.adaptive_rates)
                 if args.soak_minutes > 0:
-                    soak = run_soak(system, list(SOAK_SCENARIOS), args.soak_minutes, 300.0, 30.0)
+                    soak = run_soak(system, list(SOAK_SCENARIOS), args.soak_minutes, 300.0, 30.0, repo)
     ratios, goals = ratios_and_goals(closed, opened, peak_connections=64 if 64 in args.connections
                                      else max(args.connections), inprocess=inprocess)
     if adaptive:

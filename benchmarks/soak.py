@@ -1,6 +1,6 @@
 """`python -m benchmarks.soak`: minutes of load with faults injected, against a fleet started for the run.
 
-    python -m benchmarks.soak                       # both scenarios, 2 minutes each
+    python -m benchmarks.soak                       # every scenario, 2 minutes each
     python -m benchmarks.soak --minutes 5 --scenarios replica_kill
 
 Scenarios (the integration tests run each for seconds; these run it for minutes):
@@ -15,8 +15,12 @@ Scenarios (the integration tests run each for seconds; these run it for minutes)
   replicas, one Ray call per batch) at a steady open-loop rate while one worker
   replica is SIGKILLed every `--kill-every` seconds. Figures: the failure rate
   over the run (promise: <= 0.1 %), and per kill the recovery time — from the
-  kill to the first 1 s window from which on the 2xx answers completed keep up
-  with >= 90 % of the requests sent (promise: < 10 s).
+  kill until the 2xx answers completed in each 1 s window keep up
+  with >= 90 % of the requests sent (promise: < 10 s). (The recovery figure
+  is the end of the last window that fell short.)
+- `version_switch`: a new version of `fraud` (the same file) published every
+  `--kill-every` seconds under the same steady load. Figures: failed requests
+  (promise: none), the version serving at the end.
 
 Results go to `benchmarks/results/<timestamp>-soak/`: report.json and summary.md,
 with the git SHA and the config.
@@ -25,6 +29,7 @@ with the git SHA and the config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -32,6 +37,7 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +54,7 @@ from serving.registry import ModelRepository
 __all__ = ["recovery_s", "failure_rate", "overload_soak", "replica_kill_soak", "run_soak", "soak_goals",
            "soak_markdown", "publish_soak_models", "main"]
 
-SCENARIOS = ("overload", "replica_kill")
+SCENARIOS = ("overload", "replica_kill", "version_switch")
 
 
 def _slow_target() -> Target:
@@ -77,11 +83,8 @@ def publish_soak_models(repo: ModelRepository) -> None:
     spec = repo.spec("fraud")
     preprocess = {k: v for k, v in spec.parameters.items() if k.startswith("preprocess")}
     source = repo.model_file("fraud", 1)
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            fraud_file = f.read()
-    else:
-        fraud_file = source.getvalue()
+    with open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source) as f:
+        fraud_file = f.read()
     repo.publish("fraud_split", {"model.pt": fraud_file}, repo.metadata("fraud", 1),
                  config=make_config("fraud_split", list(spec.inputs), list(spec.outputs), max_batch_size=256,
                                     max_queue_delay_us=1000, instance_count=2,
@@ -207,6 +210,43 @@ def replica_kill_soak(system: FleetSystem, minutes: float, rate_rps: float, kill
     }
 
 
+def version_switch_soak(system: FleetSystem, repo: ModelRepository, minutes: float, rate_rps: float,
+                        publish_every_s: float) -> dict:
+    """A new version of `fraud` (the same file) published every `publish_every_s` under load: no request
+    may fail across the switches, and the answers must move to the new versions."""
+    host, port = _host_port(system.url)
+    duration = 60.0 * minutes
+    source = repo.model_file("fraud", 1)
+    with open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source) as f:
+        model_file = f.read()
+    metadata = {**repo.metadata("fraud", 1), "note": "soak: version switch"}
+    published: list[dict] = []
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def publisher() -> None:
+        while not stop.wait(publish_every_s):
+            if time.monotonic() - start > duration - publish_every_s / 2:
+                return
+            version = repo.publish("fraud", {"model.pt": model_file}, metadata)
+            published.append({"t_s": round(time.monotonic() - start, 1), "version": version})
+
+    thread = threading.Thread(target=publisher, daemon=True)
+    thread.start()
+    records, result = run(open_loop_records(host, port, [_fraud_target("fraud")], rate_rps, duration,
+                                            seed=4, max_connections=64, timeout_s=30))
+    stop.set()
+    thread.join()
+    final = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{system.url}/v2/models/fraud/infer", data=_fraud_target("fraud").body,
+        headers={"Content-Type": "application/json"}), timeout=30).read())["model_version"]
+    return {
+        "model": "fraud", "rate_rps": rate_rps, "result": result.to_dict(), "published": published,
+        "failure_rate": failure_rate(records), "failed": int(round(failure_rate(records) * len(records))),
+        "served_at_end": final,
+    }
+
+
 def soak_goals(soak: dict) -> list[dict]:
     """The soak's promises as goals of the benchmark report (same shape as `ratios_and_goals`)."""
     goals = []
@@ -224,11 +264,17 @@ def soak_goals(soak: dict) -> list[dict]:
         goals.append({"goal": "worker replicas SIGKILLed under load: worst recovery to full throughput",
                       "value": worst, "target": 10, "unit": "s", "met": worst is not None and worst < 10,
                       "gap": None if worst is None else round(worst - 10, 1)})
+    switch = soak.get("version_switch")
+    if switch:
+        goals.append({"goal": f"{len(switch['published'])} versions published under load: failed requests",
+                      "value": switch["failed"], "target": 0, "unit": "", "met": switch["failed"] == 0,
+                      "gap": switch["failed"]})
     return goals
 
 
-def run_soak(system: FleetSystem, scenarios: list[str], minutes: float, rate_rps: float, kill_every_s: float) -> dict:
-    """The soak scenarios against `system` (a fleet serving `build_repository`'s models)."""
+def run_soak(system: FleetSystem, scenarios: list[str], minutes: float, rate_rps: float, kill_every_s: float,
+             repo: ModelRepository | None = None) -> dict:
+    """The soak scenarios against `system` (a fleet serving `build_repository`'s models from `repo`)."""
     out: dict = {"minutes": minutes}
     if "overload" in scenarios:
         print("overload soak ...", flush=True)
@@ -236,6 +282,9 @@ def run_soak(system: FleetSystem, scenarios: list[str], minutes: float, rate_rps
     if "replica_kill" in scenarios:
         print("replica kill soak ...", flush=True)
         out["replica_kill"] = replica_kill_soak(system, minutes, rate_rps, kill_every_s)
+    if "version_switch" in scenarios and repo is not None:
+        print("version switch soak ...", flush=True)
+        out["version_switch"] = version_switch_soak(system, repo, minutes, rate_rps, kill_every_s)
     return out
 
 
@@ -266,6 +315,12 @@ def soak_markdown(report: dict) -> str:
                   f"({100 * kill['failure_rate']:.3f} %, promise <= 0.1 %)",
                   f"- recovery per kill (s): {[None if k['recovery_s'] is None else round(k['recovery_s'], 1) for k in kill['kills']]}"
                   f" (promise < 10 s)", ""]
+    switch = report.get("version_switch")
+    if switch:
+        lines += ["## version_switch (fraud)", "",
+                  f"- {switch['rate_rps']:.0f} req/s for {report['minutes']} min, versions "
+                  f"{[p['version'] for p in switch['published']]} published; serving {switch['served_at_end']} at the end",
+                  f"- failures: {switch['failed']} of {switch['result']['requests']} (promise: none)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--minutes", type=float, default=2.0, help="soak length of each scenario")
     p.add_argument("--rate", type=float, default=300.0, help="replica_kill: offered req/s")
-    p.add_argument("--kill-every", type=float, default=30.0, help="replica_kill: seconds between kills")
+    p.add_argument("--kill-every", type=float, default=30.0,
+                   help="seconds between kills (replica_kill) and between published versions (version_switch)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -288,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"git_sha": git_sha(), "machine": machine(), "config": vars(args),
                     "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     with FleetSystem(repo.root, label="fleet (defaults)") as system:
-        report.update(run_soak(system, scenarios, args.minutes, args.rate, args.kill_every))
+        report.update(run_soak(system, scenarios, args.minutes, args.rate, args.kill_every, repo))
     report["goals"] = soak_goals(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
@@ -39,7 +40,11 @@ from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidIn
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
 
-__all__ = ["BatcherConfig", "BatchResult", "Batcher"]
+__all__ = ["BatcherConfig", "BatchResult", "Batcher", "batch_deadline_ns"]
+
+# While a batch executes: the latest deadline of its requests (monotonic ns; 0 when one of them has
+# none), for an `execute` that may spend more time on it, such as a retry on another replica.
+batch_deadline_ns: contextvars.ContextVar[int] = contextvars.ContextVar("fleet_batch_deadline_ns", default=0)
 
 _NEVER = 1 << 62  # a row count no queue reaches
 
@@ -372,6 +377,7 @@ class Batcher:
             if self.preprocess is not None and not await self._preprocess(batch, inputs):
                 return  # every request of the batch was refused: nothing to run
             ran = True
+            batch_deadline_ns.set(0 if any(not p.deadline_ns for p in batch) else max(p.deadline_ns for p in batch))
             outputs = await self._execute(inputs)
             compute_ns = time.monotonic_ns() - start
             if self.config.max_batch_size:

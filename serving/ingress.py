@@ -26,6 +26,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import ReplicaUnavailableError
 
+from serving.batching import batch_deadline_ns
 from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
 from serving.http_server import HttpListener
@@ -46,7 +47,8 @@ class HandleWorkerClient:
     A batch whose replica died under it (the process killed, its node lost) is sent
     once more: Serve routes the second call to a live replica, and inference is
     idempotent. The retry waits at most until the batch's deadline (a monotonic-ns
-    instant, 0: none) or `retry_timeout_s`, whichever comes first. An error the
+    instant, 0: none; by default the batcher's `batch_deadline_ns`) or `retry_timeout_s`,
+    whichever comes first. An error the
     model raised (a FleetError) is never retried.
     """
 
@@ -64,7 +66,7 @@ class HandleWorkerClient:
             if not replica_gone(exc):
                 raise _unwrap(exc) from exc
             first = exc
-        budget_s = retry_budget_s(time.monotonic_ns(), deadline_ns, self.retry_timeout_s)
+        budget_s = retry_budget_s(time.monotonic_ns(), deadline_ns or batch_deadline_ns.get(), self.retry_timeout_s)
         if budget_s <= 0:
             raise _unwrap(first) from first
         self.retries += 1
@@ -220,7 +222,8 @@ class Ingress:
     async def _push(self) -> None:
         delta = self.recorder.take()
         try:
-            await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths())
+            await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths(),
+                                                    self.service.breaker_states())
         except Exception as exc:  # monitor restarting: keep the delta for the next push
             self.recorder.give_back(delta)
             self._monitor = None

@@ -28,17 +28,33 @@ class MonitorState:
     def __init__(self) -> None:
         self._totals: dict[tuple[str, str], ModelStats] = {}
         self._depths: dict[str, tuple[float, dict[tuple[str, str], int]]] = {}
+        self._breakers: dict[str, tuple[float, dict[str, int]]] = {}  # replica -> (when, {model: 1 if not closed})
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)
 
-    def push(self, replica: str, delta: dict, queue_depths: dict | None = None) -> None:
-        """Add one replica's delta {(model, version): ModelStats} and its current queue depths."""
+    def push(self, replica: str, delta: dict, queue_depths: dict | None = None,
+             breakers: dict | None = None) -> None:
+        """Add one replica's delta {(model, version): ModelStats}, its current queue depths and
+        its circuit breakers ({model: 1 when open or probing, 0 when closed})."""
         merge_stats(self._totals, delta)
         if queue_depths is not None:
             self._depths[replica] = (time.monotonic(), dict(queue_depths))
+        if breakers is not None:
+            self._breakers[replica] = (time.monotonic(), dict(breakers))
 
     def forget(self, replica: str) -> None:
         self._depths.pop(replica, None)
+        self._breakers.pop(replica, None)
+
+    def breakers_open(self) -> dict[str, int]:
+        """Per model with a breaker: how many ingress replicas have it open (or probing) now."""
+        now = time.monotonic()
+        out: dict[str, int] = {}
+        for stamp, states in self._breakers.values():
+            if now - stamp <= _GAUGE_STALE_S:
+                for model, n in states.items():
+                    out[model] = out.get(model, 0) + n
+        return out
 
     def totals(self) -> dict:
         return {k: v.to_dict() for k, v in self._totals.items()}
@@ -116,6 +132,13 @@ class MonitorState:
         for (m, v), n in sorted(self.queue_depths().items()):
             depth.add_metric([m, v], n)
         yield depth
+        breaker = GaugeMetricFamily(
+            "fleet_breaker_open", "Ingress replicas whose circuit breaker in front of the model's backend is open "
+            "or probing (its batches go to the fallback, or get 503)", labels=["model"]
+        )
+        for m, n in sorted(self.breakers_open().items()):
+            breaker.add_metric([m], n)
+        yield breaker
 
 
 def triton_model_stats(model: str, version: str, s: ModelStats) -> dict:

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 import native
 from serving.adaptive import DEFAULT_MAX_UTILIZATION
 from serving.batching import Batcher, BatcherConfig, BatchResult
-from serving.breaker import CircuitBreaker
+from serving.breaker import CLOSED, CircuitBreaker
 from serving.errors import BackendError, FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
 from serving.fallback import Fallback, breaker_config, check_fallbacks, wants_breaker
 from serving.metrics import ModelStats, StatsRecorder
@@ -238,6 +238,10 @@ class InferenceService:
                 pre.on_counts = lambda counts: recorder.features(name, tag, counts)
             batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch, pre)
         return batcher
+
+    def breaker_states(self) -> dict[str, int]:
+        """{model: 1 if its circuit breaker is open or probing, 0 if closed} for the models that have one."""
+        return {name: int(s.breaker.state != CLOSED) for name, s in self.models.items() if s.breaker is not None}
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return {

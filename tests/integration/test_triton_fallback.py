@@ -45,6 +45,18 @@ def _index_entry(base_url: str) -> dict:
     return next(e for e in r.json() if e["name"] == MODEL)
 
 
+def _breaker_gauge(base_url: str, want, within_s: float = 5.0) -> float:
+    """fleet_breaker_open{model=MODEL} from /metrics once `want(value)` holds (replicas push every 0.5 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        text = httpx.get(f"{base_url}/metrics", timeout=30).text
+        line = next((x for x in text.splitlines() if x.startswith(f'fleet_breaker_open{{model="{MODEL}"}}')), None)
+        value = float(line.split()[-1]) if line else None
+        if (value is not None and want(value)) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.25)
+
+
 def test_a_dead_triton_is_answered_by_the_fallback_then_probed_back(base_url, fleet_cluster, repository):
     _, triton = fleet_cluster
     x = np.random.default_rng(11).standard_normal((3, 30)).astype(np.float32)
@@ -61,6 +73,7 @@ def test_a_dead_triton_is_answered_by_the_fallback_then_probed_back(base_url, fl
     for entry in entries:
         assert entry["state"] == "READY", entry
         assert "circuit breaker" in entry.get("reason", "") and "answered by fraud" in entry["reason"], entry
+    assert _breaker_gauge(base_url, lambda v: v == 2) == 2  # the metric: both replicas' breakers are open
 
     proc = TritonProcess.start(
         repository / "fraud" / "1" / "model.pt", "fraud", inputs=[("features", "FP32", (30,))],
@@ -86,6 +99,7 @@ def test_a_dead_triton_is_answered_by_the_fallback_then_probed_back(base_url, fl
         for r in later:
             np.testing.assert_allclose(_answer(r), expected, rtol=1e-5, atol=1e-6)
         assert "reason" not in _index_entry(base_url)
+        assert _breaker_gauge(base_url, lambda v: v == 0) == 0
         print(f"\nfallback answers {fallback_ms:.1f} ms each while Triton was down; "
               f"Triton answered again {first_own:.2f} s after it was up")
     finally:

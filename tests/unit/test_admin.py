@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -71,13 +72,21 @@ async def served(tmp_path):
     options = ServingOptions(repository=repo.root_uri, api_key_digests=(key_digest(KEY), key_digest(OTHER_KEY)),
                              admin_token_digest=key_digest(ADMIN), rate_limit_rps=1000.0, rate_limit_burst=1000,
                              version_retire_grace_s=0.0)
+    async with _serving(repo, options, poll=True) as (service, call):
+        yield repo, service, call
+
+
+@contextlib.asynccontextmanager
+async def _serving(repo: ModelRepository, options: ServingOptions, *, poll: bool = False):
+    """The model served from `repo` under `options` in this process: (service, a Client of its handler)."""
     runner = await ModelRunner.load(repo.root_uri, MODEL)
     spec, cfg = repo.load_config(MODEL)
     service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, options)
-    runner.start_polling(0, lambda: service.refresh(models=(MODEL,)))
+    if poll:
+        runner.start_polling(0, lambda: service.refresh(models=(MODEL,)))
     await service.refresh()
     try:
-        yield repo, service, Client(build_handler(service))
+        yield service, Client(build_handler(service))
     finally:
         await service.close()
         await runner.close()
@@ -203,40 +212,23 @@ async def test_a_key_over_its_rate_gets_429_with_retry_after_at_once_other_keys_
     _publish(repo, 1)
     options = ServingOptions(repository=repo.root_uri, api_key_digests=(key_digest(KEY), key_digest(OTHER_KEY)),
                              rate_limit_rps=0.5, rate_limit_burst=3)
-    runner = await ModelRunner.load(repo.root_uri, MODEL)
-    spec, cfg = repo.load_config(MODEL)
-    service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, options)
-    await service.refresh()
-    call = Client(build_handler(service))
-    try:
+    async with _serving(repo, options) as (_, call):
         answers = [await call.infer(KEY) for _ in range(5)]
         assert [a[0] for a in answers] == [200, 200, 200, 429, 429]
         assert answers[3][1]["retry-after"] == "2" and "rate limit" in answers[3][2]["error"]
         assert (await call.infer(OTHER_KEY))[0] == 200
         assert (await call("GET", f"/v2/models/{MODEL}", token=KEY))[0] == 429  # the same bucket on every route
         assert (await call.infer("wrong"))[0] == 401  # refused before it counts
-    finally:
-        await service.close()
-        await runner.close()
 
 
 async def test_without_keys_or_token_inference_is_open_and_admin_is_off(tmp_path):
     repo = ModelRepository(str(tmp_path / "repo"))
     _publish(repo, 1)
-    runner = await ModelRunner.load(repo.root_uri, MODEL)
-    spec, cfg = repo.load_config(MODEL)
-    options = ServingOptions(repository=repo.root_uri)
-    service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, options)
-    await service.refresh()
-    call = Client(build_handler(service))
-    try:
+    async with _serving(repo, ServingOptions(repository=repo.root_uri)) as (_, call):
         assert (await call.infer(None))[0] == 200
         status, _, doc = await call("POST", f"/v2/repository/models/{MODEL}/unload", b"", "anything")
         assert status == 403 and "admin endpoints are disabled" in doc["error"]
         assert (await call.infer(None))[0] == 200
-    finally:
-        await service.close()
-        await runner.close()
 
 
 async def test_an_unloaded_model_stays_unloaded_when_a_replica_starts(tmp_path):

@@ -474,3 +474,36 @@ async def test_on_batch_reports_rows_requests_compute_time_and_outcome(batchers)
         await batcher.submit(req(50.0))
     assert [(rows, requests, ok) for rows, requests, _, ok in seen] == [(2, 1, True), (4, 2, True), (1, 1, False)]
     assert all(ns >= 19_000_000 for _, _, ns, _ in seen)  # the 20 ms the model computed
+
+
+async def test_execute_sees_the_latest_deadline_of_its_batch_or_none_when_one_request_has_none():
+    from serving.batching import batch_deadline_ns
+
+    seen: list[int] = []
+    gate = asyncio.Event()
+
+    async def execute(inputs):
+        seen.append(batch_deadline_ns.get())
+        await gate.wait()
+        return {"y": inputs["x"] * 10}
+
+    batcher = Batcher("m", execute, BatcherConfig(max_batch_size=8, max_inflight_batches=1))
+    x = np.ones((1, 1), np.float32)
+    first = asyncio.create_task(batcher.submit({"x": x}, 1))  # goes alone, at once
+    await asyncio.sleep(0.01)
+    start = time.monotonic_ns()
+    timed = [asyncio.create_task(batcher.submit({"x": x}, 1, timeout_us=t)) for t in (5_000_000, 9_000_000)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, *timed)
+    assert seen[0] == 0  # no timeout: no deadline
+    assert start + 9_000_000_000 <= seen[1] <= time.monotonic_ns() + 9_000_000_000  # the later of the two
+    gate.clear()
+    blocker = asyncio.create_task(batcher.submit({"x": x}, 1))
+    await asyncio.sleep(0.01)
+    mixed = [asyncio.create_task(batcher.submit({"x": x}, 1, timeout_us=t)) for t in (None, 5_000_000)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(blocker, *mixed)
+    assert len(seen) == 4 and seen[-1] == 0  # the pair ran as one batch, one of them without a deadline
+    await batcher.close()

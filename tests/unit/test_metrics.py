@@ -249,3 +249,14 @@ def test_triton_model_stats_of_an_idle_model_is_all_zero():
     assert doc["inference_count"] == doc["execution_count"] == doc["last_inference"] == 0
     assert doc["batch_stats"] == []
     assert all(v == {"count": 0, "ns": 0} for v in doc["inference_stats"].values())
+
+
+def test_breaker_gauge_counts_the_replicas_whose_breaker_is_open_and_forgets_a_replica_gone():
+    state = MonitorState()
+    state.push("a", {}, {}, {"fraud_triton": 1})
+    state.push("b", {}, {}, {"fraud_triton": 1})
+    state.push("c", {}, {}, {"fraud_triton": 0})
+    assert scrape(state)["fleet_breaker_open"] == {(("model", "fraud_triton"),): 2.0}
+    state.forget("a")
+    state.push("b", {}, {}, {"fraud_triton": 0})
+    assert scrape(state)["fleet_breaker_open"] == {(("model", "fraud_triton"),): 0.0}

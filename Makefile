@@ -46,7 +46,8 @@ serve: $(VENV)/.installed
 # over every test whose outcome the kernels decide: the unit tests and the request path of a live cluster.
 PURE_PYTHON_TESTS := tests/unit tests/integration/test_http_api.py tests/integration/test_bad_input.py \
   tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py \
-  tests/integration/test_limits_live.py tests/integration/test_fuzz.py
+  tests/integration/test_limits_live.py \
+  tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

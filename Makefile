@@ -43,8 +43,11 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/fleet serve --repository $(REPOSITORY)
 
 # The whole suite with the compiled kernels, then again with FLEET_PURE_PYTHON=1 (the NumPy references)
-# over every test whose outcome the kernels decide: the unit tests and the request path of a live cluster.
-PURE_PYTHON_TESTS := tests/unit tests/integration/test_http_api.py tests/integration/test_bad_input.py \
+# over every test whose outcome the kernels decide: the unit tests of the kernels and of the request
+# decoding, validation and preprocessing around them, and the request path of a live cluster.
+PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tests/unit/test_preprocess.py \
+  tests/unit/test_validation.py tests/unit/test_limits.py tests/unit/test_digits.py tests/unit/test_admin.py \
+  tests/integration/test_http_api.py tests/integration/test_bad_input.py \
   tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py \
   tests/integration/test_limits_live.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy

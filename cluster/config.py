@@ -75,7 +75,8 @@ class FleetSettings(BaseSettings):
     metrics_push_interval_s: float = Field(1.0, gt=0)
     startup_timeout_s: float = Field(180.0, gt=0)
     ingress_drain_period_s: float = Field(
-        5.0, ge=0, description="a stopping ingress replica keeps answering this long while HAProxy deregisters it"
+        5.0, ge=0, description="with http_server=serve: a stopping ingress replica keeps answering this long "
+        "while HAProxy deregisters it (fleet's own listener drains by itself: drain_timeout_s)"
     )
     version_poll_interval_s: float = Field(
         5.0, ge=0, description="how often each replica holding a model looks for newly published, accepted "

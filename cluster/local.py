@@ -36,8 +36,10 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
         # A job's `python` is this installation's interpreter (its venv), whatever the user's PATH.
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         # Serve's default (30 s) makes every shutdown and rolling update wait that long;
-        # HAProxy is reconfigured within about a second of a replica leaving.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(settings.ingress_drain_period_s),
+        # HAProxy is reconfigured within about a second of a replica leaving. With fleet's own
+        # listener nothing needs it: the listener's drain moves clients to the other replicas.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+            str(settings.ingress_drain_period_s if settings.http_server == "serve" else 0.5),
         # Ray starts workers at nice 15; replicas answering HTTP must not lose the CPU
         # to every other process on the node (the load generator, a Triton next door).
         "RAY_worker_niceness": "0",

@@ -87,6 +87,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
                 ray_actor_options=actor_options,
                 health_check_period_s=5,
                 graceful_shutdown_timeout_s=10,
+                graceful_shutdown_wait_loop_s=0.5,  # how often a stopping replica looks for calls still running
             )
             .bind(options.repository, name, options.worker_threads,
                   version_poll_interval_s=options.version_poll_interval_s,
@@ -100,5 +101,6 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
         ray_actor_options={"num_cpus": deployment.ingress_num_cpus},
         # A stopping replica drains its connections, then its queues (each up to drain_timeout_s).
         graceful_shutdown_timeout_s=2 * options.drain_timeout_s + 5,
+        graceful_shutdown_wait_loop_s=0.5,
     )
     return ingress.bind(options.to_dict(), workers)

@@ -203,6 +203,10 @@ def fleet_cluster(repository: Path, tmp_path_factory):
     try:
         cluster.start()
         starter.join()
+        if "proc" in triton:
+            # The replicas start without waiting for a Triton that is not up yet (fraud_triton then
+            # reads not ready): the tests start once every model is ready.
+            cluster.wait_ready(120)
         yield settings, triton
     finally:
         starter.join()

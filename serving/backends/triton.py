@@ -33,6 +33,7 @@ __all__ = ["TritonBackend"]
 
 _CONNECTIONS = 32
 _CHECK_TIMEOUT_S = 2.0  # a readiness question that takes longer fails
+_FAILED_CHECKS_TO_DOWN = 2  # a ready model reads down after this many failed checks in a row
 _HEALTH_MAX_AGE_S = 1.0  # the replica's status is asked by every ingress replica: one check per second serves all
 
 _log = logging.getLogger("fleet.backends.triton")
@@ -61,6 +62,7 @@ class TritonBackend:
         self._client: aioclient.InferenceServerClient | None = None
         self._outputs = [httpclient.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
         self._health: tuple[float, str | None] = (-float("inf"), "not checked yet")  # (when, error or None)
+        self._failed_checks = 0  # in a row
 
     async def load(self) -> None:
         """Connect and wait (up to the connect timeout) until Triton says the model is ready.
@@ -93,6 +95,13 @@ class TritonBackend:
         if error is not None:
             error = (f"Triton at {self.url} has no ready model {self.remote_model!r} "
                      f"(version {self.remote_version or 'default'}): {error}")
+        self._failed_checks = self._failed_checks + 1 if error is not None else 0
+        if error is not None and self._failed_checks < _FAILED_CHECKS_TO_DOWN and checked > -float("inf") \
+                and self._health[1] is None:
+            # One slow answer (a busy event loop or machine) does not make a serving model unready:
+            # it takes two failed checks in a row, a second or so apart.
+            self._health = (time.monotonic(), None)
+            return None
         self._health = (time.monotonic(), error)
         return error
 

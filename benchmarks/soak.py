@@ -82,13 +82,41 @@ def publish_soak_models(repo: ModelRepository) -> None:
     publish_slow(repo, "slow", max_batch_size=8, max_queue_size=8)
     spec = repo.spec("fraud")
     preprocess = {k: v for k, v in spec.parameters.items() if k.startswith("preprocess")}
-    source = repo.model_file("fraud", 1)
-    with open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source) as f:
-        fraud_file = f.read()
-    repo.publish("fraud_split", {"model.pt": fraud_file}, repo.metadata("fraud", 1),
+    repo.publish("fraud_split", {"model.pt": _fraud_file(repo)}, repo.metadata("fraud", 1),
                  config=make_config("fraud_split", list(spec.inputs), list(spec.outputs), max_batch_size=256,
                                     max_queue_delay_us=1000, instance_count=2,
                                     parameters={"fleet.placement": "split", **preprocess}))
+
+
+def _fraud_file(repo: ModelRepository) -> bytes:
+    """The bytes of fraud version 1's model file (a local path or, remote, its bytes)."""
+    source = repo.model_file("fraud", 1)
+    with open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source) as f:
+        return f.read()
+
+
+def _load_while(system: FleetSystem, model: str, rate_rps: float, duration_s: float, seed: int,
+                every_s: float, act, quiet_end_s: float):
+    """A steady open-loop load on `model` for `duration_s` while `act(t_s)` runs in a thread every
+    `every_s` seconds (t_s: since the load began), but not in its last `quiet_end_s`. (records, result)."""
+    host, port = _host_port(system.url)
+    stop = threading.Event()
+    start = time.monotonic() + 0.005  # the schedule's origin, as open_loop_records takes it (near enough)
+
+    def acting() -> None:
+        while not stop.wait(every_s):
+            if time.monotonic() - start > duration_s - quiet_end_s:
+                return
+            act(time.monotonic() - start)
+
+    thread = threading.Thread(target=acting, daemon=True)
+    thread.start()
+    try:
+        return run(open_loop_records(host, port, [_fraud_target(model)], rate_rps, duration_s,
+                                     seed=seed, max_connections=64, timeout_s=30))
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _actors(dashboard_url: str, suffix: str) -> list:
@@ -174,38 +202,29 @@ def overload_soak(system: FleetSystem, minutes: float) -> dict:
 
 
 def replica_kill_soak(system: FleetSystem, minutes: float, rate_rps: float, kill_every_s: float) -> dict:
-    host, port = _host_port(system.url)
     duration = 60.0 * minutes
     kills: list[dict] = []
-    stop = threading.Event()
-    start = time.monotonic() + 0.005  # the schedule's origin, as open_loop_records takes it (near enough)
 
-    def killer() -> None:
-        while not stop.wait(kill_every_s):
-            if time.monotonic() - start > duration - 12:
-                return  # leave room to see the last recovery
-            workers = _actors(system.dashboard_url, ":worker-fraud_split")
-            if not workers:
-                continue
-            victim = workers[len(kills) % len(workers)]
-            try:
-                os.kill(victim.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            kills.append({"t_s": time.monotonic() - start, "pid": victim.pid})
+    def kill(t_s: float) -> None:
+        workers = _actors(system.dashboard_url, ":worker-fraud_split")
+        if not workers:
+            return
+        victim = workers[len(kills) % len(workers)]
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        kills.append({"t_s": t_s, "pid": victim.pid})
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    records, result = run(open_loop_records(host, port, [_fraud_target("fraud_split")], rate_rps, duration,
-                                            seed=3, max_connections=64, timeout_s=30))
-    stop.set()
-    thread.join()
-    for kill in kills:
-        kill["recovery_s"] = recovery_s(records, kill["t_s"], duration)
+    # No kill in the last 12 s: room to see the last recovery.
+    records, result = _load_while(system, "fraud_split", rate_rps, duration, 3, kill_every_s, kill, quiet_end_s=12)
+    for k in kills:
+        k["recovery_s"] = recovery_s(records, k["t_s"], duration)
     recoveries = [k["recovery_s"] for k in kills]
+    failed = failure_rate(records)
     return {
         "model": "fraud_split", "rate_rps": rate_rps, "result": result.to_dict(), "kills": kills,
-        "failure_rate": failure_rate(records), "failed": int(round(failure_rate(records) * len(records))),
+        "failure_rate": failed, "failed": int(round(failed * len(records))),
         "max_recovery_s": None if not recoveries or None in recoveries else max(recoveries),
     }
 
@@ -214,35 +233,24 @@ def version_switch_soak(system: FleetSystem, repo: ModelRepository, minutes: flo
                         publish_every_s: float) -> dict:
     """A new version of `fraud` (the same file) published every `publish_every_s` under load: no request
     may fail across the switches, and the answers must move to the new versions."""
-    host, port = _host_port(system.url)
     duration = 60.0 * minutes
-    source = repo.model_file("fraud", 1)
-    with open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source) as f:
-        model_file = f.read()
+    model_file = _fraud_file(repo)
     metadata = {**repo.metadata("fraud", 1), "note": "soak: version switch"}
     published: list[dict] = []
-    stop = threading.Event()
-    start = time.monotonic()
 
-    def publisher() -> None:
-        while not stop.wait(publish_every_s):
-            if time.monotonic() - start > duration - publish_every_s / 2:
-                return
-            version = repo.publish("fraud", {"model.pt": model_file}, metadata)
-            published.append({"t_s": round(time.monotonic() - start, 1), "version": version})
+    def publish(t_s: float) -> None:
+        version = repo.publish("fraud", {"model.pt": model_file}, metadata)
+        published.append({"t_s": round(t_s, 1), "version": version})
 
-    thread = threading.Thread(target=publisher, daemon=True)
-    thread.start()
-    records, result = run(open_loop_records(host, port, [_fraud_target("fraud")], rate_rps, duration,
-                                            seed=4, max_connections=64, timeout_s=30))
-    stop.set()
-    thread.join()
+    records, result = _load_while(system, "fraud", rate_rps, duration, 4, publish_every_s, publish,
+                                  quiet_end_s=publish_every_s / 2)
+    failed = failure_rate(records)
     final = json.loads(urllib.request.urlopen(urllib.request.Request(
         f"{system.url}/v2/models/fraud/infer", data=_fraud_target("fraud").body,
         headers={"Content-Type": "application/json"}), timeout=30).read())["model_version"]
     return {
         "model": "fraud", "rate_rps": rate_rps, "result": result.to_dict(), "published": published,
-        "failure_rate": failure_rate(records), "failed": int(round(failure_rate(records) * len(records))),
+        "failure_rate": failed, "failed": int(round(failed * len(records))),
         "served_at_end": final,
     }
 

@@ -66,7 +66,8 @@ class HandleWorkerClient:
             if not replica_gone(exc):
                 raise _unwrap(exc) from exc
             first = exc
-        budget_s = retry_budget_s(time.monotonic_ns(), deadline_ns or batch_deadline_ns.get(), self.retry_timeout_s)
+        deadline_ns = deadline_ns or batch_deadline_ns.get()
+        budget_s = retry_budget_s(time.monotonic_ns(), deadline_ns, self.retry_timeout_s)
         if budget_s <= 0:
             raise _unwrap(first) from first
         self.retries += 1

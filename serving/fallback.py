@@ -22,7 +22,7 @@ from typing import Mapping
 from serving.breaker import BreakerConfig
 from serving.errors import RepositoryError
 from serving.model_config import (
-    BREAKER_COOLDOWN_PARAM, BREAKER_FAILURES_PARAM, BREAKER_MAX_COOLDOWN_PARAM, FALLBACK_PARAM, ModelSpec,
+    BREAKER_COOLDOWN_PARAM, BREAKER_FAILURES_PARAM, BREAKER_MAX_COOLDOWN_PARAM, FALLBACK_PARAM, ModelSpec, is_decimal,
 )
 
 __all__ = ["Fallback", "FALLBACK_HEADER", "fallback_of", "check_fallbacks", "breaker_config", "wants_breaker"]
@@ -45,7 +45,7 @@ def fallback_of(spec: ModelSpec, specs: Mapping[str, ModelSpec]) -> Fallback | N
         return None
     where = f"model {spec.name!r}: parameter {FALLBACK_PARAM!r}"
     name, _, version = raw.partition(":")
-    if version and not version.isdigit():
+    if version and not is_decimal(version):
         raise RepositoryError(f"{where} must be '<model>' or '<model>:<version>', got {raw!r}")
     if name == spec.name:
         raise RepositoryError(f"{where} names the model itself; name another served model")

@@ -27,6 +27,7 @@ from serving.auth import Access, Guard
 from serving.errors import FleetError, InvalidInput, PayloadTooLarge
 from serving.fallback import FALLBACK_HEADER
 from serving.limits import over_limit
+from serving.model_config import is_decimal
 from serving.http_server import Handler, HttpRequest, HttpResponse
 from serving.openapi import openapi_document
 from serving.service import SERVER_VERSION, InferenceService, parse_header_length
@@ -232,7 +233,7 @@ def _endpoint(handler):
 async def read_body(declared: str | None, encoding: str | None, chunks, limit: int) -> bytes:
     """Collect `chunks` (an async iterator of bytes) into the body, enforcing `limit` before and after inflating."""
     if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
+        if not is_decimal(declared):
             raise InvalidInput("Content-Length must be a non-negative integer")
         if int(declared) > limit:
             raise PayloadTooLarge(over_limit(f"request body of {declared} bytes", limit, "max_request_bytes", " bytes"))

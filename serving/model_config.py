@@ -23,6 +23,7 @@ from serving.errors import RepositoryError
 __all__ = [
     "ModelConfig",
     "TensorSpec",
+    "is_decimal",
     "QueuePolicy",
     "BatchingPolicy",
     "VersionPolicy",
@@ -236,6 +237,12 @@ def _instances(config: mc.ModelConfig) -> tuple[int, str]:
     if kinds == {"KIND_CPU"}:
         return count, "cpu"
     return count, "auto"
+
+
+def is_decimal(text: str) -> bool:
+    """True for ASCII digits only: what a version number, a length or a count may be spelled with
+    (str.isdigit() also takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _check_numeric_params(params: dict[str, str], source: str) -> None:

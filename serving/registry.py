@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import pyarrow.fs as pafs
 
 from serving.errors import ModelNotFound, RepositoryError
-from serving.model_config import ModelConfig, ModelSpec, format_config, parse_config, spec_from_config
+from serving.model_config import ModelConfig, ModelSpec, format_config, is_decimal, parse_config, spec_from_config
 
 __all__ = ["ModelRepository", "VersionInfo", "ServingState", "CONFIG_FILE", "METADATA_FILE", "SERVING_FILE",
            "GATE_KEY", "GATE_REJECTED", "check_model_name"]
@@ -194,7 +194,7 @@ class ModelRepository:
         model_dir = self._model_dir(model)
         versions = []
         for info in self.fs.get_file_info(pafs.FileSelector(model_dir, recursive=False)):
-            if info.type != pafs.FileType.Directory or not info.base_name.isdigit():
+            if info.type != pafs.FileType.Directory or not is_decimal(info.base_name):
                 continue
             if spec.backend == "triton" or self._exists(posixpath.join(info.path, spec.default_model_filename)):
                 versions.append(int(info.base_name))
@@ -345,6 +345,6 @@ class ModelRepository:
         numbers = [
             int(info.base_name)
             for info in self.fs.get_file_info(pafs.FileSelector(model_dir, recursive=False))
-            if info.type == pafs.FileType.Directory and info.base_name.isdigit()
+            if info.type == pafs.FileType.Directory and is_decimal(info.base_name)
         ]
         return max(numbers, default=0) + 1

@@ -22,12 +22,14 @@ from serving.batching import Batcher, BatcherConfig, BatchResult
 from serving.breaker import CLOSED, CircuitBreaker
 from serving.errors import BackendError, FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
 from serving.fallback import Fallback, breaker_config, check_fallbacks, wants_breaker
+from serving.limits import RequestLimits
 from serving.metrics import ModelStats, StatsRecorder
-from serving.model_config import LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec
+from serving.model_config import (
+    LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec, is_decimal,
+)
 from serving.monitor import triton_model_stats
 from serving.options import ServingOptions
 from serving.preprocess import Preprocessor, Standardize, make_preprocessor
-from serving.limits import RequestLimits
 from serving.protocol import decode_request, encode_response
 from serving.registry import ModelRepository, check_model_name
 from serving.validation import validate_request
@@ -183,7 +185,7 @@ class InferenceService:
             if not state.versions:
                 raise ModelUnavailable(f"model {state.spec.name!r} is not ready: {state.error or 'loading'}")
             return state.versions[-1]
-        if not (version.isascii() and version.isdigit()):  # "²".isdigit(), int("²") fails
+        if not is_decimal(version):
             raise ModelNotFound(f"model version must be a positive integer, got {version!r}")
         number = int(version)
         if number not in state.versions:
@@ -298,7 +300,7 @@ class InferenceService:
                     entry["reason"] = "unloaded by an administrator"
                 elif not state.ready:
                     entry["reason"] = state.error or state.backend_error or "loading"
-                elif state.breaker is not None and state.breaker.state != "closed":
+                elif state.breaker is not None and state.breaker.state != CLOSED:
                     # fleet's: a model whose breaker is open says so (per ingress replica), and who answers.
                     answered = f"answered by {state.fallback.model}" if state.fallback else "refused with 503"
                     entry["reason"] = f"{state.breaker.describe()}; {answered}"
@@ -419,6 +421,6 @@ def parse_header_length(value: str | None) -> int | None:
     """Inference-Header-Content-Length, validated."""
     if value is None:
         return None
-    if not (value.isascii() and value.strip().isdigit()):
+    if not is_decimal(value.strip()):
         raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}")
     return int(value)

@@ -78,8 +78,7 @@ class ModelRunner:
             "unloaded": not self.versions.state.loaded,  # by an administrator (serving.json)
             "pinned": None if self.versions.state.versions is None else list(self.versions.state.versions),
         }
-        checks = [b.health() for v, b in self.versions.backends.items()
-                  if v in self.versions.served and hasattr(b, "health")]
+        checks = [b.health() for v, b in self.versions.backends.items() if v in self.versions.served]
         errors = [e for e in await asyncio.gather(*checks) if e]
         if errors:
             status["backend_error"] = errors[0]

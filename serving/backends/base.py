@@ -28,6 +28,9 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Release what the backend holds (threads, connections)."""
 
+    async def health(self) -> str | None:
+        """None when it can answer now, else why not (a remote server down)."""
+
     def describe(self) -> dict:
         """What /v2/models/{m} and `fleet status` show about this backend."""
 

@@ -144,6 +144,9 @@ class TorchScriptBackend:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._module = None
 
+    async def health(self) -> str | None:
+        return None  # in this process: it answers as long as it is loaded
+
     def describe(self) -> dict:
         return {"backend": "torchscript", "device": self.device, "threads": torch.get_num_threads(),
                 "pid": os.getpid()}

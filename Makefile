@@ -52,14 +52,14 @@ PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tes
   tests/integration/test_limits_live.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed
+test: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_TESTS) $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed
+test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
 	$(PY) -m pytest -q tests/integration tests/e2e $(PYTEST_ARGS)
 
 wrk:

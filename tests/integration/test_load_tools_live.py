@@ -25,11 +25,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from benchmarks.loadgen import Target, closed_loop, open_loop, run, step_load
-from benchmarks.wrk import WrkError, run_wrk, wrk_available
+from benchmarks.wrk import WrkError, run_wrk
 from cluster.ports import free_port
 
 pytestmark = pytest.mark.integration
-needs_wrk = pytest.mark.skipif(not wrk_available(), reason="wrk is not installed: run `make wrk`")
 
 HOST = "127.0.0.1"
 
@@ -104,7 +103,6 @@ def _sane(latency_ms: dict) -> None:
     assert all(v is not None and v > 0 for v in values) and values == sorted(values), latency_ms
 
 
-@needs_wrk
 def test_wrk_counts_every_answer_by_status(server, body_file):
     r = run_wrk(f"{server.url}/ok", body_file, header_length=14, connections=4, duration_s=2)
     assert r.requests > 50 and r.statuses == {"200": r.requests} and r.errors == {}
@@ -116,14 +114,12 @@ def test_wrk_counts_every_answer_by_status(server, body_file):
     assert server.seen_headers["inference-header-content-length"] == "14"
 
 
-@needs_wrk
 def test_wrk_503s_are_statuses_not_throughput(server, body_file):
     r = run_wrk(f"{server.url}/busy", body_file, connections=2, duration_s=1)
     assert r.requests > 0 and r.statuses == {"503": r.requests} and r.throughput_rps == 0.0
     _sane(r.latency_ms)  # fast refusals are still what clients waited for
 
 
-@needs_wrk
 def test_wrk_failure_is_reported_with_its_output(body_file):
     with pytest.raises(WrkError, match="unable to connect"):
         run_wrk(f"http://{HOST}:{free_port()}/ok", body_file, connections=1, duration_s=1)

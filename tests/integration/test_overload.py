@@ -54,7 +54,11 @@ def test_accepted_requests_keep_their_p99_at_three_times_the_sustainable_rate(fl
           f"{light.latency_2xx_ms['p99']:.0f} ms, at {rate * 3:.0f} req/s {heavy.latency_2xx_ms['p99']:.0f} ms; "
           f"statuses {heavy.statuses}; median refusal "
           f"{np.median(records[records[:, 2] == 503, 3]) * 1000:.1f} ms")
-    assert light.statuses.get("200") == light.requests and not light.errors, light
+    # `slow`'s queue is deliberately tiny (2 per replica): even at a third of the capacity a Poisson burst
+    # of three arrivals within one batch finds it full (about 1 % of requests). The light run is there to
+    # measure the p99 of the accepted ones; a refusal there must stay rare.
+    assert not light.errors and set(light.statuses) <= {"200", "503"}, light
+    assert light.statuses.get("503", 0) <= 0.05 * light.requests, light.statuses
     assert not heavy.errors, heavy.errors
     assert set(heavy.statuses) == {"200", "503"}, heavy.statuses
     assert heavy.statuses["503"] >= 0.25 * heavy.requests  # much of 3x the capacity is refused ...

@@ -304,6 +304,7 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
 
     @_endpoint
     async def ready(request: Request) -> Response:
+        await service.refresh_unready()
         return Response(status_code=200 if service.is_ready() else 503)
 
     @_endpoint
@@ -315,6 +316,7 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
     @_endpoint
     async def model_ready(request: Request) -> Response:
         p = request.path_params
+        await service.refresh_unready()
         return Response(status_code=200 if service.model_ready(p["model"], p.get("version")) else 503)
 
     @_endpoint
@@ -337,6 +339,7 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
     @_endpoint
     @inference
     async def repository_index(request: Request) -> Response:
+        await service.refresh_unready()
         return _json(service.repository_index())
 
     async def admin_body(request: Request) -> bytes:

@@ -102,6 +102,7 @@ class InferenceService:
         self._repository: ModelRepository | None = None
         self._preprocessors: dict[tuple[str, int], Preprocessor | None] = {}
         self._draining: set[asyncio.Task] = set()  # batchers of versions no longer served, finishing their queue
+        self._unready_refresh: asyncio.Future | None = None  # one at a time, shared by concurrent probes
 
     def _preprocessor(self, state: ModelState, version: int) -> Preprocessor | None:
         """The version's preprocessing (config.pbtxt parameters, statistics from its metadata.json), built once."""
@@ -144,6 +145,21 @@ class InferenceService:
 
         states = self.models.values() if models is None else [self.models[name] for name in models]
         await asyncio.gather(*(one(s) for s in states))
+
+    async def refresh_unready(self, timeout_s: float = 2.0) -> None:
+        """Ask the workers of the models that are not ready now once more, before a readiness answer.
+
+        Each ingress replica refreshes on its own timer (status_refresh_interval_s), so without this a
+        replica that has not yet heard that a backend came up answers 503 while its neighbour on the
+        same port answers 200. Costs nothing while every model is ready; concurrent probes share one
+        refresh.
+        """
+        names = [name for name, s in self.models.items() if not s.ready and not s.unloaded]
+        if not names:
+            return
+        if self._unready_refresh is None or self._unready_refresh.done():
+            self._unready_refresh = asyncio.ensure_future(self.refresh(timeout_s, names))
+        await asyncio.shield(self._unready_refresh)
 
     def _switch(self, state: ModelState, versions: list[int]) -> None:
         """Route to `versions` from now on; the batchers of versions that left drain, then close.

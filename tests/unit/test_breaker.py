@@ -205,3 +205,33 @@ def test_a_backend_reported_down_makes_the_model_not_ready_unless_it_has_a_fallb
     assert asyncio.run(run(True)) is True
     assert asyncio.run(run(False)) is False
 
+
+
+def test_a_readiness_probe_asks_again_about_a_model_that_is_not_ready():
+    """A replica whose timer has not yet heard that the backend came up does not answer 503 for it:
+    the probe asks the worker of a not-ready model once more (and only of a not-ready one)."""
+
+    class _Flaky(_Worker):
+        def __init__(self):
+            super().__init__(1.0)
+            self.backend_error: str | None = "Triton at 127.0.0.1:1 has no ready model"
+            self.asked = 0
+
+        async def status(self) -> dict:
+            self.asked += 1
+            return {"versions": [1], **({"backend_error": self.backend_error} if self.backend_error else {})}
+
+    async def run():
+        service, _, _ = _service(with_fallback=False)
+        worker = service.models["remote"].worker = _Flaky()
+        await service.refresh()
+        assert not service.is_ready()
+        worker.backend_error = None  # Triton came up; this replica's next timed refresh is seconds away
+        assert not service.is_ready()
+        await asyncio.gather(*(service.refresh_unready() for _ in range(5)))
+        assert service.is_ready() and worker.asked == 2  # five concurrent probes, one question
+        await service.refresh_unready()
+        assert worker.asked == 2  # everything ready: nothing asked
+        await service.close()
+
+    asyncio.run(run())

@@ -206,7 +206,6 @@ def test_a_backend_reported_down_makes_the_model_not_ready_unless_it_has_a_fallb
     assert asyncio.run(run(False)) is False
 
 
-
 def test_a_readiness_probe_asks_again_about_a_model_that_is_not_ready():
     """A replica whose timer has not yet heard that the backend came up does not answer 503 for it:
     the probe asks the worker of a not-ready model once more (and only of a not-ready one)."""

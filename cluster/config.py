@@ -107,12 +107,51 @@ class FleetSettings(BaseSettings):
                           "logged traffic under traffic/<model>/ (FLEET_DATA_DIR in the jobs)")
     train_storage: str | None = Field(None, description="where training jobs keep checkpoints "
                                       "(FLEET_TRAIN_STORAGE in the jobs; default <state_dir>/train)")
+    # Monitoring (serving/monitoring/): the prediction log, feedback, drift, quality, alerts, retraining.
+    log_predictions: bool = Field(True, description="write every answered inference (each model's "
+                                  "fleet.log.sample of them) to <data_dir>/traffic/<model>/ as Parquet, and "
+                                  "take labels at /v2/models/{m}/feedback into <data_dir>/labels/<model>/")
+    log_flush_rows: int = Field(10_000, ge=1, description="an ingress replica writes a log file every this many "
+                                "rows, or every log_flush_interval_s, whichever comes first")
+    log_flush_interval_s: float = Field(5.0, gt=0)
+    log_buffer_rows: int = Field(200_000, ge=1, description="log rows an ingress replica holds while the sink is "
+                                 "slow or failing; a batch past it is dropped and counted "
+                                 "(fleet_prediction_log_dropped_total), serving goes on")
+    log_buffer_bytes: int = Field(256 << 20, ge=1 << 16, description="the same bound in bytes")
+    max_feedback_labels: int = Field(100_000, ge=1, description="labels in one feedback body (413 past it)")
+    monitor_interval_s: float = Field(1.0, gt=0, description="how often the monitor judges drift and joins labels")
+    label_window_days: float = Field(14.0, gt=0, description="a label joins its prediction up to this many days "
+                                     "after it; later ones are counted as unmatched")
+    drift_window_rows: int = Field(10_000, ge=100, description="the drift rows window: the latest this many rows")
+    drift_window_s: float = Field(300.0, gt=0, description="the drift time window: the last this many seconds")
+    drift_false_alarm_rows: float = Field(864e6, ge=1e4, description="the drift alarms' false-alarm target: at most "
+                                          "one per this many rows of a model version on stable traffic (default: "
+                                          "one a day at 10,000 rows/s)")
+    quality_window_labels: int = Field(10_000, ge=10, description="online quality over the latest this many "
+                                       "labelled predictions ...")
+    quality_window_s: float = Field(3600.0, gt=0, description="... and over the predictions of the last this "
+                                    "many seconds")
+    alert_webhook_url: str | None = Field(None, description="the monitor POSTs each alarm (raised, cleared) as "
+                                          "JSON with its evidence here")
+    alert_webhook_token_file: str | None = Field(None, description="a file holding a bearer token for the "
+                                                 "webhook (read when sending: the token is never in a config, "
+                                                 "state file or environment)")
+    retrain_after_s: float | None = Field(1800.0, gt=0, description="a drift or quality alarm on the serving "
+                                          "version that persists this long makes the monitor submit "
+                                          "training.retrain for the model; None: never")
+    retrain_cooldown_s: float = Field(6 * 3600.0, ge=0, description="at least this long between two retrains "
+                                      "the monitor submits for one model")
 
     @field_validator("repository")
     @classmethod
     def _absolute_repository(cls, value: str) -> str:
         # Jobs and replicas run in other working directories: pin local paths down.
         return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    @field_validator("alert_webhook_token_file")
+    @classmethod
+    def _absolute_file(cls, value: str | None) -> str | None:
+        return None if value is None else str(Path(value).expanduser().resolve())
 
     @field_validator("data_dir", "state_dir", "train_storage")
     @classmethod
@@ -199,6 +238,24 @@ class FleetSettings(BaseSettings):
             rate_limit_rps=self.rate_limit_rps,
             rate_limit_burst=self.rate_limit_burst or max(1, math.ceil(self.rate_limit_rps or 1)),
             rate_limit_max_clients=self.rate_limit_max_clients,
+            data_dir=self.data_dir if self.log_predictions else None,
+            log_flush_rows=self.log_flush_rows,
+            log_flush_interval_s=self.log_flush_interval_s,
+            log_buffer_rows=self.log_buffer_rows,
+            log_buffer_bytes=self.log_buffer_bytes,
+            max_feedback_labels=self.max_feedback_labels,
+            monitor_interval_s=self.monitor_interval_s,
+            label_window_days=self.label_window_days,
+            drift_window_rows=self.drift_window_rows,
+            drift_window_s=self.drift_window_s,
+            drift_false_alarm_rows=self.drift_false_alarm_rows,
+            quality_window_labels=self.quality_window_labels,
+            quality_window_s=self.quality_window_s,
+            alert_webhook_url=self.alert_webhook_url,
+            alert_webhook_token_file=self.alert_webhook_token_file,
+            retrain_after_s=self.retrain_after_s,
+            retrain_cooldown_s=self.retrain_cooldown_s,
+            dashboard_url=self.dashboard_url,
         )
 
     def deployment_options(self, gpus_available: bool) -> DeploymentOptions:

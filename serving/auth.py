@@ -39,7 +39,7 @@ from typing import Iterable
 from serving.errors import Forbidden, RateLimited, Unauthorized
 
 __all__ = [
-    "Access", "Guard", "RateLimiter", "TokenBucket", "key_digest", "as_digest", "parse_bearer",
+    "Access", "Guard", "RateLimiter", "TokenBucket", "key_digest", "as_digest", "parse_bearer", "key_id",
     "DIGEST_PREFIX", "UNAUTHORIZED_MESSAGE", "FORBIDDEN_MESSAGE", "ADMIN_OFF_MESSAGE",
 ]
 
@@ -78,6 +78,17 @@ def as_digest(value: str) -> str:
     if value.startswith(DIGEST_PREFIX) and len(body) == 64 and set(body) <= _HEX:
         return DIGEST_PREFIX + body
     return key_digest(value)
+
+
+KEY_ID_BYTES = 6
+
+
+def key_id(digest: bytes) -> str:
+    """A key's id in logs: the first 12 hex digits of its SHA-256 (what `key_digest` shows after 'sha256:').
+
+    It names a key without revealing it: the digest of a random key cannot be reversed.
+    """
+    return digest[:KEY_ID_BYTES].hex()
 
 
 def _raw(digest: str) -> bytes:
@@ -201,17 +212,23 @@ class Guard:
             found |= hmac.compare_digest(digest, presented)
         return found
 
-    def inference(self, headers: Iterable[tuple[bytes, bytes]], client: tuple | None = None) -> None:
-        """Check an inference-rule request: its key when keys are configured, then its rate."""
+    def inference(self, headers: Iterable[tuple[bytes, bytes]], client: tuple | None = None) -> str | None:
+        """Check an inference-rule request: its key when keys are configured, then its rate.
+
+        Returns the key's id (`key_id`: a prefix of its digest, for the prediction log), None without keys.
+        """
+        key = None
         if self.keys_required:
             presented = parse_bearer(headers)
             if presented is None or not self._matches(presented, self._inference):
                 raise Unauthorized(UNAUTHORIZED_MESSAGE)
             who: object = presented
+            key = key_id(presented)
         else:
             who = client[0] if client else None
         if self.limiter is not None:
             self.limiter.check(who)
+        return key
 
     def admin(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """Check an admin request: the admin token (403 when admin endpoints are off, or for an inference key)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BatcherConfig", "BatchResult", "Batcher", "batch_deadline_ns"]
 
+_log = logging.getLogger("fleet.batching")
+
 # While a batch executes: the latest deadline of its requests (monotonic ns; 0 when one of them has
 # none), for an `execute` that may spend more time on it, such as a retry on another replica.
 batch_deadline_ns: contextvars.ContextVar[int] = contextvars.ContextVar("fleet_batch_deadline_ns", default=0)
@@ -51,6 +54,9 @@ _NEVER = 1 << 62  # a row count no queue reaches
 Arrays = Mapping[str, np.ndarray]
 Execute = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 OnBatch = Callable[[int, int, int, bool], None]  # (rows, requests, compute_ns, ok)
+# After a batch's answers are set: (its requests, the model's inputs, its outputs, sent_ns, compute_ns).
+# The requests answered are those whose future holds a result; `_Pending.meta` is what `submit` was given.
+Observe = Callable[[list, dict, Mapping, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -89,15 +95,17 @@ class BatchResult:
 
 
 class _Pending:
-    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns")
+    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta")
 
-    def __init__(self, inputs: Arrays, rows: int, signature, future, enqueued_ns: int, deadline_ns: int):
+    def __init__(self, inputs: Arrays, rows: int, signature, future, enqueued_ns: int, deadline_ns: int,
+                 meta=None):
         self.inputs = inputs
         self.rows = rows
         self.signature = signature
         self.future = future
         self.enqueued_ns = enqueued_ns
         self.deadline_ns = deadline_ns
+        self.meta = meta  # the caller's, handed to `observe` with the batch (the prediction log's context)
 
 
 def _signature(inputs: Arrays, pre: "Preprocessor | None" = None) -> tuple:
@@ -111,8 +119,9 @@ class Batcher:
     """Queue requests for one model version and execute them in batches."""
 
     def __init__(self, name: str, execute: Execute, config: BatcherConfig, on_batch: OnBatch | None = None,
-                 preprocess: "Preprocessor | None" = None):
+                 preprocess: "Preprocessor | None" = None, observe: Observe | None = None):
         self.name = name
+        self.observe = observe
         self.preprocess = preprocess
         self.config = config
         self._execute = execute
@@ -165,11 +174,13 @@ class Batcher:
                 retry_after_s=1.0,
             )
 
-    async def submit(self, inputs: Arrays, rows: int = 1, *, timeout_us: int | None = None) -> BatchResult:
+    async def submit(self, inputs: Arrays, rows: int = 1, *, timeout_us: int | None = None,
+                     meta=None) -> BatchResult:
         """Queue one request of `rows` batch rows and wait for its outputs.
 
         `inputs` must already be validated: for a batching model each array's
         first dimension is `rows`. Cancelling the caller withdraws the request.
+        `meta` travels with the request to `observe` (None: not observed).
         """
         self.admit()
         cfg = self.config
@@ -185,7 +196,7 @@ class Batcher:
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, rows, _signature(inputs, self.preprocess) if cfg.max_batch_size else None,
-                           loop.create_future(), now, deadline)
+                           loop.create_future(), now, deadline, meta)
         if not self._queue and self._inflight == 0 and (self.adaptive is None or self.adaptive.send_at_once(now, rows)):
             # Nothing queued and nothing running: send at once, no hop through the loop.
             self._dispatch([pending], now)
@@ -405,6 +416,11 @@ class Batcher:
                 if adaptive is not None:
                     adaptive.on_latency(done_ns - p.enqueued_ns, max(0, sent_ns - max(p.enqueued_ns, idle_since_ns)))
             ok = True
+            if self.observe is not None:
+                try:  # the answers are out: what follows (the prediction log, drift counts) costs them nothing
+                    self.observe(batch, inputs, outputs, sent_ns, compute_ns)
+                except Exception:  # noqa: BLE001 - observing must never fail a batch
+                    _log.exception("model %s: observing a batch failed", self.name)
         except asyncio.CancelledError:
             for p in batch:
                 if not p.future.done():

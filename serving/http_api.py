@@ -110,20 +110,22 @@ def infer_handler(service: InferenceService, guard: Guard | None = None):
     length_key = HEADER_LENGTH.encode()
     fallback_key = FALLBACK_HEADER.encode()
 
-    async def handle(model: str, version: str | None, headers, body: bytes, client=None) -> HttpResponse:
+    async def handle(model: str, version: str | None, headers, body: bytes, client=None,
+                     key: str | None = None) -> HttpResponse:
+        # `key`: the caller's key id when the front end checked the request itself.
         try:
             if check is not None:
-                check(headers, client)
+                key = check(headers, client)
             encoding = header_length = None
-            for key, value in headers:
-                if key == b"inference-header-content-length":
+            for name, value in headers:
+                if name == b"inference-header-content-length":
                     header_length = value.decode("latin-1")
-                elif key == b"content-encoding":
+                elif name == b"content-encoding":
                     encoding = value.decode("latin-1")
             if encoding is not None:
                 body = decode_body(body, encoding, limit)
             payload, json_length, answered_by = await service.infer(
-                model, version, body, parse_header_length(header_length))
+                model, version, body, parse_header_length(header_length), key)
         except Exception as exc:  # noqa: BLE001 - every error leaves through error_response
             return _answer(error_response(exc))
         headers = [json_type] if json_length is None else [binary_type, (length_key, str(json_length).encode())]
@@ -193,9 +195,10 @@ def build_http_app(service: InferenceService):
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
                 headers = scope["headers"]
+                key = None
                 if check is not None:
                     try:
-                        check(headers, scope.get("client"))
+                        key = check(headers, scope.get("client"))
                     except FleetError as exc:
                         await error_response(exc)(scope, receive, send)
                         return
@@ -207,7 +210,7 @@ def build_http_app(service: InferenceService):
                 except Exception as exc:  # noqa: BLE001
                     await error_response(exc)(scope, receive, send)
                     return
-                status, out_headers, payload = await infer(match.group(1), match.group(2), headers, body)
+                status, out_headers, payload = await infer(match.group(1), match.group(2), headers, body, key=key)
                 await send({"type": "http.response.start", "status": status,
                             "headers": out_headers + [(b"content-length", str(len(payload)).encode())]})
                 await send({"type": "http.response.body", "body": payload})
@@ -342,6 +345,26 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
         await service.refresh_unready()
         return _json(service.repository_index())
 
+    @_endpoint
+    @inference
+    async def model_feedback(request: Request) -> Response:
+        body = await read_body(request.headers.get("content-length"), request.headers.get("content-encoding"),
+                               request.stream(), limit)
+        header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
+        return _json(await service.feedback(request.path_params["model"], body, header_length))
+
+    @_endpoint
+    @inference
+    async def model_drift(request: Request) -> Response:
+        p = request.path_params
+        return _json(await service.monitor_report("drift", p["model"], p.get("version")))
+
+    @_endpoint
+    @inference
+    async def model_quality(request: Request) -> Response:
+        p = request.path_params
+        return _json(await service.monitor_report("quality", p["model"], p.get("version")))
+
     async def admin_body(request: Request) -> bytes:
         return await read_body(request.headers.get("content-length"), None, request.stream(), _ADMIN_BODY_BYTES)
 
@@ -403,6 +426,11 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
         Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
         Route("/v2/models/{model}/features", model_features, methods=["GET"]),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/feedback", model_feedback, methods=["POST"]),
+        Route("/v2/models/{model}/drift", model_drift, methods=["GET"]),
+        Route("/v2/models/{model}/quality", model_quality, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/drift", model_drift, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/quality", model_quality, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),

@@ -31,6 +31,7 @@ from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
 from serving.http_server import HttpListener
 from serving.metrics import StatsRecorder
+from serving.monitoring.predlog import PredictionLog
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.service import InferenceService
@@ -154,8 +155,14 @@ class Ingress:
         self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.recorder = StatsRecorder()
         self._monitor = None
+        o = self.options
+        # The prediction log: a bounded buffer and a writer thread of this replica (serving/monitoring/predlog.py).
+        self.log = None if not o.data_dir else PredictionLog(
+            o.data_dir, uuid.uuid4().hex[:8], flush_rows=o.log_flush_rows, flush_interval_s=o.log_flush_interval_s,
+            max_rows=o.log_buffer_rows, max_bytes=o.log_buffer_bytes)
         self.service = InferenceService(
-            models, self.options, self.recorder, stats_source=self._stats, metrics_source=self._metrics
+            models, self.options, self.recorder, stats_source=self._stats, metrics_source=self._metrics,
+            log=self.log, monitor_source=self._report,
         )
         await self._wait_for_workers()
         for name, client in zip(workers, clients):
@@ -217,16 +224,23 @@ class Ingress:
         if self._monitor is None:
             from serving.monitor import get_monitor
 
-            self._monitor = get_monitor()
+            self._monitor = get_monitor(self.options.to_dict())
         return self._monitor
 
     async def _push(self) -> None:
         delta = self.recorder.take()
+        monitoring = self.recorder.take_monitoring()
+        log_counts = self.log.take_counts() if self.log is not None else {}
+        monitoring["log"] = log_counts
+        monitoring["log_buffered"] = self.log.buffered_rows if self.log is not None else 0
         try:
             await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths(),
-                                                    self.service.breaker_states())
+                                                    self.service.breaker_states(), monitoring)
         except Exception as exc:  # monitor restarting: keep the delta for the next push
             self.recorder.give_back(delta)
+            self.recorder.give_back_monitoring(monitoring)
+            if self.log is not None:
+                self.log.give_back_counts(log_counts)
             self._monitor = None
             _log.warning("could not push statistics to the monitor: %s", exc)
 
@@ -248,6 +262,11 @@ class Ingress:
         await self._push()
         return await self._monitor_actor().render.remote()
 
+    async def _report(self, kind: str, model: str, version: str | None) -> dict:
+        """The monitor's drift or quality report of `model` (this replica's latest counts pushed first)."""
+        await self._push()
+        return await self._monitor_actor().report.remote(kind, model, version)
+
     async def __del__(self):
         # Drain: stop taking connections, let the requests in flight finish, then stop.
         if getattr(self, "listener", None) is not None:
@@ -256,6 +275,9 @@ class Ingress:
             task.cancel()
         if hasattr(self, "service"):
             await self.service.close(drain_timeout_s=self.options.drain_timeout_s)
+            if getattr(self, "log", None) is not None:
+                # Every accepted row is written before the replica goes (what cannot be is counted as dropped).
+                await asyncio.to_thread(self.log.close, self.options.drain_timeout_s + 20.0)
             await self._push()
             for state in self.service.models.values():
                 close = getattr(state.worker, "close", None)

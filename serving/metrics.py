@@ -121,6 +121,10 @@ class StatsRecorder:
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], ModelStats] = {}
         self._features: dict[tuple[str, str], "np.ndarray"] = {}  # feature bin counts since the last take()
+        # The drift monitor's steps: per (model, version) {"features"|"score"|"pca": int64 counts, "rows": n}
+        self._drift: dict[tuple[str, str], dict] = {}
+        self._violations: dict[tuple[str, str, str], int] = {}  # (model, feature, rule) -> rows
+        self._feedback: dict[str, dict[str, int]] = {}  # model -> {"labels", "duplicates"}
 
     def _get(self, model: str, version: str) -> ModelStats:
         key = (model, version)
@@ -164,6 +168,56 @@ class StatsRecorder:
             self._features[key] = counts.copy()
         else:
             total += counts
+
+    def drift(self, model: str, version: str, counts: dict, rows: int) -> None:
+        """Add one batch's drift counts ({"features": [d, b + 2], "score": [1, b + 2], "pca": [1, b + 2]})."""
+        key = (model, version)
+        total = self._drift.get(key)
+        if total is None:
+            self._drift[key] = {**{k: v.copy() for k, v in counts.items()}, "rows": rows}
+            return
+        total["rows"] += rows
+        for name, arr in counts.items():
+            mine = total.get(name)
+            if mine is None or mine.shape != arr.shape:
+                total[name] = arr.copy()
+            else:
+                mine += arr
+
+    def violations(self, model: str, counts: dict[tuple[str, str], int]) -> None:
+        """Add input-contract violations {(feature, rule): rows} of one batch."""
+        for (feature, rule), n in counts.items():
+            key = (model, feature, rule)
+            self._violations[key] = self._violations.get(key, 0) + n
+
+    def feedback(self, model: str, labels: int, duplicates: int) -> None:
+        entry = self._feedback.setdefault(model, {"labels": 0, "duplicates": 0})
+        entry["labels"] += labels
+        entry["duplicates"] += duplicates
+
+    def take_monitoring(self) -> dict:
+        """The monitoring deltas since the last call: {"drift", "violations", "feedback"} (plain lists and ints)."""
+        drift, self._drift = self._drift, {}
+        violations, self._violations = self._violations, {}
+        feedback, self._feedback = self._feedback, {}
+        return {
+            "drift": {key: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in entry.items()}
+                      for key, entry in drift.items()},
+            "violations": violations,
+            "feedback": feedback,
+        }
+
+    def give_back_monitoring(self, delta: dict) -> None:
+        """Return monitoring deltas that could not be handed off; they go out with the next ones."""
+        import numpy as np
+
+        for (model, version), entry in delta.get("drift", {}).items():
+            self.drift(model, version, {k: np.asarray(v, np.int64) for k, v in entry.items() if k != "rows"},
+                       entry["rows"])
+        for (model, feature, rule), n in delta.get("violations", {}).items():
+            self.violations(model, {(feature, rule): n})
+        for model, entry in delta.get("feedback", {}).items():
+            self.feedback(model, entry["labels"], entry["duplicates"])
 
     def give_back(self, delta: dict[tuple[str, str], ModelStats]) -> None:
         """Return a delta that could not be handed off; it goes out with the next one."""

@@ -102,6 +102,43 @@ SCHEMAS: dict[str, dict] = {
                        "rows": {"type": "integer", "minimum": 0}, "bins": {"type": "string"},
                        "features": {"type": "array", "items": {"type": "object"}}},
     },
+    "FeedbackRequest": {
+        "type": "object",
+        "description": "true labels of logged predictions: a list of {id, row?, label} (a list label gives every "
+        "row of the request), or the v2 tensors 'id' (BYTES [n]), 'label' ([n]) and optionally 'row' ([n])",
+        "properties": {
+            "labels": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["id", "label"], "additionalProperties": False,
+                "properties": {"id": {"type": "string", "minLength": 1},
+                               "row": {"type": "integer", "minimum": 0},
+                               "label": {"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "boolean"},
+                                                   {"type": "array", "minItems": 1,
+                                                    "items": {"anyOf": [{"type": "integer"}, {"type": "number"},
+                                                                        {"type": "boolean"}]}}]}}}},
+            "inputs": {"type": "array", "minItems": 2, "items": _ref("RequestInput")},
+        },
+    },
+    "FeedbackResponse": {
+        "type": "object", "required": ["model_name", "accepted", "duplicates"],
+        "properties": {"model_name": {"type": "string"}, "accepted": {"type": "integer", "minimum": 0},
+                       "duplicates": {"type": "integer", "minimum": 0,
+                                      "description": "labels of an (id, row) given again in the body: the last won"},
+                       "task": {"type": "string", "enum": ["binary", "multiclass", "regression"]}},
+    },
+    "DriftReport": {
+        "type": "object", "required": ["model_name", "versions"],
+        "description": "per version: every stream (feature, score, pca) with its window statistics (PSI, "
+        "Jensen-Shannon distance) and their thresholds, the sequential statistic, state and since when; the "
+        "label-error detector",
+        "properties": {"model_name": {"type": "string"}, "versions": {"type": "object"}},
+    },
+    "QualityReport": {
+        "type": "object", "required": ["model_name", "versions"],
+        "description": "per version: accuracy, ROC AUC, label error rate and calibration over the latest labelled "
+        "predictions and over a time window, from the prediction log joined with the feedback",
+        "properties": {"model_name": {"type": "string"}, "versions": {"type": "object"},
+                       "labels": {"type": "object"}},
+    },
     "AdminState": {
         "type": "object", "required": ["model", "loaded", "versions", "served_versions"],
         "description": "the model's serving.json after the call, and what the replica that took it serves now",
@@ -271,6 +308,19 @@ OPERATIONS: tuple[Operation, ...] = (
     *_model_routes("/features", "model_features", "Live feature histograms against the reference bins",
                    {200: _ok("ModelFeatures"), 400: _error(400, "the model keeps no feature statistics"),
                     404: _error(404), 503: _error(503, "the model is not ready")}, security=_KEY),
+    Operation("POST", "/v2/models/{model}/feedback", "model_feedback",
+              "True labels of logged predictions, by request id (written before the answer)",
+              {200: _ok("FeedbackResponse"), 400: _error(400, "a label of the wrong type, shape or value, or a "
+                                                          "malformed body"), 404: _error(404), 413: _error(413),
+               503: _error(503, "the server keeps no data (no data_dir)")},
+              parameters=(_MODEL,), request_body={"required": True, "content": {
+                  "application/json": {"schema": _ref("FeedbackRequest")}}}, security=_KEY, tags=("monitoring",)),
+    *_model_routes("/drift", "model_drift", "Drift of the live inputs and scores against the version's reference",
+                   {200: _ok("DriftReport"), 404: _error(404), 503: _error(503, "the monitor is not reachable")},
+                   security=_KEY, tags=("monitoring",)),
+    *_model_routes("/quality", "model_quality", "Online quality from labelled predictions",
+                   {200: _ok("QualityReport"), 404: _error(404), 503: _error(503, "the monitor is not reachable")},
+                   security=_KEY, tags=("monitoring",)),
     *_model_routes("/infer", "model_infer", "Inference (KServe v2 JSON or the binary tensor extension)",
                    {200: _INFER_OK, **{s: _error(s) for s in (400, 404, 413, 503, 504)}},
                    method="POST", headers=_INFER_HEADERS, request_body=_INFER_BODY, security=_KEY),

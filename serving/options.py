@@ -45,6 +45,26 @@ class ServingOptions:
     rate_limit_rps: float | None = None
     rate_limit_burst: int = 1
     rate_limit_max_clients: int = 10_000  # buckets kept per ingress replica (idle ones dropped first)
+    # Monitoring (serving/monitoring/): where the prediction log and labels go (None: nothing is logged) ...
+    data_dir: str | None = None
+    log_flush_rows: int = 10_000  # a replica writes a file every this many rows ...
+    log_flush_interval_s: float = 5.0  # ... or this often, whichever comes first
+    log_buffer_rows: int = 200_000  # rows a replica holds while the sink is slow; past it they are dropped, counted
+    log_buffer_bytes: int = 256 << 20
+    max_feedback_labels: int = 100_000  # labels in one feedback body
+    # ... and what the monitor does with it (serving/monitoring/engine.py).
+    monitor_interval_s: float = 1.0
+    label_window_days: float = 14.0
+    drift_window_rows: int = 10_000
+    drift_window_s: float = 300.0
+    drift_false_alarm_rows: float = 864e6
+    quality_window_labels: int = 10_000
+    quality_window_s: float = 3600.0
+    alert_webhook_url: str | None = None
+    alert_webhook_token_file: str | None = None
+    retrain_after_s: float | None = None  # None: the monitor never submits a retrain
+    retrain_cooldown_s: float = 6 * 3600.0
+    dashboard_url: str | None = None  # the job server the monitor submits retrains to
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,6 +28,7 @@ from serving.model_config import (
     LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec, is_decimal,
 )
 from serving.monitor import triton_model_stats
+from serving.monitoring.replica import ReplicaMonitoring
 from serving.options import ServingOptions
 from serving.preprocess import Preprocessor, Standardize, make_preprocessor
 from serving.protocol import decode_request, encode_response
@@ -87,6 +88,8 @@ class InferenceService:
         recorder: StatsRecorder | None = None,
         stats_source: Callable[[], Awaitable[dict]] | None = None,
         metrics_source: Callable[[], Awaitable[bytes]] | None = None,
+        log=None,
+        monitor_source: Callable[[str, str, str | None], Awaitable[dict]] | None = None,
     ):
         self.options = options
         self._limits = RequestLimits.from_options(options)
@@ -99,6 +102,11 @@ class InferenceService:
         self.recorder = recorder or StatsRecorder()
         self._stats_source = stats_source
         self._metrics_source = metrics_source
+        self._monitor_source = monitor_source  # the monitor's drift and quality reports
+        # Request ids, the prediction log (`log`: a serving.monitoring.predlog.PredictionLog) and drift counts.
+        self.monitoring = ReplicaMonitoring(options.repository, self.recorder, log, options.data_dir,
+                                            max_feedback_labels=options.max_feedback_labels,
+                                            max_string_bytes=options.max_string_bytes)
         self._repository: ModelRepository | None = None
         self._preprocessors: dict[tuple[str, int], Preprocessor | None] = {}
         self._draining: set[asyncio.Task] = set()  # batchers of versions no longer served, finishing their queue
@@ -175,6 +183,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         for version in gone:
             self._preprocessors.pop((state.spec.name, version), None)
+            self.monitoring.forget(state.spec.name, version)
             batcher = state.batchers.pop(version, None)
             if batcher is not None:
                 task = loop.create_task(batcher.close(drain_timeout_s=self.options.drain_timeout_s))
@@ -252,9 +261,8 @@ class InferenceService:
                 recorder.batch(name, tag, rows, compute_ns, ok)
 
             pre = self._preprocessor(state, version)
-            if isinstance(pre, Standardize):
-                pre.on_counts = lambda counts: recorder.features(name, tag, counts)
-            batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch, pre)
+            observe = self.monitoring.observer(spec, version, pre)  # drift counts and the prediction log
+            batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch, pre, observe)
         return batcher
 
     def breaker_states(self) -> dict[str, int]:
@@ -324,14 +332,16 @@ class InferenceService:
         return out
 
     async def infer(
-        self, model: str, version: str | None, body: bytes, header_length: int | None
+        self, model: str, version: str | None, body: bytes, header_length: int | None, key_id: str | None = None
     ) -> tuple[bytes, int | None, str | None]:
         """Decode, validate, batch, execute, encode.
 
         Returns (body, json header length or None, "<model>/<version>" of the fallback that
-        answered, None when the model itself did).
+        answered, None when the model itself did). `key_id` names the caller's API key in the
+        prediction log (a digest prefix, never the key).
         """
         start = time.perf_counter_ns()
+        start_mono = time.monotonic_ns()
         state = self._model(model)
         number = self._version(state, version)
         tag = str(number)
@@ -342,14 +352,16 @@ class InferenceService:
             request = decode_request(body, header_length, self._limits)
             checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements,
                                        max_batch_rows=self.options.max_batch_rows)
-            result, answered_by = await self._submit(state, number, checked.inputs, checked.rows, request.timeout_us)
+            request_id, meta = self.monitoring.request_meta(state.spec, number, request.id, key_id, start_mono)
+            result, answered_by = await self._submit(state, number, checked.inputs, checked.rows, request.timeout_us,
+                                                     meta)
             outputs = []
             for ospec, binary in checked.outputs:
                 arr = result.outputs.get(ospec.name)
                 if arr is None:
                     raise ModelUnavailable(f"model {model!r} returned no output {ospec.name!r}")
                 outputs.append((ospec.name, ospec.datatype, arr, binary))
-            response = encode_response(model, tag, outputs, request_id=request.id)
+            response = encode_response(model, tag, outputs, request_id=request_id)
         except FleetError as exc:
             self.recorder.failure(model, tag, type(exc).__name__, time.perf_counter_ns() - start)
             raise
@@ -360,12 +372,12 @@ class InferenceService:
         return (*response, answered_by)
 
     async def _submit(self, state: ModelState, number: int, inputs: dict, rows: int,
-                      timeout_us: int | None) -> tuple[BatchResult, str | None]:
+                      timeout_us: int | None, meta=None) -> tuple[BatchResult, str | None]:
         """Batch the request on the model, or on its fallback while the model's backend cannot answer."""
         breaker = state.breaker
         if breaker is None or breaker.would_allow():
             try:
-                return await self._batcher_submit(state, number, inputs, rows, timeout_us), None
+                return await self._batcher_submit(state, number, inputs, rows, timeout_us, meta), None
             except (ModelUnavailable, BackendError):
                 if state.fallback is None:
                     raise
@@ -374,15 +386,17 @@ class InferenceService:
                                    retry_after_s=max(1.0, breaker.retry_after_s))
         fallback = self._model(state.fallback.model)
         version = self._version(fallback, None if state.fallback.version is None else str(state.fallback.version))
-        result = await self._batcher_submit(fallback, version, inputs, rows, timeout_us)
+        if meta is not None:
+            meta.answered_by = f"fallback {fallback.spec.name}/{version}"
+        result = await self._batcher_submit(fallback, version, inputs, rows, timeout_us, meta)
         return result, f"{fallback.spec.name}/{version}"
 
     async def _batcher_submit(self, state: ModelState, number: int, inputs: dict, rows: int,
-                              timeout_us: int | None) -> BatchResult:
+                              timeout_us: int | None, meta=None) -> BatchResult:
         batcher = self._batcher(state, number)
         if batcher.preprocess is not None:
             batcher.preprocess.check(inputs[batcher.preprocess.input_name])
-        return await batcher.submit(inputs, rows, timeout_us=timeout_us)
+        return await batcher.submit(inputs, rows, timeout_us=timeout_us, meta=meta)
 
     async def model_stats(self, model: str | None, version: str | None) -> dict:
         """Triton's statistics document, cluster-wide (from the monitor)."""
@@ -422,6 +436,24 @@ class InferenceService:
                 "rows": int(sum(features[0]["counts"])) if features else 0,
                 "bins": "counts[0] is below edges[0], counts[-1] above edges[-1]",
                 "features": features}
+
+    async def feedback(self, model: str, body: bytes, header_length: int | None) -> dict:
+        """`POST /v2/models/{m}/feedback`: true labels of logged predictions (serving/monitoring/feedback.py)."""
+        state = self._model(model)
+        return await self.monitoring.feedback(state.spec, body, header_length, self._limits)
+
+    async def monitor_report(self, kind: str, model: str, version: str | None) -> dict:
+        """The monitor's `drift` or `quality` report of a model (all its versions, or `version`)."""
+        state = self._model(model)
+        if version is not None and not is_decimal(version):
+            raise ModelNotFound(f"model version must be a positive integer, got {version!r}")
+        if self._monitor_source is None:
+            raise ModelUnavailable("the monitor is not reachable from this replica")
+        doc = await self._monitor_source(kind, state.spec.name, version)
+        if version is not None and not doc.get("versions"):
+            raise ModelNotFound(f"model {model!r} has no {kind} report for version {version}: no traffic seen "
+                                f"by the monitor; served versions: {state.versions}")
+        return doc
 
     async def metrics(self) -> bytes:
         if self._metrics_source is None:

@@ -1,0 +1,115 @@
+"""The monitor actor: one named, detached Ray actor holding the cluster-wide statistics and monitoring.
+
+It wraps `serving.monitor.MonitorState` (request statistics, queue depths, breakers) and a
+`MonitoringEngine` (drift, label join, quality, alarms, retraining), and runs the engine's
+`tick` on a thread of its own every `monitor_interval_s`. Replicas call `push` about once a
+second; the routes call `render`, `totals` and `report`. Methods run on a small thread pool
+(a threaded actor), so a slow label join never holds up a replica's push: state is guarded by
+locks, not by running one call at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from serving.monitor import MonitorState
+from serving.monitoring.engine import MonitoringEngine
+from serving.monitoring.exposition import MonitoringCollector
+
+__all__ = ["MonitorActor"]
+
+_log = logging.getLogger("fleet.monitor")
+
+
+class MonitorActor:
+    """What `get_monitor()` runs as the actor (plain Python: usable without Ray in tests)."""
+
+    def __init__(self, options: dict | None = None, *, start_thread: bool = True):
+        self.state = MonitorState()
+        self.engine: MonitoringEngine | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_thread = start_thread
+        if options:
+            self.configure(options)
+
+    def configure(self, options: dict) -> bool:
+        """Set the monitoring up from the serving options (once; later calls change nothing). True if it did."""
+        with self._lock:
+            if self.engine is not None:
+                return False
+            submit = status = None
+            if options.get("retrain_after_s") is not None and options.get("dashboard_url"):
+                from serving.monitoring.retrain import jobs_sdk
+
+                submit, status = jobs_sdk(options["dashboard_url"])
+            self.engine = MonitoringEngine(options, submit=submit, status=status)
+            self.state._registry.register(MonitoringCollector(self.engine))
+            if self._start_thread:
+                interval = float(options.get("monitor_interval_s", 1.0))
+                self._thread = threading.Thread(target=self._run, args=(interval,), name="fleet-monitor-tick",
+                                                daemon=True)
+                self._thread.start()
+        return True
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.engine.tick()
+            except Exception:  # noqa: BLE001 - the monitor keeps going; the next tick tries again
+                _log.exception("a monitor tick failed")
+
+    def tick(self) -> list[dict]:
+        """One round of the engine now (tests; the thread does it every monitor_interval_s)."""
+        return self.engine.tick() if self.engine is not None else []
+
+    # -- what the replicas and routes call ----------------------------------------------------
+    def push(self, replica: str, delta: dict, queue_depths: dict | None = None, breakers: dict | None = None,
+             monitoring: dict | None = None) -> None:
+        with self._lock:
+            self.state.push(replica, delta, queue_depths, breakers)
+        if self.engine is not None and monitoring:
+            self.engine.intake(replica, monitoring)
+
+    def forget(self, replica: str) -> None:
+        with self._lock:
+            self.state.forget(replica)
+
+    def totals(self) -> dict:
+        with self._lock:
+            return self.state.totals()
+
+    def queue_depths(self) -> dict:
+        with self._lock:
+            return self.state.queue_depths()
+
+    def breakers_open(self) -> dict:
+        with self._lock:
+            return self.state.breakers_open()
+
+    def render(self) -> bytes:
+        with self._lock:
+            return self.state.render()
+
+    def report(self, kind: str, model: str, version: str | None = None) -> dict:
+        if self.engine is None:
+            return {"model_name": model, "versions": {}, "note": "monitoring is not configured"}
+        if kind not in ("drift", "quality"):
+            raise ValueError(f"unknown report {kind!r}")
+        return self.engine.report(kind, model, version)
+
+    def engine_cpu_seconds(self) -> float:
+        return self.engine.tick_seconds if self.engine is not None else 0.0
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.engine is not None:
+            self.engine.close()
+
+    def ping(self) -> float:
+        return time.time()

@@ -1,0 +1,342 @@
+"""The monitor's judgement: drift steps, the label join, online quality, alarms, alerts and retraining.
+
+Plain Python (unit-tested without Ray); `serving.monitoring.actor` runs it inside the monitor
+actor. Ingress replicas hand it their monitoring deltas about once a second (`intake`): drift
+counts per version, prediction-log and feedback counters, input-contract violations. `tick`
+(every `monitor_interval_s`) turns the counts accumulated since the last tick into one drift
+step per version, joins new labels to their predictions, feeds online quality and the label-error
+detector, and acts on the alarms that changed: the audit file, the webhook, the retrain trigger.
+The drift arithmetic runs here over merged window histograms, never per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.errors import FleetError
+from serving.monitoring.alerts import AuditLog, WebhookSender
+from serving.monitoring.drift import DriftConfig, LabelConfig, LabelErrorDetector, StreamReference, VersionDrift
+from serving.monitoring.feedback import labels_spec
+from serving.monitoring.join import ModelJoin
+from serving.monitoring.quality import QualityWindow
+from serving.monitoring.reference import label_errors
+from serving.monitoring.retrain import RetrainTrigger
+from serving.registry import ModelRepository
+
+__all__ = ["MonitoringEngine", "VersionMonitor"]
+
+_log = logging.getLogger("fleet.monitor")
+_STREAM_KEYS = ("features", "score", "pca")
+_QUALITY_EVERY_S = 1.0
+
+
+@dataclass
+class VersionMonitor:
+    """Everything the monitor keeps about one model version."""
+
+    model: str
+    version: int
+    metadata: dict
+    drift: VersionDrift | None = None
+    drift_keys: tuple[str, ...] = ()  # which count arrays the drift streams are made of, in order
+    quality: QualityWindow | None = None
+    labels: LabelErrorDetector | None = None
+    pending: dict = field(default_factory=dict)  # counts since the last step: key -> int64 array
+    pending_rows: int = 0
+    rows: int = 0
+    last_seen_s: float = 0.0
+
+
+def _references(metadata: dict, keys: tuple[str, ...]) -> list[StreamReference]:
+    """The drift streams a version's metadata describes, for the count arrays `keys` the replicas send."""
+    refs: list[StreamReference] = []
+    if "features" in keys:
+        stats = metadata.get("reference_stats") or {}
+        for name in metadata.get("feature_names") or []:
+            entry = stats.get(name) or {}
+            refs.append(StreamReference(name, "feature", np.asarray(entry["counts"], np.int64),
+                                        np.asarray(entry.get("edges"), np.float64) if entry.get("edges") else None))
+    monitoring = metadata.get("monitoring") or {}
+    for key in ("score", "pca"):
+        if key in keys:
+            entry = monitoring[key if key == "pca" else "scores"]
+            refs.append(StreamReference(key, key, np.asarray(entry["counts"], np.int64),
+                                        np.asarray(entry["edges"], np.float64)))
+    return refs
+
+
+class MonitoringEngine:
+    """Cluster-wide monitoring state (see the module doc). `options`: the ServingOptions fields as a dict."""
+
+    def __init__(self, options: dict, *, submit=None, status=None, clock=time.time):
+        self.options = options
+        self._clock = clock
+        self.repository = ModelRepository(options["repository"])
+        self.data_dir = options.get("data_dir")
+        self.drift_config = DriftConfig(false_alarm_rows=float(options.get("drift_false_alarm_rows", 864e6)),
+                                        window_rows=int(options.get("drift_window_rows", 10_000)),
+                                        window_s=float(options.get("drift_window_s", 300.0)))
+        self.label_config = LabelConfig()
+        self.versions: dict[tuple[str, int], VersionMonitor] = {}
+        self.joins: dict[str, ModelJoin] = {}
+        self.tasks: dict[str, object] = {}  # model -> LabelSpec
+        self.alarms: dict[tuple[str, int, str], dict] = {}  # active alarms
+        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "feedback_labels": {},
+                                          "feedback_duplicates": {}, "violations": {}}
+        self.log_buffered: dict[str, int] = {}  # replica -> rows buffered now
+        self.audit = AuditLog(self.data_dir)
+        url = options.get("alert_webhook_url")
+        self.webhook = WebhookSender(url, options.get("alert_webhook_token_file")) if url else None
+        self.retrain = RetrainTrigger(options.get("retrain_after_s"), float(options.get("retrain_cooldown_s", 0.0)),
+                                      submit, status, self.audit, clock)
+        self._last_quality = 0.0
+        self.lock = threading.RLock()
+        self.tick_seconds = 0.0  # CPU-bound time spent in tick(), cumulative
+        self.ticks = 0
+
+    # -- intake (from the replicas' pushes) ---------------------------------------------------
+    def _bump(self, name: str, key, n: int) -> None:
+        table = self.counters[name]
+        table[key] = table.get(key, 0) + n
+
+    def intake(self, replica: str, delta: dict | None) -> None:
+        if not delta:
+            return
+        now = self._clock()
+        with self.lock:
+            for (model, version), entry in delta.get("drift", {}).items():
+                vm = self._version(model, int(version))
+                if vm is None:
+                    continue
+                vm.last_seen_s = now
+                vm.pending_rows += int(entry.get("rows", 0))
+                for key in _STREAM_KEYS:
+                    if key in entry:
+                        arr = np.asarray(entry[key], np.int64)
+                        mine = vm.pending.get(key)
+                        vm.pending[key] = arr if mine is None or mine.shape != arr.shape else mine + arr
+            for model, entry in delta.get("log", {}).items():
+                self._bump("log_written", model, int(entry.get("written", 0)))
+                self._bump("log_dropped", model, int(entry.get("dropped", 0)))
+            for model, entry in delta.get("feedback", {}).items():
+                self._bump("feedback_labels", model, int(entry.get("labels", 0)))
+                self._bump("feedback_duplicates", model, int(entry.get("duplicates", 0)))
+            for key, n in delta.get("violations", {}).items():
+                self._bump("violations", tuple(key), int(n))
+            if "log_buffered" in delta:
+                self.log_buffered[replica] = int(delta["log_buffered"])
+
+    def _version(self, model: str, version: int) -> VersionMonitor | None:
+        key = (model, version)
+        vm = self.versions.get(key)
+        if vm is None:
+            try:
+                metadata = self.repository.metadata(model, version)
+            except (FleetError, OSError) as exc:
+                _log.warning("model %s version %s: cannot read its metadata (%s): not monitored", model, version, exc)
+                metadata = {}
+            vm = self.versions[key] = VersionMonitor(model, version, metadata)
+        return vm
+
+    # -- the periodic judgement -------------------------------------------------------------
+    def tick(self) -> list[dict]:
+        """One round: a drift step per version with new rows, the label join, alarms acted on. Returns the events."""
+        started = time.process_time()
+        now = self._clock()
+        events: list[dict] = []
+        with self.lock:
+            for vm in list(self.versions.values()):
+                events += self._drift_step(vm, now)
+            if now - self._last_quality >= _QUALITY_EVERY_S:
+                self._last_quality = now
+                events += self._join_all(now)
+            for event in events:
+                self._act(event)
+            self._retrain(now)
+            self.ticks += 1
+        self.tick_seconds += time.process_time() - started
+        return events
+
+    def _drift_step(self, vm: VersionMonitor, now: float) -> list[dict]:
+        if not vm.pending_rows:
+            return []
+        keys = tuple(k for k in _STREAM_KEYS if k in vm.pending)
+        if vm.drift is None or vm.drift_keys != keys:
+            try:
+                refs = _references(vm.metadata, keys)
+                vm.drift = VersionDrift(refs, self.drift_config) if refs else None
+            except (KeyError, TypeError, ValueError) as exc:
+                _log.warning("model %s version %s: no usable drift reference (%s)", vm.model, vm.version, exc)
+                vm.drift = None
+            vm.drift_keys = keys
+        pending, rows = vm.pending, vm.pending_rows
+        vm.pending, vm.pending_rows = {}, 0
+        vm.rows += rows
+        if vm.drift is None:
+            return []
+        counts = [row for key in keys for row in np.asarray(pending[key], np.int64)]
+        try:
+            events = vm.drift.add(counts, rows, now)
+        except ValueError as exc:  # counts of another shape (a republished reference): start afresh
+            _log.warning("model %s version %s: drift counts do not fit the reference (%s); restarting", vm.model,
+                         vm.version, exc)
+            vm.drift = None
+            return []
+        return [{**e, "model": vm.model, "version": vm.version, "alarm": "drift"} for e in events]
+
+    def _label_spec(self, model: str):
+        spec = self.tasks.get(model)
+        if spec is None:
+            spec = self.tasks[model] = labels_spec(self.repository.spec(model))
+        return spec
+
+    def _models_with_labels(self) -> list[str]:
+        if not self.data_dir:
+            return []
+        root = os.path.join(self.data_dir, "labels")
+        try:
+            return sorted(d for d in os.listdir(root) if not d.startswith("."))
+        except OSError:
+            return []
+
+    def _join_all(self, now: float) -> list[dict]:
+        events: list[dict] = []
+        for model in self._models_with_labels():
+            try:
+                events += self._join(model, now)
+            except Exception as exc:  # noqa: BLE001 - one model's broken files must not stop the others
+                _log.exception("model %s: joining labels failed: %s", model, exc)
+        return events
+
+    def _output_name(self, model: str) -> str:
+        spec = self.repository.spec(model)
+        return spec.outputs[0].name
+
+    def _join(self, model: str, now: float) -> list[dict]:
+        join = self.joins.get(model)
+        if join is None:
+            if model not in self.repository.list_models():
+                return []
+            join = self.joins[model] = ModelJoin(
+                self.data_dir, model, [self._output_name(model)],
+                label_window_days=float(self.options.get("label_window_days", 14.0)))
+        joined = join.scan(now)
+        if joined is None or joined.num_rows == 0:
+            return []
+        spec = self._label_spec(model)
+        output = join.outputs[0]
+        events: list[dict] = []
+        versions = joined["version"].to_numpy()
+        order = np.argsort(joined["timestamp"].cast("int64").to_numpy(), kind="stable")
+        for version in np.unique(versions):
+            take = order[versions[order] == version]
+            part = joined.take(take)
+            vm = self._version(model, int(version))
+            column = part[output]
+            outputs = (np.asarray(column.to_numpy(zero_copy_only=False), np.float64) if spec.task != "multiclass"
+                       else np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float64))
+            labels = part["label"].to_numpy()
+            stamps = part["timestamp"].cast("int64").to_numpy()
+            if vm.quality is None:
+                vm.quality = QualityWindow(spec.task, window_labels=int(self.options.get("quality_window_labels",
+                                                                                           10_000)),
+                                           window_s=float(self.options.get("quality_window_s", 3600.0)),
+                                           threshold=self._threshold(vm))
+            vm.quality.add(stamps, outputs, labels)
+            if spec.task == "regression":
+                continue
+            if vm.labels is None:
+                reference = (vm.metadata.get("monitoring") or {}).get("label_error") or {}
+                rate, rows = reference.get("rate"), int(reference.get("rows") or 0)
+                vm.labels = LabelErrorDetector(rate if rate is not None and rows > 0 else None, max(rows, 1),
+                                               self.label_config)
+            errors = label_errors(outputs.reshape(len(labels), -1), labels, self._threshold(vm))
+            events += [{**e, "model": model, "version": int(version), "alarm": "quality"}
+                       for e in vm.labels.add(errors, now)]
+        return events
+
+    @staticmethod
+    def _threshold(vm: VersionMonitor) -> float:
+        reference = (vm.metadata.get("monitoring") or {}).get("label_error") or {}
+        return float(reference.get("threshold", 0.5))
+
+    def _act(self, event: dict) -> None:
+        key = (event["model"], event["version"], event["stream"])
+        record = {k: event[k] for k in ("alarm", "model", "version", "stream", "state", "detector", "statistic",
+                                        "value", "threshold", "since", "rows")}
+        if event["state"] == "alarm":
+            self.alarms[key] = record
+        else:
+            self.alarms.pop(key, None)
+        self.audit.write({"event": "alarm" if event["state"] == "alarm" else "alarm_cleared", **record,
+                          "evidence": event.get("evidence")})
+        if self.webhook is not None:
+            self.webhook.send({**record, "evidence": event.get("evidence"),
+                               "drift_url": f"/v2/models/{event['model']}/versions/{event['version']}/drift"})
+        _log.warning("model %s version %s: %s %s on %s (%s %s = %s, threshold %s)", event["model"],
+                     event["version"], event["alarm"], event["state"], event["stream"], event["detector"],
+                     event["statistic"], event["value"], event["threshold"])
+
+    def _retrain(self, now: float) -> None:
+        if not self.retrain.enabled:
+            return
+        by_model: dict[str, list[dict]] = {}
+        for (model, version, _stream), alarm in self.alarms.items():
+            by_model.setdefault(model, []).append(alarm)
+        for model in set(by_model) | set(self.retrain.jobs):
+            try:
+                served = self.repository.served_versions(model)
+                spec = self.repository.spec(model)
+            except (FleetError, OSError):
+                continue
+            if not served:
+                continue
+            serving = served[-1]
+            alarms = [a for a in by_model.get(model, []) if a["version"] == serving]
+            self.retrain.check(model, spec.parameters, serving, alarms)
+
+    # -- reports ----------------------------------------------------------------------------
+    def report(self, kind: str, model: str, version: str | None) -> dict:
+        now = self._clock()
+        with self.lock:
+            chosen = {v: vm for (m, v), vm in sorted(self.versions.items())
+                      if m == model and (version is None or str(v) == str(version))}
+            if kind == "drift":
+                versions = {}
+                for v, vm in chosen.items():
+                    doc = vm.drift.report(now) if vm.drift is not None else {
+                        "streams": [], "alarming": [], "rows": vm.rows,
+                        "note": "no drift reference: the version's metadata.json has no reference_stats histograms "
+                                "nor monitoring entry"}
+                    doc["label_error"] = vm.labels.report(now) if vm.labels is not None else None
+                    doc["alarms"] = [a for (m, ver, _s), a in self.alarms.items() if m == model and ver == v]
+                    versions[str(v)] = doc
+                return {"model_name": model, "versions": versions}
+            versions = {}
+            for v, vm in chosen.items():
+                if vm.quality is None and vm.labels is None:
+                    continue
+                reference = dict((vm.metadata.get("monitoring") or {}).get("label_error") or {})
+                metrics = vm.metadata.get("metrics") or {}
+                reference.update(roc_auc=metrics.get("roc_auc"), accuracy=metrics.get("accuracy"))
+                versions[str(v)] = {**(vm.quality.report(now) if vm.quality is not None else {}),
+                                    "label_error": vm.labels.report(now) if vm.labels is not None else None,
+                                    "reference": reference}
+            join = self.joins.get(model)
+            labels = None
+            if join is not None:
+                c = join.counts
+                labels = {"read": c.labels, "duplicates": c.duplicates, "joined": c.joined, "pending": c.pending,
+                          "unmatched": c.unmatched, "disk_lookups": c.disk_lookups,
+                          "unreadable_files": len(c.files_failed)}
+            return {"model_name": model, "versions": versions, "labels": labels}
+
+    def close(self) -> None:
+        if self.webhook is not None:
+            self.webhook.close()

@@ -1,0 +1,251 @@
+"""The rows of the prediction log: what an answered batch becomes, and the Parquet table it is written as.
+
+The request path hands over whole batches (`LogRecord`: arrays and per-request lists, no
+per-row Python objects); `LogSchema.table` turns buffered records into one Arrow table off
+the hot path, in the writer thread. One row per inference row (a request of k rows is k rows,
+`row` 0..k-1), with these columns:
+
+    request_id  string       the v2 request's `id`, or the one fleet generated and returned
+    row         int32        the row's index within its request
+    timestamp   timestamp[us, UTC]  when the request arrived
+    model       string       the model the client asked for (the folder; the version is the partition)
+    <features>  float32      for a model with one FP32 [d] input and d metadata `feature_names`: a column
+                             each (a feature redacted with `drop` is absent, one with `hash` is uint64)
+    <input>     list<...>    any other fixed-shape input, row-major values
+    <input>_shape, <input>_hash   an image input (UINT8, any size): list<int32> and uint64; the pixels
+                             themselves (`<input>`, binary) only with `fleet.log.inputs: full`
+    <output>    float32 for a one-value output, list<float32> (or its type) otherwise
+    latency_us, queue_us, compute_us  int64: parse to answer, time queued, the batch's model time
+    answered_by string       "model", or "fallback <model>/<version>" (later canary, shadow)
+    key_id      string       the first 12 hex digits of the caller's API key's SHA-256 (null: no key)
+    input_hash, prediction_hash  uint64  `serving.monitoring.hashing.row_hashes` of the row's raw input
+                             (before any redaction) and of its outputs
+    violations  string       input-contract rules the row broke in `warn` mode ("amount:range,..."), else null
+
+Per model, in config.pbtxt `parameters`:
+- `fleet.log.sample`: share of requests logged, 0..1 (default 1); chosen by a hash of the request id,
+  so all rows of a request are in or out together.
+- `fleet.log.redact`: `"<feature>=drop,<feature>=hash"`: drop a feature's column, or keep only a
+  hash of each value (equal values stay equal, for joins and counts).
+- `fleet.log.inputs`: `hash` (default) or `full` for image inputs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from serving.errors import RepositoryError
+from serving.monitoring.hashing import bytes_hash, row_hashes, value_hashes
+
+__all__ = [
+    "SAMPLE_PARAM", "REDACT_PARAM", "INPUTS_PARAM", "LogRecord", "LogSchema", "log_sample", "sampled",
+    "parse_redact",
+]
+
+SAMPLE_PARAM = "fleet.log.sample"
+REDACT_PARAM = "fleet.log.redact"
+INPUTS_PARAM = "fleet.log.inputs"
+_REDACT_SALT = 0x5EED_F1EE7  # hashed features: not the row hash's basis
+_UTC_US = pa.timestamp("us", tz="UTC")
+
+
+@dataclass
+class LogRecord:
+    """One answered batch (the part of it asked of one model), held as arrays until the writer takes it."""
+
+    model: str
+    version: int
+    date: str  # YYYY-MM-DD (UTC) of its first request: the partition
+    rows: int
+    request_ids: list[str]
+    request_rows: np.ndarray | None  # int32 per request; None: one row each
+    arrival_us: np.ndarray  # int64 per request: unix time, microseconds
+    latency_us: np.ndarray  # int64 per request
+    queue_us: np.ndarray  # int64 per request
+    compute_us: int
+    answered_by: str | list[str]
+    key_ids: list[str | None] | None  # None: no request carried a key
+    inputs: dict[str, np.ndarray | list]  # rows first; a list (one array per row) for images of any size
+    outputs: dict[str, np.ndarray]
+    violations: np.ndarray | None = None  # object [rows]: "feature:rule,..." or None
+    nbytes: int = field(default=0)
+
+    def __post_init__(self):
+        if not self.nbytes:
+            size = sum(a.nbytes if isinstance(a, np.ndarray) else sum(x.nbytes for x in a) for a in self.inputs.values())
+            size += sum(a.nbytes for a in self.outputs.values())
+            self.nbytes = size + 96 * len(self.request_ids)
+
+
+def log_sample(parameters: Mapping[str, str], source: str = "config.pbtxt") -> float:
+    """`fleet.log.sample` as a share in [0, 1] (default 1)."""
+    raw = parameters.get(SAMPLE_PARAM, "1")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise RepositoryError(f"{source}: parameter {SAMPLE_PARAM!r} must be a number in [0, 1], got {raw!r}")
+    return value
+
+
+def sampled(request_id: str, share: float) -> bool:
+    """Whether the request with this id is logged at `share`: a stable hash of the id, not a coin per replica."""
+    if share >= 1.0:
+        return True
+    return share > 0.0 and zlib.crc32(request_id.encode("utf-8", "surrogatepass")) < share * 4294967296.0
+
+
+def parse_redact(raw: str | None, names: list[str], source: str = "config.pbtxt") -> dict[str, str]:
+    """`"f1=drop,f2=hash"` -> {feature: "drop" | "hash"}; names must be the model's features."""
+    out: dict[str, str] = {}
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, how = item.partition("=")
+        name, how = name.strip(), how.strip()
+        if how not in ("drop", "hash"):
+            raise RepositoryError(f"{source}: {REDACT_PARAM} entries are '<feature>=drop' or '<feature>=hash', "
+                                  f"got {item!r}")
+        if name not in names:
+            raise RepositoryError(f"{source}: {REDACT_PARAM} names {name!r}, which is not one of the model's "
+                                  f"logged inputs {names}")
+        out[name] = how
+    return out
+
+
+def _expand(values, counts: np.ndarray | None):
+    """Per-request values repeated for each of its rows."""
+    if counts is None:
+        return values
+    return np.repeat(np.asarray(values, dtype=object) if isinstance(values, list) else values, counts)
+
+
+class LogSchema:
+    """How one model version's batches become log rows (built once per version, used by the writer thread).
+
+    `spec` is the model's ModelSpec, `metadata` its version's metadata.json (feature names), `image_inputs`
+    the inputs of any size fleet resizes (logged as shape and hash unless `fleet.log.inputs: full`).
+    """
+
+    def __init__(self, spec, metadata: Mapping | None, image_inputs: tuple[str, ...] = ()):
+        source = f"{spec.name}/config.pbtxt"
+        self.sample = log_sample(spec.parameters, source)
+        mode = spec.parameters.get(INPUTS_PARAM, "hash")
+        if mode not in ("hash", "full"):
+            raise RepositoryError(f"{source}: parameter {INPUTS_PARAM!r} must be 'hash' or 'full', got {mode!r}")
+        self.full_images = mode == "full"
+        self.image_inputs = tuple(image_inputs)
+        self.features: dict[str, list[str]] = {}  # input -> its feature names (one column each)
+        names = list((metadata or {}).get("feature_names") or [])
+        for t in spec.inputs:
+            if t.datatype == "FP32" and len(t.dims) == 1 and names and len(names) == t.dims[0] \
+                    and t.name not in self.image_inputs:
+                self.features[t.name] = names
+        loggable = [n for cols in self.features.values() for n in cols] + [t.name for t in spec.inputs]
+        self.redact = parse_redact(spec.parameters.get(REDACT_PARAM), loggable, source)
+
+    def _input_columns(self, name: str, values, cols: dict) -> None:
+        if name in self.image_inputs:
+            images = values if isinstance(values, list) else list(values)
+            cols[f"{name}_shape"] = pa.array([list(img.shape) for img in images], pa.list_(pa.int32()))
+            cols[f"{name}_hash"] = pa.array([bytes_hash(np.ascontiguousarray(img).tobytes()) for img in images],
+                                            pa.uint64())
+            if self.full_images and self.redact.get(name) != "drop":
+                cols[name] = pa.array([np.ascontiguousarray(img).tobytes() for img in images], pa.binary())
+            return
+        arr = np.asarray(values)
+        names = self.features.get(name)
+        if names is not None:
+            for j, feature in enumerate(names):
+                how = self.redact.get(feature)
+                if how == "drop":
+                    continue
+                column = arr[:, j]
+                cols[feature] = pa.array(value_hashes(column, _REDACT_SALT) if how == "hash" else column)
+            return
+        how = self.redact.get(name)
+        if how == "drop":
+            return
+        flat = arr.reshape(len(arr), -1)
+        if how == "hash":
+            cols[name] = pa.array(row_hashes(flat, _REDACT_SALT))
+        elif flat.dtype == object:
+            cols[name] = pa.array([list(r) for r in flat])
+        else:
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+
+    def table(self, records: list[LogRecord]) -> pa.Table:
+        """The rows of `records` (one model version) as one Arrow table, in arrival order of the batches."""
+        counts = None
+        if any(r.request_rows is not None for r in records):
+            counts = np.concatenate([r.request_rows if r.request_rows is not None
+                                     else np.ones(len(r.request_ids), np.int32) for r in records])
+        ids = [i for r in records for i in r.request_ids]
+        rows = (np.concatenate([np.arange(c, dtype=np.int32) for c in counts]) if counts is not None
+                else np.zeros(len(ids), np.int32))
+        per_request = {
+            "arrival": np.concatenate([r.arrival_us for r in records]),
+            "latency": np.concatenate([r.latency_us for r in records]),
+            "queue": np.concatenate([r.queue_us for r in records]),
+            "compute": np.concatenate([np.full(len(r.request_ids), r.compute_us, np.int64) for r in records]),
+        }
+        answered = [a for r in records for a in (r.answered_by if isinstance(r.answered_by, list)
+                                                  else [r.answered_by] * len(r.request_ids))]
+        keys = [k for r in records for k in (r.key_ids if r.key_ids is not None else [None] * len(r.request_ids))]
+        cols: dict = {
+            "request_id": pa.array(_expand(ids, counts), pa.string()),
+            "row": pa.array(rows),
+            "timestamp": pa.array(_expand(per_request["arrival"], counts), _UTC_US),
+            "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), np.int32)),
+                                                    pa.array([records[0].model])),
+        }
+        raw_inputs: dict[str, object] = {}
+        for name in records[0].inputs:
+            parts = [r.inputs[name] for r in records]
+            if name in self.image_inputs:
+                raw_inputs[name] = [img for p in parts for img in p]
+            else:
+                raw_inputs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self._input_columns(name, raw_inputs[name], cols)
+        outputs = {name: (records[0].outputs[name] if len(records) == 1
+                          else np.concatenate([r.outputs[name] for r in records])) for name in records[0].outputs}
+        for name, arr in outputs.items():
+            flat = arr.reshape(len(arr), -1)
+            cols[name] = (pa.array(flat[:, 0]) if flat.shape[1] == 1
+                          else pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]))
+        cols["latency_us"] = pa.array(_expand(per_request["latency"], counts))
+        cols["queue_us"] = pa.array(_expand(per_request["queue"], counts))
+        cols["compute_us"] = pa.array(_expand(per_request["compute"], counts))
+        cols["answered_by"] = pa.array(_expand(answered, counts), pa.string()).dictionary_encode()
+        cols["key_id"] = pa.array(_expand(keys, counts), pa.string())
+        cols["input_hash"] = pa.array(self._input_hashes(raw_inputs, len(rows)), pa.uint64())
+        cols["prediction_hash"] = pa.array(self._row_hash_of(list(outputs.values()), len(rows)), pa.uint64())
+        violations = [r.violations if r.violations is not None else np.full(r.rows, None, object) for r in records]
+        cols["violations"] = pa.array(np.concatenate(violations) if violations else [], pa.string())
+        return pa.table(cols)
+
+    def _input_hashes(self, raw_inputs: dict, rows: int) -> np.ndarray:
+        images = [n for n in raw_inputs if n in self.image_inputs]
+        fixed = [np.asarray(raw_inputs[n]) for n in raw_inputs if n not in self.image_inputs]
+        h = self._row_hash_of(fixed, rows) if fixed else None
+        for name in images:
+            per_image = np.array([bytes_hash(np.ascontiguousarray(img).tobytes()) for img in raw_inputs[name]],
+                                 np.uint64)
+            h = per_image if h is None else row_hashes(np.stack([h, per_image], axis=1))
+        return h if h is not None else np.zeros(rows, np.uint64)
+
+    @staticmethod
+    def _row_hash_of(arrays: list[np.ndarray], rows: int) -> np.ndarray:
+        """One hash per row over the row's bytes of every array, in order."""
+        flats = [np.ascontiguousarray(a).reshape(rows, -1).view(np.uint8).reshape(rows, -1) for a in arrays
+                 if np.asarray(a).dtype != object]
+        if not flats:
+            return np.zeros(rows, np.uint64)
+        return row_hashes(flats[0] if len(flats) == 1 else np.concatenate(flats, axis=1))

@@ -1,0 +1,208 @@
+"""What an ingress replica records of each answered batch: drift counts and the prediction log.
+
+The batcher calls a version's `VersionObserver` once per batch, after the batch's answers are
+set (`serving.batching.Observe`). For the requests answered (not refused, not withdrawn) it
+- counts the rows into the version's reference bins, for the drift monitor: every input feature
+  (raw values, reference edges from metadata `reference_stats`), the output score and the PCA
+  reconstruction error of the model's standardized input (edges from metadata `monitoring`) —
+  `native.histogram` per batch, one array addition into the replica's recorder;
+- hands the logged requests' rows to the prediction log as one `LogRecord` per requested model.
+Nothing here runs per request but gathering each request's id and times into lists.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import numpy as np
+
+import native
+from serving.monitoring.logrows import LogRecord
+from serving.monitoring.reference import pca_arrays, row_scores
+
+__all__ = ["RequestMeta", "VersionObserver", "DriftReference"]
+
+_US = 1000
+
+
+class RequestMeta:
+    """One request's context for the prediction log (None on a request that is not logged)."""
+
+    __slots__ = ("request_id", "key_id", "arrival_us", "start_ns", "model", "version", "answered_by")
+
+    def __init__(self, request_id: str, key_id: str | None, arrival_us: int, start_ns: int, model: str, version: int):
+        self.request_id = request_id
+        self.key_id = key_id
+        self.arrival_us = arrival_us
+        self.start_ns = start_ns  # time.monotonic_ns() when the service took the request
+        self.model = model
+        self.version = version
+        self.answered_by = "model"
+
+
+class DriftReference:
+    """The bins a version's live rows are counted in: features, output score, PCA reconstruction error.
+
+    Each stream is optional: features need metadata `reference_stats` edges (a `preprocess:
+    standardize` model), the score and PCA need metadata `monitoring` (written by training since
+    fleet counted them). `streams` names them in the order the monitor receives their counts.
+    """
+
+    def __init__(self, feature_input: str | None, feature_names: tuple[str, ...], feature_edges: np.ndarray | None,
+                 monitoring: Mapping | None, model_input: str | None):
+        self.feature_input = feature_input
+        self.feature_names = feature_names
+        self.feature_edges = feature_edges  # float32 [d, b + 1]
+        self.model_input = model_input  # the standardized input the PCA reads
+        monitoring = monitoring or {}
+        scores = monitoring.get("scores") or {}
+        self.score_output = scores.get("output")
+        self.score_edges = _edges(scores.get("edges"))
+        pca = monitoring.get("pca") or {}
+        self.pca_edges = _edges(pca.get("edges"))
+        self.pca_mean = self.pca_components = None
+        if self.pca_edges is not None and pca.get("components"):
+            self.pca_mean, self.pca_components = pca_arrays(pca)
+        if self.pca_components is not None and feature_edges is not None \
+                and self.pca_components.shape[1] != feature_edges.shape[0]:
+            self.pca_edges = self.pca_mean = self.pca_components = None  # not this input's PCA
+
+    @property
+    def empty(self) -> bool:
+        return self.feature_edges is None and self.score_edges is None and self.pca_edges is None
+
+    def streams(self) -> list[tuple[str, str]]:
+        """[(name, kind)] in count order: features, then "score", then "pca" (those present)."""
+        out = [(n, "feature") for n in (self.feature_names if self.feature_edges is not None else ())]
+        if self.score_edges is not None:
+            out.append(("score", "score"))
+        if self.pca_edges is not None:
+            out.append(("pca", "pca"))
+        return out
+
+
+def _edges(raw) -> np.ndarray | None:
+    if not raw:
+        return None
+    edges = np.asarray(raw, np.float32).reshape(1, -1)
+    if edges.shape[1] < 2 or not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+        return None
+    return np.ascontiguousarray(edges)
+
+
+def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    counts = np.zeros((edges.shape[0], edges.shape[1] + 1), np.int64)
+    native.histogram(np.ascontiguousarray(values, np.float32), edges, counts)
+    return counts
+
+
+class VersionObserver:
+    """Drift counts and prediction-log records of one model version's answered batches (`Batcher.observe`)."""
+
+    def __init__(self, model: str, version: int, reference: DriftReference | None, recorder, log=None,
+                 image_inputs: tuple[str, ...] = ()):
+        self.model = model
+        self.version = version
+        self.tag = str(version)
+        self.reference = reference if reference is not None and not reference.empty else None
+        self.recorder = recorder
+        self.log = log
+        self.image_inputs = image_inputs
+
+    def __call__(self, batch: list, inputs: dict, outputs: Mapping, sent_ns: int, compute_ns: int) -> None:
+        answered = [p for p in batch if not p.future.cancelled() and p.future.exception() is None]
+        if not answered:
+            return
+        rows = None  # the answered rows' indices in the batch, None: all of them
+        if len(answered) != len(batch):
+            index, offset = [], 0
+            for p in batch:
+                if p in answered:
+                    index.append(np.arange(offset, offset + p.rows))
+                offset += p.rows
+            rows = np.concatenate(index)
+        if self.reference is not None:
+            self._count(answered, inputs, outputs, rows)
+        if self.log is not None:
+            self._log(answered, batch, outputs, rows, sent_ns, compute_ns)
+
+    def _count(self, answered: list, inputs: dict, outputs: Mapping, rows) -> None:
+        ref = self.reference
+        counts: dict[str, np.ndarray] = {}
+        n = sum(p.rows for p in answered)
+        if ref.feature_edges is not None:
+            parts = [p.inputs[ref.feature_input] for p in answered]
+            x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            counts["features"] = _histogram(x, ref.feature_edges)
+            self.recorder.features(self.model, self.tag, counts["features"])
+        if ref.score_edges is not None and ref.score_output in outputs:
+            out = np.asarray(outputs[ref.score_output])
+            counts["score"] = _histogram(row_scores(out if rows is None else out[rows])[:, None], ref.score_edges)
+        if ref.pca_edges is not None and ref.model_input in inputs:
+            z = np.asarray(inputs[ref.model_input], np.float32)
+            z = z if rows is None else z[rows]
+            c = z - ref.pca_mean
+            projected = c @ ref.pca_components.T
+            error = np.einsum("ij,ij->i", c, c) - np.einsum("ij,ij->i", projected, projected)
+            counts["pca"] = _histogram(np.maximum(error, 0.0)[:, None], ref.pca_edges)
+        self.recorder.drift(self.model, self.tag, counts, n)
+
+    def _log(self, answered: list, batch: list, outputs: Mapping, rows, sent_ns: int, compute_ns: int) -> None:
+        logged = [p for p in answered if p.meta is not None]
+        if not logged:
+            return
+        if len(logged) != len(answered):  # some requests were not sampled: their rows leave the record
+            index, offset = [], 0
+            for p in batch:
+                if p.meta is not None and p in logged:
+                    index.append(np.arange(offset, offset + p.rows))
+                offset += p.rows
+            rows = np.concatenate(index)
+        by_model: dict[tuple[str, int], list] = {}
+        for p in logged:
+            by_model.setdefault((p.meta.model, p.meta.version), []).append(p)
+        done_ns = time.monotonic_ns()
+        selected = {name: (np.asarray(arr) if rows is None else np.asarray(arr)[rows]) for name, arr in outputs.items()}
+        if len(by_model) == 1:
+            ((model, version), requests), = by_model.items()
+            self.log.append(self._record(model, version, requests, selected, sent_ns, compute_ns, done_ns))
+            return
+        offset = 0  # a fallback's batch mixing its own requests with another model's: one record each
+        spans = []
+        for p in logged:
+            spans.append((p, offset))
+            offset += p.rows
+        for (model, version), requests in by_model.items():
+            take = np.concatenate([np.arange(o, o + p.rows) for p, o in spans if p.meta.model == model
+                                   and p.meta.version == version])
+            part = {name: arr[take] for name, arr in selected.items()}
+            self.log.append(self._record(model, version, requests, part, sent_ns, compute_ns, done_ns))
+
+    def _record(self, model: str, version: int, requests: list, outputs: dict, sent_ns: int, compute_ns: int,
+                done_ns: int) -> LogRecord:
+        metas = [p.meta for p in requests]
+        counts = [p.rows for p in requests]
+        multi = any(c != 1 for c in counts)
+        keys = [m.key_id for m in metas]
+        inputs: dict = {}
+        for name in requests[0].inputs:
+            parts = [p.inputs[name] for p in requests]
+            if name in self.image_inputs:
+                inputs[name] = [img for part in parts for img in part]
+            else:
+                inputs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        answered_by = [m.answered_by for m in metas]
+        first = metas[0].arrival_us
+        return LogRecord(
+            model=model, version=version, date=time.strftime("%Y-%m-%d", time.gmtime(first / 1e6)),
+            rows=sum(counts), request_ids=[m.request_id for m in metas],
+            request_rows=np.asarray(counts, np.int32) if multi else None,
+            arrival_us=np.fromiter((m.arrival_us for m in metas), np.int64, len(metas)),
+            latency_us=np.fromiter(((done_ns - m.start_ns) // _US for m in metas), np.int64, len(metas)),
+            queue_us=np.fromiter(((sent_ns - p.enqueued_ns) // _US for p in requests), np.int64, len(metas)),
+            compute_us=compute_ns // _US,
+            answered_by=answered_by[0] if len(set(answered_by)) == 1 else answered_by,
+            key_ids=keys if any(k is not None for k in keys) else None,
+            inputs=inputs, outputs=outputs,
+        )

@@ -1,0 +1,240 @@
+"""The prediction log sink of one ingress replica: a bounded buffer and a writer thread writing Parquet.
+
+    <data>/traffic/<model>/version=<v>/date=<YYYY-MM-DD>/<UTC time>-<replica>-<seq>.parquet   (zstd)
+
+Hive-partitioned, so `pyarrow.dataset.dataset(<data>/traffic/<model>, partitioning="hive")`,
+Ray Data and DuckDB (`read_parquet('<data>/traffic/fraud/**/*.parquet', hive_partitioning=1)`)
+read a model's folder as one table. Columns: `serving.monitoring.logrows`.
+
+The request path calls `append` with whole answered batches (`LogRecord`); it never waits on
+the disk. A writer thread takes everything buffered every `flush_rows` rows or `flush_interval_s`
+seconds, whichever comes first, builds one table per (model, version, date) and writes it to a
+hidden temporary file that is then renamed: a file appears whole or not at all.
+
+When the sink stalls (a slow or full disk, a folder that cannot be written) serving goes on:
+the buffer holds at most `max_rows` rows and `max_bytes` bytes (rows being written count too);
+a batch that does not fit is dropped, counted per model (`fleet_prediction_log_dropped_total`)
+and reported once in the log (then once a minute while it goes on). Rows whose write failed
+stay buffered and are written again once the sink recovers. `close` (a graceful stop: `fleet
+down`, a rolling update, a replica drain) writes every buffered row before it returns; what
+cannot be written by then is counted as dropped, never silently lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Callable
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from serving.monitoring.logrows import LogRecord, LogSchema
+
+__all__ = ["PredictionLog", "traffic_dir"]
+
+_log = logging.getLogger("fleet.predlog")
+_REPORT_EVERY_S = 60.0
+_RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
+
+
+def traffic_dir(data_dir: str, model: str) -> str:
+    return f"{data_dir.rstrip('/')}/traffic/{model}"
+
+
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, path in it, whether renames are atomic there): a local folder, or any pyarrow.fs URI."""
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+        return fs, path, isinstance(fs, pafs.LocalFileSystem)
+    return pafs.LocalFileSystem(), os.path.abspath(root), True
+
+
+class PredictionLog:
+    """Buffered, bounded, asynchronous Parquet writer of answered batches (one per ingress replica)."""
+
+    def __init__(self, data_dir: str, replica: str, *, flush_rows: int = 10_000, flush_interval_s: float = 5.0,
+                 max_rows: int = 200_000, max_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic):
+        if flush_rows < 1 or max_rows < 1 or flush_interval_s <= 0 or max_bytes < 1:
+            raise ValueError("flush_rows, max_rows and max_bytes must be >= 1 and flush_interval_s > 0")
+        self.data_dir = data_dir
+        self.replica = replica
+        self.flush_rows = flush_rows
+        self.flush_interval_s = flush_interval_s
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._fs, self._root, self._atomic_rename = _filesystem(data_dir)
+        self._schemas: dict[tuple[str, int], LogSchema] = {}
+        self._pending: collections.deque[LogRecord] = collections.deque()
+        self._rows = 0  # buffered rows, those being written included
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._flush_now = False
+        self._seq = 0
+        self._written: dict[str, int] = collections.Counter()  # since the last take_counts()
+        self._dropped: dict[str, int] = collections.Counter()
+        self.written_total: dict[str, int] = collections.Counter()
+        self.dropped_total: dict[str, int] = collections.Counter()
+        self._last_report: dict[str, float] = {}
+        self._last_error: str | None = None
+        self._retry_s = _RETRY_MIN_S
+        self._thread = threading.Thread(target=self._run, name=f"fleet-predlog-{replica}", daemon=True)
+        self._thread.start()
+
+    # -- the request path ----------------------------------------------------------
+    def register(self, model: str, version: int, schema: LogSchema) -> None:
+        """The schema the writer builds `model`/`version`'s tables with."""
+        self._schemas[(model, version)] = schema
+
+    def append(self, record: LogRecord) -> bool:
+        """Buffer one answered batch; False when it did not fit (its rows are counted as dropped)."""
+        with self._cond:
+            if self._closing or self._rows + record.rows > self.max_rows or self._bytes + record.nbytes > self.max_bytes:
+                self._drop(record.model, record.rows, "closed" if self._closing else "buffer full")
+                return False
+            self._pending.append(record)
+            self._rows += record.rows
+            self._bytes += record.nbytes
+            if self._rows >= self.flush_rows:
+                self._cond.notify()
+        return True
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._rows
+
+    def take_counts(self) -> dict[str, dict[str, int]]:
+        """{model: {"written": n, "dropped": n}} since the last call (the monitor adds them up)."""
+        with self._cond:
+            models = set(self._written) | set(self._dropped)
+            out = {m: {"written": self._written.get(m, 0), "dropped": self._dropped.get(m, 0)} for m in models}
+            self._written.clear()
+            self._dropped.clear()
+        return out
+
+    def give_back_counts(self, counts: dict[str, dict[str, int]]) -> None:
+        """Counts taken for a hand-off that failed: they go out with the next ones."""
+        with self._cond:
+            for model, entry in counts.items():
+                self._written[model] += entry.get("written", 0)
+                self._dropped[model] += entry.get("dropped", 0)
+
+    def _drop(self, model: str, rows: int, why: str) -> None:  # under the lock
+        self._dropped[model] += rows
+        self.dropped_total[model] += rows
+        now = self._clock()
+        last = self._last_report.get(model)
+        if last is None or now - last >= _REPORT_EVERY_S:
+            self._last_report[model] = now
+            _log.warning("prediction log of model %s: %s (%d of %d rows, %d bytes buffered); dropped %d rows so "
+                         "far%s", model, why, self._rows, self.max_rows, self._bytes, self.dropped_total[model],
+                         f"; the sink fails: {self._last_error}" if self._last_error else "")
+
+    # -- the writer thread -----------------------------------------------------------
+    def _run(self) -> None:
+        next_flush = self._clock() + self.flush_interval_s
+        while True:
+            with self._cond:
+                while not (self._closing or self._flush_now) and self._rows < self.flush_rows \
+                        and self._clock() < next_flush:
+                    self._cond.wait(timeout=max(0.0, next_flush - self._clock()))
+                closing = self._closing
+                self._flush_now = False
+                batch = list(self._pending)
+                self._pending.clear()
+            failed = self._write(batch) if batch else []
+            with self._cond:
+                for record in reversed(failed):  # the oldest first again
+                    self._pending.appendleft(record)
+                self._cond.notify_all()  # flush() waits for an empty buffer
+                if closing and (not self._pending or failed):
+                    return
+            if failed:
+                with self._cond:  # close() wakes it
+                    self._cond.wait(timeout=self._retry_s)
+                self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
+                next_flush = self._clock()
+            else:
+                self._retry_s = _RETRY_MIN_S
+                next_flush = self._clock() + self.flush_interval_s
+
+    def _write(self, records: list[LogRecord]) -> list[LogRecord]:
+        """Write the records, one file per (model, version, date); return those that failed."""
+        groups: dict[tuple[str, int, str], list[LogRecord]] = {}
+        for r in records:
+            groups.setdefault((r.model, r.version, r.date), []).append(r)
+        failed: list[LogRecord] = []
+        for (model, version, date), group in groups.items():
+            try:
+                self._write_group(model, version, date, group)
+            except Exception as exc:  # noqa: BLE001 - the sink failing must not stop the writer
+                failed.extend(group)
+                error = f"{type(exc).__name__}: {exc}"
+                if error != self._last_error:
+                    _log.error("prediction log of model %s: writing %d rows failed (%s); they stay buffered and "
+                               "are written again when the sink recovers", model, sum(r.rows for r in group), error)
+                self._last_error = error
+                continue
+            rows, size = sum(r.rows for r in group), sum(r.nbytes for r in group)
+            with self._cond:
+                self._rows -= rows
+                self._bytes -= size
+                self._written[model] += rows
+                self.written_total[model] += rows
+            if self._last_error is not None:
+                _log.warning("prediction log of model %s: the sink writes again", model)
+                self._last_error = None
+        return failed
+
+    def _write_group(self, model: str, version: int, date: str, group: list[LogRecord]) -> None:
+        schema = self._schemas[(model, version)]
+        table = schema.table(group)
+        folder = f"{self._root.rstrip('/')}/traffic/{model}/version={version}/date={date}"
+        self._seq += 1
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{self.replica}-{self._seq:06d}.parquet"
+        self._fs.create_dir(folder, recursive=True)
+        final = f"{folder}/{name}"
+        if not self._atomic_rename:  # an object store: the object appears whole when its upload completes
+            pq.write_table(table, final, compression="zstd", filesystem=self._fs)
+            return
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            pq.write_table(table, tmp, compression="zstd", filesystem=self._fs)
+            self._fs.move(tmp, final)
+        except BaseException:
+            try:
+                self._fs.delete_file(tmp)
+            except Exception:  # noqa: BLE001 - it may never have been created
+                pass
+            raise
+
+    # -- stopping ---------------------------------------------------------------------
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Write everything buffered now; True when the buffer emptied within `timeout_s`."""
+        deadline = self._clock() + timeout_s
+        with self._cond:
+            while self._rows > 0 and self._clock() < deadline:
+                self._flush_now = True  # the writer waits for flush_rows or its interval otherwise
+                self._cond.notify_all()
+                self._cond.wait(timeout=0.05)
+            return self._rows == 0
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop taking rows and write every buffered one (waiting at most `timeout_s`); count what is left."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout_s)
+        with self._cond:
+            left = list(self._pending)
+            self._pending.clear()
+            for record in left:
+                self._drop(record.model, record.rows, "stopping with the sink failing")
+                self._rows -= record.rows
+                self._bytes -= record.nbytes

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import socket
 
-__all__ = ["free_ports", "free_port"]
+__all__ = ["free_ports", "free_port", "port_taken", "with_free_ports"]
 
 _LOW, _HIGH = 20000, 29999
 
@@ -39,3 +39,33 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+_TAKEN_WORDS = ("address already in use", "in use", "eaddrinuse", "bind", "port")
+
+
+def port_taken(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) says a port was taken: the race between choosing one and binding it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+            return True
+        text = str(exc).lower()
+        if "address already in use" in text or ("port" in text and ("in use" in text or "bind" in text
+                                                                    or "taken" in text)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def with_free_ports(count: int, start, *, attempts: int = 3, taken=port_taken):
+    """`start(ports)` with `count` distinct free ports chosen in one call; chosen again (up to `attempts`
+    times) when `start` fails because one of them was taken between choosing and binding. Returns its result."""
+    for attempt in range(1, attempts + 1):
+        ports = free_ports(count)
+        try:
+            return start(ports)
+        except Exception as exc:
+            if attempt == attempts or not taken(exc):
+                raise

@@ -7,6 +7,8 @@ the reference (the test suite runs both ways). The kernels and their contracts:
   read it, each input's "data" a NumPy array of its datatype and shape;
 - `standardize(x, mean, std, clip, out=None)`: clipped z-scores and rows with NaN/Inf;
 - `histogram(x, edges, counts)`: per-feature bin counts accumulated in place;
+- `check_bounds(x, lo, hi, first, counts)`: the input contracts' range and finiteness rules:
+  each row's first violating feature, per-feature counts of violations;
 - `resize_normalize(images, out_h, out_w, mean, std, out=None, *, threads=1)`:
   bilinear resize and normalisation of uint8 images into a float32 batch.
 
@@ -20,7 +22,7 @@ import os
 
 from native import _reference
 
-__all__ = ["BACKEND", "standardize", "histogram", "resize_normalize", "parse_v2_json"]
+__all__ = ["BACKEND", "standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json"]
 
 _log = logging.getLogger("fleet.native")
 
@@ -41,5 +43,6 @@ _log.info("native kernels: %s", BACKEND)
 
 standardize = _impl.standardize
 histogram = _impl.histogram
+check_bounds = _impl.check_bounds
 resize_normalize = _impl.resize_normalize
 parse_v2_json = _impl.parse_v2_json

@@ -15,6 +15,13 @@ def histogram(
     edges: npt.NDArray[np.float32],
     counts: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.int64]: ...
+def check_bounds(
+    x: npt.NDArray[np.float32],
+    lo: npt.NDArray[np.float32],
+    hi: npt.NDArray[np.float32],
+    first: npt.NDArray[np.int32],
+    counts: npt.NDArray[np.int64],
+) -> int: ...
 def resize_normalize(
     images: Sequence[npt.NDArray[np.uint8]],
     out_h: int,

@@ -95,7 +95,7 @@ class BatchResult:
 
 
 class _Pending:
-    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta")
+    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta", "flags")
 
     def __init__(self, inputs: Arrays, rows: int, signature, future, enqueued_ns: int, deadline_ns: int,
                  meta=None):
@@ -106,6 +106,7 @@ class _Pending:
         self.enqueued_ns = enqueued_ns
         self.deadline_ns = deadline_ns
         self.meta = meta  # the caller's, handed to `observe` with the batch (the prediction log's context)
+        self.flags = None  # what preprocessing noted of its rows without refusing them (input-contract warnings)
 
 
 def _signature(inputs: Arrays, pre: "Preprocessor | None" = None) -> tuple:
@@ -375,7 +376,11 @@ class Batcher:
             raise InvalidInput(f"model {self.name}: preprocessing refused the input: {exc}") from exc
         inputs[pre.input_name] = arr
         for p, error in zip(batch, errors):
-            if error is not None and not p.future.done():
+            if error is None:
+                continue
+            if not isinstance(error, BaseException):
+                p.flags = error  # served, with a note (serving.monitoring.contracts.RowFlags)
+            elif not p.future.done():
                 p.future.set_exception(error)
         return any(not p.future.done() for p in batch)
 

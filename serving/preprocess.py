@@ -30,6 +30,7 @@ import numpy as np
 import native
 from serving.errors import FleetError, InvalidInput, RepositoryError
 from serving.model_config import ModelSpec, TensorSpec
+from serving.monitoring.contracts import Contract, RowFlags, parse_contract, refuse
 
 __all__ = [
     "PREPROCESS_PARAM", "Preprocessor", "Standardize", "ImageResize", "make_preprocessor", "model_inputs",
@@ -79,9 +80,11 @@ class FeatureReference:
 
 class Standardize(Preprocessor):
     def __init__(self, input_name: str, mean: np.ndarray, std: np.ndarray, clip: float,
-                 reference: FeatureReference | None = None):
+                 reference: FeatureReference | None = None, contract: Contract | None = None):
         self.input_name = input_name
         self.on_counts = None  # called with each batch's feature counts (int64 [d, bins + 2]) when set
+        self.contract = contract  # input contract rules (serving/monitoring/contracts.py), None: none
+        self.on_violations = None  # called with each batch's {(feature, rule): rows} when set
         self.mean = np.ascontiguousarray(mean, np.float32)
         self.std = np.ascontiguousarray(np.where(std > _STD_FLOOR, std, 1.0), np.float32)
         self.clip = float(clip)
@@ -93,7 +96,7 @@ class Standardize(Preprocessor):
         out, bad = native.standardize(x, self.mean, self.std, self.clip)
         if self.on_counts is not None and self.reference is not None:
             self.on_counts(self.histogram(x))
-        errors: list[FleetError | None] = [None] * len(parts)
+        errors: list = [None] * len(parts)
         if bad.any():
             offset = 0
             for i, part in enumerate(parts):
@@ -102,7 +105,30 @@ class Standardize(Preprocessor):
                     errors[i] = InvalidInput(f"input {self.input_name!r}: row {int(rows[0])} holds NaN or infinity; "
                                              "every feature must be a finite number")
                 offset += len(part)
+        if self.contract is not None:
+            self._check_contract(x, parts, errors)
         return out, errors
+
+    def _check_contract(self, x: np.ndarray, parts, errors: list) -> None:
+        """Reject mode: a 400 for each request with a violating row; warn mode: its rows' flags (RowFlags)."""
+        contract = self.contract
+        first, rule, totals = contract.check(x)
+        if totals and self.on_violations is not None:
+            self.on_violations(totals)
+        if not totals:
+            return
+        offset = 0
+        for i, part in enumerate(parts):
+            n = len(part)
+            hit = np.flatnonzero(first[offset:offset + n] >= 0)
+            if hit.size and errors[i] is None:
+                r = int(hit[0])
+                if contract.mode == "reject":
+                    errors[i] = refuse(contract, x[offset + r], r, int(first[offset + r]), int(rule[offset + r]),
+                                       self.input_name)
+                else:
+                    errors[i] = RowFlags(contract.flags(x[offset:offset + n]))
+            offset += n
 
     def histogram(self, x: np.ndarray) -> np.ndarray | None:
         """Bin counts of the raw rows x against the reference edges, int64 [d, bins + 2]."""
@@ -218,4 +244,5 @@ def _standardize(spec: ModelSpec, input_name: str, d: int, metadata: Mapping, so
             reference = FeatureReference(tuple(names), np.ascontiguousarray(edges))
     except (KeyError, TypeError, ValueError):
         reference = None  # no usable reference histogram: standardize without counting
-    return Standardize(input_name, mean, std, clip, reference)
+    contract = parse_contract(spec.parameters, names, reference.edges if reference is not None else None, source)
+    return Standardize(input_name, mean, std, clip, reference, contract)

@@ -262,6 +262,8 @@ class InferenceService:
 
             pre = self._preprocessor(state, version)
             observe = self.monitoring.observer(spec, version, pre)  # drift counts and the prediction log
+            if getattr(pre, "contract", None) is not None:
+                pre.on_violations = lambda counts: recorder.violations(name, counts)
             batcher = state.batchers[version] = Batcher(f"{name}:{version}", execute, config, on_batch, pre, observe)
         return batcher
 

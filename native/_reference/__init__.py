@@ -8,7 +8,7 @@ FLEET_PURE_PYTHON=1, and the tests compare the two.
 from __future__ import annotations
 
 from native._reference.images import resize_normalize
-from native._reference.tensors import histogram, standardize
+from native._reference.tensors import check_bounds, histogram, standardize
 from native._reference.v2json import parse_v2_json
 
-__all__ = ["standardize", "histogram", "resize_normalize", "parse_v2_json"]
+__all__ = ["standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json"]

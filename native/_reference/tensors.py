@@ -1,4 +1,4 @@
-"""NumPy references of the tabular kernels: `standardize` and `histogram`."""
+"""NumPy references of the tabular kernels: `standardize`, `histogram` and `check_bounds`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 from native._reference._checks import require_array
 
-__all__ = ["standardize", "histogram"]
+__all__ = ["standardize", "histogram", "check_bounds"]
 
 
 def standardize(x, mean, std, clip, out=None):
@@ -85,3 +85,38 @@ def histogram(x, edges, counts):
         index[column == edges[j, bins]] = bins  # ...except the last edge itself, in the closed last bin
         counts[j] += np.bincount(index, minlength=bins + 2)
     return counts
+
+
+def check_bounds(x, lo, hi, first, counts):
+    """The input contracts' range and finiteness rules over float32 x [n, d] (in place, returns a count).
+
+    first (int32 [n], written): the first feature j of row i that is NaN/±Inf or outside
+    [lo[j], hi[j]], -1 when none. counts (int64 [2, d], added to): counts[0, j] the rows whose
+    feature j is finite but out of range, counts[1, j] those where it is NaN or ±Inf. An infinite
+    bound is no bound. Returns the number of violating rows.
+    """
+    x = require_array("x", x, np.float32, 2)
+    lo = require_array("lo", lo, np.float32, 1)
+    hi = require_array("hi", hi, np.float32, 1)
+    first = require_array("first", first, np.int32, 1, writable=True)
+    counts = require_array("counts", counts, np.int64, 2, writable=True)
+    n, d = x.shape
+    if lo.shape[0] != d:
+        raise ValueError("lo: length must equal x.shape[1]")
+    if hi.shape[0] != d:
+        raise ValueError("hi: length must equal x.shape[1]")
+    if first.shape[0] != n:
+        raise ValueError("first: length must equal x.shape[0]")
+    if counts.shape != (2, d):
+        raise ValueError("counts: shape must be (2, x.shape[1])")
+    if np.isnan(lo).any() or np.isnan(hi).any() or (lo > hi).any():
+        raise ValueError("lo, hi: bounds must not be NaN and lo <= hi")
+    finite = np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        outside = finite & ((x < lo) | (x > hi))
+    bad = outside | ~finite
+    counts[0] += outside.sum(axis=0)
+    counts[1] += (~finite).sum(axis=0)
+    any_bad = bad.any(axis=1)
+    first[:] = np.where(any_bad, bad.argmax(axis=1), -1) if d else -1
+    return int(any_bad.sum())

@@ -35,6 +35,11 @@ NB_MODULE(_core, m) {
         nb::kw_only(), nb::arg("threads").none() = 1,
         "Bilinear resize (align_corners=False) of uint8 images [h, w] or [h, w, c] to out_h x out_w, then "
         "(v / 255 - mean) / std, into float32 out [n, c, out_h, out_w], over `threads` threads.");
+  m.def("check_bounds", &fleet::check_bounds, nb::arg("x").none(), nb::arg("lo").none(), nb::arg("hi").none(),
+        nb::arg("first").none(), nb::arg("counts").none(),
+        "Input contracts over float32 x [n, d]: first[i] = the first feature of row i that is non-finite or "
+        "outside [lo, hi] (-1: none); counts[0, j] += rows with feature j out of range, counts[1, j] += rows "
+        "with it non-finite; returns the number of violating rows.");
   m.def("parse_v2_json", &fleet::parse_v2_json, nb::arg("body").none(),
         "orjson.loads(body), except that each inputs[i]['data'] is a NumPy array of the input's datatype "
         "and shape; ValueError with the byte offset for anything malformed.");

@@ -11,5 +11,6 @@ nb::object histogram(nb::handle x, nb::handle edges, nb::handle counts);
 nb::object resize_normalize(nb::handle images, nb::handle out_h, nb::handle out_w, nb::handle mean,
                             nb::handle std, nb::handle out, nb::handle threads);
 nb::object parse_v2_json(nb::handle body);
+nb::object check_bounds(nb::handle x, nb::handle lo, nb::handle hi, nb::handle first, nb::handle counts);
 
 }  // namespace fleet

@@ -42,7 +42,7 @@ class MonitorActor:
             if self.engine is not None:
                 return False
             submit = status = None
-            if options.get("retrain_after_s") is not None and options.get("dashboard_url"):
+            if options.get("dashboard_url"):  # the client is made when the first retrain is due
                 from serving.monitoring.retrain import jobs_sdk
 
                 submit, status = jobs_sdk(options["dashboard_url"])

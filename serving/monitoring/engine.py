@@ -122,6 +122,7 @@ class MonitoringEngine:
                         mine = vm.pending.get(key)
                         vm.pending[key] = arr if mine is None or mine.shape != arr.shape else mine + arr
             for model, entry in delta.get("log", {}).items():
+                # Both counters of a model start together (at 0): Prometheus's increase() sees its first drop.
                 self._bump("log_written", model, int(entry.get("written", 0)))
                 self._bump("log_dropped", model, int(entry.get("dropped", 0)))
             for model, entry in delta.get("feedback", {}).items():

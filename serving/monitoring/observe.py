@@ -91,6 +91,16 @@ def _edges(raw) -> np.ndarray | None:
     return np.ascontiguousarray(edges)
 
 
+def _rows_of(batch: list, keep: set[int]) -> np.ndarray:
+    """The batch row indices of the requests whose id() is in `keep`, in batch order."""
+    index, offset = [], 0
+    for p in batch:
+        if id(p) in keep:
+            index.append(np.arange(offset, offset + p.rows))
+        offset += p.rows
+    return np.concatenate(index) if index else np.zeros(0, np.int64)
+
+
 def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     counts = np.zeros((edges.shape[0], edges.shape[1] + 1), np.int64)
     native.histogram(np.ascontiguousarray(values, np.float32), edges, counts)
@@ -116,12 +126,7 @@ class VersionObserver:
             return
         rows = None  # the answered rows' indices in the batch, None: all of them
         if len(answered) != len(batch):
-            index, offset = [], 0
-            for p in batch:
-                if p in answered:
-                    index.append(np.arange(offset, offset + p.rows))
-                offset += p.rows
-            rows = np.concatenate(index)
+            rows = _rows_of(batch, {id(p) for p in answered})
         if self.reference is not None:
             self._count(answered, inputs, outputs, rows)
         if self.log is not None:
@@ -152,13 +157,8 @@ class VersionObserver:
         logged = [p for p in answered if p.meta is not None]
         if not logged:
             return
-        if len(logged) != len(answered):  # some requests were not sampled: their rows leave the record
-            index, offset = [], 0
-            for p in batch:
-                if p.meta is not None and p in logged:
-                    index.append(np.arange(offset, offset + p.rows))
-                offset += p.rows
-            rows = np.concatenate(index)
+        if len(logged) != len(batch):  # refused or not sampled requests: their rows leave the record
+            rows = _rows_of(batch, {id(p) for p in logged})
         by_model: dict[tuple[str, int], list] = {}
         for p in logged:
             by_model.setdefault((p.meta.model, p.meta.version), []).append(p)
@@ -194,6 +194,10 @@ class VersionObserver:
                 inputs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         answered_by = [m.answered_by for m in metas]
         first = metas[0].arrival_us
+        violations = None
+        if any(p.flags is not None for p in requests):
+            violations = np.concatenate([p.flags.rows if p.flags is not None else np.full(p.rows, None, object)
+                                         for p in requests])
         return LogRecord(
             model=model, version=version, date=time.strftime("%Y-%m-%d", time.gmtime(first / 1e6)),
             rows=sum(counts), request_ids=[m.request_id for m in metas],
@@ -204,5 +208,5 @@ class VersionObserver:
             compute_us=compute_ns // _US,
             answered_by=answered_by[0] if len(set(answered_by)) == 1 else answered_by,
             key_ids=keys if any(k is not None for k in keys) else None,
-            inputs=inputs, outputs=outputs,
+            inputs=inputs, outputs=outputs, violations=violations,
         )

@@ -1,7 +1,8 @@
 """Retraining the monitor starts: when an alarm on a model's serving version persists, submit a Ray job.
 
 A drift or quality alarm on the version a model serves (its newest served version) that has held
-for `after_s` makes the monitor submit `python -m training.retrain --model <trainer> --publish-as
+for `after_s` (the cluster's `retrain_after_s`, or the model's own `fleet.retrain.after_s`
+parameter, "off" for never) makes the monitor submit `python -m training.retrain --model <trainer> --publish-as
 <model> [args]` to the cluster's job server (the Jobs SDK), with the alarms as the job's evidence:
 - one job at a time per model (the next waits until the last one ended), and at least
   `cooldown_s` between two submissions for a model;
@@ -20,12 +21,14 @@ import shlex
 import time
 from typing import Callable
 
-__all__ = ["RETRAIN_MODEL_PARAM", "RETRAIN_ARGS_PARAM", "TRAINERS", "RetrainTrigger", "jobs_sdk"]
+__all__ = ["RETRAIN_MODEL_PARAM", "RETRAIN_ARGS_PARAM", "RETRAIN_AFTER_PARAM", "TRAINERS", "RetrainTrigger",
+           "jobs_sdk"]
 
 _log = logging.getLogger("fleet.retrain")
 
 RETRAIN_MODEL_PARAM = "fleet.retrain.model"
 RETRAIN_ARGS_PARAM = "fleet.retrain.args"
+RETRAIN_AFTER_PARAM = "fleet.retrain.after_s"  # a model's own retrain_after_s ("off": never)
 TRAINERS = ("fraud", "digits")
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -47,7 +50,20 @@ class RetrainTrigger:
 
     @property
     def enabled(self) -> bool:
-        return self.after_s is not None and self._submit is not None
+        return self._submit is not None
+
+    def after(self, parameters) -> float | None:
+        """How long an alarm must hold before `model` is retrained (None: never)."""
+        raw = parameters.get(RETRAIN_AFTER_PARAM)
+        if raw is None:
+            return self.after_s
+        if raw.strip().lower() in ("off", "none", "never"):
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            return None
+        return value if value >= 0 else None
 
     def _count(self, model: str, outcome: str) -> None:
         self.outcomes[(model, outcome)] = self.outcomes.get((model, outcome), 0) + 1
@@ -84,8 +100,11 @@ class RetrainTrigger:
         if not self.enabled:
             return None
         running = self._follow(model)
+        after_s = self.after(parameters)
+        if after_s is None:
+            return None
         now = self._clock()
-        held = [a for a in alarms if now - a["since"] >= self.after_s]
+        held = [a for a in alarms if now - a["since"] >= after_s]
         if not held or running:
             return None
         last = self.jobs.get(model)
@@ -121,13 +140,13 @@ def jobs_sdk(address: str) -> tuple[Callable[[str, dict], str], Callable[[str], 
     """(submit, status) over the Ray Jobs SDK at `address`, with the cluster's token (cluster.jobs)."""
     from cluster.jobs import PROJECT_ROOT, auth_env, submit
 
-    auth_env()
-    from ray.job_submission import JobSubmissionClient
-
     client: list = []
 
     def _client():
-        if not client:
+        if not client:  # made when the first retrain is due: nothing is asked of the job server before
+            auth_env()
+            from ray.job_submission import JobSubmissionClient
+
             client.append(JobSubmissionClient(address))
         return client[0]
 

@@ -25,7 +25,7 @@ import torch
 import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
-from cluster.ports import free_port
+from cluster.ports import free_ports
 from serving.registry import SERVING_FILE, ModelRepository
 from training.bootstrap import FRAUD_CLIP, bootstrap
 from training.preprocess_reference import standardize
@@ -64,8 +64,15 @@ class SecuredCluster:
         return subprocess.run(["fleet", command, *self.flags], cwd=self.workdir, env=env, capture_output=True,
                               text=True, timeout=300)
 
-    def up(self) -> None:
-        out = self._fleet("up")
+    def up(self, *, new_ports_when_taken: bool = False) -> None:
+        """`fleet up`; with `new_ports_when_taken`, on two new ports (chosen in one call) when one was taken
+        between choosing and binding (the first start only: a restart keeps its ports)."""
+        for attempt in range(3 if new_ports_when_taken else 1):
+            out = self._fleet("up")
+            if out.returncode == 0 or "in use" not in out.stdout + out.stderr or not new_ports_when_taken:
+                break
+            self._fleet("down")
+            self.port, self.dashboard_port = free_ports(2)
         assert out.returncode == 0 and f"fleet is serving on http://127.0.0.1:{self.port}" in out.stdout, \
             out.stdout + out.stderr
 
@@ -160,9 +167,9 @@ def secured_cluster(tmp_path_factory) -> SecuredCluster:
         "version_poll_interval_s": POLL_S,
         "version_retire_grace_s": 1.0,
     }))
-    cluster = SecuredCluster(workdir, free_port(), free_port(), repo)
+    cluster = SecuredCluster(workdir, *free_ports(2), repo)
     try:
-        cluster.up()
+        cluster.up(new_ports_when_taken=True)
         yield cluster
     finally:
         cluster.down()
@@ -187,6 +194,42 @@ def test_no_key_or_a_wrong_one_is_401_alike_and_a_good_key_gets_the_right_answer
         assert c.call("GET", path)[0] == 200, path
     for path in ("/v2/models/fraud", "/v2/models/stats", "/metrics"):
         assert c.call("GET", path)[0] == 401 and c.call("GET", path, token=KEY)[0] == 200, path
+
+
+def test_the_prediction_log_names_the_key_by_its_id_and_no_key_is_written_anywhere(secured_cluster):
+    """Each logged row carries the caller's key id (a digest prefix); feedback needs a key like inference."""
+    import hashlib
+
+    import pyarrow.dataset as ds
+
+    c = secured_cluster
+    ids = [f"keyed-{i}" for i in range(5)]
+    for rid in ids:
+        status, _, doc = c.call("POST", "/v2/models/fraud/infer", {**_infer_body(), "id": rid}, PROBE_KEY)
+        assert status == 200 and doc["id"] == rid
+    label_body = {"labels": [{"id": rid, "label": [0, 0, 1]} for rid in ids]}
+    assert c.call("POST", "/v2/models/fraud/feedback", label_body)[0] == 401
+    status, _, doc = c.call("POST", "/v2/models/fraud/feedback", label_body, PROBE_KEY)
+    assert status == 200 and doc["accepted"] == 15
+    assert c.call("GET", "/v2/models/fraud/quality")[0] == 401
+    data = c.workdir / "data"
+    deadline = time.monotonic() + 15
+    rows = None
+    while time.monotonic() < deadline:
+        if (data / "traffic" / "fraud").is_dir():
+            table = ds.dataset(data / "traffic" / "fraud", partitioning="hive").to_table(
+                columns=["request_id", "key_id"])
+            rows = [k for r, k in zip(table["request_id"].to_pylist(), table["key_id"].to_pylist()) if r in ids]
+            if len(rows) == 15:
+                break
+        time.sleep(0.3)
+    assert rows == [hashlib.sha256(PROBE_KEY.encode()).hexdigest()[:12]] * 15, rows
+    # Neither the keys nor the admin token are in the data folder or the state folder, in any form but digests.
+    for folder in (data, c.workdir / ".fleet"):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                raw = path.read_bytes()
+                assert not any(secret.encode() in raw for secret in (ADMIN_TOKEN, KEY, PROBE_KEY, RATE_KEY)), path
 
 
 def test_fleet_status_sends_the_key_from_fleet_api_key(secured_cluster):

@@ -19,7 +19,7 @@ import pytest
 import tritonclient.http as tc
 
 from benchmarks.fault_models import publish_slow
-from cluster.ports import free_port
+from cluster.ports import free_ports
 from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
@@ -58,11 +58,39 @@ def _env(root: Path) -> dict:
     return env
 
 
+def _up(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`fleet up <args> --port P --dashboard-port D` on two ports chosen in one call; chosen again when one was
+    taken between choosing and binding. Returns (the run, the port flags)."""
+    for attempt in range(3):
+        port, dash = free_ports(2)
+        flags = ["--port", str(port), "--dashboard-port", str(dash)]
+        up = _run(["fleet", "up", *args, *flags], cwd, env)
+        if up.returncode == 0 or "in use" not in up.stdout + up.stderr or attempt == 2:
+            return up, flags
+        _run(["fleet", "down", *flags], cwd, env)
+
+
+def _ask_until_refused(url: str, body: bytes, answered: list, stop: threading.Event) -> None:
+    """Send requests with ids until one fails (the cluster stopping); keep the ids answered 200."""
+    i = 0
+    while not stop.is_set():
+        rid = f"{threading.get_ident()}-{i}"
+        i += 1
+        doc = json.loads(body)
+        doc["id"] = rid
+        request = urllib.request.Request(url, data=json.dumps(doc).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                if answer.status == 200:
+                    answered.append(rid)
+        except Exception:  # noqa: BLE001 - refused once the listener closes: what fleet down does
+            return
+
+
 def test_up_status_curl_job_down(workdir: Path):
     env = _env(workdir)
-    port, dash = free_port(), free_port()
-    flags = ["--port", str(port), "--dashboard-port", str(dash)]
-    up = _run(["fleet", "up", *flags], workdir, env)
+    up, flags = _up([], workdir, env)
+    port, dash = int(flags[1]), int(flags[3])
     down = None
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -133,13 +161,31 @@ def test_up_status_curl_job_down(workdir: Path):
                 answers.append(repr(exc))
 
         askers = [threading.Thread(target=ask) for _ in range(8)]
-        for t in askers:
+        # ... and while fleet down runs, fraud is under load: every request answered 200 is in the
+        # prediction log once the cluster has stopped (each replica writes its buffer as it drains).
+        logged_ids: list[str] = []
+        stop = threading.Event()
+        fraud_url = f"http://127.0.0.1:{port}/v2/models/fraud/infer"
+        loaders = [threading.Thread(target=_ask_until_refused, args=(fraud_url, body, logged_ids, stop))
+                   for _ in range(4)]
+        for t in [*loaders, *askers]:
             t.start()
-        time.sleep(0.3)
+        time.sleep(1.0)
         down = _run(["fleet", "down", *flags], workdir, env)
-        for t in askers:
+        stop.set()
+        for t in [*askers, *loaders]:
             t.join()
         assert answers == [200] * 8, answers
+        import pyarrow.dataset as ds
+
+        log = ds.dataset(workdir / "data" / "traffic" / "fraud", partitioning="hive").to_table(
+            columns=["request_id", "version"])
+        logged = set(log["request_id"].to_pylist())
+        assert len(logged_ids) > 50, len(logged_ids)
+        missing = [rid for rid in logged_ids if rid not in logged]
+        assert not missing, f"{len(missing)} of {len(logged_ids)} answered requests are not in the log: {missing[:5]}"
+        slow_log = ds.dataset(workdir / "data" / "traffic" / "slow", partitioning="hive").to_table()
+        assert slow_log.num_rows >= 8  # the queued slow requests answered during the drain are logged too
     finally:
         if down is None:
             down = _run(["fleet", "down", *flags], workdir, env)
@@ -151,7 +197,7 @@ def test_up_status_curl_job_down(workdir: Path):
 def test_serve_in_foreground_until_ctrl_c(workdir: Path):
     """The other modes: Ray Serve's HAProxy ingress in front, the model in its own worker deployment."""
     env = _env(workdir)
-    port, dash = free_port(), free_port()
+    port, dash = free_ports(2)
     proc = subprocess.Popen(["fleet", "serve", "--port", str(port), "--dashboard-port", str(dash),
                              "--http-server", "serve", "--placement", "split", "--ingress-replicas", "1"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

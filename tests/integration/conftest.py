@@ -15,7 +15,16 @@ The repository holds:
 - `fraud_failover` fraud's file in 2 split worker replicas that prefer nodes labelled fleet-role=worker:
                   test_replica_failure.py kills one under load, then a worker node holding one;
 - `fraud_triton_fb` Triton on a port where nothing listens at first, `fleet.fallback: fraud`: its circuit
-                  breaker opens, fraud answers, until test_triton_fallback.py starts a Triton there.
+                  breaker opens, fraud answers, until test_triton_fallback.py starts a Triton there;
+- monitoring (test_monitoring_*.py), each fraud's file and metadata (its drift reference):
+  `fraud_log` plain, for the prediction log and feedback; `fraud_private` logs half its requests
+  with `amount` dropped and `distance_km` hashed; `fraud_stall` whose log folder test_monitoring_sink.py
+  makes unwritable; `fraud_drift` takes drifted traffic (drift alarms, Prometheus, the webhook);
+  `fraud_loop` retrains itself 2 s after an alarm (the monitor's retrain trigger); `fraud_contract`
+  (reject) and `fraud_contract_warn` (warn) declare input contracts; `digits_full` logs its images whole.
+
+Every port the session needs is chosen in one call (distinct), and the cluster is started again on
+new ones when one was taken between choosing and binding it.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from benchmarks.fault_models import publish_slow, scripted_bytes
 from benchmarks.triton_process import TritonProcess
 from cluster.config import FleetSettings
 from cluster.local import LocalCluster
-from cluster.ports import free_port
+from cluster.ports import free_ports, port_taken
 from serving.model_config import make_config
 from serving.registry import ModelRepository
 from training.bootstrap import bootstrap
@@ -139,6 +148,7 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
                            max_queue_delay_us=1000, instance_count=2,
                            parameters={"fleet.placement": "split", "fleet.worker.prefer_labels": "fleet-role=worker"}),
     )
+    _monitoring_models(repo, fraud_file, fraud_spec, fraud_metadata, preprocess)
     # Triton on a port where nothing listens until test_triton_fallback.py starts one: answered by fraud.
     if fallback_triton_url:
         repo.write_config(
@@ -153,6 +163,60 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
         (root / "fraud_triton_fb" / "1" / "metadata.json").write_text(json.dumps(fraud_metadata))
 
 
+def _monitoring_models(repo: ModelRepository, fraud_file: bytes, fraud_spec, fraud_metadata: dict,
+                       preprocess: dict) -> None:
+    """fraud's file under the names the monitoring tests use (each its own log, labels and drift state)."""
+    models = {
+        "fraud_log": {},
+        "fraud_private": {"fleet.log.sample": "0.5", "fleet.log.redact": "amount=drop,distance_km=hash"},
+        "fraud_stall": {},
+        "fraud_drift": {},
+        "fraud_loop": {"fleet.retrain.model": "fraud", "fleet.retrain.after_s": "2",
+                       "fleet.retrain.args": "--epochs 1 --num-workers 1 --cpus-per-worker 0.5"},
+        "fraud_contract": {"fleet.contract.amount": "range 0 100000", "fleet.contract.is_foreign": "in 0 1"},
+        "fraud_contract_warn": {"fleet.contract.mode": "warn", "fleet.contract.is_foreign": "in 0 1",
+                                "fleet.contract.from_reference": "1"},
+    }
+    for name, params in models.items():
+        repo.publish(name, {"model.pt": fraud_file}, {**fraud_metadata, "note": "fraud, for the monitoring tests"},
+                     config=make_config(name, list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                                        max_queue_delay_us=1000, parameters={**preprocess, **params}))
+    digits_spec = repo.spec("digits")
+    repo.publish("digits_full", {"model.pt": (Path(repo.version("digits", 1).path) / "model.pt").read_bytes()},
+                 repo.metadata("digits", 1),
+                 config=make_config("digits_full", list(digits_spec.inputs), list(digits_spec.outputs),
+                                    max_batch_size=64, max_queue_delay_us=1000,
+                                    parameters={**digits_spec.parameters, "fleet.log.inputs": "full"}))
+
+
+class WebhookReceiver:
+    """An HTTP server of the test process that keeps every JSON body POSTed to it (the alert webhook)."""
+
+    def __init__(self, port: int):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append({"body": json.loads(body), "authorization": self.headers.get("Authorization")})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{port}/alerts"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(scope="package")
 def repository(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("repo")
@@ -160,13 +224,19 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def fleet_cluster(repository: Path, tmp_path_factory):
-    """The running cluster: yields (settings, triton) and shuts both down afterwards."""
-    triton_ports = (free_port(), free_port(), free_port())
-    fallback_ports = (free_port(), free_port(), free_port())  # test_triton_fallback.py starts a Triton there
+    """The running cluster: yields (settings, triton) and shuts both down afterwards.
+
+    triton also holds "webhook": the WebhookReceiver the cluster's alert_webhook_url points at.
+    """
+    ports = free_ports(9)  # every port of the session, distinct, in one call
+    triton_ports, fallback_ports = tuple(ports[0:3]), tuple(ports[3:6])  # fallback: test_triton_fallback.py's Triton
     _build_repository(repository, f"127.0.0.1:{triton_ports[0]}", f"127.0.0.1:{fallback_ports[0]}")
+    webhook = WebhookReceiver(ports[8])
+    token_file = tmp_path_factory.mktemp("secrets") / "webhook-token"
+    token_file.write_text("webhook-secret-token\n")
     model_file = tmp_path_factory.mktemp("triton") / "fraud.pt"
     shutil.copy(repository / "fraud" / "1" / "model.pt", model_file)
-    triton: dict = {"fallback_ports": fallback_ports}
+    triton: dict = {"fallback_ports": fallback_ports, "webhook": webhook}
 
     def start_triton() -> None:
         try:
@@ -181,8 +251,8 @@ def fleet_cluster(repository: Path, tmp_path_factory):
     starter.start()
     settings = FleetSettings(
         repository=str(repository),
-        port=free_port(),
-        dashboard_port=free_port(),
+        port=ports[6],
+        dashboard_port=ports[7],
         state_dir=str(tmp_path_factory.mktemp("state")),
         ingress_replicas=2,
         # Five split worker replicas (fraud_failover has 2): 0.1 CPU each leaves one logical CPU free,
@@ -195,13 +265,32 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         metrics_push_interval_s=0.5,
         startup_timeout_s=180,
         version_poll_interval_s=1.0,  # new versions are picked up sooner than the default 5 s
-        data_dir=str(tmp_path_factory.mktemp("data")),  # the jobs' training data (FLEET_DATA_DIR)
+        data_dir=str(tmp_path_factory.mktemp("data")),  # the jobs' training data (FLEET_DATA_DIR), the log, labels
         train_storage=str(tmp_path_factory.mktemp("train")),  # their checkpoints (FLEET_TRAIN_STORAGE)
+        log_flush_interval_s=0.5,  # log files appear within a second
+        log_buffer_rows=20_000,  # test_monitoring_sink.py fills it
+        monitor_interval_s=0.5,
+        drift_window_rows=2_000,
+        retrain_after_s=None,  # only fraud_loop retrains itself (its fleet.retrain.after_s)
+        retrain_cooldown_s=3600,
+        alert_webhook_url=webhook.url,
+        alert_webhook_token_file=str(token_file),
     )
     saved_env = dict(os.environ)
     cluster = LocalCluster(settings)
     try:
-        cluster.start()
+        for attempt in range(3):
+            try:
+                cluster.start()
+                break
+            except Exception as exc:  # a port taken between choosing it and binding it: new ones, again
+                cluster.stop()
+                # (Ray's dashboard can also miss its start-up deadline on a loaded machine: try once more too.)
+                if attempt == 2 or not (port_taken(exc) or "dashboard" in str(exc).lower()):
+                    raise
+                port, dashboard = free_ports(2)
+                settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard})
+                cluster = LocalCluster(settings)
         starter.join()
         if "proc" in triton:
             # The replicas start without waiting for a Triton that is not up yet (fraud_triton then
@@ -211,6 +300,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
     finally:
         starter.join()
         cluster.stop()
+        webhook.stop()
         if "proc" in triton:
             triton["proc"].stop()
         os.environ.clear()

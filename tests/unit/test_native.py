@@ -206,7 +206,7 @@ def test_a_refused_strided_out_is_not_silently_replaced_by_a_copy():
 # -- which implementation is live ------------------------------------------------------------
 
 
-KERNELS = ("standardize", "histogram", "resize_normalize", "parse_v2_json")
+KERNELS = ("standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json")
 
 
 def _backend_in_subprocess(pure: str | None) -> str:

@@ -1,0 +1,129 @@
+"""The prediction log sink: whole files in hive partitions, flushed by rows or time, bounded with counted drops,
+every buffered row written on close or counted."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from serving.model_config import TensorSpec
+from serving.monitoring.logrows import LogRecord, LogSchema
+from serving.monitoring.predlog import PredictionLog
+
+
+class Spec:
+    name = "m"
+    parameters: dict = {}
+    inputs = (TensorSpec("features", "FP32", (3,)),)
+    outputs = (TensorSpec("probability", "FP32", (1,)),)
+
+
+def record(n: int, tag: str, version: int = 1, date: str = "2026-12-05") -> LogRecord:
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    return LogRecord(model="m", version=version, date=date, rows=n, request_ids=[f"{tag}-{i}" for i in range(n)],
+                     request_rows=None, arrival_us=np.full(n, 1_700_000_000_000_000, np.int64),
+                     latency_us=np.full(n, 900, np.int64), queue_us=np.full(n, 100, np.int64), compute_us=500,
+                     answered_by="model", key_ids=None, inputs={"features": x},
+                     outputs={"probability": np.full((n, 1), 0.25, np.float32)})
+
+
+def make_log(tmp_path: Path, **kw) -> PredictionLog:
+    log = PredictionLog(str(tmp_path), "r1", **kw)
+    log.register("m", 1, LogSchema(Spec, {"feature_names": ["a", "b", "c"]}))
+    log.register("m", 2, LogSchema(Spec, {"feature_names": ["a", "b", "c"]}))
+    return log
+
+
+def files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "traffic").rglob("*")) if (tmp_path / "traffic").exists() else []
+
+
+def test_rows_land_in_hive_partitions_as_whole_files_read_back_as_one_table(tmp_path):
+    log = make_log(tmp_path, flush_rows=10, flush_interval_s=60)
+    assert log.append(record(6, "a")) and log.append(record(6, "b", version=2))
+    assert log.flush(10)
+    parquet = [p for p in files(tmp_path) if p.is_file()]
+    assert {p.relative_to(tmp_path / "traffic").parts[:3] for p in parquet} == {
+        ("m", "version=1", "date=2026-12-05"), ("m", "version=2", "date=2026-12-05")}
+    assert all(p.suffix == ".parquet" and not p.name.startswith(".") and "-r1-" in p.name for p in parquet)
+    table = ds.dataset(tmp_path / "traffic" / "m", partitioning="hive").to_table()
+    assert table.num_rows == 12 and sorted(set(table["version"].to_pylist())) == [1, 2]
+    rows = dict(zip(zip(table["request_id"].to_pylist(), table["version"].to_pylist()), table["b"].to_pylist()))
+    assert rows[("a-1", 1)] == 4.0 and rows[("b-5", 2)] == 16.0  # each row's features, as appended
+    assert log.take_counts() == {"m": {"written": 12, "dropped": 0}} and log.take_counts() == {}
+    log.close()
+
+
+def test_a_file_is_written_every_flush_rows_or_every_interval(tmp_path):
+    log = make_log(tmp_path, flush_rows=100, flush_interval_s=0.3)
+    log.append(record(5, "a"))
+    time.sleep(0.1)
+    assert not files(tmp_path)  # under flush_rows and before the interval: nothing yet
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(p.is_file() for p in files(tmp_path)):
+        time.sleep(0.02)
+    assert any(p.is_file() for p in files(tmp_path))  # the interval wrote it
+    log.close()
+    log = make_log(tmp_path / "b", flush_rows=10, flush_interval_s=60)
+    log.append(record(12, "c"))  # over flush_rows: written now, not in 60 s
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and log.buffered_rows:
+        time.sleep(0.02)
+    assert log.buffered_rows == 0
+    log.close()
+
+
+def test_a_stalled_sink_bounds_the_buffer_counts_drops_and_writes_everything_once_it_recovers(tmp_path):
+    (tmp_path / "traffic").mkdir()
+    blocker = tmp_path / "traffic" / "m"
+    blocker.write_text("a file where the model's folder should be")
+    log = make_log(tmp_path, flush_rows=10, flush_interval_s=0.05, max_rows=50)
+    accepted = sum(log.append(record(10, f"r{i}")) for i in range(20))
+    assert accepted == 5  # 50 rows held, the other 150 dropped
+    assert log.buffered_rows == 50
+    counts = log.take_counts()
+    assert counts == {"m": {"written": 0, "dropped": 150}}
+    blocker.unlink()
+    deadline = time.monotonic() + 10  # the writer retries with a growing pause (from 0.5 s)
+    while time.monotonic() < deadline and log.buffered_rows:
+        time.sleep(0.05)
+    assert log.buffered_rows == 0
+    table = ds.dataset(tmp_path / "traffic" / "m", partitioning="hive").to_table()
+    assert table.num_rows == 50 and log.take_counts() == {"m": {"written": 50, "dropped": 0}}
+    log.close()
+
+
+def test_close_writes_every_buffered_row_and_counts_what_it_cannot(tmp_path):
+    log = make_log(tmp_path, flush_rows=1000, flush_interval_s=60)
+    for i in range(7):
+        log.append(record(3, f"c{i}"))
+    log.close(timeout_s=10)
+    assert ds.dataset(tmp_path / "traffic" / "m", partitioning="hive").count_rows() == 21
+    assert not log.append(record(1, "late"))  # closed: dropped and counted, never silently
+    assert log.dropped_total["m"] == 1
+
+    (tmp_path / "x" / "traffic").mkdir(parents=True)
+    (tmp_path / "x" / "traffic" / "m").write_text("blocked")
+    stuck = make_log(tmp_path / "x", flush_rows=1000, flush_interval_s=60)
+    stuck.append(record(4, "s"))
+    stuck.close(timeout_s=3)
+    assert stuck.dropped_total["m"] == 4 and stuck.buffered_rows == 0
+
+
+def test_counts_handed_back_after_a_failed_push_go_out_with_the_next(tmp_path):
+    log = make_log(tmp_path, flush_rows=1, flush_interval_s=60)
+    log.append(record(2, "a"))
+    assert log.flush(5)
+    counts = log.take_counts()
+    log.give_back_counts(counts)
+    assert log.take_counts() == {"m": {"written": 2, "dropped": 0}}
+    log.close()
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError):
+        PredictionLog("/tmp", "r", flush_rows=0)

@@ -12,7 +12,7 @@ NATIVE_SOURCES := $(wildcard native/src/*.cpp native/src/*.hpp) native/CMakeList
 PIP_QUIET := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-unit test-integration setup triton-env bench wrk sanitize clean help
+.PHONY: serve test test-unit test-integration setup triton-env bench wrk prometheus sanitize clean help
 
 help:
 	@echo "make serve   set up and serve on http://127.0.0.1:8000 (Ctrl-C stops)"
@@ -52,20 +52,40 @@ PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tes
   tests/integration/test_limits_live.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
+test: $(VENV)/.installed $(TRITON_VENV)/.installed wrk prometheus
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_TESTS) $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
+test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed wrk prometheus
 	$(PY) -m pytest -q tests/integration tests/e2e $(PYTEST_ARGS)
 
 wrk:
 	@command -v wrk >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq wrk; fi; }
+
+# Debian's prometheus package: promtool checks fleet's /metrics and alert rules, and the tests start their own
+# Prometheus server on a free port. Installing it must not start the system one on :9090 (nor pull in
+# node-exporter on :9100): a policy-rc.d forbids starting services during the install (init scripts and
+# deb-systemd-invoke both ask it), and a unit that a systemd machine enabled or started anyway is disabled
+# and stopped, as is a system Prometheus an init script started. Only a fresh install touches the services.
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	  policy=/usr/sbin/policy-rc.d; ours=; \
+	  if [ ! -e $$policy ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy && ours=1; fi; \
+	  trap '[ -z "$$ours" ] || $$sudo rm -f /usr/sbin/policy-rc.d' EXIT; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus || exit 1; \
+	  if [ -d /run/systemd/system ]; then $$sudo systemctl disable --now prometheus.service >/dev/null 2>&1 || true; \
+	  elif [ -x /etc/init.d/prometheus ]; then $$sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true; \
+	    $$sudo update-rc.d prometheus disable >/dev/null 2>&1 || true; fi; \
+	  command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	    { echo "make prometheus: promtool or prometheus still missing after the install" >&2; exit 1; }; }
 
 bench: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -92,13 +92,18 @@ class MonitorState:
         yield failure
         yield counter("fleet_inference_count", "Inferences performed (batch rows)", "inference_count")
         yield counter("fleet_inference_exec_count", "Model executions (batches)", "execution_count")
+        # Cumulative times in base units (seconds), named `_time_seconds` so that none of them can collide
+        # with a histogram's `_duration_seconds_{bucket,sum,count}` series.
         yield counter(
-            "fleet_inference_request_duration_us", "Cumulative end-to-end time of successful requests",
-            "request_ns", 1e-3,
+            "fleet_inference_request_time_seconds", "Cumulative end-to-end time of successful requests, seconds",
+            "request_ns", 1e-9,
         )
-        yield counter("fleet_inference_queue_duration_us", "Cumulative time requests waited in queue", "queue_ns", 1e-3)
         yield counter(
-            "fleet_inference_compute_infer_duration_us", "Cumulative compute time seen by requests", "compute_ns", 1e-3
+            "fleet_inference_queue_time_seconds", "Cumulative time requests waited in queue, seconds", "queue_ns", 1e-9
+        )
+        yield counter(
+            "fleet_inference_compute_infer_time_seconds", "Cumulative compute time seen by requests, seconds",
+            "compute_ns", 1e-9,
         )
         latency = HistogramMetricFamily(
             "fleet_inference_request_duration_seconds", "End-to-end latency of successful requests", labels=labels
@@ -127,7 +132,7 @@ class MonitorState:
             batch.add_metric([m, v], buckets, total_rows)
         yield batch
         depth = GaugeMetricFamily(
-            "fleet_inference_pending_request_count", "Requests waiting in batcher queues", labels=labels
+            "fleet_inference_pending_requests", "Requests waiting in batcher queues now", labels=labels
         )
         for (m, v), n in sorted(self.queue_depths().items()):
             depth.add_metric([m, v], n)
@@ -177,11 +182,17 @@ def triton_model_stats(model: str, version: str, s: ModelStats) -> dict:
     }
 
 
-def get_monitor():
-    """The cluster's monitor actor, created on first use (named, detached, no CPU)."""
+def get_monitor(options: dict | None = None):
+    """The cluster's monitor actor, created on first use (named, detached, no CPU; serving/monitoring/actor.py).
+
+    `options` (the serving options as a dict) configure its monitoring when this call creates it;
+    a replica's later call changes nothing (every replica of one deployment has the same options).
+    """
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(MonitorState)
+    from serving.monitoring.actor import MonitorActor
+
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)(MonitorActor)
     return actor_cls.options(
         name=MONITOR_NAME, namespace=MONITOR_NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote()
+    ).remote(options)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2
 
+from cluster import prometheus
 from serving import monitor as monitor_module
 from serving.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, ModelStats, StatsRecorder, merge_stats
 from serving.monitor import MonitorState, triton_model_stats
@@ -146,9 +148,12 @@ def test_monitor_renders_cluster_wide_counters():
     }
     assert samples["fleet_inference_count_total"] == {fraud: 6.0, digits: 1.0}
     assert samples["fleet_inference_exec_count_total"] == {fraud: 3.0, digits: 1.0}
-    assert samples["fleet_inference_request_duration_us_total"][fraud] == pytest.approx(3 * 1000 + 30_000 + 200_000 + 3000)
-    assert samples["fleet_inference_queue_duration_us_total"][fraud] == pytest.approx(300 + 10_000)
-    assert samples["fleet_inference_compute_infer_duration_us_total"][fraud] == pytest.approx(1200 + 15_000 + 100_000)
+    # Cumulative times in seconds; the request time is also the latency histogram's sum.
+    assert samples["fleet_inference_request_time_seconds_total"][fraud] == pytest.approx((3 * 1 + 30 + 200 + 3) / 1e3)
+    assert samples["fleet_inference_request_time_seconds_total"][fraud] == \
+        pytest.approx(samples["fleet_inference_request_duration_seconds_sum"][fraud])
+    assert samples["fleet_inference_queue_time_seconds_total"][fraud] == pytest.approx((0.3 + 10) / 1e3)
+    assert samples["fleet_inference_compute_infer_time_seconds_total"][fraud] == pytest.approx((1.2 + 15 + 100) / 1e3)
 
 
 def test_latency_histogram_buckets_are_cumulative_and_match_the_counts():
@@ -186,7 +191,7 @@ def test_batch_size_histogram_is_cumulative_and_sums_rows():
 def test_queue_depth_gauges_sum_fresh_replicas_only(monkeypatch):
     state = two_replicas()
     samples = scrape(state)
-    gauge = "fleet_inference_pending_request_count"
+    gauge = "fleet_inference_pending_requests"
     # replica-1's latest report replaced its earlier one; replica-2's is added.
     assert samples[gauge] == {labels("fraud", "1"): 6.0, labels("digits", "2"): 1.0}
 
@@ -211,7 +216,7 @@ def test_queue_depth_gauges_sum_fresh_replicas_only(monkeypatch):
 def test_an_empty_monitor_renders_valid_text():
     families = {f.name: f for f in text_string_to_metric_families(MonitorState().render().decode())}
     assert {"fleet_inference_request_success", "fleet_inference_request_duration_seconds",
-            "fleet_inference_pending_request_count"} <= set(families)
+            "fleet_inference_pending_requests"} <= set(families)
     assert all(not f.samples for f in families.values())
 
 
@@ -260,3 +265,45 @@ def test_breaker_gauge_counts_the_replicas_whose_breaker_is_open_and_forgets_a_r
     state.forget("a")
     state.push("b", {}, {}, {"fraud_triton": 0})
     assert scrape(state)["fleet_breaker_open"] == {(("model", "fraud_triton"),): 0.0}
+
+
+# -- what a Prometheus server makes of it ---------------------------------------------------------------
+
+
+def busy_cluster() -> MonitorState:
+    """A monitor as a busy cluster leaves it: three replicas, several models and versions, every failure
+    reason, batches of many sizes, latencies past the last bucket, feature histograms, open breakers."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    state = MonitorState()
+    reasons = ["InvalidInput", "Overloaded", "DeadlineExceeded", "BackendError", "ModelUnavailable", "Cancelled"]
+    for r, replica in enumerate(("ingress-0", "ingress-1", "ingress-2")):
+        rec = StatsRecorder()
+        for model, version in (("fraud", "1"), ("fraud", "2"), ("digits", "1"), ("fraud-triton.eu", "3")):
+            for latency_s in rng.lognormal(-6, 2, 200):  # 2.5 ms median, some beyond 10 s
+                ns = int(latency_s * 1e9)
+                rec.success(model, version, ns, ns // 3, ns // 2)
+            for size in rng.integers(1, 1500, 40):
+                rec.batch(model, version, int(size), int(size) * 20_000, True)
+            for reason in reasons[: 2 + r]:
+                rec.failure(model, version, reason, 3 * MS)
+        rec.features("fraud", "2", rng.integers(0, 1000, (30, 22)))
+        rec.features("digits", "1", rng.integers(0, 1000, (64, 12)))
+        state.push(replica, rec.take(), {("fraud", "1"): r, ("fraud", "2"): 3, ("digits", "1"): 0},
+                   {"fraud-triton.eu": int(r > 0), "fraud": 0})
+    return state
+
+
+@pytest.mark.parametrize("state", [busy_cluster, two_replicas, MonitorState], ids=["busy", "two-replicas", "empty"])
+def test_promtool_finds_nothing_wrong_with_the_metrics(state):
+    """The real `promtool check metrics`, Prometheus' own linter: base units, suffixes, types, help."""
+    text = state().render().decode()
+    assert "fleet_inference_request_success_total" in text or state is MonitorState
+    assert prometheus.check_metrics(text) == ""
+
+
+def test_promtool_check_metrics_does_report_a_bad_name():
+    # The check above passes because the names are right, not because promtool stays quiet.
+    bad = "# HELP fleet_x_duration_us_total t\n# TYPE fleet_x_duration_us_total counter\nfleet_x_duration_us_total 1\n"
+    assert "abbreviated units" in prometheus.check_metrics(bad)

@@ -23,7 +23,7 @@ from serving.errors import FleetError
 from serving.monitoring.alerts import AuditLog, WebhookSender
 from serving.monitoring.drift import DriftConfig, LabelConfig, LabelErrorDetector, StreamReference, VersionDrift
 from serving.monitoring.feedback import labels_spec
-from serving.monitoring.join import ModelJoin
+from serving.monitoring.join import JoinCounts, ModelJoin
 from serving.monitoring.quality import QualityWindow
 from serving.monitoring.reference import label_errors
 from serving.monitoring.retrain import RetrainTrigger
@@ -330,12 +330,10 @@ class MonitoringEngine:
                                     "label_error": vm.labels.report(now) if vm.labels is not None else None,
                                     "reference": reference}
             join = self.joins.get(model)
-            labels = None
-            if join is not None:
-                c = join.counts
-                labels = {"read": c.labels, "duplicates": c.duplicates, "joined": c.joined, "pending": c.pending,
-                          "unmatched": c.unmatched, "disk_lookups": c.disk_lookups,
-                          "unreadable_files": len(c.files_failed)}
+            c = join.counts if join is not None else JoinCounts()
+            labels = {"read": c.labels, "duplicates": c.duplicates, "joined": c.joined, "pending": c.pending,
+                      "unmatched": c.unmatched, "disk_lookups": c.disk_lookups,
+                      "unreadable_files": len(c.files_failed)}
             return {"model_name": model, "versions": versions, "labels": labels}
 
     def close(self) -> None:

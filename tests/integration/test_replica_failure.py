@@ -30,7 +30,7 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from cluster.ports import free_port
+from cluster.ports import free_ports, port_taken
 
 pytestmark = pytest.mark.integration
 
@@ -282,6 +282,10 @@ def _node_pids(root: int) -> list[int]:
     return sorted(pid for pid in found if pid in parents)
 
 
+class _PortTaken(RuntimeError):
+    """`ray start` could not bind a port chosen for it."""
+
+
 class WorkerNode:
     """An extra Ray node on this machine joining the test cluster: `ray start --block` in its own process group."""
 
@@ -292,6 +296,16 @@ class WorkerNode:
         self.node_id: str | None = None
 
     def start(self, timeout_s: float = 60.0) -> "WorkerNode":
+        """Join the node; its two ports are chosen in one call, and again when `ray start` could not bind one."""
+        for attempt in range(3):
+            try:
+                return self._start(*free_ports(2), timeout_s)
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+        return self
+
+    def _start(self, agent_port: int, metrics_port: int, timeout_s: float) -> "WorkerNode":
         known = {n["NodeID"] for n in ray.nodes()}
         # Its own temp dir: `ray start` records the cluster it joined in <temp dir>/ray_current_cluster,
         # and a plain ray.init() anywhere on the machine would connect there instead of starting a cluster.
@@ -300,9 +314,9 @@ class WorkerNode:
                "--temp-dir", self.temp_dir,
                "--num-cpus", str(self.num_cpus), "--num-gpus", "0", "--labels", self.labels,
                "--object-store-memory", str(80 << 20), "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+               "--dashboard-agent-listen-port", str(agent_port), "--metrics-export-port", str(metrics_port)]
+        errors = open(os.path.join(self.temp_dir, "ray-start.err"), "w+b")  # a file: a pipe could fill and block it
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             new = [n for n in ray.nodes() if n["NodeID"] not in known and n["Alive"]]
@@ -310,7 +324,11 @@ class WorkerNode:
                 self.node_id = new[0]["NodeID"]
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}")
+                errors.seek(0)
+                err = errors.read().decode(errors="replace")
+                if port_taken(RuntimeError(err)):
+                    raise _PortTaken(err)
+                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}: {err[-2000:]}")
             time.sleep(0.25)
         raise TimeoutError(f"the extra node did not join within {timeout_s} s")
 

@@ -9,11 +9,13 @@ on `fraud` and requests queued on the slow model run across it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
 import httpx
 import orjson
+import pyarrow.dataset as ds
 import pytest
 from ray import serve
 from ray.util.state import list_actors
@@ -29,8 +31,15 @@ def _replica_pids(suffix: str) -> set[int]:
             if a.class_name and a.class_name.endswith(suffix)}
 
 
+def _logged(data_dir: str, model: str) -> int:
+    folder = f"{data_dir}/traffic/{model}"
+    return ds.dataset(folder, partitioning="hive").count_rows() if os.path.isdir(folder) else 0
+
+
 def test_a_rolling_update_under_load_loses_no_request(fleet_cluster, base_url):
     settings = fleet_cluster[0]
+    time.sleep(2 * settings.log_flush_interval_s)  # what earlier tests sent is on disk
+    logged_before = _logged(settings.data_dir, "fraud")
     body = orjson.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
                                      "data": [0.1] * 30}]})
     target = [Target("/v2/models/fraud/infer", body, {"Content-Type": "application/json"})]
@@ -83,3 +92,8 @@ def test_a_rolling_update_under_load_loses_no_request(fleet_cluster, base_url):
     assert statuses == {"200": requests}, statuses
     after = _replica_pids(":ingress")
     assert len(after) == 2 and not after & before  # every ingress replica was replaced
+    # Every answered request is in the prediction log: the replicas that left wrote their buffers as they drained.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _logged(settings.data_dir, "fraud") - logged_before < requests:
+        time.sleep(0.5)
+    assert _logged(settings.data_dir, "fraud") - logged_before == requests

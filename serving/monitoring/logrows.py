@@ -44,7 +44,7 @@ from serving.monitoring.hashing import bytes_hash, row_hashes, value_hashes
 
 __all__ = [
     "SAMPLE_PARAM", "REDACT_PARAM", "INPUTS_PARAM", "LogRecord", "LogSchema", "log_sample", "sampled",
-    "parse_redact",
+    "parse_redact", "concat_rows",
 ]
 
 SAMPLE_PARAM = "fleet.log.sample"
@@ -80,6 +80,13 @@ class LogRecord:
             size = sum(a.nbytes if isinstance(a, np.ndarray) else sum(x.nbytes for x in a) for a in self.inputs.values())
             size += sum(a.nbytes for a in self.outputs.values())
             self.nbytes = size + 96 * len(self.request_ids)
+
+
+def concat_rows(parts: list, images: bool):
+    """Per-request arrays as one: concatenated rows, or for images of any size a flat list of them."""
+    if images:
+        return [img for part in parts for img in part]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def log_sample(parameters: Mapping[str, str], source: str = "config.pbtxt") -> float:
@@ -208,11 +215,7 @@ class LogSchema:
         }
         raw_inputs: dict[str, object] = {}
         for name in records[0].inputs:
-            parts = [r.inputs[name] for r in records]
-            if name in self.image_inputs:
-                raw_inputs[name] = [img for p in parts for img in p]
-            else:
-                raw_inputs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            raw_inputs[name] = concat_rows([r.inputs[name] for r in records], name in self.image_inputs)
             self._input_columns(name, raw_inputs[name], cols)
         outputs = {name: (records[0].outputs[name] if len(records) == 1
                           else np.concatenate([r.outputs[name] for r in records])) for name in records[0].outputs}

@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 import native
-from serving.monitoring.logrows import LogRecord
+from serving.monitoring.logrows import LogRecord, concat_rows
 from serving.monitoring.reference import pca_arrays, row_scores
 
 __all__ = ["RequestMeta", "VersionObserver", "DriftReference"]
@@ -137,8 +137,7 @@ class VersionObserver:
         counts: dict[str, np.ndarray] = {}
         n = sum(p.rows for p in answered)
         if ref.feature_edges is not None:
-            parts = [p.inputs[ref.feature_input] for p in answered]
-            x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            x = concat_rows([p.inputs[ref.feature_input] for p in answered], False)
             counts["features"] = _histogram(x, ref.feature_edges)
             self.recorder.features(self.model, self.tag, counts["features"])
         if ref.score_edges is not None and ref.score_output in outputs:
@@ -185,13 +184,8 @@ class VersionObserver:
         counts = [p.rows for p in requests]
         multi = any(c != 1 for c in counts)
         keys = [m.key_id for m in metas]
-        inputs: dict = {}
-        for name in requests[0].inputs:
-            parts = [p.inputs[name] for p in requests]
-            if name in self.image_inputs:
-                inputs[name] = [img for part in parts for img in part]
-            else:
-                inputs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        inputs = {name: concat_rows([p.inputs[name] for p in requests], name in self.image_inputs)
+                  for name in requests[0].inputs}
         answered_by = [m.answered_by for m in metas]
         first = metas[0].arrival_us
         violations = None

@@ -228,6 +228,7 @@ class Ingress:
         return self._monitor
 
     async def _push(self) -> None:
+        self.service.monitoring.flush_counts()  # the drift counts of the rows kept since the last push
         delta = self.recorder.take()
         monitoring = self.recorder.take_monitoring()
         log_counts = self.log.take_counts() if self.log is not None else {}

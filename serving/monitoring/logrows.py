@@ -32,6 +32,7 @@ Per model, in config.pbtxt `parameters`:
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -44,7 +45,7 @@ from serving.monitoring.hashing import bytes_hash, row_hashes, value_hashes
 
 __all__ = [
     "SAMPLE_PARAM", "REDACT_PARAM", "INPUTS_PARAM", "LogRecord", "LogSchema", "log_sample", "sampled",
-    "parse_redact", "concat_rows",
+    "parse_redact", "concat_rows", "Parts",
 ]
 
 SAMPLE_PARAM = "fleet.log.sample"
@@ -63,14 +64,16 @@ class LogRecord:
     date: str  # YYYY-MM-DD (UTC) of its first request: the partition
     rows: int
     request_ids: list[str]
-    request_rows: np.ndarray | None  # int32 per request; None: one row each
-    arrival_us: np.ndarray  # int64 per request: unix time, microseconds
-    latency_us: np.ndarray  # int64 per request
-    queue_us: np.ndarray  # int64 per request
+    request_rows: np.ndarray | list | None  # int32 per request; None: one row each
+    arrival_us: np.ndarray | list  # int64 per request: unix time, microseconds
+    latency_us: np.ndarray | list  # int64 per request
+    queue_us: np.ndarray | list  # int64 per request
     compute_us: int
     answered_by: str | list[str]
     key_ids: list[str | None] | None  # None: no request carried a key
-    inputs: dict[str, np.ndarray | list]  # rows first; a list (one array per row) for images of any size
+    # Rows first: an array, `Parts` (the requests' arrays, concatenated by the writer), or for images of any
+    # size a list of one array per image.
+    inputs: dict[str, np.ndarray | list]
     outputs: dict[str, np.ndarray]
     violations: np.ndarray | None = None  # object [rows]: "feature:rule,..." or None
     nbytes: int = field(default=0)
@@ -80,6 +83,15 @@ class LogRecord:
             size = sum(a.nbytes if isinstance(a, np.ndarray) else sum(x.nbytes for x in a) for a in self.inputs.values())
             size += sum(a.nbytes for a in self.outputs.values())
             self.nbytes = size + 96 * len(self.request_ids)
+
+
+class Parts(list):
+    """A `LogRecord` input held as its requests' arrays, not yet concatenated (the writer thread does it)."""
+
+
+def _parts(value) -> list:
+    """A record's input as a list of row blocks: its Parts, or the one array it is."""
+    return value if isinstance(value, Parts) else [value]
 
 
 def concat_rows(parts: list, images: bool):
@@ -125,6 +137,11 @@ def parse_redact(raw: str | None, names: list[str], source: str = "config.pbtxt"
                                   f"logged inputs {names}")
         out[name] = how
     return out
+
+
+def _flat_int64(lists) -> np.ndarray:
+    """The per-request values of several records (lists or arrays) as one int64 array."""
+    return np.fromiter(itertools.chain.from_iterable(lists), np.int64)
 
 
 def _expand(values, counts: np.ndarray | None):
@@ -192,16 +209,17 @@ class LogSchema:
         """The rows of `records` (one model version) as one Arrow table, in arrival order of the batches."""
         counts = None
         if any(r.request_rows is not None for r in records):
-            counts = np.concatenate([r.request_rows if r.request_rows is not None
+            counts = np.concatenate([np.asarray(r.request_rows, np.int32) if r.request_rows is not None
                                      else np.ones(len(r.request_ids), np.int32) for r in records])
         ids = [i for r in records for i in r.request_ids]
         rows = (np.concatenate([np.arange(c, dtype=np.int32) for c in counts]) if counts is not None
                 else np.zeros(len(ids), np.int32))
-        per_request = {
-            "arrival": np.concatenate([r.arrival_us for r in records]),
-            "latency": np.concatenate([r.latency_us for r in records]),
-            "queue": np.concatenate([r.queue_us for r in records]),
-            "compute": np.concatenate([np.full(len(r.request_ids), r.compute_us, np.int64) for r in records]),
+        per_request = {  # one conversion each over all the records' lists
+            "arrival": _flat_int64(r.arrival_us for r in records),
+            "latency": _flat_int64(r.latency_us for r in records),
+            "queue": _flat_int64(r.queue_us for r in records),
+            "compute": np.repeat(np.fromiter((r.compute_us for r in records), np.int64, len(records)),
+                                 [len(r.request_ids) for r in records]),
         }
         answered = [a for r in records for a in (r.answered_by if isinstance(r.answered_by, list)
                                                   else [r.answered_by] * len(r.request_ids))]
@@ -215,10 +233,12 @@ class LogSchema:
         }
         raw_inputs: dict[str, object] = {}
         for name in records[0].inputs:
-            raw_inputs[name] = concat_rows([r.inputs[name] for r in records], name in self.image_inputs)
+            parts = [block for r in records for block in _parts(r.inputs[name])]
+            raw_inputs[name] = concat_rows(parts, name in self.image_inputs)
             self._input_columns(name, raw_inputs[name], cols)
-        outputs = {name: (records[0].outputs[name] if len(records) == 1
-                          else np.concatenate([r.outputs[name] for r in records])) for name in records[0].outputs}
+        outputs = {name: (np.asarray(records[0].outputs[name]) if len(records) == 1
+                          else np.concatenate([np.asarray(r.outputs[name]) for r in records]))
+                   for name in records[0].outputs}
         for name, arr in outputs.items():
             flat = arr.reshape(len(arr), -1)
             cols[name] = (pa.array(flat[:, 0]) if flat.shape[1] == 1
@@ -230,8 +250,11 @@ class LogSchema:
         cols["key_id"] = pa.array(_expand(keys, counts), pa.string())
         cols["input_hash"] = pa.array(self._input_hashes(raw_inputs, len(rows)), pa.uint64())
         cols["prediction_hash"] = pa.array(self._row_hash_of(list(outputs.values()), len(rows)), pa.uint64())
-        violations = [r.violations if r.violations is not None else np.full(r.rows, None, object) for r in records]
-        cols["violations"] = pa.array(np.concatenate(violations) if violations else [], pa.string())
+        if any(r.violations is not None for r in records):
+            violations = [r.violations if r.violations is not None else np.full(r.rows, None, object) for r in records]
+            cols["violations"] = pa.array(np.concatenate(violations), pa.string())
+        else:
+            cols["violations"] = pa.nulls(len(rows), pa.string())
         return pa.table(cols)
 
     def _input_hashes(self, raw_inputs: dict, rows: int) -> np.ndarray:

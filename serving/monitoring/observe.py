@@ -2,10 +2,11 @@
 
 The batcher calls a version's `VersionObserver` once per batch, after the batch's answers are
 set (`serving.batching.Observe`). For the requests answered (not refused, not withdrawn) it
-- counts the rows into the version's reference bins, for the drift monitor: every input feature
-  (raw values, reference edges from metadata `reference_stats`), the output score and the PCA
-  reconstruction error of the model's standardized input (edges from metadata `monitoring`) —
-  `native.histogram` per batch, one array addition into the replica's recorder;
+- keeps the rows for the drift monitor's counts, which `flush_counts` makes before each push to
+  the monitor (about once a second, or every 8,192 rows): every input feature (raw values,
+  reference edges from metadata `reference_stats`), the output score and the PCA reconstruction
+  error of the model's standardized input (edges from metadata `monitoring`), one
+  `native.histogram` call per stream over all the rows since the last push;
 - hands the logged requests' rows to the prediction log as one `LogRecord` per requested model.
 Nothing here runs per request but gathering each request's id and times into lists.
 """
@@ -18,12 +19,13 @@ from typing import Mapping
 import numpy as np
 
 import native
-from serving.monitoring.logrows import LogRecord, concat_rows
+from serving.monitoring.logrows import LogRecord, Parts, concat_rows
 from serving.monitoring.reference import pca_arrays, row_scores
 
 __all__ = ["RequestMeta", "VersionObserver", "DriftReference"]
 
 _US = 1000
+_COUNT_EVERY_ROWS = 8192  # rows kept for the drift counts before they are counted (else at the next push)
 
 
 class RequestMeta:
@@ -119,6 +121,8 @@ class VersionObserver:
         self.recorder = recorder
         self.log = log
         self.image_inputs = image_inputs
+        self._pending: dict[str, list] = {"features": [], "score": [], "pca": []}  # rows not yet counted
+        self._pending_rows = 0
 
     def __call__(self, batch: list, inputs: dict, outputs: Mapping, sent_ns: int, compute_ns: int) -> None:
         answered = [p for p in batch if not p.future.cancelled() and p.future.exception() is None]
@@ -133,20 +137,37 @@ class VersionObserver:
             self._log(answered, batch, outputs, rows, sent_ns, compute_ns)
 
     def _count(self, answered: list, inputs: dict, outputs: Mapping, rows) -> None:
+        """Keep the batch's rows for the drift counts: a few list appends, no histogram per batch."""
         ref = self.reference
-        counts: dict[str, np.ndarray] = {}
-        n = sum(p.rows for p in answered)
+        pending = self._pending
         if ref.feature_edges is not None:
-            x = concat_rows([p.inputs[ref.feature_input] for p in answered], False)
-            counts["features"] = _histogram(x, ref.feature_edges)
-            self.recorder.features(self.model, self.tag, counts["features"])
+            pending["features"].extend(p.inputs[ref.feature_input] for p in answered)
         if ref.score_edges is not None and ref.score_output in outputs:
-            out = np.asarray(outputs[ref.score_output])
-            counts["score"] = _histogram(row_scores(out if rows is None else out[rows])[:, None], ref.score_edges)
+            out = outputs[ref.score_output]
+            pending["score"].append(out if rows is None else np.asarray(out)[rows])
         if ref.pca_edges is not None and ref.model_input in inputs:
-            z = np.asarray(inputs[ref.model_input], np.float32)
-            z = z if rows is None else z[rows]
-            c = z - ref.pca_mean
+            z = inputs[ref.model_input]
+            pending["pca"].append(z if rows is None else np.asarray(z)[rows])
+        self._pending_rows += sum(p.rows for p in answered)
+        if self._pending_rows >= _COUNT_EVERY_ROWS:
+            self.flush_counts()
+
+    def flush_counts(self) -> None:
+        """Count the rows kept since the last call into the reference bins (one kernel call per stream) and hand
+        the counts to the recorder. Called before every push to the monitor, and every _COUNT_EVERY_ROWS rows."""
+        if not self._pending_rows:
+            return
+        ref, pending, n = self.reference, self._pending, self._pending_rows
+        self._pending = {"features": [], "score": [], "pca": []}
+        self._pending_rows = 0
+        counts: dict[str, np.ndarray] = {}
+        if pending["features"]:
+            counts["features"] = _histogram(concat_rows(pending["features"], False), ref.feature_edges)
+            self.recorder.features(self.model, self.tag, counts["features"])
+        if pending["score"]:
+            counts["score"] = _histogram(row_scores(concat_rows(pending["score"], False))[:, None], ref.score_edges)
+        if pending["pca"]:
+            c = np.asarray(concat_rows(pending["pca"], False), np.float32) - ref.pca_mean
             projected = c @ ref.pca_components.T
             error = np.einsum("ij,ij->i", c, c) - np.einsum("ij,ij->i", projected, projected)
             counts["pca"] = _histogram(np.maximum(error, 0.0)[:, None], ref.pca_edges)
@@ -158,49 +179,63 @@ class VersionObserver:
             return
         if len(logged) != len(batch):  # refused or not sampled requests: their rows leave the record
             rows = _rows_of(batch, {id(p) for p in logged})
-        by_model: dict[tuple[str, int], list] = {}
-        for p in logged:
-            by_model.setdefault((p.meta.model, p.meta.version), []).append(p)
         done_ns = time.monotonic_ns()
-        selected = {name: (np.asarray(arr) if rows is None else np.asarray(arr)[rows]) for name, arr in outputs.items()}
-        if len(by_model) == 1:
-            ((model, version), requests), = by_model.items()
-            self.log.append(self._record(model, version, requests, selected, sent_ns, compute_ns, done_ns))
+        selected = {name: (arr if rows is None else np.asarray(arr)[rows]) for name, arr in outputs.items()}
+        model = self.model
+        if all(p.meta.model == model for p in logged):  # the common case: the model's own requests only
+            self.log.append(self._record(model, self.version, logged, selected, sent_ns, compute_ns, done_ns))
             return
-        offset = 0  # a fallback's batch mixing its own requests with another model's: one record each
-        spans = []
+        # A fallback's batch mixing its own requests with another model's: one record per requested model.
+        by_model: dict[tuple[str, int], list] = {}
+        spans: dict[tuple[str, int], list] = {}
+        offset = 0
         for p in logged:
-            spans.append((p, offset))
+            key = (p.meta.model, p.meta.version)
+            by_model.setdefault(key, []).append(p)
+            spans.setdefault(key, []).append(np.arange(offset, offset + p.rows))
             offset += p.rows
-        for (model, version), requests in by_model.items():
-            take = np.concatenate([np.arange(o, o + p.rows) for p, o in spans if p.meta.model == model
-                                   and p.meta.version == version])
-            part = {name: arr[take] for name, arr in selected.items()}
-            self.log.append(self._record(model, version, requests, part, sent_ns, compute_ns, done_ns))
+        for key, requests in by_model.items():
+            take = np.concatenate(spans[key])
+            part = {name: np.asarray(arr)[take] for name, arr in selected.items()}
+            self.log.append(self._record(key[0], key[1], requests, part, sent_ns, compute_ns, done_ns))
 
     def _record(self, model: str, version: int, requests: list, outputs: dict, sent_ns: int, compute_ns: int,
                 done_ns: int) -> LogRecord:
+        """The batch as the writer thread takes it: per-request lists and the arrays as they are (the writer
+        concatenates, hashes and converts; here only what the metas hold is read, once)."""
         metas = [p.meta for p in requests]
-        counts = [p.rows for p in requests]
-        multi = any(c != 1 for c in counts)
+        rows = sum(p.rows for p in requests)
         keys = [m.key_id for m in metas]
-        inputs = {name: concat_rows([p.inputs[name] for p in requests], name in self.image_inputs)
-                  for name in requests[0].inputs}
         answered_by = [m.answered_by for m in metas]
-        first = metas[0].arrival_us
         violations = None
         if any(p.flags is not None for p in requests):
             violations = np.concatenate([p.flags.rows if p.flags is not None else np.full(p.rows, None, object)
                                          for p in requests])
+        inputs = {name: Parts(p.inputs[name] for p in requests) for name in requests[0].inputs}
+        nbytes = sum(a.nbytes for parts in inputs.values() for a in parts) + 96 * len(metas)
         return LogRecord(
-            model=model, version=version, date=time.strftime("%Y-%m-%d", time.gmtime(first / 1e6)),
-            rows=sum(counts), request_ids=[m.request_id for m in metas],
-            request_rows=np.asarray(counts, np.int32) if multi else None,
-            arrival_us=np.fromiter((m.arrival_us for m in metas), np.int64, len(metas)),
-            latency_us=np.fromiter(((done_ns - m.start_ns) // _US for m in metas), np.int64, len(metas)),
-            queue_us=np.fromiter(((sent_ns - p.enqueued_ns) // _US for p in requests), np.int64, len(metas)),
+            model=model, version=version, date=_utc_date(metas[0].arrival_us), rows=rows,
+            request_ids=[m.request_id for m in metas],
+            request_rows=[p.rows for p in requests] if rows != len(requests) else None,
+            arrival_us=[m.arrival_us for m in metas],
+            latency_us=[(done_ns - m.start_ns) // _US for m in metas],
+            queue_us=[(sent_ns - p.enqueued_ns) // _US for p in requests],
             compute_us=compute_ns // _US,
-            answered_by=answered_by[0] if len(set(answered_by)) == 1 else answered_by,
-            key_ids=keys if any(k is not None for k in keys) else None,
-            inputs=inputs, outputs=outputs, violations=violations,
+            answered_by=answered_by[0] if answered_by.count(answered_by[0]) == len(answered_by) else answered_by,
+            key_ids=None if keys.count(None) == len(keys) else keys,
+            inputs=inputs, outputs=outputs, violations=violations, nbytes=nbytes,
         )
+
+
+_DATES: dict[int, str] = {}
+
+
+def _utc_date(unix_us: int) -> str:
+    """YYYY-MM-DD (UTC) of a time in unix microseconds, formatted once per day."""
+    day = unix_us // 86_400_000_000
+    text = _DATES.get(day)
+    if text is None:
+        if len(_DATES) > 64:
+            _DATES.clear()
+        text = _DATES[day] = time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+    return text

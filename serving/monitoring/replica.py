@@ -51,6 +51,7 @@ class ReplicaMonitoring:
         self._ids = itertools.count(1)
         self._metadata: dict[tuple[str, int], dict] = {}
         self._schemas: dict[tuple[str, int], LogSchema | None] = {}
+        self._observers: list[VersionObserver] = []
 
     def metadata(self, model: str, version: int) -> dict:
         """The version's metadata.json, read once ({} when it has none or it cannot be read)."""
@@ -102,11 +103,22 @@ class ReplicaMonitoring:
             model_input=getattr(preprocessor, "input_name", None) if reference is not None else None,
         )
         self.schema(spec, version)  # registered with the log before its first record
-        return VersionObserver(spec.name, version, drift, self.recorder, self.log, _image_inputs(spec))
+        observer = VersionObserver(spec.name, version, drift, self.recorder, self.log, _image_inputs(spec))
+        self._observers.append(observer)
+        return observer
+
+    def flush_counts(self) -> None:
+        """Every version's drift counts of the rows answered since the last call, into the recorder."""
+        for observer in self._observers:
+            observer.flush_counts()
 
     def forget(self, model: str, version: int) -> None:
-        """A version left the served set: its cached metadata goes (a republished one is read afresh)."""
+        """A version left the served set: its cached metadata goes (a republished one is read afresh), its
+        observer's last counts go to the recorder and it is dropped."""
         self._metadata.pop((model, version), None)
+        for observer in [o for o in self._observers if (o.model, o.version) == (model, version)]:
+            observer.flush_counts()
+            self._observers.remove(observer)
 
     async def feedback(self, spec, body: bytes, header_length: int | None, limits=None) -> dict:
         """Check a feedback body against the model's labels, write it (before answering), count it."""

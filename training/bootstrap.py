@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from serving.model_config import ModelConfig, TensorSpec, make_config
 from serving.registry import ModelRepository
@@ -37,6 +37,8 @@ from training.datasets import FRAUD_FEATURES, make_fraud
 from training.digits import bootstrap_digits
 from training.models import DEFAULT_CLIP, FraudMLP
 from training.preprocess_reference import feature_stats, standardize
+from training.reference import fraud_monitoring
+from training.train_loop import weighted_bce
 
 __all__ = [
     "FRAUD_MODEL", "FRAUD_CLIP", "TrainParams", "fraud_config", "split_holdout", "iterate_batches", "train_epoch",
@@ -92,26 +94,27 @@ def split_holdout(x: np.ndarray, y: np.ndarray, holdout_fraction: float):
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def iterate_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """Shuffled (features, labels) mini-batches of one epoch; labels come back as float [b, 1]."""
+def iterate_batches(x: Tensor, y: Tensor, w: Tensor, batch_size: int,
+                    generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Shuffled (features, labels, weights) mini-batches of one epoch; labels come back as float [b]."""
     order = torch.randperm(len(x), generator=generator)
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
-        yield x[idx], y[idx].to(torch.float32).unsqueeze(1)
+        yield x[idx], y[idx].to(torch.float32), w[idx]
 
 
 def train_epoch(
     model: FraudMLP,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    pos_weight: Tensor,
 ) -> float:
-    """One pass over `batches`, training on `model.logits`; returns the mean training loss per row."""
+    """One pass over `batches`, training on `model.logits` with weighted BCE; returns the mean training loss per row."""
     model.train()
     total, rows = 0.0, 0
-    for xb, yb in batches:
+    for xb, yb, wb in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model.logits(xb), yb)
+        loss = weighted_bce(model.logits(xb), yb, wb, pos_weight)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * len(xb)
@@ -125,6 +128,7 @@ def fit_fraud(
     params: TrainParams = TrainParams(),
     *,
     seed: int = 0,
+    weights: np.ndarray | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FraudMLP:
     """Train a FraudMLP on (x, y) with Adam and class-weighted BCE; return it in eval mode.
@@ -133,20 +137,26 @@ def fit_fraud(
     `logit_offset` is then set to `-log(pos_weight)` so `forward` serves a
     calibrated probability rather than the weighted one. The model standardizes
     with `feature_stats(x)`, the numbers `reference_stats(x, ...)` records.
+    `weights` [n] (default all 1) multiply each row's loss, and count in `pos_weight`:
+    the Ray job's loop (`training.train_loop`) trains alike.
     """
     torch.manual_seed(seed)
     mean, std = feature_stats(x)
     model = FraudMLP(mean, std, hidden=params.hidden, depth=params.depth, dropout=params.dropout)
-    positives = int(y.sum())
-    if positives == 0 or positives == len(y):
-        raise ValueError(f"training data needs both classes; got {positives} positives in {len(y)} rows")
-    pos_weight = (len(y) - positives) / positives
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], dtype=torch.float32))
+    w = np.ones(len(y), np.float32) if weights is None else np.asarray(weights, np.float32)
+    positives = float(np.sum(w * (y == 1)))
+    negatives = float(np.sum(w * (y != 1)))
+    if positives <= 0 or negatives <= 0:
+        raise ValueError(f"training data needs both classes; got {int(y.sum())} positives in {len(y)} rows")
+    pos_weight = negatives / positives
+    pos_weight_t = torch.tensor(pos_weight, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     x_t, y_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y))
+    w_t = torch.from_numpy(w)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(params.epochs):
-        loss = train_epoch(model, iterate_batches(x_t, y_t, params.batch_size, generator), optimizer, loss_fn)
+        loss = train_epoch(model, iterate_batches(x_t, y_t, w_t, params.batch_size, generator), optimizer,
+                           pos_weight_t)
         if log is not None:
             log(f"epoch {epoch + 1}/{params.epochs}: weighted train loss {loss:.4f}")
     model.logit_offset.fill_(-math.log(pos_weight))
@@ -298,6 +308,7 @@ def bootstrap(
         },
         reference=reference,
     )
+    metadata["monitoring"] = fraud_monitoring(model_file, served, x_train, x_hold, y_hold, FRAUD_CLIP)
     version = repo.publish(FRAUD_MODEL, {"model.pt": model_file}, metadata, config=fraud_config())
     auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
     log(

@@ -1,17 +1,22 @@
-"""Where a training job's rows come from: the example parquet data plus logged, labelled traffic.
+"""Where a fraud training job's rows come from: the example parquet data plus logged traffic joined with its labels.
 
 A job runs in Ray's copy of the working dir, where `data/` is left out of the
 upload (.rayignore): the data folder is an absolute path, from `--data-dir`,
 else `FLEET_DATA_DIR` (set by `fleet up` for its jobs), else `./data`.
 
-    <data>/fraud/*.parquet             example data (`python -m training.datasets fraud`)
-    <data>/traffic/fraud/*.parquet     labelled traffic logged by the serving cluster: same columns
+    <data>/fraud/*.parquet                       example data (`python -m training.datasets fraud`):
+                                                 the 30 feature columns and "label"
+    <data>/traffic/<served model>/version=<v>/date=<d>/*.parquet   the prediction log
+    <data>/labels/<served model>/date=<d>/*.parquet                its labels (training.traffic joins them)
 
 Rows are split into train / validation / holdout by a hash of their feature
 values, not by position: the same row always lands in the same split, whatever
 files are added or in which order they are read. So a retrained candidate and
 the version now serving are compared on one holdout that neither trained on
-(as long as both were trained by this code).
+(as long as both were trained by this code). Traffic rows are split by the
+same hash; each batch says which rows came from traffic ("traffic": 1.0), so
+the gate can score the traffic holdout apart and the loss can weight them
+(`source_weights`).
 """
 
 from __future__ import annotations
@@ -22,19 +27,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from training.datasets import FRAUD_FEATURES, write_fraud_parquet
+from training.traffic import DEFAULT_LABEL_WINDOW_DAYS, LabelledTraffic, feature_columns, read_labelled_traffic
 
 __all__ = [
-    "DATA_ENV", "EXAMPLE_ROWS", "DataSources", "data_dir", "ensure_example_data", "find_sources", "file_fingerprint",
-    "split_buckets", "to_training_batch", "read_fraud", "split_fraud", "to_numpy",
+    "DATA_ENV", "EXAMPLE_ROWS", "HOLDOUT_PERCENT", "VALIDATION_PERCENT", "DEFAULT_TRAFFIC_SHARE", "DataSources",
+    "data_dir", "ensure_example_data", "example_files", "check_example_files", "find_sources", "file_fingerprint", "split_buckets", "source_weights",
+    "to_training_batch", "fraud_traffic", "newest_rows", "read_fraud", "split_fraud", "to_numpy", "SplitRows",
 ]  # fmt: skip
 
 DATA_ENV = "FLEET_DATA_DIR"
 EXAMPLE_ROWS = 40_000
 HOLDOUT_PERCENT = 20  # buckets 0..19 of 100
 VALIDATION_PERCENT = 10  # buckets 20..29: picks the best checkpoint; the rest trains
+DEFAULT_TRAFFIC_SHARE = 0.5  # labelled traffic carries at least half of the training loss when there is any
 LABEL = "label"
+TRAFFIC = "traffic"  # 1.0 for a row from logged traffic, 0.0 for an example row
 
 
 def data_dir(flag: str | None = None) -> Path:
@@ -56,21 +67,22 @@ def ensure_example_data(root: Path, model: str = "fraud", rows: int = EXAMPLE_RO
 
 @dataclass(frozen=True)
 class DataSources:
-    """The parquet files a run reads: example data and logged traffic, each sorted."""
+    """The parquet files a run reads: example data, and the prediction log and label files it joined, each sorted."""
 
     example: tuple[str, ...]
-    traffic: tuple[str, ...]
+    traffic: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
 
     @property
     def files(self) -> list[str]:
-        return [*self.example, *self.traffic]
+        return [*self.example, *self.traffic, *self.labels]
 
     def describe(self) -> dict:
         """Paths, per-file SHA-256 and the fingerprint of them all: what metadata.json records."""
         per_file = {p: file_fingerprint(p) for p in self.files}
         overall = hashlib.sha256("".join(per_file[p] for p in self.files).encode()).hexdigest()
         return {"sha256": overall, "files": per_file, "example_files": len(self.example),
-                "traffic_files": len(self.traffic)}
+                "traffic_files": len(self.traffic), "label_files": len(self.labels)}
 
 
 def _parquet_files(folder: Path) -> tuple[str, ...]:
@@ -79,14 +91,34 @@ def _parquet_files(folder: Path) -> tuple[str, ...]:
     return tuple(sorted(str(p) for p in folder.rglob("*.parquet") if p.is_file()))
 
 
-def find_sources(root: Path, model: str, *, include_traffic: bool = True) -> DataSources:
-    """The example files of `model` (written first if the folder holds none) and its logged traffic."""
-    example = _parquet_files(root / model)
-    if not example:
+def example_files(root: Path, model: str = "fraud") -> tuple[str, ...]:
+    """The example files of `model` under `root/<model>/` (the seeded example written first if there is none)."""
+    files = _parquet_files(root / model)
+    if not files:
         ensure_example_data(root, model)
-        example = _parquet_files(root / model)
-    traffic = _parquet_files(root / "traffic" / model) if include_traffic else ()
-    return DataSources(example, traffic)
+        files = _parquet_files(root / model)
+    return files
+
+
+def check_example_files(files: tuple[str, ...], columns: list[str]) -> None:
+    """SystemExit naming the first example file that cannot be read or lacks one of `columns` (footers only)."""
+    for path in files:
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as exc:
+            raise SystemExit(f"example data {path}: not a readable parquet file ({exc})") from exc
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise SystemExit(f"example data {path} lacks the columns {missing}; it needs {columns} "
+                             f"(python -m training.datasets writes such files)")
+
+
+def find_sources(root: Path, model: str, traffic: LabelledTraffic | None = None) -> DataSources:
+    """The example files of `model` and, when given, the log and label files `traffic` was joined from."""
+    files = example_files(root, model)
+    if traffic is None:
+        return DataSources(files)
+    return DataSources(files, traffic.traffic_files, traffic.label_files)
 
 
 def file_fingerprint(path: str) -> str:
@@ -110,8 +142,25 @@ def split_buckets(features: np.ndarray) -> np.ndarray:
     return (h % np.uint64(100)).astype(np.int64)
 
 
-def to_training_batch(batch: dict) -> dict:
-    """A Ray Data batch of parquet columns -> {"features": float32 [n, 30], "label": float32 [n], "bucket": int}."""
+def source_weights(example_rows: int, traffic_rows: int, share: float = DEFAULT_TRAFFIC_SHARE) -> tuple[float, float]:
+    """(weight of an example row, weight of a traffic row) in the training loss.
+
+    Traffic rows carry at least `share` (0..1) of the total weight: when they are fewer than
+    that, each weighs `share * n / traffic_rows` and each example row `(1 - share) * n /
+    example_rows` (n all rows, so the mean weight stays 1); otherwise, or when either source
+    is empty, every row weighs 1. After a drift the example data is stale, so the little
+    labelled traffic there is must not drown in it.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the traffic share must lie in [0, 1], got {share}")
+    total = example_rows + traffic_rows
+    if example_rows == 0 or traffic_rows == 0 or traffic_rows >= share * total:
+        return 1.0, 1.0
+    return (1.0 - share) * total / example_rows, share * total / traffic_rows
+
+
+def to_training_batch(batch: dict, traffic: bool = False) -> dict:
+    """Parquet columns -> {"features": float32 [n, 30], "label": float32 [n], "bucket": int, "traffic": float32 [n]}."""
     missing = [c for c in [*FRAUD_FEATURES, LABEL] if c not in batch]
     if missing:
         raise ValueError(f"parquet rows lack the columns {missing}; fraud data needs {FRAUD_FEATURES} and {LABEL!r}")
@@ -119,15 +168,52 @@ def to_training_batch(batch: dict) -> dict:
     labels = np.asarray(batch[LABEL])
     if labels.size and not np.isin(labels, (0, 1)).all():
         raise ValueError("fraud labels must be 0 or 1")
-    return {"features": features, LABEL: labels.astype(np.float32), "bucket": split_buckets(features)}
+    return {"features": features, LABEL: labels.astype(np.float32), "bucket": split_buckets(features),
+            TRAFFIC: np.full(len(labels), 1.0 if traffic else 0.0, np.float32)}
 
 
-def read_fraud(sources: DataSources, *, num_cpus: float = 0.25):
-    """A Ray Dataset of the sources' rows as training batches (features, label, bucket)."""
+def fraud_traffic(root: Path, served: str, *, window_days: float = DEFAULT_LABEL_WINDOW_DAYS,
+                  ) -> tuple[LabelledTraffic, np.ndarray, np.ndarray]:
+    """The served model's labelled traffic: (the join and its report, features float32 [n, 30], labels int64 [n]).
+
+    Rows with a NaN or infinite feature are dropped (counted in the report as `non_finite_rows`).
+    """
+    joined = read_labelled_traffic(root, served, feature_columns(FRAUD_FEATURES), classes=2, window_days=window_days)
+    table = joined.table
+    x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in FRAUD_FEATURES], axis=1) \
+        .astype(np.float32, copy=False) if table.num_rows else np.zeros((0, len(FRAUD_FEATURES)), np.float32)
+    y = table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.int64) if table.num_rows else np.zeros(0, np.int64)
+    finite = np.isfinite(x).all(axis=1)
+    joined.report["non_finite_rows"] = int((~finite).sum())
+    if table.num_rows:
+        joined.stamps = table.column("timestamp").cast("int64").to_numpy(zero_copy_only=False)[finite]
+    return joined, x[finite], y[finite]
+
+
+def newest_rows(joined: LabelledTraffic, x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `n` most recent of `fraud_traffic`'s rows, by the time of their prediction."""
+    if joined.stamps is None or len(joined.stamps) != len(y):
+        return x[-n:], y[-n:]
+    order = np.argsort(joined.stamps, kind="stable")[-n:]
+    return x[order], y[order]
+
+
+def _traffic_table(x: np.ndarray, y: np.ndarray) -> pa.Table:
+    return pa.table({**{c: pa.array(x[:, i]) for i, c in enumerate(FRAUD_FEATURES)}, LABEL: pa.array(y)})
+
+
+def read_fraud(sources: DataSources, traffic: tuple[np.ndarray, np.ndarray] | None = None, *,
+               num_cpus: float = 0.25):
+    """A Ray Dataset of the example files' rows and the joined traffic rows (x, y) as training batches."""
     import ray.data
 
-    ds = ray.data.read_parquet(sources.files, columns=[*FRAUD_FEATURES, LABEL], num_cpus=num_cpus)
-    return ds.map_batches(to_training_batch, batch_format="numpy", num_cpus=num_cpus)
+    ds = ray.data.read_parquet(list(sources.example), columns=[*FRAUD_FEATURES, LABEL], num_cpus=num_cpus)
+    ds = ds.map_batches(to_training_batch, batch_format="numpy", num_cpus=num_cpus)
+    if traffic is not None and len(traffic[1]):
+        logged = ray.data.from_arrow(_traffic_table(*traffic))
+        ds = ds.union(logged.map_batches(to_training_batch, fn_kwargs={"traffic": True}, batch_format="numpy",
+                                         num_cpus=num_cpus))
+    return ds
 
 
 def split_fraud(ds, *, num_cpus: float = 0.25) -> dict:
@@ -136,7 +222,7 @@ def split_fraud(ds, *, num_cpus: float = 0.25) -> dict:
     def keep(lo: int, hi: int):
         def fn(batch: dict) -> dict:
             mask = (batch["bucket"] >= lo) & (batch["bucket"] < hi)
-            return {"features": batch["features"][mask], LABEL: batch[LABEL][mask]}
+            return {"features": batch["features"][mask], LABEL: batch[LABEL][mask], TRAFFIC: batch[TRAFFIC][mask]}
 
         return fn
 
@@ -148,11 +234,25 @@ def split_fraud(ds, *, num_cpus: float = 0.25) -> dict:
             for name, (lo, hi) in bounds.items()}
 
 
-def to_numpy(ds) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [n, 30], labels int64 [n]) of a (small enough) dataset, on the driver."""
+@dataclass(frozen=True)
+class SplitRows:
+    """The rows of one split on the driver: features float32 [n, 30], labels int64 [n], from traffic bool [n]."""
+
+    x: np.ndarray
+    y: np.ndarray
+    traffic: np.ndarray
+
+    def part(self, from_traffic: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the traffic rows, or of the example rows."""
+        mask = self.traffic if from_traffic else ~self.traffic
+        return self.x[mask], self.y[mask]
+
+
+def to_numpy(ds) -> SplitRows:
+    """The rows of a (small enough) dataset, on the driver."""
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
-        return np.zeros((0, len(FRAUD_FEATURES)), np.float32), np.zeros(0, np.int64)
+        return SplitRows(np.zeros((0, len(FRAUD_FEATURES)), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
     x = np.concatenate([p["features"] for p in parts]).astype(np.float32, copy=False)
     y = np.concatenate([p[LABEL] for p in parts]).astype(np.int64)
-    return x, y
+    return SplitRows(x, y, np.concatenate([p[TRAFFIC] for p in parts]) > 0.5)

@@ -12,6 +12,12 @@ Scenarios, for drift and rollout experiments:
   anonymised components move (means and scales); the label rule is unchanged.
 - "concept_shift": the same features as "baseline" (the same seed gives the
   very same X), labelled by a different rule.
+- "correlation_shift": every feature's marginal distribution is unchanged but
+  one correlation goes: txn_count_24h is Poisson(0.6) drawn independently
+  plus Poisson(4), the same Poisson(4.6) marginal no longer tied to
+  txn_count_1h (correlation 0.36 -> 0). No per-feature histogram can see it;
+  a PCA reconstruction error does (its PSI against the baseline is ~0.03: a
+  subtle change on purpose). The label rule is unchanged.
 
 `load_digits` splits scikit-learn's bundled 8 x 8 handwritten digits (1,797
 images, shipped inside sklearn: no download) into seeded train and holdout sets,
@@ -48,7 +54,7 @@ FRAUD_FEATURES: list[str] = [
     "account_age_days",
     "is_foreign",  # 1.0 when the merchant is abroad
 ] + [f"V{i}" for i in range(1, _N_COMPONENTS + 1)]  # anonymised (PCA-style) components
-FRAUD_SCENARIOS = ("baseline", "covariate_shift", "concept_shift")
+FRAUD_SCENARIOS = ("baseline", "covariate_shift", "concept_shift", "correlation_shift")
 
 _POSITIVE_RATE = 0.01
 _NOISE_STD = 0.45  # label noise relative to the unit-variance rule score; sets the ceiling on AUC
@@ -102,7 +108,10 @@ def _features(rng: np.random.Generator, n: int, scenario: str) -> np.ndarray:
     x[:, 2] = rng.beta(3.0, 8.0, n) if shifted else rng.beta(2.0, 10.0, n)
     x[:, 3] = rng.lognormal(2.2 if shifted else 1.5, 1.2, n)
     x[:, 4] = rng.poisson(0.6, n)
-    x[:, 5] = x[:, 4] + rng.poisson(4.0, n)
+    if scenario == "correlation_shift":  # the same Poisson(4.6) marginal, drawn apart from txn_count_1h
+        x[:, 5] = rng.poisson(0.6, n) + rng.poisson(4.0, n)
+    else:
+        x[:, 5] = x[:, 4] + rng.poisson(4.0, n)
     x[:, 6] = rng.gamma(2.0, 300.0, n)
     x[:, 7] = rng.random(n) < (0.12 if shifted else 0.06)
     v = rng.standard_normal((n, _N_COMPONENTS)) @ _mixing()

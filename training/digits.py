@@ -5,7 +5,10 @@ Clients send uint8 grayscale images of any size; the config declares
 (`(v / 255 - 0.5) / 0.5`) before the model runs. Training normalises with the
 very same function (`training.preprocess_reference.image_batch`), and the
 holdout accuracy recorded in metadata.json is that of the exported file fed
-what the server feeds it. `python -m training.bootstrap` publishes it beside fraud.
+what the server feeds it, and so is its monitoring reference (score histogram
+and baseline label error: `training.reference.digits_monitoring`).
+`python -m training.bootstrap` publishes it beside fraud; `python -m
+training.retrain --model digits` retrains it as a Ray job (training.digits_job).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from training.artifacts import arrays_sha256, export_torchscript, load_torchscri
 from training.datasets import load_digits
 from training.models import DigitsCNN
 from training.preprocess_reference import image_batch
+from training.reference import digits_monitoring
 
 __all__ = [
     "DIGITS_MODEL", "DIGITS_SIZE", "DIGITS_MEAN", "DIGITS_STD", "DigitsParams", "digits_config", "normalize_digits",
@@ -134,7 +138,8 @@ def bootstrap_digits(
     model = fit_digits(data.x_train, data.y_train, params, seed=seed)
     model_file = export_torchscript(model)
     # The published file, fed what the server feeds it.
-    metrics = evaluate_digits(load_torchscript(model_file), normalize_digits(data.x_holdout), data.y_holdout)
+    x_holdout = normalize_digits(data.x_holdout)
+    metrics = evaluate_digits(load_torchscript(model_file), x_holdout, data.y_holdout)
     training_data = {
         "source": _SOURCE,
         "sklearn": sklearn.__version__,
@@ -159,6 +164,7 @@ def bootstrap_digits(
         params=run_params,
         metrics={**metrics, "holdout_rows": int(len(data.y_holdout))},
         class_names=[str(c) for c in range(10)],
+        monitoring=digits_monitoring(model_file, x_holdout, data.y_holdout),
     )
     repo = ModelRepository(repository)
     version = repo.publish(DIGITS_MODEL, {"model.pt": model_file}, metadata, config=digits_config())

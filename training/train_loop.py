@@ -6,6 +6,12 @@ metrics with `ray.train.report`; rank 0 attaches a checkpoint (model and
 optimizer state, epoch). A restarted worker group (FailureConfig) resumes from
 the latest checkpoint with `ray.train.get_checkpoint()`.
 
+Everything runs on the worker's device (`ray.train.torch.get_device()`: its GPU
+when the trainer has `use_gpu`): the model, the batches (`iter_torch_batches(
+device=...)`), `pos_weight` and the per-row weights; scores come back with
+`.cpu()` before NumPy. The loss is per-row BCE times the row's weight (example
+and traffic rows weigh as `training.data.source_weights` says), averaged.
+
 Fault injection for tests: `fail_at_epoch` = k makes the last rank exit hard
 (os._exit) midway through epoch k, once per run: a marker file under
 `fault_marker` records that it happened, so the resumed run goes on.
@@ -18,14 +24,17 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from training.models import FraudMLP
 
-__all__ = ["train_fraud_worker", "CHECKPOINT_FILE", "load_checkpoint_model"]
+__all__ = ["train_fraud_worker", "CHECKPOINT_FILE", "load_checkpoint_model", "row_weights", "weighted_bce",
+           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch"]
 
 CHECKPOINT_FILE = "state.pt"
 _FAIL_AT_STEP = 5  # fault injection: mid-epoch, as a crash would come
@@ -56,27 +65,52 @@ def load_checkpoint_model(checkpoint, config: dict) -> tuple[FraudMLP, dict]:
     return model.eval(), {"epoch": int(state["epoch"]), "val_loss": float(state["val_loss"])}
 
 
-def _validation(model: nn.Module, shard, loss_fn, batch_size: int) -> dict:
+def row_weights(traffic: Tensor, weights) -> Tensor:
+    """Each row's loss weight [n] from its `traffic` flag (1.0 traffic, 0.0 example) and (example, traffic) weights."""
+    example_w, traffic_w = (float(w) for w in weights)
+    flag = traffic.reshape(-1).to(torch.float32)
+    return example_w + (traffic_w - example_w) * flag
+
+
+def weighted_bce(logits: Tensor, labels: Tensor, weights: Tensor, pos_weight: Tensor) -> Tensor:
+    """mean(weight * BCE-with-logits(pos_weight)) over the rows; every tensor on one device."""
+    per_row = F.binary_cross_entropy_with_logits(logits.reshape(-1), labels.reshape(-1).to(logits.dtype),
+                                                 pos_weight=pos_weight, reduction="none")
+    return (per_row * weights.reshape(-1)).mean()
+
+
+def evaluate_batches(model: nn.Module, batches: Iterable[dict], device: torch.device, *, pos_weight: Tensor,
+                     weights) -> dict:
+    """Validation metrics of a logits model over batches {"features", "label", "traffic"}, computed on `device`.
+
+    `val_loss` is the weighted mean BCE (sum of weight * loss over sum of weight: the training
+    objective on unseen rows), `val_roc_auc` the unweighted ROC AUC (NaN with one class).
+    """
     from sklearn.metrics import roc_auc_score
 
     model.eval()
-    total, rows, scores, labels = 0.0, 0, [], []
+    pos_weight = pos_weight.to(device)
+    total, weight_sum, rows, scores, labels = 0.0, 0.0, 0, [], []
     with torch.inference_mode():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32):
-            logits = model(batch["features"])
-            y = batch["label"].reshape(-1, 1)
-            total += float(loss_fn(logits, y)) * len(y)
+        for batch in batches:
+            x, y = batch["features"].to(device), batch["label"].to(device).reshape(-1)
+            w = row_weights(batch["traffic"].to(device), weights)
+            logits = model(x).reshape(-1)
+            per_row = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
+            total += float((per_row * w).sum())
+            weight_sum += float(w.sum())
             rows += len(y)
-            scores.append(logits.reshape(-1).numpy())
-            labels.append(y.reshape(-1).numpy())
+            scores.append(logits.cpu().numpy())
+            labels.append(y.cpu().numpy())
     model.train()
     y = np.concatenate(labels) if labels else np.zeros(0)
     s = np.concatenate(scores) if scores else np.zeros(0)
     auc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
-    return {"val_loss": total / max(rows, 1), "val_roc_auc": auc, "val_rows": rows}
+    return {"val_loss": total / weight_sum if weight_sum > 0 else float("nan"), "val_roc_auc": auc, "val_rows": rows}
 
 
-def _maybe_fail(config: dict, epoch: int, step: int, rank: int, world: int) -> None:
+def maybe_fail(config: dict, epoch: int, step: int, rank: int, world: int) -> None:
+    """Fault injection: the last rank exits hard at batch 5 of epoch `fail_at_epoch`, once per run."""
     k, marker = config.get("fail_at_epoch"), config.get("fault_marker")
     if k is None or marker is None or epoch != int(k) or step != _FAIL_AT_STEP or rank != world - 1:
         return
@@ -89,6 +123,39 @@ def _maybe_fail(config: dict, epoch: int, step: int, rank: int, world: int) -> N
     os._exit(1)
 
 
+def resume_from(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> int:
+    """Load a checkpoint of these loops into `model` (already on its device) and `optimizer`; the epoch to start at.
+
+    The optimizer's state is moved to its parameters' device by `load_state_dict`, so the model
+    must be on the device before (a CPU state stepping CUDA parameters fails).
+    """
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start = int(state["epoch"]) + 1
+    if rank == 0:
+        print(f"resuming from the checkpoint of epoch {start} ({checkpoint.path})", flush=True)
+    return start
+
+
+def report_epoch(metrics: dict, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, rank: int,
+                 line: str) -> None:
+    """`ray.train.report(metrics)`; rank 0 attaches a checkpoint of the model and optimizer, and prints `line`."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        report_checkpoint = None
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "val_loss": metrics["val_loss"]}, Path(folder) / CHECKPOINT_FILE)
+            report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            print(line, flush=True)
+        ray.train.report(metrics, checkpoint=report_checkpoint)
+
+
 def train_fraud_worker(config: dict) -> None:
     """`train_loop_per_worker` of the fraud TorchTrainer; `config` holds hyper-parameters and data statistics."""
     import ray.train
@@ -97,21 +164,14 @@ def train_fraud_worker(config: dict) -> None:
     torch.set_num_threads(int(config.get("threads", 1)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
     torch.manual_seed(int(config["seed"]) + rank)
-    model = build_model(config)
+    model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
-        if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start_epoch} ({checkpoint.path})", flush=True)
+    start_epoch = resume_from(ray.train.get_checkpoint(), model, optimizer, rank)
     net = ray.train.torch.prepare_model(_Logits(model))
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([float(config["pos_weight"])]))
+    pos_weight = torch.tensor(float(config["pos_weight"]), dtype=torch.float32, device=device)
+    weights = config.get("row_weights", (1.0, 1.0))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
@@ -119,29 +179,24 @@ def train_fraud_worker(config: dict) -> None:
     for epoch in range(start_epoch, epochs):
         net.train()
         total, rows = 0.0, 0
-        for step, batch in enumerate(train_shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32,
-                                                    local_shuffle_buffer_size=4 * batch_size)):
-            _maybe_fail(config, epoch, step, rank, world)
-            x, y = batch["features"], batch["label"].reshape(-1, 1)
+        for step, batch in enumerate(train_shard.iter_torch_batches(
+                batch_size=batch_size, dtypes=torch.float32, device=device, local_shuffle_buffer_size=4 * batch_size)):
+            maybe_fail(config, epoch, step, rank, world)
+            y = batch["label"]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
+            loss = weighted_bce(net(batch["features"]), y, row_weights(batch["traffic"], weights), pos_weight)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(y)
             rows += len(y)
+        validation = val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "train_rows": rows,
-                   **_validation(net, val_shard, loss_fn, 4096)}
+                   **evaluate_batches(net, validation, device, pos_weight=pos_weight, weights=weights)}
         done = epoch + 1 - start_epoch
         elapsed = time.perf_counter() - started
         metrics["eta_s"] = round(elapsed / done * (epochs - epoch - 1), 1)
-        with tempfile.TemporaryDirectory() as folder:
-            report_checkpoint = None
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "val_loss": metrics["val_loss"]}, Path(folder) / CHECKPOINT_FILE)
-                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-                auc = metrics["val_roc_auc"]
-                print(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}, "
-                      f"validation loss {metrics['val_loss']:.4f}, AUC {'n/a' if math.isnan(auc) else f'{auc:.4f}'} "
-                      f"({rows} rows on rank 0 of {world}; {elapsed:.1f} s, ETA {metrics['eta_s']:.0f} s)", flush=True)
-            ray.train.report(metrics, checkpoint=report_checkpoint)
+        auc = metrics["val_roc_auc"]
+        report_epoch(metrics, model, optimizer, epoch, rank,
+                     f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}, "
+                     f"validation loss {metrics['val_loss']:.4f}, AUC {'n/a' if math.isnan(auc) else f'{auc:.4f}'} "
+                     f"({rows} rows on rank 0 of {world}; {elapsed:.1f} s, ETA {metrics['eta_s']:.0f} s)")

@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, replace
 
 from training.bootstrap import TrainParams
-from training.retrain import Prepared, add_common_flags, make_trainer, publish_best, start_job, use_gpu_flag, worker_config
+from training.retrain import (Prepared, add_common_flags, check_common_flags, make_trainer, prepare, publish_best,
+                              start_job, use_gpu_flag, worker_config)
 
 __all__ = ["search_space", "main"]
 
@@ -66,12 +67,13 @@ def _trial(config: dict, *, prepared: Prepared, base: TrainParams, seed: int, nu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.tune", description=__doc__.split("\n\n")[0])
-    add_common_flags(parser)
+    add_common_flags(parser, models=("fraud",))
     parser.add_argument("--num-samples", type=int, default=8, help="trials")
     parser.add_argument("--max-epochs", type=int, default=4, help="epochs of a trial ASHA lets run to the end")
     parser.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once")
     args = parser.parse_args(argv)
+    check_common_flags(parser, args)
     if args.num_samples < 1 or args.max_epochs < 1 or args.num_workers < 1:
         parser.error("--num-samples, --max-epochs and --num-workers must be >= 1")
     from ray import tune
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray.tune.search import BasicVariantGenerator
 
     job = start_job(args, "tune")
-    repo, model, prepared, storage, name, started = (job.repo, job.model, job.prepared, job.storage, job.name,
-                                                     job.started)
+    repo, model, storage, name, started = job.repo, job.model, job.storage, job.name, job.started
+    prepared = prepare(args.model, job.root, served=model, include_traffic=not args.no_traffic,
+                       window_days=args.label_window_days, traffic_share=args.traffic_weight,
+                       reference_rows=args.reference_rows)
     base = replace(TrainParams(), epochs=args.max_epochs)
     use_gpu = use_gpu_flag(args.use_gpu)
     trial = tune.with_parameters(_trial, prepared=prepared, base=base, seed=args.seed, num_workers=args.num_workers,
@@ -125,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
               "num_samples": args.num_samples, "max_epochs": args.max_epochs, "stopped_early": stopped,
               "trials": trials, "experiment": f"{storage}/{name}",
               "duration_s": round(time.perf_counter() - started, 1)}
-    run_params = {**asdict(params), "seed": args.seed, "optimizer": "adam",
-                  "loss": "bce_with_logits(pos_weight=neg/pos)", "trainer": "ray.train.torch.TorchTrainer per trial"}
+    run_params = {**asdict(params), "seed": args.seed, "optimizer": "adam", "traffic_weight": args.traffic_weight,
+                  "label_window_days": args.label_window_days,
+                  "loss": "mean(row weight * bce_with_logits(pos_weight=weighted neg/pos))",
+                  "trainer": "ray.train.torch.TorchTrainer per trial"}
     run_params.pop("holdout_fraction")
     publish_best(prepared, Checkpoint(row["checkpoint_path"]), config, repo, model, params=run_params,
-                 training=record, tolerance=args.tolerance)
+                 training=record, tolerance=args.tolerance, min_traffic_holdout=args.min_traffic_holdout)
     print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 

@@ -1,16 +1,21 @@
-"""Training as Ray jobs on the test cluster's real job server: retrain (with a worker killed), tune, a rejected one.
+"""Training as Ray jobs on the test cluster's real job server: retrain on labelled traffic after a concept shift
+(with a worker killed), tune, a rejected one, and digits on logged images.
 
-The three jobs are submitted at once through `JobSubmissionClient` (the way
+The four jobs are submitted at once through `JobSubmissionClient` (the way
 `fleet train` and `ray job submit` do, working dir = this checkout) and run
-side by side; each publishes into its own copy of fraud (fraud_jobs,
-fraud_tune, fraud_reject) so the other tests' models stay as they are. The
-gate's outcome is forced with `--tolerance` (1: accept, -1: reject) so the
-serving checks do not depend on which of two small models trains better.
+side by side; each publishes into its own copy of a served model (fraud_jobs,
+fraud_tune, fraud_reject, digits_jobs) so the other tests' models stay as they
+are. The traffic is written by the serving side's prediction-log writer and
+labelled in the feedback layout: fraud_jobs' follows `concept_shift`, so its
+retrain is accepted on the traffic holdout on its merits; digits_jobs' is
+inverted 16 x 16 digits. The tune and reject jobs have no traffic; their gate
+is forced with `--tolerance` (1: accept, -1: reject).
 """
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -19,36 +24,64 @@ import pytest
 import torch
 
 from cluster.jobs import PROJECT_ROOT, auth_env, submit, train_entrypoint
-from training.datasets import make_fraud, write_fraud_parquet
+from training.datasets import load_digits, make_fraud, write_fraud_parquet
+from unit._traffic_helpers import T0, log_digits, log_fraud, write_labels
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the first test waits for the jobs
 
 JOB_TIMEOUT_S = 420
 COMMON = ["--cpus-per-worker", "0.2", "--use-gpu", "auto"]
 JOBS = {
-    "retrain": ("fraud_jobs", False, ["--num-workers", "2", "--epochs", "2", "--fail-at-epoch", "2",
-                                      "--tolerance", "1"]),
-    "tune": ("fraud_tune", True, ["--num-samples", "4", "--max-epochs", "2", "--grace-period", "1",
-                                  "--num-workers", "1", "--max-concurrent", "1", "--tolerance", "1"]),
-    "reject": ("fraud_reject", False, ["--num-workers", "1", "--epochs", "1", "--tolerance", "-1"]),
+    "retrain": ("fraud", "fraud_jobs", False, ["--num-workers", "2", "--epochs", "2", "--fail-at-epoch", "2"]),
+    "tune": ("fraud", "fraud_tune", True, ["--num-samples", "4", "--max-epochs", "2", "--grace-period", "1",
+                                           "--num-workers", "1", "--max-concurrent", "1", "--tolerance", "1"]),
+    "reject": ("fraud", "fraud_reject", False, ["--num-workers", "1", "--epochs", "1", "--tolerance", "-1"]),
+    "digits": ("digits", "digits_jobs", False, ["--num-workers", "1", "--epochs", "8", "--min-traffic-holdout", "100"]),
 }
+SHIFTED_ROWS = 10_000  # labelled fraud_jobs traffic: a traffic holdout of ~2,000 rows with ~20 frauds
+INVERTED_IMAGES = 700
+
+
+def _write_traffic(data: Path, repository: Path) -> dict:
+    """fraud_jobs' and digits_jobs' logged traffic and labels (and a digits_jobs v1, a copy of digits v1)."""
+    x, y = make_fraud(SHIFTED_ROWS, seed=4, scenario="concept_shift")
+    ids = log_fraud(data, "fraud_jobs", x, prefix="shift")
+    unlabelled = log_fraud(data, "fraud_jobs", x[:300], prefix="unlabelled")
+    hashed = log_fraud(data, "fraud_jobs", x[:50], prefix="hashed", redact="amount=hash")
+    write_labels(data, "fraud_jobs", ids + hashed, np.r_[y, y[:50]])
+    digits = load_digits(seed=5)
+    images = [np.kron(255 - im, np.ones((2, 2), np.uint8)) for im in digits.x_train[:INVERTED_IMAGES]]
+    image_ids = log_digits(data, "digits_jobs", images, prefix="inverted")
+    by_hash = log_digits(data, "digits_jobs", images[:20], prefix="by-hash", full=False)
+    write_labels(data, "digits_jobs", image_ids + by_hash, np.r_[digits.y_train[:INVERTED_IMAGES], digits.y_train[:20]],
+                 at=T0 + timedelta(hours=2))
+    from serving.registry import ModelRepository
+    from training.digits import digits_config
+
+    repo = ModelRepository(str(repository))
+    config = digits_config()
+    config.name = "digits_jobs"
+    repo.publish("digits_jobs", {"model.pt": (repository / "digits" / "1" / "model.pt").read_bytes()},
+                 repo.metadata("digits", 1), config=config)
+    return {"unlabelled": len(unlabelled), "hashed": len(hashed)}
 
 
 @pytest.fixture(scope="module")
 def jobs(fleet_cluster, repository):
-    """Write the data, submit the three jobs, wait for them all: {name: (job id, status, logs)}."""
+    """Write the data, submit the four jobs, wait for them all: {name: (job id, status, logs)}."""
     settings = fleet_cluster[0]
     data = Path(settings.data_dir)
     write_fraud_parquet(str(data / "fraud" / "example.parquet"), 5000, seed=3)
-    write_fraud_parquet(str(data / "traffic" / "fraud" / "logged-0001.parquet"), 1000, seed=4)  # labelled traffic
+    _write_traffic(data, repository)
     auth_env()
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(settings.dashboard_url)
     submitted = {}
-    for name, (target, tune, flags) in JOBS.items():
-        entrypoint = train_entrypoint("fraud", tune=tune, extra=["--publish-as", target, *COMMON, *flags])
-        submitted[name] = submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(PROJECT_ROOT)})
+    for name, (model, target, tune, flags) in JOBS.items():
+        entrypoint = train_entrypoint(model, tune=tune, extra=["--publish-as", target, *COMMON, *flags])
+        submitted[name] = submit(client, attempts=8, entrypoint=entrypoint,  # a busy machine: the agent may lag
+                                 runtime_env={"working_dir": str(PROJECT_ROOT)})
     deadline = time.monotonic() + JOB_TIMEOUT_S
     out = {}
     while len(out) < len(submitted) and time.monotonic() < deadline:
@@ -98,27 +131,44 @@ def _served_output(base_url: str, repository: Path, model: str, version: int, x:
     return served, direct
 
 
-def test_retrain_job_survives_a_killed_worker_and_its_version_is_served(jobs, base_url, repository):
+def test_retrain_on_shifted_traffic_survives_a_killed_worker_and_wins_on_the_traffic_holdout(jobs, base_url,
+                                                                                             repository):
     logs = _succeeded(jobs, "retrain")
     assert "[fault injection] worker rank 1 exits hard in epoch 2" in logs
     assert "resuming from the checkpoint of epoch 1" in logs  # not from scratch
     assert "epoch 2/2" in logs and "ETA" in logs
+    assert f"joined {SHIFTED_ROWS} labelled row(s)" in logs and "amount redacted" in logs
     assert "published fraud_jobs version 2 (accepted" in logs
     from serving.registry import ModelRepository
 
     meta = ModelRepository(str(repository)).metadata("fraud_jobs", 2)
     assert meta["gate"] == "accepted" and meta["parent_version"] == 1 and meta["serving_version"] == 1
+    # Judged on recent traffic, where the version trained before the shift is lost.
+    assert meta["gate_holdout"] == "traffic" and meta["gate_reason"].startswith("traffic holdout ROC AUC")
+    recent = meta["holdouts"]["traffic"]
+    assert recent["candidate"]["roc_auc"] > recent["serving"]["roc_auc"] + 0.1, recent
+    assert {"loss", "accuracy", "roc_auc"} <= set(meta["holdouts"]["example"]["serving"])
+    # The version is published with the traffic it used named in its metadata.
     data = meta["training_data"]
-    assert data["example_files"] == 1 and data["traffic_files"] == 1  # logged traffic is read too
-    assert data["rows"]["total"] == 6000 and len(data["sha256"]) == 64
-    assert data["rows"]["train"] + data["rows"]["validation"] + data["rows"]["holdout"] == 6000
-    assert {"loss", "accuracy", "roc_auc"} <= set(meta["metrics"]) and 0.5 < meta["metrics"]["roc_auc"] <= 1.0
-    assert {"loss", "accuracy", "roc_auc"} <= set(meta["serving_metrics"])
+    traffic = data["traffic"]
+    assert data["example_files"] == 1 and data["traffic_files"] == 2 and data["label_files"] == 1
+    assert all(f in data["files"] for f in traffic["traffic_files"] + traffic["label_files"])
+    assert all("/traffic/fraud_jobs/version=1/date=2026-03-02/" in f for f in traffic["traffic_files"])
+    assert traffic["joined_rows"] == SHIFTED_ROWS and traffic["unlabelled_predictions"] == 300
+    assert traffic["by_version"]["1"]["rows"] == SHIFTED_ROWS and traffic["by_version"]["1"]["first_date"] == \
+        "2026-03-02"
+    (skipped,) = traffic["skipped_files"]
+    assert skipped["rows"] == 50 and "redacted" in skipped["reason"]
+    rows = data["rows"]
+    assert rows["total"] == 5000 + SHIFTED_ROWS and rows["traffic"]["holdout"] == recent["rows"]
+    assert rows["train"] + rows["validation"] + rows["holdout"] == rows["total"]
+    assert data["row_weights"] == {"example": 1.0, "traffic": 1.0}  # traffic is already most of the rows
     assert meta["params"]["epochs"] == 2 and meta["training"]["num_workers"] == 2
     assert meta["training"]["fault_injected"] is True and meta["training"]["best_epoch"] in (1, 2)
     assert meta["ray_job"]["submission_id"] == jobs["retrain"][0]
     stats = meta["reference_stats"]["amount"]
-    assert len(stats["edges"]) == len(stats["counts"]) + 1 and sum(stats["counts"]) == data["rows"]["train"]
+    assert len(stats["edges"]) == len(stats["counts"]) + 1 and sum(stats["counts"]) == rows["train"]
+    assert meta["monitoring"]["scores"]["rows"] == rows["holdout"] and "pca" in meta["monitoring"]
     assert meta["created_at"] and "git_sha" in meta
 
     took = _wait_for_version(base_url, "fraud_jobs", "2")
@@ -126,6 +176,31 @@ def test_retrain_job_survives_a_killed_worker_and_its_version_is_served(jobs, ba
     x, _ = make_fraud(16, seed=11)
     served, direct = _served_output(base_url, repository, "fraud_jobs", 2, x)
     np.testing.assert_allclose(served, direct, rtol=1e-5, atol=1e-6)  # the new file answers, standardized its way
+
+
+def test_digits_job_learns_the_logged_images_and_is_accepted_on_them(jobs, repository):
+    logs = _succeeded(jobs, "digits")
+    assert "epoch 8/8" in logs and "published digits_jobs version 2 (accepted" in logs
+    assert "fleet.log.inputs: full" in logs  # the file logged by hash only was skipped, and said so
+    from serving.registry import ModelRepository
+
+    repo = ModelRepository(str(repository))
+    meta = repo.metadata("digits_jobs", 2)
+    assert meta["gate"] == "accepted" and meta["gate_holdout"] == "traffic" and meta["serving_version"] == 1
+    recent = meta["holdouts"]["traffic"]
+    assert recent["serving"]["accuracy"] < 0.3 and recent["candidate"]["accuracy"] > 0.7, recent
+    traffic = meta["training_data"]["traffic"]
+    assert traffic["joined_rows"] == INVERTED_IMAGES and traffic["image_sizes"] == {"16x16": INVERTED_IMAGES}
+    assert len(traffic["traffic_files"]) == 1 and len(traffic["skipped_files"]) == 1
+    assert meta["monitoring"]["scores"]["output"] == "probabilities" and "pca" not in meta["monitoring"]
+    assert meta["params"]["trainer"] == "ray.train.torch.TorchTrainer" and meta["params"]["epochs"] == 8
+    # The published file answers inverted 16 x 16 digits as the server will feed them.
+    from training.digits import evaluate_digits, normalize_digits
+
+    digits = load_digits(seed=5)
+    fresh = np.stack([np.kron(255 - im, np.ones((2, 2), np.uint8)) for im in digits.x_holdout])
+    model = torch.jit.load(str(repository / "digits_jobs" / "2" / "model.pt"))
+    assert evaluate_digits(model, normalize_digits(fresh), digits.y_holdout)["accuracy"] > 0.7
 
 
 def test_tune_job_stops_trials_early_and_publishes_the_best(jobs, base_url, repository):

@@ -7,18 +7,25 @@ images (`training.digits.normalize_digits`), as the server will.
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from _traffic_helpers import log_digits, write_labels
 from serving.model_config import spec_from_config
 from serving.registry import ModelRepository
 from training.artifacts import export_torchscript, load_torchscript
+from training.data import source_weights
 from training.datasets import load_digits
 from training.digits import DigitsParams, bootstrap_digits, digits_config, evaluate_digits, normalize_digits
+from training.digits_data import digits_rows
+from training.digits_job import DigitsPrepared, publish_digits
+from training.digits_loop import weighted_cross_entropy
 from training.models import DigitsCNN
 from training.preprocess_reference import image_batch
+from training.train_loop import row_weights
 
 
 def test_digits_loader_gives_uint8_images_and_a_seeded_split():
@@ -95,3 +102,64 @@ def test_bootstrap_digits_config_is_accepted_with_image_preprocessing(published)
     assert dict(spec.parameters) == {
         "preprocess": "image", "preprocess.size": "8,8", "preprocess.mean": "0.5", "preprocess.std": "0.5",
     }  # fmt: skip
+
+
+def test_bootstrap_digits_records_its_monitoring_reference(published):
+    repo, _ = published
+    meta = repo.metadata("digits", 1)
+    ref = meta["monitoring"]
+    assert "pca" not in ref  # no tabular input
+    assert ref["scores"]["output"] == "probabilities" and ref["scores"]["rows"] == 359
+    assert sum(ref["scores"]["counts"]) == 359 and ref["label_error"]["rows"] == 359
+    # The score of an image is its top class probability; the baseline error is the holdout's.
+    assert 0.1 <= ref["scores"]["edges"][0] < ref["scores"]["edges"][-1] <= 1.0 + 1e-6
+    assert ref["label_error"]["rate"] == pytest.approx(1.0 - meta["metrics"]["accuracy"])
+
+
+def _train_on_rows(rows, weights, epochs: int = 12) -> DigitsCNN:
+    """What the Ray loop does per worker (training.digits_loop), in-process: weighted cross-entropy on the rows."""
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    x, y = torch.from_numpy(rows.train.x), torch.from_numpy(rows.train.y)
+    w = row_weights(torch.from_numpy(rows.train.traffic.astype(np.float32)), weights)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=generator).split(64):
+            optimizer.zero_grad(set_to_none=True)
+            weighted_cross_entropy(model.logits(x[idx]), y[idx], w[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def test_digits_retrained_on_traffic_of_another_kind_wins_on_the_traffic_holdout(published, tmp_path):
+    """Clients start sending inverted digits (white background), 16 x 16: labelled, they retrain the model."""
+    source, _ = published
+    shutil.copytree(source.root_uri, tmp_path / "repo")
+    repo = ModelRepository(str(tmp_path / "repo"))
+    torch.set_num_threads(1)
+    data = load_digits(seed=5)
+    images = [np.kron(255 - im, np.ones((2, 2), np.uint8)) for im in data.x_train[:700]]
+    ids = log_digits(tmp_path / "data", "digits", images)
+    write_labels(tmp_path / "data", "digits", ids, data.y_train[:700])
+    rows = digits_rows(tmp_path / "data", "digits")
+    weights = source_weights(int((~rows.train.traffic).sum()), int(rows.train.traffic.sum()))
+    prepared = DigitsPrepared(rows, {}, weights)
+    model_file = export_torchscript(_train_on_rows(rows, weights))
+    version, meta = publish_digits(repo, "digits", model_file, prepared, params={}, training={}, tolerance=0.002,
+                                   min_traffic_holdout=100, log=lambda line: None)
+
+    assert version == 2 and meta["gate"] == "accepted" and meta["gate_holdout"] == "traffic"
+    recent, old = meta["holdouts"]["traffic"], meta["holdouts"]["example"]
+    assert recent["rows"] == int(rows.holdout.traffic.sum()) >= 100 and old["rows"] == 359
+    assert recent["serving"]["accuracy"] < 0.5 < 0.85 < recent["candidate"]["accuracy"]
+    assert old["candidate"]["accuracy"] > 0.85 and old["serving"]["accuracy"] > 0.9
+    assert meta["gate_reason"].startswith("traffic holdout accuracy")
+    assert meta["training_data"]["traffic"]["joined_rows"] == 700 and meta["training_data"]["traffic_files"] == 1
+    assert meta["training_data"]["traffic"]["image_sizes"] == {"16x16": 700}
+    ref = meta["monitoring"]
+    assert "pca" not in ref and ref["scores"]["rows"] == len(rows.holdout.y) == sum(ref["scores"]["counts"])
+    expected_error = 1 - (recent["candidate"]["accuracy"] * recent["rows"] + old["candidate"]["accuracy"] * 359) / \
+        (recent["rows"] + 359)
+    assert ref["label_error"]["rate"] == pytest.approx(expected_error)
+    assert repo.served_versions("digits") == [2]

@@ -197,6 +197,13 @@ def test_bootstrap_metadata(published):
     ref = meta["reference_stats"]  # the registry writes JSON with sorted keys: feature_names holds the order
     assert sorted(ref) == sorted(FRAUD_FEATURES)
     assert all(len(s["edges"]) == 21 and sum(s["counts"]) == n for s in ref.values())
+    monitoring = meta["monitoring"]  # what live traffic is compared with: the holdout as the file answers it
+    assert monitoring["scores"]["rows"] == sum(monitoring["scores"]["counts"]) == metrics["holdout_rows"]
+    assert monitoring["label_error"]["rows"] == metrics["holdout_rows"]
+    assert monitoring["label_error"]["rate"] == pytest.approx(1.0 - metrics["accuracy"])
+    components = np.asarray(monitoring["pca"]["components"])
+    np.testing.assert_allclose(components @ components.T, np.eye(len(components)), atol=1e-4)
+    assert sum(monitoring["pca"]["counts"]) == metrics["holdout_rows"] and components.shape[1] == 30
     json.dumps(meta, allow_nan=False)  # strict JSON: no NaN slipped in
 
 

@@ -6,6 +6,7 @@ import hashlib
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,8 +14,10 @@ from cluster.jobs import train_entrypoint
 from serving.registry import ModelRepository
 from training.artifacts import export_torchscript
 from training.bootstrap import FRAUD_FEATURES, TrainParams, fit_fraud, reference_stats
-from training.data import ensure_example_data, find_sources, split_buckets, to_training_batch
-from training.datasets import load_digits, make_fraud, write_digits_parquet, write_fraud_parquet
+from _traffic_helpers import log_fraud, write_labels
+from training.data import (check_example_files, ensure_example_data, example_files, find_sources, fraud_traffic,
+                           source_weights, split_buckets, to_training_batch)
+from training.datasets import load_digits, make_fraud, write_digits_parquet
 from training.publish import gate, publish_candidate, resolve_repository
 
 
@@ -30,16 +33,40 @@ def test_split_buckets_follow_the_row_not_its_position():
 
 def test_sources_write_the_example_data_and_fingerprint_every_file(tmp_path):
     sources = find_sources(tmp_path, "fraud")
-    assert len(sources.example) == 1 and sources.traffic == ()
+    assert len(sources.example) == 1 and sources.traffic == () and sources.labels == ()
     assert pq.read_metadata(sources.example[0]).num_rows == 40_000
     first = sources.describe()
     path = sources.example[0]
     assert first["files"][path] == hashlib.sha256(open(path, "rb").read()).hexdigest()
-    write_fraud_parquet(str(tmp_path / "traffic" / "fraud" / "day1.parquet"), 50, seed=8)
-    again = find_sources(tmp_path, "fraud")
-    assert len(again.traffic) == 1 and again.describe()["sha256"] != first["sha256"]
-    assert find_sources(tmp_path, "fraud", include_traffic=False).describe()["sha256"] == first["sha256"]
+    ids = log_fraud(tmp_path, "fraud", make_fraud(50, seed=8)[0])
+    label_file = write_labels(tmp_path, "fraud", ids, np.zeros(50))
+    joined, _, _ = fraud_traffic(tmp_path, "fraud")
+    again = find_sources(tmp_path, "fraud", joined).describe()
+    assert (again["example_files"], again["traffic_files"], again["label_files"]) == (1, 1, 1)
+    assert again["sha256"] != first["sha256"] and str(label_file) in again["files"]
+    assert find_sources(tmp_path, "fraud").describe()["sha256"] == first["sha256"]
     assert ensure_example_data(tmp_path) == tmp_path / "fraud" / "fraud-baseline-seed0-40000.parquet"
+
+
+def test_example_files_without_the_columns_stop_the_job_with_a_readable_message(tmp_path):
+    (tmp_path / "fraud").mkdir()
+    pq.write_table(pa.table({"amount": [1.0], "label": [0]}), tmp_path / "fraud" / "mine.parquet")
+    with pytest.raises(SystemExit, match=r"mine.parquet lacks the columns \['hour', "):
+        check_example_files(example_files(tmp_path), [*FRAUD_FEATURES, "label"])
+    (tmp_path / "fraud" / "mine.parquet").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="not a readable parquet file"):
+        check_example_files(example_files(tmp_path), [*FRAUD_FEATURES, "label"])
+
+
+def test_traffic_rows_weigh_at_least_their_share_of_the_loss():
+    assert source_weights(8000, 2000, 0.5) == (0.625, 2.5)  # 2000 * 2.5 = 8000 * 0.625: half each, mean 1
+    assert source_weights(1000, 3000, 0.5) == (1.0, 1.0)  # already more than half
+    assert source_weights(8000, 0, 0.5) == (1.0, 1.0) and source_weights(0, 50, 0.9) == (1.0, 1.0)
+    example_w, traffic_w = source_weights(9000, 1000, 0.25)
+    assert 1000 * traffic_w / (1000 * traffic_w + 9000 * example_w) == pytest.approx(0.25)
+    assert source_weights(9000, 1000, 0.0) == (1.0, 1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        source_weights(10, 10, 1.5)
 
 
 def test_parquet_rows_become_training_batches_or_a_clear_error():
@@ -49,6 +76,7 @@ def test_parquet_rows_become_training_batches_or_a_clear_error():
     np.testing.assert_array_equal(out["features"], x)
     np.testing.assert_array_equal(out["label"], y.astype(np.float32))
     np.testing.assert_array_equal(out["bucket"], split_buckets(x))
+    assert (out["traffic"] == 0).all() and (to_training_batch(batch, traffic=True)["traffic"] == 1).all()
     with pytest.raises(ValueError, match="lack the columns \\['amount'\\]"):
         to_training_batch({k: v for k, v in batch.items() if k != "amount"})
     with pytest.raises(ValueError, match="0 or 1"):
@@ -100,11 +128,12 @@ def test_publish_gates_against_the_serving_version_and_never_serves_a_rejected_o
     repo = ModelRepository(str(tmp_path / "repo"))
     x, y = make_fraud(6000, seed=5)
     holdout = make_fraud(3000, seed=6)
-    kwargs = dict(holdout=holdout, training_data={"rows": 6000}, params={}, training={"nan": float("nan")},
-                  log=lambda line: None)
+    kwargs = dict(holdout=holdout, x_train=x, training_data={"rows": 6000}, params={},
+                  training={"nan": float("nan")}, log=lambda line: None)
     good, reference = _candidate(x, y, epochs=4)
     v1, meta1 = publish_candidate(repo, "fraud", good, reference=reference, **kwargs)
     assert (v1, meta1["gate"], meta1["parent_version"]) == (1, "accepted", None)
+    assert meta1["gate_holdout"] == "example" and "0 labelled rows" in meta1["gate_holdout_reason"]
     assert meta1["training"]["nan"] is None  # strict JSON
     untrained, reference0 = _candidate(x[:300], y[:300], epochs=0)
     v2, meta2 = publish_candidate(repo, "fraud", untrained, reference=reference0, **kwargs)

@@ -271,6 +271,15 @@ class LabelErrorDetector:
             self.state, self.since = "ok", now_s
         return events
 
+    def retire(self, now_s: float, why: str) -> list[dict]:
+        """Clear the alarm of a version that no longer gets traffic (a newer one took over)."""
+        if self.state != "alarm":
+            return []
+        event = self._event("ok", now_s, self.statistic, self._seen - self._alarm_at,
+                            {"alarm_since": self.since, "alarm_labels": self._seen - self._alarm_at, "why": why})
+        self.state, self.since = "ok", now_s
+        return [event]
+
     def _crossing(self, now_s: float) -> list[dict]:
         value, labels = self.statistic, self._run_labels
         evidence = {"labels_since_onset": labels, "errors_since_onset": self._run_errors,

@@ -349,6 +349,20 @@ class VersionDrift:
                 self.state[i], self.since[i] = "ok", float(now_s)
         return events
 
+    def retire(self, now_s: float, why: str) -> list[dict]:
+        """Clear every alarm of a version that no longer gets traffic (a newer one took over): one "ok" event each.
+
+        The statistics stay for the report; rows arriving later are judged as before.
+        """
+        events = []
+        for i, state in enumerate(self.state):
+            if state == "alarm":
+                alarm_rows = int(self.rows_seen - self._alarm_rows[i])
+                events.append(self._event(i, "ok", now_s, "retired", "none", None, None, alarm_rows,
+                                          {"alarm_since": self.since[i], "alarm_rows": alarm_rows, "why": why}))
+                self.state[i], self.since[i] = "ok", float(now_s)
+        return events
+
     def _span(self, name: str) -> float:
         steps = self._windows[name].steps
         return self._steps[-1][2] - self._steps[len(self._steps) - steps][2] if steps else 0.0

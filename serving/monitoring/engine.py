@@ -25,6 +25,7 @@ from serving.monitoring.drift import DriftConfig, LabelConfig, LabelErrorDetecto
 from serving.monitoring.feedback import labels_spec
 from serving.monitoring.join import JoinCounts, ModelJoin
 from serving.monitoring.quality import QualityWindow
+from serving.monitoring.rank import RankDetector
 from serving.monitoring.reference import label_errors
 from serving.monitoring.retrain import RetrainTrigger
 from serving.registry import ModelRepository
@@ -34,6 +35,7 @@ __all__ = ["MonitoringEngine", "VersionMonitor"]
 _log = logging.getLogger("fleet.monitor")
 _STREAM_KEYS = ("features", "score", "pca")
 _QUALITY_EVERY_S = 1.0
+_RETIRE_AFTER_S = 10.0  # a replaced version's alarms clear once it got no rows this long
 
 
 @dataclass
@@ -47,9 +49,11 @@ class VersionMonitor:
     drift_keys: tuple[str, ...] = ()  # which count arrays the drift streams are made of, in order
     quality: QualityWindow | None = None
     labels: LabelErrorDetector | None = None
+    rank: RankDetector | None = None  # a binary classifier's ranking of labelled scores
     pending: dict = field(default_factory=dict)  # counts since the last step: key -> int64 array
     pending_rows: int = 0
     rows: int = 0
+    first_seen_s: float | None = None  # when its first rows reached the monitor
     last_seen_s: float = 0.0
 
 
@@ -115,6 +119,8 @@ class MonitoringEngine:
                 if vm is None:
                     continue
                 vm.last_seen_s = now
+                if vm.first_seen_s is None:
+                    vm.first_seen_s = now
                 vm.pending_rows += int(entry.get("rows", 0))
                 for key in _STREAM_KEYS:
                     if key in entry:
@@ -148,12 +154,13 @@ class MonitoringEngine:
     # -- the periodic judgement -------------------------------------------------------------
     def tick(self) -> list[dict]:
         """One round: a drift step per version with new rows, the label join, alarms acted on. Returns the events."""
-        started = time.process_time()
+        started = time.thread_time()  # this thread's CPU only: not the actor's other threads meanwhile
         now = self._clock()
         events: list[dict] = []
         with self.lock:
             for vm in list(self.versions.values()):
                 events += self._drift_step(vm, now)
+            events += self._retire_replaced(now)
             if now - self._last_quality >= _QUALITY_EVERY_S:
                 self._last_quality = now
                 events += self._join_all(now)
@@ -161,7 +168,7 @@ class MonitoringEngine:
                 self._act(event)
             self._retrain(now)
             self.ticks += 1
-        self.tick_seconds += time.process_time() - started
+        self.tick_seconds += time.thread_time() - started
         return events
 
     def _drift_step(self, vm: VersionMonitor, now: float) -> list[dict]:
@@ -190,6 +197,24 @@ class MonitoringEngine:
             vm.drift = None
             return []
         return [{**e, "model": vm.model, "version": vm.version, "alarm": "drift"} for e in events]
+
+    def _retire_replaced(self, now: float) -> list[dict]:
+        """Clear the alarms of versions a newer version of their model has replaced: no rows for _RETIRE_AFTER_S
+        since the newer one's first rows (their alarms could never clear otherwise)."""
+        events: list[dict] = []
+        for (model, version), vm in self.versions.items():
+            if vm.first_seen_s is None or now - vm.last_seen_s < _RETIRE_AFTER_S:
+                continue
+            newer = [o for (m, v), o in self.versions.items() if m == model and v > version
+                     and o.first_seen_s is not None and o.first_seen_s >= vm.last_seen_s - _RETIRE_AFTER_S]
+            if not newer:
+                continue
+            why = f"version {newer[0].version} serves {model} now; this one got no rows for {now - vm.last_seen_s:.0f} s"
+            for detector in (vm.drift, vm.labels, vm.rank):
+                if detector is not None:
+                    events += [{**e, "model": model, "version": version, "alarm": "drift" if detector is vm.drift
+                                else "quality"} for e in detector.retire(now, why)]
+        return events
 
     def _label_spec(self, model: str):
         spec = self.tasks.get(model)
@@ -260,7 +285,26 @@ class MonitoringEngine:
             errors = label_errors(outputs.reshape(len(labels), -1), labels, self._threshold(vm))
             events += [{**e, "model": model, "version": int(version), "alarm": "quality"}
                        for e in vm.labels.add(errors, now)]
+            if spec.task == "binary":
+                rank = self._rank(vm)
+                if rank is not None:
+                    events += [{**e, "model": model, "version": int(version), "alarm": "quality"}
+                               for e in rank.add(outputs, labels, now)]
         return events
+
+    def _rank(self, vm: VersionMonitor) -> RankDetector | None:
+        if vm.rank is None:
+            monitoring = vm.metadata.get("monitoring") or {}
+            by_label = monitoring.get("scores_by_label")
+            if not by_label:
+                return None
+            try:
+                vm.rank = RankDetector(by_label, false_alarm_labels=self.label_config.false_alarm_labels)
+            except (KeyError, TypeError, ValueError) as exc:
+                _log.warning("model %s version %s: no ranking detector (%s)", vm.model, vm.version, exc)
+                vm.metadata.setdefault("monitoring", {}).pop("scores_by_label", None)
+                return None
+        return vm.rank
 
     @staticmethod
     def _threshold(vm: VersionMonitor) -> float:
@@ -316,6 +360,7 @@ class MonitoringEngine:
                         "note": "no drift reference: the version's metadata.json has no reference_stats histograms "
                                 "nor monitoring entry"}
                     doc["label_error"] = vm.labels.report(now) if vm.labels is not None else None
+                    doc["label_rank"] = vm.rank.report(now) if vm.rank is not None else None
                     doc["alarms"] = [a for (m, ver, _s), a in self.alarms.items() if m == model and ver == v]
                     versions[str(v)] = doc
                 return {"model_name": model, "versions": versions}
@@ -328,6 +373,7 @@ class MonitoringEngine:
                 reference.update(roc_auc=metrics.get("roc_auc"), accuracy=metrics.get("accuracy"))
                 versions[str(v)] = {**(vm.quality.report(now) if vm.quality is not None else {}),
                                     "label_error": vm.labels.report(now) if vm.labels is not None else None,
+                                    "label_rank": vm.rank.report(now) if vm.rank is not None else None,
                                     "reference": reference}
             join = self.joins.get(model)
             c = join.counts if join is not None else JoinCounts()

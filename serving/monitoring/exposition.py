@@ -11,7 +11,8 @@ prediction log, feedback, input contracts and retrains. Names, as the shipped al
     fleet_drift_cusum{model,version,stream,side}            the ridit CUSUMs (up, down) ...
     fleet_drift_cusum_threshold{model,version,stream}       ... and their threshold h
     fleet_drift_rows_total{model,version}                   rows the drift monitor has judged
-    fleet_quality_alarm{model,version,detector}             1 while the label-error alarm holds
+    fleet_quality_alarm{model,version,detector}             1 while the label-error (detector label_error) or the
+                                                            ranking (label_rank) alarm holds
     fleet_quality_{roc_auc,accuracy,label_error_rate,calibration_error,labelled_rows}{model,version,window}
     fleet_quality_reference_{roc_auc,label_error_rate}{model,version}
     fleet_quality_label_cusum{model,version}, fleet_quality_label_cusum_threshold{model,version}
@@ -102,7 +103,8 @@ class MonitoringCollector:
                  "calibration_error": "Expected calibration error (10 bins) of the window",
                  "labelled_rows": "Labelled predictions in the window"}
         fams = {n: GaugeMetricFamily(f"fleet_quality_{n}", doc, labels=_MV + ["window"]) for n, doc in names.items()}
-        alarm = GaugeMetricFamily("fleet_quality_alarm", "1 while the label-error detector's alarm holds",
+        alarm = GaugeMetricFamily("fleet_quality_alarm", "1 while a quality detector's alarm holds: more label errors "
+                                  "(label_error), or positives scoring lower / negatives higher (label_rank)",
                                   labels=_MV + ["detector"])
         ref_auc = GaugeMetricFamily("fleet_quality_reference_roc_auc", "The version's held-out ROC AUC at training",
                                     labels=_MV)
@@ -121,6 +123,8 @@ class MonitoringCollector:
                         value = doc.get("rows") if name == "labelled_rows" else doc.get(name)
                         if value is not None:
                             fams[name].add_metric(labels + [window], float(value))
+            if vm.rank is not None:
+                alarm.add_metric(labels + ["label_rank"], 1.0 if vm.rank.state == "alarm" else 0.0)
             if vm.labels is not None:
                 alarm.add_metric(labels + ["label_error"], 1.0 if vm.labels.state == "alarm" else 0.0)
                 r = vm.labels.report(now)

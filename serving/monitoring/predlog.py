@@ -38,6 +38,11 @@ from serving.monitoring.logrows import LogRecord, LogSchema
 __all__ = ["PredictionLog", "traffic_dir"]
 
 _log = logging.getLogger("fleet.predlog")
+# Parquet options: dictionary encoding only where values repeat (the rest would try it, then fall back), and
+# column statistics where readers filter or join (pyarrow.dataset, DuckDB push them down); zstd, level 1.
+_WRITE_OPTIONS = {"compression": "zstd", "compression_level": 1,
+                  "use_dictionary": ["model", "answered_by", "key_id", "violations"],
+                  "write_statistics": ["request_id", "row", "timestamp"]}
 _REPORT_EVERY_S = 60.0
 _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
 
@@ -201,11 +206,11 @@ class PredictionLog:
         self._fs.create_dir(folder, recursive=True)
         final = f"{folder}/{name}"
         if not self._atomic_rename:  # an object store: the object appears whole when its upload completes
-            pq.write_table(table, final, compression="zstd", filesystem=self._fs)
+            pq.write_table(table, final, filesystem=self._fs, **_WRITE_OPTIONS)
             return
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            pq.write_table(table, tmp, compression="zstd", filesystem=self._fs)
+            pq.write_table(table, tmp, filesystem=self._fs, **_WRITE_OPTIONS)
             self._fs.move(tmp, final)
         except BaseException:
             try:

@@ -90,6 +90,7 @@ class QualityWindow:
         self._chunks: collections.deque[_Chunk] = collections.deque()
         self._rows = 0
         self.labelled_total = 0  # since the monitor started
+        self._cached: tuple[int, int, dict] | None = None  # (labelled_total, second, report): scrapes reuse it
 
     def add(self, predicted_us: np.ndarray, outputs: np.ndarray, labels: np.ndarray) -> None:
         n = len(labels)
@@ -108,7 +109,13 @@ class QualityWindow:
                 np.concatenate([c.outputs for c in self._chunks]), np.concatenate([c.labels for c in self._chunks]))
 
     def report(self, now_s: float) -> dict:
-        """{"rows": metrics of the latest window_labels, "time": of the last window_s seconds, "labelled": total}."""
+        """{"rows": metrics of the latest window_labels, "time": of the last window_s seconds, "labelled": total}.
+
+        Computed at most once a second while no label arrives (a scrape of /metrics and /quality reuse it).
+        """
+        key = (self.labelled_total, int(now_s))
+        if self._cached is not None and self._cached[:2] == key:
+            return self._cached[2]
         stamps, outputs, labels = self._arrays()
         latest = slice(max(0, len(labels) - self.window_labels), len(labels))
         recent = stamps >= int((now_s - self.window_s) * 1e6)
@@ -116,4 +123,6 @@ class QualityWindow:
         time_doc = quality_metrics(self.task, outputs[recent], labels[recent], self.threshold)
         rows_doc["window"] = f"the latest {self.window_labels} labelled predictions"
         time_doc["window"] = f"predictions of the last {self.window_s:g} s"
-        return {"rows": rows_doc, "time": time_doc, "labelled": self.labelled_total}
+        report = {"rows": rows_doc, "time": time_doc, "labelled": self.labelled_total}
+        self._cached = (*key, report)
+        return report

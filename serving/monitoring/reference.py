@@ -5,6 +5,8 @@ read by the ingress replicas and the monitor):
 
     "monitoring": {
       "scores":      {"edges": [b + 1 floats], "counts": [b ints], "rows": m, "output": "<output name>"},
+      "scores_by_label": {"0": {"edges", "counts", "rows"}, "1": {...}}   (a binary classifier: each class's
+                     held-out scores in its own quantile bins)
       "pca":         {"mean": [d], "components": [[d] * k], "variance": 0.9, "explained": 0.91,
                       "edges": [b + 1], "counts": [b], "rows": m},
       "label_error": {"rate": 0.012, "rows": 7995, "threshold": 0.5}
@@ -138,6 +140,12 @@ def monitoring_reference(*, z_train: np.ndarray | None, z_holdout: np.ndarray | 
     """
     scores = row_scores(outputs_holdout)
     doc: dict = {"scores": {**histogram_reference(scores, bins), "output": output_name}}
+    labels = np.asarray(labels_holdout).reshape(-1)
+    flat = np.asarray(outputs_holdout).reshape(len(labels), -1)
+    if flat.shape[1] == 1 and np.isin(labels, (0, 1)).all() and 0 < labels.sum() < len(labels):
+        # A binary classifier: its held-out scores of each class in that class's own quantile bins (a rare class
+        # would sit in one bin of the pooled ones), for the ranking detector (serving/monitoring/rank.py).
+        doc["scores_by_label"] = {str(c): histogram_reference(scores[labels == c], bins) for c in (0, 1)}
     errors = label_errors(outputs_holdout, labels_holdout, threshold)
     doc["label_error"] = {"rate": float(errors.mean()) if errors.size else None, "rows": int(errors.size),
                           "threshold": float(threshold)}

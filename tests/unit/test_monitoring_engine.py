@@ -149,3 +149,32 @@ def test_the_retrain_trigger_submits_once_per_held_alarm_and_respects_one_job_an
                          alarm) is None
     events = [json.loads(line)["event"] for line in (tmp_path / "audit" / "monitor.jsonl").read_text().splitlines()]
     assert events == ["retrain_submitted", "retrain_succeeded", "retrain_submitted", "retrain_unsupported"]
+
+
+def test_a_replaced_versions_alarms_clear_once_the_new_version_serves(engine_setup):
+    from serving.monitoring.engine import MonitoringEngine
+
+    _, data, repo = engine_setup
+    v1 = repo.metadata("m", 1)
+    repo.publish("m", {"model.pt": b"v2"}, v1)
+    clock = [1000.0]
+    engine = MonitoringEngine({"repository": repo.root_uri, "data_dir": str(data), "drift_window_rows": 2000},
+                              clock=lambda: clock[0])
+    rng = np.random.default_rng(4)
+    for _ in range(20):  # version 1 drifts and alarms
+        engine.intake("r1", step(rng, 500, shift=0.3))
+        engine.tick()
+        clock[0] += 1
+    assert ("m", 1, "f0") in engine.alarms
+    for _ in range(5):  # version 2 takes the traffic (stable); version 1 gets none
+        delta = step(rng, 500)
+        delta["drift"] = {("m", "2"): delta["drift"][("m", "1")]}
+        engine.intake("r1", delta)
+        events = engine.tick()
+        clock[0] += 1
+    assert ("m", 1, "f0") in engine.alarms  # 5 s without rows: not yet
+    clock[0] += 10
+    events = engine.tick()
+    assert [(e["version"], e["stream"], e["state"], e["detector"]) for e in events] == [(1, "f0", "ok", "retired")]
+    assert not engine.alarms and "version 2 serves m now" in events[0]["evidence"]["why"]
+    engine.close()

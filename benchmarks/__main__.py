@@ -4,16 +4,21 @@
     python -m benchmarks --quick              # shorter runs, fewer points
     python -m benchmarks --url http://127.0.0.1:8000 --systems fleet   # a fleet already running
     python -m benchmarks --systems fleet,triton --connections 1,16,64
+    python -m benchmarks --systems '' --lifecycle --logging-cost   # only the monitoring scenarios
 
 Every system serves the same TorchScript file (the `fraud` model, trained into a
 fresh repository) and gets the same request bodies. Results go to
-`benchmarks/results/<timestamp>/`: report.json, summary.md and PNG plots.
+`benchmarks/results/<timestamp>/`: report.json, summary.md and PNG plots. `--lifecycle` and
+`--logging-cost` add the monitoring scenarios (`benchmarks.lifecycle`, `benchmarks.logging_cost`,
+each on a cluster of its own after the systems above), written to `lifecycle/` and `logging_cost/`
+inside the run's folder, with their goals in its report.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import signal
 import sys
 import tempfile
@@ -65,6 +70,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="fleet only: the adaptive batching scenario and nothing else")
     p.add_argument("--soak-minutes", type=float, default=0.0,
                    help="also run the fault soak scenarios (benchmarks.soak: overload, replica_kill) this long each")
+    p.add_argument("--lifecycle", action="store_true",
+                   help="also run the monitoring lifecycle scenario (benchmarks.lifecycle; --quick: its short plan)")
+    p.add_argument("--logging-cost", action="store_true",
+                   help="also measure the prediction log's cost (benchmarks.logging_cost: peak with the log on vs "
+                        "off, then --logging-minutes at 80 %% of the logged peak)")
+    p.add_argument("--logging-minutes", type=float, default=None,
+                   help="the logging cost's sustained run (default 10; --quick 1)")
     p.add_argument("--triton-instances", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results", help="parent folder of the run's folder")
     args = p.parse_args(argv)
@@ -185,16 +197,45 @@ def run(args) -> Path:
                       "value": ", ".join(f"{n}: {r if r is not None else '-'}" for n, r in best.items()),
                       "target": None, "unit": "", "met": verdict["met"], "gap": None})
     goals += soak_goals(soak)
+    lifecycle, logging_cost = monitoring_scenarios(args, out_dir)
+    goals += (lifecycle or {}).get("goals", []) + (logging_cost or {}).get("goals", [])
     report = {
         "git_sha": git_sha(), "machine": machine(), "model": MODEL,
         "config": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
         "systems": systems, "inprocess": inprocess, "closed_loop": closed, "open_loop": opened,
-        "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "soak": soak, "ratios": ratios, "goals": goals,
+        "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "soak": soak,
+        "lifecycle": lifecycle, "logging_cost": logging_cost, "ratios": ratios, "goals": goals,
     }
     for path in write_report(out_dir, report):
         print(f"wrote {path}")
     print((out_dir / "summary.md").read_text())
     return out_dir
+
+
+def monitoring_scenarios(args, out_dir: Path) -> tuple[dict | None, dict | None]:
+    """The lifecycle and logging-cost scenarios when asked for (each starts, and stops, a cluster of its own)."""
+    lifecycle = logging_cost = None
+    if args.lifecycle:
+        from benchmarks.lifecycle import COMMON, PLANS, run_lifecycle
+
+        print("monitoring lifecycle scenario ...", flush=True)
+        mode = "quick" if args.quick else "full"
+        lifecycle = run_lifecycle({**COMMON, **PLANS[mode], "mode": mode}, out_dir / "lifecycle")
+    if args.logging_cost:
+        from benchmarks.logging_cost import run_logging_cost
+        from benchmarks.logging_report import cost_markdown
+
+        print("prediction-log cost ...", flush=True)
+        minutes = args.logging_minutes if args.logging_minutes is not None else (1.0 if args.quick else 10.0)
+        cost_args = argparse.Namespace(pairs=2 if args.quick else 3, repeats=2 if args.quick else 3,
+                                       duration=4.0 if args.quick else 8.0, connections=64, minutes=minutes,
+                                       sustained_share=0.8, quick=args.quick)
+        logging_cost = run_logging_cost(cost_args)
+        folder = out_dir / "logging_cost"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(logging_cost, indent=2, default=str))
+        (folder / "summary.md").write_text(cost_markdown(logging_cost))
+    return lifecycle, logging_cost
 
 
 def sustained_rate(ramp: list[dict]) -> float | None:

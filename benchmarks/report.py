@@ -150,7 +150,20 @@ def summary_markdown(report: dict) -> str:
         from benchmarks.soak import soak_markdown
 
         lines += ["", soak_markdown(report["soak"])]
+    if report.get("lifecycle"):
+        from benchmarks.lifecycle_report import lifecycle_markdown
+
+        lines += ["", _nested(lifecycle_markdown(report["lifecycle"]))]
+    if report.get("logging_cost"):
+        from benchmarks.logging_report import cost_markdown
+
+        lines += ["", _nested(cost_markdown(report["logging_cost"]))]
     return "\n".join(lines) + "\n"
+
+
+def _nested(markdown: str) -> str:
+    """A scenario's own summary inside this one: its headings one level down."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
 
 
 def _fmt(value) -> str:

@@ -1,0 +1,253 @@
+"""The lifecycle scenario's figures from what was recorded: detector delays, false alarms, AUCs, goals, markdown.
+
+Pure functions over plain data (no cluster, no clock), so `tests/unit/test_lifecycle_bench.py`
+checks the arithmetic:
+
+- `rows_at`: how many rows the replay had sent by a moment (from the requests' send times);
+- `detector_delays`: per onset, the first alarm of each (kind, version, stream) raised after it
+  and before the next onset, as a delay in rows and seconds, and the streams already alarming;
+- `stable_false_alarms`: alarms raised before the first onset;
+- `window_auc`: the offline ROC AUC of the rows the monitor's rows window holds (the latest
+  `window` labelled predictions of a version, in the order the monitor joined them);
+- `lifecycle_goals` and `lifecycle_markdown`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["rows_at", "detector_delays", "stable_false_alarms", "window_auc", "auc_checks", "lifecycle_goals",
+           "lifecycle_markdown", "serving_at", "AUC_TOLERANCE"]
+
+AUC_TOLERANCE = 0.001
+
+
+def rows_at(send_s: np.ndarray, rows_per_request: int, t_s: float) -> int:
+    """Rows in the requests scheduled before `t_s` (`send_s`: each request's intended send time, sorted)."""
+    return int(np.searchsorted(np.asarray(send_s, np.float64), t_s, side="left")) * int(rows_per_request)
+
+
+def _alarms(events: list[dict]) -> list[dict]:
+    return sorted((e for e in events if e.get("event") == "alarm"), key=lambda e: e["since_t"])
+
+
+def stable_false_alarms(events: list[dict], first_onset_t: float) -> list[dict]:
+    """Alarms (drift or quality) raised before the first onset: on stable traffic, each is a false alarm."""
+    return [e for e in _alarms(events) if e["since_t"] < first_onset_t]
+
+
+def _active_at(events: list[dict], t: float) -> list[str]:
+    """Alarms holding at `t`, as "kind v<version> stream" (raised before it, not cleared by then)."""
+    state: dict[tuple, bool] = {}
+    for e in sorted((e for e in events if e.get("event") in ("alarm", "alarm_cleared")), key=lambda e: e["since_t"]):
+        if e["since_t"] >= t:
+            break
+        state[(e["alarm"], e["version"], e["stream"])] = e["event"] == "alarm"
+    return sorted(f"{a} v{v} {s}" for (a, v, s), on in state.items() if on)
+
+
+def detector_delays(events: list[dict], onsets: list[dict], send_s: np.ndarray, rows_per_request: int) -> list[dict]:
+    """Per onset ({"name", "t", "row"}), the alarms raised between it and the next onset.
+
+    Each alarm event holds `since_t` (the monitor's time of the alarm, seconds from the load's
+    start), `alarm` ("drift" | "quality"), `version`, `stream`, `detector`. The delay in rows is
+    the rows the replay had sent by the alarm less the onset's row: it includes the pipeline's
+    lag (a replica's push, about 1 s; the monitor's tick, 1 s; for labels, their delay too).
+    `already_alarming` / `alarming_at_end`: the alarms holding at the onset and at the next one (or at the end).
+    """
+    out = []
+    ends = [o["t"] for o in onsets[1:]] + [math.inf]
+    for onset, end in zip(onsets, ends):
+        first: dict[tuple, dict] = {}
+        for e in _alarms(events):
+            if onset["t"] <= e["since_t"] < end:
+                key = (e["alarm"], e["version"], e["stream"])
+                if key not in first:
+                    first[key] = {"alarm": e["alarm"], "version": e["version"], "stream": e["stream"],
+                                  "detector": e.get("detector"), "statistic": e.get("statistic"),
+                                  "delay_s": round(e["since_t"] - onset["t"], 2),
+                                  "delay_rows": rows_at(send_s, rows_per_request, e["since_t"]) - onset["row"],
+                                  "detector_rows": e.get("rows")}
+        alarms = sorted(first.values(), key=lambda a: a["delay_rows"])
+        summary: dict = {}
+        for label, pick in (("first_drift", lambda a: a["alarm"] == "drift"),
+                            ("first_feature", lambda a: a["alarm"] == "drift" and a["stream"] not in ("score", "pca")),
+                            ("score", lambda a: a["alarm"] == "drift" and a["stream"] == "score"),
+                            ("pca", lambda a: a["alarm"] == "drift" and a["stream"] == "pca"),
+                            ("label_error", lambda a: a["alarm"] == "quality"),
+                            ("cusum", lambda a: a["detector"] == "cusum"),
+                            ("rows_window", lambda a: a["detector"] == "rows_window"),
+                            ("time_window", lambda a: a["detector"] == "time_window")):
+            hit = next((a for a in alarms if pick(a)), None)
+            summary[label] = None if hit is None else {k: hit[k] for k in ("version", "stream", "detector",
+                                                                             "delay_rows", "delay_s")}
+        out.append({"onset": onset["name"], "t": onset["t"], "row": onset["row"],
+                    "already_alarming": _active_at(events, onset["t"]),
+                    "alarming_at_end": _active_at(events, end),
+                    "drift_streams_alarmed": len({a["stream"] for a in alarms if a["alarm"] == "drift"}),
+                    "summary": summary, "alarms": alarms})
+    return out
+
+
+def window_auc(received_us: np.ndarray, predicted_us: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+               window: int) -> dict:
+    """ROC AUC of the latest `window` labelled predictions, in the monitor's order.
+
+    The monitor adds labelled predictions as its scans join them: label files in the order they
+    were written (`received_at`), each scan's rows by prediction time. Ordering by (received_at,
+    prediction time) gives the same rows whenever one scan read one feedback body, as here (one
+    body a second, one scan a second, and every prediction logged before its label came).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    order = np.lexsort((np.asarray(predicted_us), np.asarray(received_us)))
+    take = order[-window:] if window > 0 else order
+    y, s = np.asarray(labels)[take], np.asarray(scores, np.float64)[take]
+    auc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
+    return {"rows": int(len(take)), "roc_auc": auc, "positives": int(y.sum())}
+
+
+def auc_checks(checkpoints: list[dict]) -> dict:
+    """The largest |online - offline| over every checkpoint and version, and whether all are within tolerance."""
+    diffs = [v["diff"] for c in checkpoints for v in c.get("versions", {}).values() if v.get("diff") is not None]
+    same_rows = all(v.get("rows_online") == v.get("rows_offline") for c in checkpoints
+                    for v in c.get("versions", {}).values())
+    worst = max(diffs) if diffs else None
+    return {"comparisons": len(diffs), "max_abs_diff": worst, "same_row_counts": same_rows,
+            "met": None if worst is None else worst <= AUC_TOLERANCE}
+
+
+def serving_at(first_answered: dict, t: float) -> int | None:
+    """The version answering at `t`: the newest one first answered by then (`first_answered`: {version: t})."""
+    seen = [int(v) for v, first in first_answered.items() if first <= t]
+    return max(seen) if seen else None
+
+
+def _goal(name: str, value, target, met, unit: str = "") -> dict:
+    gap = None
+    if met is False and isinstance(value, (int, float)) and isinstance(target, (int, float)):
+        gap = round(value - target, 4)
+    return {"goal": name, "value": value, "target": target, "unit": unit, "met": met, "gap": gap}
+
+
+def lifecycle_goals(report: dict) -> list[dict]:
+    """The lifecycle scenario's promises, as goals of the benchmark report (the shape of `ratios_and_goals`)."""
+    goals = []
+    false = report.get("stable_false_alarms") or []
+    goals.append(_goal(f"lifecycle: alarms during the stable phase ({report.get('stable_rows', 0):,} rows)",
+                       len(false), 0, len(false) == 0))
+    delays = {d["onset"]: d for d in report.get("delays") or []}
+    cov = delays.get("covariate_shift")
+    if cov is not None:
+        first = cov["summary"]["first_drift"]
+        goals.append(_goal("lifecycle: covariate shift raises a drift alarm (rows after the onset)",
+                           None if first is None else first["delay_rows"], None, first is not None, "rows"))
+    concept = delays.get("concept_shift")
+    if concept is not None:
+        hit = concept["summary"]["label_error"]
+        # Raised on the serving version before the onset and held to the end: nothing new to raise. (An alarm
+        # of a version no longer answering holds for ever: no labels come to clear it.)
+        first_answered = report.get("versions_first_answered_t") or {"1": 0.0}
+        serving = serving_at(first_answered, concept["t"])
+        mine = f"quality v{serving} label_error"
+        held = mine in concept["already_alarming"] and mine in concept.get("alarming_at_end", []) \
+            and serving_at(first_answered, math.inf) == serving
+        if hit is None and held:
+            goals.append(_goal("lifecycle: concept shift raises the label-error alarm (rows after the onset)",
+                               "held from before the onset", None, None, ""))
+        else:
+            goals.append(_goal("lifecycle: concept shift raises the label-error alarm (rows after the onset)",
+                               None if hit is None else hit["delay_rows"], None, hit is not None, "rows"))
+    auc = report.get("auc") or {}
+    goals.append(_goal("lifecycle: online ROC AUC (rows window) vs sklearn on the same rows, max |diff|",
+                       auc.get("max_abs_diff"), AUC_TOLERANCE, auc.get("met")))
+    retrain = report.get("retrain") or {}
+    goals.append(_goal("lifecycle: the monitor submitted a retrain", retrain.get("submitted", False), True,
+                       bool(retrain.get("submitted"))))
+    if retrain.get("submitted"):
+        goals.append(_goal("lifecycle: the retrain job's outcome", retrain.get("status"), "SUCCEEDED",
+                           retrain.get("status") == "SUCCEEDED"))
+        if retrain.get("gate") == "rejected":
+            goals.append(_goal("lifecycle: the retrained version served", "rejected by the gate", None, None))
+        else:
+            served = retrain.get("served_t") is not None
+            goals.append(_goal("lifecycle: the retrained version served", served, True, served))
+    return goals
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _grouped(alarms: list[str]) -> str:
+    """"drift v1 amount", ... as "drift v1: 16 streams", naming the streams when there are at most 3."""
+    groups: dict[str, list[str]] = {}
+    for a in alarms:
+        kind, version, stream = a.split(" ", 2)
+        groups.setdefault(f"{kind} {version}", []).append(stream)
+    return "; ".join(f"{g}: {len(s)} streams" if len(s) > 3 else f"{g}: {', '.join(s)}"
+                     for g, s in groups.items()) or "-"
+
+
+def lifecycle_markdown(report: dict) -> str:
+    """The scenario's figures as markdown (what summary.md and benchmarks/README.md quote)."""
+    p = report["plan"]
+    lines = [f"# fleet lifecycle scenario, git {report.get('git_sha')}, {report.get('created_at')}", "",
+             f"{p['rate_rps']:g} requests/s of {p['rows_per_request']} rows "
+             f"({p['rate_rps'] * p['rows_per_request']:,.0f}"
+             f" rows/s), phases " + ", ".join(f"{ph['scenario']} {ph['seconds']:g} s" for ph in p["phases"])
+             + f"; labels fed back {p['label_delay_s']:g} s after each request; retrain_after_s "
+             f"{p['retrain_after_s']:g}; {report.get('rows_sent', 0):,} rows sent, "
+             f"{report.get('rows_answered', 0):,} answered 200.", ""]
+    lines += ["## Detector delays (rows after each onset; the pipeline's lag included)", "",
+              "| onset | at row | first drift alarm | first feature | score | pca | label error | streams alarmed | "
+              "already alarming |", "|---|---:|---|---|---|---|---|---:|---|"]
+
+    def cell(hit) -> str:
+        if hit is None:
+            return "-"
+        return (f"{hit['delay_rows']:,} rows / {hit['delay_s']:.0f} s "
+                f"({hit['stream']}, {hit['detector']}, v{hit['version']})")
+
+    for d in report.get("delays") or []:
+        s = d["summary"]
+        lines.append(f"| {d['onset']} | {d['row']:,} | {cell(s['first_drift'])} | {cell(s['first_feature'])} | "
+                     f"{cell(s['score'])} | {cell(s['pca'])} | {cell(s['label_error'])} | "
+                     f"{d['drift_streams_alarmed']} | "
+                     f"{_grouped(d['already_alarming'])} |")
+    false = report.get("stable_false_alarms") or []
+    lines += ["", f"False alarms during the stable phase ({report.get('stable_rows', 0):,} rows): {len(false)}"
+              + ("" if not false else ": " + ", ".join(f"{e['alarm']} {e['stream']} at {e['since_t']:.0f} s"
+                                                      for e in false)), ""]
+    lines += ["## Online vs offline ROC AUC (the rows window, sklearn on the same rows read from the log)", "",
+              "| checkpoint | version | rows | online | offline | abs diff |", "|---|---:|---:|---:|---:|---:|"]
+    for c in report.get("auc_checkpoints") or []:
+        for v, doc in sorted(c.get("versions", {}).items()):
+            lines.append(f"| {c['name']} ({c['t']:.0f} s) | {v} | {_fmt(doc.get('rows_online'))} | "
+                         f"{_fmt(doc.get('online'))} | {_fmt(doc.get('offline'))} | {_fmt(doc.get('diff'))} |")
+    r = report.get("retrain") or {}
+    lines += ["", "## Retrain", ""]
+    if r.get("submitted"):
+        lines.append(f"- submitted at {r['submitted_t']:.0f} s (alarms held {r.get('held_s')} s on version "
+                     f"{r.get('version')}): job {r.get('job')}, `{r.get('entrypoint')}`")
+        lines.append(f"- outcome: {r.get('status') or 'still running at the end'}"
+                     + (f" after {r['duration_s']:.0f} s" if r.get("duration_s") is not None else ""))
+        if r.get("new_version") is not None:
+            lines.append(f"- published version {r['new_version']}, gate {r.get('gate')} "
+                         f"({r.get('gate_reason') or ''}); first answered by it at "
+                         + (f"{r['served_t']:.0f} s" if r.get("served_t") is not None else "never (not served)"))
+    else:
+        lines.append("- no retrain was submitted")
+    lines += ["", "| goal | value | target | met |", "|---|---:|---:|---|"]
+    for g in report.get("goals") or []:
+        met = "n/a" if g["met"] is None else ("yes" if g["met"] else "no" + (f" (gap {g['gap']})" if g["gap"] else ""))
+        lines.append(f"| {g['goal']} | {_fmt(g['value'])} {g['unit']} | {_fmt(g['target'])} {g['unit']} | {met} |")
+    return "\n".join(lines) + "\n"

@@ -55,7 +55,7 @@ _REDACT_SALT = 0x5EED_F1EE7  # hashed features: not the row hash's basis
 _UTC_US = pa.timestamp("us", tz="UTC")
 
 
-@dataclass
+@dataclass(slots=True)
 class LogRecord:
     """One answered batch (the part of it asked of one model), held as arrays until the writer takes it."""
 
@@ -187,12 +187,12 @@ class LogSchema:
         arr = np.asarray(values)
         names = self.features.get(name)
         if names is not None:
+            columns = np.ascontiguousarray(arr.T)  # each feature's values contiguous: Arrow takes them as they are
             for j, feature in enumerate(names):
                 how = self.redact.get(feature)
                 if how == "drop":
                     continue
-                column = arr[:, j]
-                cols[feature] = pa.array(value_hashes(column, _REDACT_SALT) if how == "hash" else column)
+                cols[feature] = pa.array(value_hashes(columns[j], _REDACT_SALT) if how == "hash" else columns[j])
             return
         how = self.redact.get(name)
         if how == "drop":
@@ -221,9 +221,11 @@ class LogSchema:
             "compute": np.repeat(np.fromiter((r.compute_us for r in records), np.int64, len(records)),
                                  [len(r.request_ids) for r in records]),
         }
-        answered = [a for r in records for a in (r.answered_by if isinstance(r.answered_by, list)
-                                                  else [r.answered_by] * len(r.request_ids))]
-        keys = [k for r in records for k in (r.key_ids if r.key_ids is not None else [None] * len(r.request_ids))]
+        answered = None if all(r.answered_by == records[0].answered_by for r in records) else [
+            a for r in records for a in (r.answered_by if isinstance(r.answered_by, list)
+                                         else [r.answered_by] * len(r.request_ids))]
+        keys = None if all(r.key_ids is None for r in records) else [
+            k for r in records for k in (r.key_ids if r.key_ids is not None else [None] * len(r.request_ids))]
         cols: dict = {
             "request_id": pa.array(_expand(ids, counts), pa.string()),
             "row": pa.array(rows),
@@ -246,8 +248,13 @@ class LogSchema:
         cols["latency_us"] = pa.array(_expand(per_request["latency"], counts))
         cols["queue_us"] = pa.array(_expand(per_request["queue"], counts))
         cols["compute_us"] = pa.array(_expand(per_request["compute"], counts))
-        cols["answered_by"] = pa.array(_expand(answered, counts), pa.string()).dictionary_encode()
-        cols["key_id"] = pa.array(_expand(keys, counts), pa.string())
+        if answered is None:  # one value for every row (the usual case): a dictionary of it
+            cols["answered_by"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), np.int32)),
+                                                                 pa.array([records[0].answered_by], pa.string()))
+        else:
+            cols["answered_by"] = pa.array(_expand(answered, counts), pa.string()).dictionary_encode()
+        cols["key_id"] = pa.nulls(len(rows), pa.string()) if keys is None else pa.array(_expand(keys, counts),
+                                                                                        pa.string())
         cols["input_hash"] = pa.array(self._input_hashes(raw_inputs, len(rows)), pa.uint64())
         cols["prediction_hash"] = pa.array(self._row_hash_of(list(outputs.values()), len(rows)), pa.uint64())
         if any(r.violations is not None for r in records):

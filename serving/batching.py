@@ -266,6 +266,12 @@ class Batcher:
                 finally:
                     timer.cancel()
 
+    def _observe(self, batch: list, inputs: dict, outputs, sent_ns: int, compute_ns: int) -> None:
+        try:
+            self.observe(batch, inputs, outputs, sent_ns, compute_ns)
+        except Exception:  # noqa: BLE001 - observing must never fail a batch
+            _log.exception("model %s: observing a batch failed", self.name)
+
     def _popleft(self) -> _Pending:
         p = self._queue.popleft()
         self._queued_rows -= p.rows
@@ -422,10 +428,9 @@ class Batcher:
                     adaptive.on_latency(done_ns - p.enqueued_ns, max(0, sent_ns - max(p.enqueued_ns, idle_since_ns)))
             ok = True
             if self.observe is not None:
-                try:  # the answers are out: what follows (the prediction log, drift counts) costs them nothing
-                    self.observe(batch, inputs, outputs, sent_ns, compute_ns)
-                except Exception:  # noqa: BLE001 - observing must never fail a batch
-                    _log.exception("model %s: observing a batch failed", self.name)
+                # After the answers, and after the next batch is on its way (the finally below frees this slot
+                # first): the prediction log and the drift counts hold up neither.
+                asyncio.get_running_loop().call_soon(self._observe, batch, inputs, outputs, sent_ns, compute_ns)
         except asyncio.CancelledError:
             for p in batch:
                 if not p.future.done():

@@ -28,6 +28,7 @@ from serving.model_config import (
     LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec, is_decimal,
 )
 from serving.monitor import triton_model_stats
+from serving.monitoring.observe import answered_by_fallback
 from serving.monitoring.replica import ReplicaMonitoring
 from serving.options import ServingOptions
 from serving.preprocess import Preprocessor, Standardize, make_preprocessor
@@ -388,8 +389,8 @@ class InferenceService:
                                    retry_after_s=max(1.0, breaker.retry_after_s))
         fallback = self._model(state.fallback.model)
         version = self._version(fallback, None if state.fallback.version is None else str(state.fallback.version))
-        if meta is not None:
-            meta.answered_by = f"fallback {fallback.spec.name}/{version}"
+        if meta is not None:  # logged under the model asked for, answered by its fallback
+            meta = answered_by_fallback(meta, f"fallback {fallback.spec.name}/{version}", state.spec.name, number)
         result = await self._batcher_submit(fallback, version, inputs, rows, timeout_us, meta)
         return result, f"{fallback.spec.name}/{version}"
 

@@ -19,28 +19,28 @@ from typing import Mapping
 import numpy as np
 
 import native
-from serving.monitoring.logrows import LogRecord, Parts, concat_rows
+from serving.monitoring.logrows import BatchRecord, concat_rows
 from serving.monitoring.reference import pca_arrays, row_scores
 
-__all__ = ["RequestMeta", "VersionObserver", "DriftReference"]
+__all__ = ["request_meta", "answered_by_fallback", "VersionObserver", "DriftReference"]
 
 _US = 1000
 _COUNT_EVERY_ROWS = 8192  # rows kept for the drift counts before they are counted (else at the next push)
 
 
-class RequestMeta:
-    """One request's context for the prediction log (None on a request that is not logged)."""
+def request_meta(request_id: str, start_ns: int, key_id: str | None = None) -> tuple:
+    """A logged request's context as the batch carries it: a tuple, no object per request.
 
-    __slots__ = ("request_id", "key_id", "arrival_us", "start_ns", "model", "version", "answered_by")
+    `(request_id, start_ns)` in the common case (`start_ns`: time.monotonic_ns() when the service took
+    it); `(request_id, start_ns, key_id, answered_by, model, version)` when a key sent it or a fallback
+    answered it (`model`, `version`: what the client asked for; None: the batch's own).
+    """
+    return (request_id, start_ns) if key_id is None else (request_id, start_ns, key_id, "model", None, None)
 
-    def __init__(self, request_id: str, key_id: str | None, arrival_us: int, start_ns: int, model: str, version: int):
-        self.request_id = request_id
-        self.key_id = key_id
-        self.arrival_us = arrival_us
-        self.start_ns = start_ns  # time.monotonic_ns() when the service took the request
-        self.model = model
-        self.version = version
-        self.answered_by = "model"
+
+def answered_by_fallback(meta: tuple, answered_by: str, model: str, version: int) -> tuple:
+    """The context of a request a fallback model answers: logged under the model asked for."""
+    return (meta[0], meta[1], meta[2] if len(meta) > 2 else None, answered_by, model, version)
 
 
 class DriftReference:
@@ -181,61 +181,39 @@ class VersionObserver:
             rows = _rows_of(batch, {id(p) for p in logged})
         done_ns = time.monotonic_ns()
         selected = {name: (arr if rows is None else np.asarray(arr)[rows]) for name, arr in outputs.items()}
-        model = self.model
-        if all(p.meta.model == model for p in logged):  # the common case: the model's own requests only
-            self.log.append(self._record(model, self.version, logged, selected, sent_ns, compute_ns, done_ns))
+        if all(len(p.meta) == 2 for p in logged):  # the common case: no key, answered by the model itself
+            self.log.append(self._record(self.model, self.version, logged, selected, sent_ns, compute_ns, done_ns))
             return
-        # A fallback's batch mixing its own requests with another model's: one record per requested model.
+        # Keys, or a fallback's batch mixing its own requests with another model's: one record per model asked.
         by_model: dict[tuple[str, int], list] = {}
         spans: dict[tuple[str, int], list] = {}
         offset = 0
         for p in logged:
-            key = (p.meta.model, p.meta.version)
+            m = p.meta
+            key = (m[4], m[5]) if len(m) > 2 and m[4] is not None else (self.model, self.version)
             by_model.setdefault(key, []).append(p)
             spans.setdefault(key, []).append(np.arange(offset, offset + p.rows))
             offset += p.rows
         for key, requests in by_model.items():
-            take = np.concatenate(spans[key])
-            part = {name: np.asarray(arr)[take] for name, arr in selected.items()}
+            part = selected if len(by_model) == 1 else {
+                name: np.asarray(arr)[np.concatenate(spans[key])] for name, arr in selected.items()}
             self.log.append(self._record(key[0], key[1], requests, part, sent_ns, compute_ns, done_ns))
 
     def _record(self, model: str, version: int, requests: list, outputs: dict, sent_ns: int, compute_ns: int,
-                done_ns: int) -> LogRecord:
-        """The batch as the writer thread takes it: per-request lists and the arrays as they are (the writer
-        concatenates, hashes and converts; here only what the metas hold is read, once)."""
-        metas = [p.meta for p in requests]
-        rows = sum(p.rows for p in requests)
-        keys = [m.key_id for m in metas]
-        answered_by = [m.answered_by for m in metas]
+                done_ns: int) -> BatchRecord:
+        """The batch as the writer thread takes it: the requests' context tuples and enqueue times, one compact
+        array per input (the requests' own arrays are freed with the batch), the outputs. The writer derives
+        every per-row column from these."""
         violations = None
         if any(p.flags is not None for p in requests):
             violations = np.concatenate([p.flags.rows if p.flags is not None else np.full(p.rows, None, object)
                                          for p in requests])
-        inputs = {name: Parts(p.inputs[name] for p in requests) for name in requests[0].inputs}
-        nbytes = sum(a.nbytes for parts in inputs.values() for a in parts) + 96 * len(metas)
-        return LogRecord(
-            model=model, version=version, date=_utc_date(metas[0].arrival_us), rows=rows,
-            request_ids=[m.request_id for m in metas],
-            request_rows=[p.rows for p in requests] if rows != len(requests) else None,
-            arrival_us=[m.arrival_us for m in metas],
-            latency_us=[(done_ns - m.start_ns) // _US for m in metas],
-            queue_us=[(sent_ns - p.enqueued_ns) // _US for p in requests],
-            compute_us=compute_ns // _US,
-            answered_by=answered_by[0] if answered_by.count(answered_by[0]) == len(answered_by) else answered_by,
-            key_ids=None if keys.count(None) == len(keys) else keys,
-            inputs=inputs, outputs=outputs, violations=violations, nbytes=nbytes,
-        )
+        rows = sum(p.rows for p in requests)
+        return BatchRecord(
+            model, version, rows, [p.meta for p in requests], [p.enqueued_ns for p in requests],
+            [p.rows for p in requests] if rows != len(requests) else None, sent_ns, compute_ns, done_ns,
+            {name: concat_rows([p.inputs[name] for p in requests], name in self.image_inputs)
+             for name in requests[0].inputs},
+            outputs, violations)
 
 
-_DATES: dict[int, str] = {}
-
-
-def _utc_date(unix_us: int) -> str:
-    """YYYY-MM-DD (UTC) of a time in unix microseconds, formatted once per day."""
-    day = unix_us // 86_400_000_000
-    text = _DATES.get(day)
-    if text is None:
-        if len(_DATES) > 64:
-            _DATES.clear()
-        text = _DATES[day] = time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
-    return text

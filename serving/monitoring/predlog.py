@@ -33,7 +33,7 @@ from typing import Callable
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from serving.monitoring.logrows import LogRecord, LogSchema
+from serving.monitoring.logrows import BatchRecord, LogRecord, LogSchema
 
 __all__ = ["PredictionLog", "traffic_dir"]
 
@@ -89,6 +89,7 @@ class PredictionLog:
         self._last_report: dict[str, float] = {}
         self._last_error: str | None = None
         self._retry_s = _RETRY_MIN_S
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()  # turns a BatchRecord's times into unix
         self._thread = threading.Thread(target=self._run, name=f"fleet-predlog-{replica}", daemon=True)
         self._thread.start()
 
@@ -97,7 +98,7 @@ class PredictionLog:
         """The schema the writer builds `model`/`version`'s tables with."""
         self._schemas[(model, version)] = schema
 
-    def append(self, record: LogRecord) -> bool:
+    def append(self, record: LogRecord | BatchRecord) -> bool:
         """Buffer one answered batch; False when it did not fit (its rows are counted as dropped)."""
         with self._cond:
             if self._closing or self._rows + record.rows > self.max_rows or self._bytes + record.nbytes > self.max_bytes:
@@ -173,6 +174,8 @@ class PredictionLog:
         """Write the records, one file per (model, version, date); return those that failed."""
         groups: dict[tuple[str, int, str], list[LogRecord]] = {}
         for r in records:
+            if isinstance(r, BatchRecord):  # the request path's raw form: its columns are derived here
+                r = r.to_record(self._wall_offset_ns)
             groups.setdefault((r.model, r.version, r.date), []).append(r)
         failed: list[LogRecord] = []
         for (model, version, date), group in groups.items():

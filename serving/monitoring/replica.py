@@ -18,10 +18,12 @@ import numpy as np
 from serving.errors import ModelUnavailable, RepositoryError
 from serving.monitoring.feedback import LabelSpec, LabelWriter, labels_spec, parse_feedback
 from serving.monitoring.logrows import LogSchema, sampled
-from serving.monitoring.observe import DriftReference, RequestMeta, VersionObserver
+from serving.monitoring.observe import DriftReference, VersionObserver, request_meta
 from serving.registry import ModelRepository
 
 __all__ = ["ReplicaMonitoring"]
+
+_UNKNOWN = object()
 
 _log = logging.getLogger("fleet.monitoring")
 
@@ -43,8 +45,8 @@ class ReplicaMonitoring:
         self._repository = ModelRepository(repository)
         self.recorder = recorder
         self.log = log
-        self._prefix = uuid.uuid4().hex[:12]
-        self.labels = LabelWriter(data_dir, self._prefix) if data_dir else None
+        self._prefix = uuid.uuid4().hex[:12] + "-"  # generated ids: <prefix>-<counter, hex>
+        self.labels = LabelWriter(data_dir, self._prefix[:-1]) if data_dir else None
         self._label_specs: dict[str, LabelSpec] = {}
         self.max_feedback_labels = max_feedback_labels
         self.max_string_bytes = max_string_bytes
@@ -79,16 +81,18 @@ class ReplicaMonitoring:
         return self._schemas[key]
 
     def request_meta(self, spec, version: int, request_id: str | None, key_id: str | None,
-                     start_ns: int) -> tuple[str | None, RequestMeta | None]:
+                     start_ns: int) -> tuple[str | None, tuple | None]:
         """(the id to answer with, the log context or None): a request without an id gets one when its model logs."""
-        schema = self.schema(spec, version)
+        schema = self._schemas.get((spec.name, version), _UNKNOWN)
+        if schema is _UNKNOWN:
+            schema = self.schema(spec, version)
         if schema is None:
             return request_id, None
         if request_id is None:
-            request_id = f"{self._prefix}-{next(self._ids):x}"
-        if not sampled(request_id, schema.sample):
+            request_id = self._prefix + format(next(self._ids), "x")
+        if schema.sample < 1.0 and not sampled(request_id, schema.sample):
             return request_id, None
-        return request_id, RequestMeta(request_id, key_id, time.time_ns() // 1000, start_ns, spec.name, version)
+        return request_id, ((request_id, start_ns) if key_id is None else request_meta(request_id, start_ns, key_id))
 
     def observer(self, spec, version: int, preprocessor) -> VersionObserver:
         """The batcher's `observe` for the version: drift counts against its reference, log records."""

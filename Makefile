@@ -47,16 +47,17 @@ serve: $(VENV)/.installed
 # decoding, validation and preprocessing around them, and the request path of a live cluster.
 PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tests/unit/test_preprocess.py \
   tests/unit/test_validation.py tests/unit/test_limits.py tests/unit/test_digits.py tests/unit/test_admin.py \
+  tests/unit/test_contracts.py \
   tests/integration/test_http_api.py tests/integration/test_bad_input.py \
   tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py \
-  tests/integration/test_limits_live.py \
+  tests/integration/test_limits_live.py tests/integration/test_monitoring_contracts.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed wrk prometheus
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_TESTS) $(PYTEST_ARGS)
 
-test-unit: $(VENV)/.installed
+test-unit: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed wrk prometheus

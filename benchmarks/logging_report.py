@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import statistics
 
+from benchmarks.lifecycle_report import _fmt  # one number format for both reports
+
 __all__ = ["pair_ratios", "cpu_share", "cost_goals", "cost_markdown", "COST_TARGET", "CPU_SHARE_TARGET"]
 
 COST_TARGET = 0.03  # the log may cost at most 3 % of peak throughput
@@ -82,14 +84,6 @@ def cost_goals(report: dict) -> list[dict]:
     return goals
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 def cost_markdown(report: dict) -> str:

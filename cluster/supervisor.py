@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         state.write({**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         cluster.stop()
         return 1
+    # ray.init installed Ray's own failure handler for SIGTERM (it logs the signal and ends the process at once,
+    # killing the cluster with no drain and losing what replicas buffer): ours again, for an orderly stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     state.write({**base, "status": "ready"})
     print(f"fleet ready on {settings.url}", flush=True)
     stop.wait()

@@ -143,6 +143,7 @@ class Batcher:
         self._preferred_set = frozenset(self._preferred)
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
         self._last_done_ns = 0  # when the last batch finished (adaptive mode's service times)
+        self._observing = 0  # answered batches whose `observe` has not run yet (close() waits for them)
         self.adaptive = (
             AdaptivePolicy(config.latency_target_ms, self._cap, max_utilization=config.adaptive_max_utilization,
                            name=name)
@@ -222,6 +223,8 @@ class Batcher:
             while (self._queue or self._inflight) and time.monotonic() < end:
                 self._wake.set()
                 await asyncio.sleep(0.005)
+        while self._observing:  # answered batches still to be logged: a callback of this loop each, right away
+            await asyncio.sleep(0)
         if self._task is not None:
             self._task.cancel()
         error = ModelUnavailable(f"model {self.name} is shutting down")
@@ -271,6 +274,8 @@ class Batcher:
             self.observe(batch, inputs, outputs, sent_ns, compute_ns)
         except Exception:  # noqa: BLE001 - observing must never fail a batch
             _log.exception("model %s: observing a batch failed", self.name)
+        finally:
+            self._observing -= 1
 
     def _popleft(self) -> _Pending:
         p = self._queue.popleft()
@@ -430,6 +435,7 @@ class Batcher:
             if self.observe is not None:
                 # After the answers, and after the next batch is on its way (the finally below frees this slot
                 # first): the prediction log and the drift counts hold up neither.
+                self._observing += 1
                 asyncio.get_running_loop().call_soon(self._observe, batch, inputs, outputs, sent_ns, compute_ns)
         except asyncio.CancelledError:
             for p in batch:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from training.data import HOLDOUT_PERCENT, VALIDATION_PERCENT, DataSources, check_example_files, split_buckets
+from training.data import HOLDOUT_PERCENT, VALIDATION_PERCENT, DataSources, SplitRows, check_example_files, split_buckets
 from training.datasets import write_digits_parquet
 from training.digits import DIGITS_SIZE, normalize_digits
 from training.traffic import DEFAULT_LABEL_WINDOW_DAYS, LabelledTraffic, decode_images, image_columns, \
@@ -40,17 +40,9 @@ DIGITS_INPUT = "image"  # the digits config's input: the log's "image", "image_s
 _CLASSES = 10
 
 
-@dataclass(frozen=True)
-class DigitsSplit:
-    """One split's rows: normalised images float32 [n, 1, 8, 8], labels int64 [n], from traffic bool [n]."""
-
-    x: np.ndarray
-    y: np.ndarray
-    traffic: np.ndarray
-
-    def part(self, from_traffic: bool) -> tuple[np.ndarray, np.ndarray]:
-        mask = self.traffic if from_traffic else ~self.traffic
-        return self.x[mask], self.y[mask]
+# One split's rows: normalised images float32 [n, 1, 8, 8], labels int64 [n], from traffic bool [n] (fraud's
+# split type, images in place of the features).
+DigitsSplit = SplitRows
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models import DigitsCNN
-from training.train_loop import CHECKPOINT_FILE, maybe_fail, report_epoch, resume_from, row_weights
+from training.train_loop import CHECKPOINT_FILE, maybe_fail, report_epoch, row_weights, start_worker
 
 __all__ = ["train_digits_worker", "load_digits_checkpoint", "weighted_cross_entropy", "evaluate_digit_batches"]
 
@@ -83,17 +83,8 @@ def evaluate_digit_batches(model: nn.Module, batches: Iterable[dict], device: to
 def train_digits_worker(config: dict) -> None:
     """`train_loop_per_worker` of the digits TorchTrainer; `config` holds hyper-parameters and row weights."""
     import ray.train
-    import ray.train.torch
 
-    torch.set_num_threads(int(config.get("threads", 1)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(int(config["seed"]) + rank)
-    model = build_digits_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
-    start_epoch = resume_from(ray.train.get_checkpoint(), model, optimizer, rank)
-    net = ray.train.torch.prepare_model(_Logits(model))
+    rank, world, device, model, optimizer, start_epoch, net = start_worker(config, build_digits_model, _Logits)
     weights = config.get("row_weights", (1.0, 1.0))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")

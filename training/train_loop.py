@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from training.models import FraudMLP
 
 __all__ = ["train_fraud_worker", "CHECKPOINT_FILE", "load_checkpoint_model", "row_weights", "weighted_bce",
-           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch"]
+           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch", "start_worker"]
 
 CHECKPOINT_FILE = "state.pt"
 _FAIL_AT_STEP = 5  # fault injection: mid-epoch, as a crash would come
@@ -156,8 +156,13 @@ def report_epoch(metrics: dict, model: nn.Module, optimizer: torch.optim.Optimiz
         ray.train.report(metrics, checkpoint=report_checkpoint)
 
 
-def train_fraud_worker(config: dict) -> None:
-    """`train_loop_per_worker` of the fraud TorchTrainer; `config` holds hyper-parameters and data statistics."""
+def start_worker(config: dict, build, wrap) -> tuple:
+    """What an example model's Ray Train loop begins with, on each worker: torch threads, rank, the worker's
+    device, the seed, the model (`build(config)`) on the device with its Adam optimizer, resumed from the
+    group's last checkpoint, and DDP around `wrap(model)`.
+
+    Returns (rank, world size, device, model, optimizer, first epoch to run, the DDP module).
+    """
     import ray.train
     import ray.train.torch
 
@@ -166,10 +171,17 @@ def train_fraud_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(int(config["seed"]) + rank)
-    model = build_model(config).to(device)
+    model = build(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
     start_epoch = resume_from(ray.train.get_checkpoint(), model, optimizer, rank)
-    net = ray.train.torch.prepare_model(_Logits(model))
+    return rank, world, device, model, optimizer, start_epoch, ray.train.torch.prepare_model(wrap(model))
+
+
+def train_fraud_worker(config: dict) -> None:
+    """`train_loop_per_worker` of the fraud TorchTrainer; `config` holds hyper-parameters and data statistics."""
+    import ray.train
+
+    rank, world, device, model, optimizer, start_epoch, net = start_worker(config, build_model, _Logits)
     pos_weight = torch.tensor(float(config["pos_weight"]), dtype=torch.float32, device=device)
     weights = config.get("row_weights", (1.0, 1.0))
     train_shard = ray.train.get_dataset_shard("train")

@@ -166,9 +166,13 @@ def test_retrain_on_shifted_traffic_survives_a_killed_worker_and_wins_on_the_tra
     assert meta["params"]["epochs"] == 2 and meta["training"]["num_workers"] == 2
     assert meta["training"]["fault_injected"] is True and meta["training"]["best_epoch"] in (1, 2)
     assert meta["ray_job"]["submission_id"] == jobs["retrain"][0]
+    # Its drift reference is the newest labelled traffic (the world it was retrained for), not the old example
+    # rows: each feature's histogram and the score's of the traffic's held-out rows.
+    assert data["drift_reference"] == {"from": "the newest labelled traffic", "rows": SHIFTED_ROWS}
     stats = meta["reference_stats"]["amount"]
-    assert len(stats["edges"]) == len(stats["counts"]) + 1 and sum(stats["counts"]) == rows["train"]
-    assert meta["monitoring"]["scores"]["rows"] == rows["holdout"] and "pca" in meta["monitoring"]
+    assert len(stats["edges"]) == len(stats["counts"]) + 1 and sum(stats["counts"]) == SHIFTED_ROWS
+    assert meta["monitoring"]["scores"]["rows"] == recent["rows"] and "pca" in meta["monitoring"]
+    assert set(meta["monitoring"]["scores_by_label"]) == {"0", "1"}
     assert meta["created_at"] and "git_sha" in meta
 
     took = _wait_for_version(base_url, "fraud_jobs", "2")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models import DigitsCNN
-from training.train_loop import CHECKPOINT_FILE, maybe_fail, report_epoch, row_weights, start_worker
+from training.train_loop import CHECKPOINT_FILE, report_epoch, row_weights, start_worker, train_epoch
 
 __all__ = ["train_digits_worker", "load_digits_checkpoint", "weighted_cross_entropy", "evaluate_digit_batches"]
 
@@ -88,21 +88,13 @@ def train_digits_worker(config: dict) -> None:
     weights = config.get("row_weights", (1.0, 1.0))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
+    epochs = int(config["epochs"])
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        net.train()
-        total, rows = 0.0, 0
-        for step, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=batch_size, dtypes=_DTYPES, device=device, local_shuffle_buffer_size=4 * batch_size)):
-            maybe_fail(config, epoch, step, rank, world)
-            y = batch["label"]
-            optimizer.zero_grad(set_to_none=True)
-            loss = weighted_cross_entropy(net(batch["image"]), y, row_weights(batch["traffic"], weights))
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(y)
-            rows += len(y)
+        total, rows = train_epoch(
+            net, optimizer, train_shard, config, epoch, rank, world, device, _DTYPES,
+            lambda batch: weighted_cross_entropy(net(batch["image"]), batch["label"],
+                                                 row_weights(batch["traffic"], weights)))
         validation = val_shard.iter_torch_batches(batch_size=1024, dtypes=_DTYPES, device=device)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "train_rows": rows,
                    **evaluate_digit_batches(net, validation, device, weights=weights)}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from training.models import FraudMLP
 
 __all__ = ["train_fraud_worker", "CHECKPOINT_FILE", "load_checkpoint_model", "row_weights", "weighted_bce",
-           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch", "start_worker"]
+           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch", "start_worker", "train_epoch"]
 
 CHECKPOINT_FILE = "state.pt"
 _FAIL_AT_STEP = 5  # fault injection: mid-epoch, as a crash would come
@@ -177,6 +177,29 @@ def start_worker(config: dict, build, wrap) -> tuple:
     return rank, world, device, model, optimizer, start_epoch, ray.train.torch.prepare_model(wrap(model))
 
 
+def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, shard, config: dict, epoch: int, rank: int,
+                world: int, device: torch.device, dtypes, loss_of) -> tuple[float, int]:
+    """One epoch over this worker's shard of "train" (shuffled locally, on `device`): for each batch the
+    fault injection, `loss_of(batch)`, a backward pass and an optimiser step.
+
+    Returns (sum of batch loss × batch rows, rows).
+    """
+    net.train()
+    batch_size = int(config["batch_size"])
+    total, rows = 0.0, 0
+    for step, batch in enumerate(shard.iter_torch_batches(
+            batch_size=batch_size, dtypes=dtypes, device=device, local_shuffle_buffer_size=4 * batch_size)):
+        maybe_fail(config, epoch, step, rank, world)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        n = len(batch["label"])
+        total += float(loss.detach()) * n
+        rows += n
+    return total, rows
+
+
 def train_fraud_worker(config: dict) -> None:
     """`train_loop_per_worker` of the fraud TorchTrainer; `config` holds hyper-parameters and data statistics."""
     import ray.train
@@ -186,21 +209,13 @@ def train_fraud_worker(config: dict) -> None:
     weights = config.get("row_weights", (1.0, 1.0))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
+    epochs = int(config["epochs"])
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        net.train()
-        total, rows = 0.0, 0
-        for step, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=batch_size, dtypes=torch.float32, device=device, local_shuffle_buffer_size=4 * batch_size)):
-            maybe_fail(config, epoch, step, rank, world)
-            y = batch["label"]
-            optimizer.zero_grad(set_to_none=True)
-            loss = weighted_bce(net(batch["features"]), y, row_weights(batch["traffic"], weights), pos_weight)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(y)
-            rows += len(y)
+        total, rows = train_epoch(
+            net, optimizer, train_shard, config, epoch, rank, world, device, torch.float32,
+            lambda batch: weighted_bce(net(batch["features"]), batch["label"],
+                                       row_weights(batch["traffic"], weights), pos_weight))
         validation = val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "train_rows": rows,
                    **evaluate_batches(net, validation, device, pos_weight=pos_weight, weights=weights)}

@@ -113,7 +113,7 @@ def plot_timeline(data: dict, report: dict, path: str | Path) -> Path:
     label_alarms = [e for e in events if e.get("event") == "alarm" and e.get("alarm") == "quality"]
     if label_alarms:
         twin.scatter([e["since_t"] for e in label_alarms], [1.0] * len(label_alarms), marker="v", color="red", s=30,
-                     zorder=5, label="label-error alarm raised")
+                     zorder=5, label="label alarm raised (error rate or ranking)")
     twin.axhline(1.0, color="red", lw=0.8, alpha=0.4)
     twin.set_ylabel("CUSUM / h")
     label_ax.set_ylabel("label error rate")

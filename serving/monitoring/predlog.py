@@ -33,7 +33,7 @@ from typing import Callable
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from serving.monitoring.logrows import BatchRecord, LogRecord, LogSchema
+from serving.monitoring.logrows import BatchRecord, LogRecord, LogSchema, records_of
 
 __all__ = ["PredictionLog", "traffic_dir"]
 
@@ -173,9 +173,10 @@ class PredictionLog:
     def _write(self, records: list[LogRecord]) -> list[LogRecord]:
         """Write the records, one file per (model, version, date); return those that failed."""
         groups: dict[tuple[str, int, str], list[LogRecord]] = {}
+        raw = [r for r in records if isinstance(r, BatchRecord)]  # the request path's form: columns derived here
+        if raw:  # records that failed before (already LogRecords) are the older ones: they stay first
+            records = [r for r in records if not isinstance(r, BatchRecord)] + records_of(raw, self._wall_offset_ns)
         for r in records:
-            if isinstance(r, BatchRecord):  # the request path's raw form: its columns are derived here
-                r = r.to_record(self._wall_offset_ns)
             groups.setdefault((r.model, r.version, r.date), []).append(r)
         failed: list[LogRecord] = []
         for (model, version, date), group in groups.items():

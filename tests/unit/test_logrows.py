@@ -92,3 +92,63 @@ def test_a_bad_redaction_or_sample_names_the_parameter(raw, message):
         parse_redact(raw, ["a", "b"])
     with pytest.raises(RepositoryError, match="fleet.log.sample"):
         log_sample({"fleet.log.sample": "1.5"})
+
+
+def _batch(model, version, metas, x, out, *, request_rows=None, violations=None, start_ns=5_000_000_000):
+    from serving.monitoring.logrows import BatchRecord
+
+    n = len(metas)
+    return BatchRecord(model, version, len(x), metas, [start_ns + 10_000 * i for i in range(n)], request_rows,
+                       start_ns + 900_000, 250_000 + n * 1_000, start_ns + 1_400_000, {"features": x},
+                       {"probability": out}, violations)
+
+
+def test_a_flush_merges_its_batches_into_the_same_rows_as_one_record_per_batch():
+    """`records_of` (every batch of a flush at once) writes exactly the table of `to_record` per batch: keys,
+    fallbacks, requests of several rows, contract flags and two versions mixed, order kept."""
+    from serving.monitoring.logrows import records_of
+
+    rng = np.random.default_rng(3)
+    offset = 1_796_000_000_000_000_000 - 5_000_000_000  # unix ns of monotonic 0
+
+    def x(n):
+        return rng.standard_normal((n, 3)).astype(np.float32)
+
+    def out(n):
+        return rng.random((n, 1)).astype(np.float32)
+
+    batches = [
+        _batch("m", 1, [("a-1", 4_999_000_000), ("a-2", 4_999_500_000)], x(2), out(2)),
+        _batch("m", 2, [("b-1", 4_999_100_000)], x(1), out(1)),
+        _batch("m", 1, [("c-1", 4_999_600_000, "abcdefabcdef", "model", None, None),
+                        ("c-2", 4_999_700_000)], x(3), out(3), request_rows=[2, 1],
+               violations=np.array(["a:range", None, None], object)),
+        _batch("m", 1, [("d-1", 4_999_800_000, None, "fallback other/3", "other", 3)], x(1), out(1)),
+        _batch("m", 2, [("e-1", 4_999_900_000)], x(2), out(2), request_rows=[2]),
+    ]
+    merged = records_of(batches, offset)
+    assert [(r.model, r.version, r.rows) for r in merged] == [("m", 1, 6), ("m", 2, 3)]
+    assert sum(r.nbytes for r in merged) == sum(b.nbytes for b in batches)  # the buffer's accounting holds
+    schema = LogSchema(spec(), {"feature_names": ["a", "b", "c"]})
+    for record in merged:
+        one_by_one = [b.to_record(offset) for b in batches if b.version == record.version]
+        assert schema.table([record]).equals(schema.table(one_by_one))
+        assert record.date == one_by_one[0].date == "2026-11-30"
+    doc = schema.table([merged[0]]).to_pydict()
+    assert doc["request_id"] == ["a-1", "a-2", "c-1", "c-1", "c-2", "d-1"]
+    assert doc["key_id"] == [None, None, "abcdefabcdef", "abcdefabcdef", None, None]
+    assert doc["answered_by"] == ["model"] * 5 + ["fallback other/3"]
+    assert doc["violations"] == [None, None, "a:range", None, None, None]
+    assert doc["latency_us"][:2] == [2400, 1900] and doc["queue_us"][:2] == [900, 890]
+
+
+def test_a_flush_across_midnight_keeps_each_batch_in_its_own_days_partition():
+    from serving.monitoring.logrows import records_of
+
+    day_ns = 86_400 * 10**9
+    offset = 20_424 * day_ns - 5_000_000_000  # monotonic 5 s is midnight UTC
+    batches = [_batch("m", 1, [("late", 4_999_000_000)], np.ones((1, 3), np.float32), np.ones((1, 1), np.float32)),
+               _batch("m", 1, [("early", 5_001_000_000)], np.ones((1, 3), np.float32), np.ones((1, 1), np.float32),
+                      start_ns=5_001_000_000)]
+    records = records_of(batches, offset)
+    assert [(r.date, r.request_ids) for r in records] == [("2025-12-01", ["late"]), ("2025-12-02", ["early"])]

@@ -246,8 +246,14 @@ def lifecycle_markdown(report: dict) -> str:
                          + (f"{r['served_t']:.0f} s" if r.get("served_t") is not None else "never (not served)"))
     else:
         lines.append("- no retrain was submitted")
-    lines += ["", "| goal | value | target | met |", "|---|---:|---:|---|"]
-    for g in report.get("goals") or []:
+    lines += ["", *_goals_table(report.get("goals") or [])]
+    return "\n".join(lines) + "\n"
+
+
+def _goals_table(goals: list[dict]) -> list[str]:
+    """Goals (`_goal`'s shape) as the lines of a markdown table: value, target, met (with the gap if not)."""
+    lines = ["| goal | value | target | met |", "|---|---:|---:|---|"]
+    for g in goals:
         met = "n/a" if g["met"] is None else ("yes" if g["met"] else "no" + (f" (gap {g['gap']})" if g["gap"] else ""))
         lines.append(f"| {g['goal']} | {_fmt(g['value'])} {g['unit']} | {_fmt(g['target'])} {g['unit']} | {met} |")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.lifecycle_report import _fmt  # one number format for both reports
+from benchmarks.lifecycle_report import _fmt, _goal, _goals_table  # one goal shape and format for both reports
 
 __all__ = ["pair_ratios", "cpu_share", "cost_goals", "cost_markdown", "COST_TARGET", "CPU_SHARE_TARGET"]
 
@@ -49,13 +49,6 @@ def _spread(values: list[float]) -> dict | None:
     mid = statistics.median(values)
     return {"median": round(mid, 1), "min": round(min(values), 1), "max": round(max(values), 1),
             "range_pct": round(100.0 * (max(values) - min(values)) / mid, 1) if mid else None}
-
-
-def _goal(name: str, value, target, met, unit: str = "") -> dict:
-    gap = None
-    if met is False and isinstance(value, (int, float)) and isinstance(target, (int, float)):
-        gap = round(value - target, 4)
-    return {"goal": name, "value": value, "target": target, "unit": unit, "met": met, "gap": gap}
 
 
 def cost_goals(report: dict) -> list[dict]:
@@ -133,8 +126,5 @@ def cost_markdown(report: dict) -> str:
                   f"(fleet_monitor_cpu_seconds_total) {_fmt(s['monitor_cpu_s'])} s = {_fmt(s['monitor_share'])} of it; "
                   f"the monitor actor's whole process {_fmt(s['monitor_process_cpu_s'])} s = "
                   f"{_fmt(s['monitor_process_share'])}", ""]
-    lines += ["| goal | value | target | met |", "|---|---:|---:|---|"]
-    for g in report.get("goals") or []:
-        met = "n/a" if g["met"] is None else ("yes" if g["met"] else "no" + (f" (gap {g['gap']})" if g["gap"] else ""))
-        lines.append(f"| {g['goal']} | {_fmt(g['value'])} {g['unit']} | {_fmt(g['target'])} {g['unit']} | {met} |")
+    lines += _goals_table(report.get("goals") or [])
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from training.artifacts import export_torchscript, load_torchscript, version_met
 from training.data import source_weights
 from training.digits import DIGITS_MEAN, DIGITS_SIZE, DIGITS_STD, DigitsParams, digits_config, evaluate_digits
 from training.digits_data import DigitsRows, DigitsSplit, digits_rows, to_ray_dataset
-from training.publish import finite, gate, pick_holdout, ray_job_id, read_bytes, serving_version
+from training.publish import finite, gate, log_verdict, pick_holdout, ray_job_id, read_bytes, serving_version
 from training.reference import digits_monitoring
 from training.traffic import summarize
 
@@ -147,9 +147,8 @@ def publish_digits(repo: ModelRepository, model: str, model_file: bytes, prepare
         m = entry["candidate"]
         log(f"candidate on the {name} holdout ({entry['rows']} images): accuracy {m['accuracy']:.4f}, "
             f"loss {m['loss']:.4f}")
-    log(f"gate: {verdict} ({why}{f'; {decider_why}' if 'traffic' in scored else ''})")
-    note = "served once the cluster picks it up" if verdict == "accepted" else "kept for the record, not served"
-    log(f"published {model} version {version} ({verdict}: {note}) at {repo.version(model, version).path}")
+    log_verdict(log, model, version, repo.version(model, version).path, verdict, why,
+                decider_why if "traffic" in scored else None)
     return version, metadata
 
 

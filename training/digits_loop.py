@@ -13,7 +13,6 @@ cross-entropy times the row's weight (example and traffic rows as
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models import DigitsCNN
-from training.train_loop import CHECKPOINT_FILE, report_epoch, row_weights, start_worker, train_epoch
+from training.train_loop import load_checkpoint_with, report_epoch, row_weights, start_worker, train_epoch
 
 __all__ = ["train_digits_worker", "load_digits_checkpoint", "weighted_cross_entropy", "evaluate_digit_batches"]
 
@@ -46,11 +45,7 @@ def build_digits_model(config: dict) -> DigitsCNN:
 
 def load_digits_checkpoint(checkpoint, config: dict) -> tuple[DigitsCNN, dict]:
     """The DigitsCNN saved in a checkpoint of this loop (eval mode, CPU) and the checkpoint's record."""
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model = build_digits_model(config)
-    model.load_state_dict(state["model"])
-    return model.eval(), {"epoch": int(state["epoch"]), "val_loss": float(state["val_loss"])}
+    return load_checkpoint_with(checkpoint, config, build_digits_model)
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from training.reference import fraud_monitoring
 
 __all__ = ["REPOSITORY_ENV", "DEFAULT_TOLERANCE", "DEFAULT_MIN_TRAFFIC_HOLDOUT", "MIN_CLASS_ROWS",
            "resolve_repository", "ray_job_id", "serving_version", "score_version", "gate", "pick_holdout",
-           "publish_candidate", "finite", "read_bytes"]
+           "publish_candidate", "finite", "read_bytes", "log_verdict"]
 
 REPOSITORY_ENV = "FLEET_REPOSITORY"  # set by `fleet up` for the jobs of its cluster
 DEFAULT_TOLERANCE = 0.002
@@ -212,10 +212,16 @@ def publish_candidate(
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
         log(f"candidate on the {name} holdout ({entry['rows']} rows): loss {m['loss']:.4f}, accuracy "
             f"{m['accuracy']:.4f}, ROC AUC {auc}")
-    log(f"gate: {verdict} ({why}{f'; {decider_why}' if 'traffic' in scored else ''})")
+    log_verdict(log, model, version, where, verdict, why, decider_why if "traffic" in scored else None)
+    return version, metadata
+
+
+def log_verdict(log, model: str, version: int, where: str, verdict: str, why: str, decider_why: str | None) -> None:
+    """The gate's verdict and where the version was published (`decider_why`: why that holdout decided, if it
+    is worth saying)."""
+    log(f"gate: {verdict} ({why}{f'; {decider_why}' if decider_why else ''})")
     note = "served once the cluster picks it up" if verdict == "accepted" else "kept for the record, not served"
     log(f"published {model} version {version} ({verdict}: {note}) at {where}")
-    return version, metadata
 
 
 def _monitoring(model_file: bytes, served: Mapping, x_train: np.ndarray, x_hold: np.ndarray, y_hold: np.ndarray,

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from training.models import FraudMLP
 
 __all__ = ["train_fraud_worker", "CHECKPOINT_FILE", "load_checkpoint_model", "row_weights", "weighted_bce",
-           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch", "start_worker", "train_epoch"]
+           "evaluate_batches", "maybe_fail", "resume_from", "report_epoch", "start_worker", "train_epoch",
+           "load_checkpoint_with"]
 
 CHECKPOINT_FILE = "state.pt"
 _FAIL_AT_STEP = 5  # fault injection: mid-epoch, as a crash would come
@@ -56,13 +57,19 @@ def build_model(config: dict) -> FraudMLP:
                     hidden=int(config["hidden"]), depth=int(config["depth"]), dropout=float(config["dropout"]))
 
 
-def load_checkpoint_model(checkpoint, config: dict) -> tuple[FraudMLP, dict]:
-    """The FraudMLP saved in a checkpoint of this loop (eval mode) and the checkpoint's record."""
+def load_checkpoint_with(checkpoint, config: dict, build) -> tuple[nn.Module, dict]:
+    """The model `build(config)` holding the weights saved in a checkpoint of these loops (eval mode, CPU) and
+    the checkpoint's record."""
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model = build_model(config)
+    model = build(config)
     model.load_state_dict(state["model"])
     return model.eval(), {"epoch": int(state["epoch"]), "val_loss": float(state["val_loss"])}
+
+
+def load_checkpoint_model(checkpoint, config: dict) -> tuple[FraudMLP, dict]:
+    """The FraudMLP saved in a checkpoint of this loop (eval mode) and the checkpoint's record."""
+    return load_checkpoint_with(checkpoint, config, build_model)
 
 
 def row_weights(traffic: Tensor, weights) -> Tensor:

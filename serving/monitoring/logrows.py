@@ -91,7 +91,7 @@ class BatchRecord:
 
     `metas`: each request's context tuple (`serving.monitoring.observe.request_meta`); `enqueued`: each
     one's time.monotonic_ns() in the queue; `inputs`: one array per input (rows first), or for images a
-    list of one array per image. `to_record` (in the writer thread) derives the per-request columns.
+    list of one array per image. `records_of` (in the writer thread) derives the per-request columns.
     """
 
     __slots__ = ("model", "version", "rows", "metas", "enqueued", "request_rows", "sent_ns", "compute_ns",
@@ -106,51 +106,26 @@ class BatchRecord:
         self.nbytes = sum(a.nbytes if isinstance(a, np.ndarray) else sum(i.nbytes for i in a)
                           for a in inputs.values()) + 96 * len(metas)
 
-    def to_record(self, wall_offset_ns: int) -> LogRecord:
-        """The `LogRecord` of this batch; `wall_offset_ns` turns monotonic ns into unix ns (time.time_ns() -
-        time.monotonic_ns(), taken once)."""
-        metas = self.metas
-        start = np.fromiter((m[1] for m in metas), np.int64, len(metas))
-        extra = any(len(m) > 2 for m in metas)
-        keys = [m[2] if len(m) > 2 else None for m in metas] if extra else None
-        answered = [m[3] if len(m) > 2 else "model" for m in metas] if extra else ["model"]
-        arrival_us = (start + wall_offset_ns) // _US_NS
-        return LogRecord(
-            model=self.model, version=self.version, date=utc_date(int(arrival_us[0])), rows=self.rows,
-            request_ids=[m[0] for m in metas], request_rows=self.request_rows, arrival_us=arrival_us,
-            latency_us=(self.done_ns - start) // _US_NS,
-            queue_us=(self.sent_ns - np.asarray(self.enqueued, np.int64)) // _US_NS,
-            compute_us=self.compute_ns // _US_NS,
-            answered_by=answered[0] if answered.count(answered[0]) == len(answered) else answered,
-            key_ids=keys if keys is not None and keys.count(None) != len(keys) else None,
-            inputs=self.inputs, outputs=self.outputs, violations=self.violations, nbytes=self.nbytes)
-
 
 _US_NS = 1000
 _DAY_US = 86_400_000_000
 
 
 def records_of(batches: list[BatchRecord], wall_offset_ns: int) -> list[LogRecord]:
-    """The answered batches a flush takes, as one `LogRecord` per model version: every per-request column
-    derived in one pass over all of them (what `BatchRecord.to_record` does per batch costs about 7 µs a
-    batch in fixed costs, and at peak most batches hold a few rows). The batches keep their order; each
-    file's partition is the date of its first request, as for one batch (a flush whose batches span two
-    UTC days goes batch by batch instead)."""
-    groups: dict[tuple[str, int], list[BatchRecord]] = {}
+    """The answered batches a flush takes, as one `LogRecord` per model version and UTC date (a batch's date:
+    its first request's), every per-request column derived in one pass over all of them (a fixed cost per
+    batch would be most of the work: at peak most batches hold a few rows). The batches keep their order."""
+    groups: dict[tuple[str, int, int], list[BatchRecord]] = {}
     for b in batches:
-        groups.setdefault((b.model, b.version), []).append(b)
+        day = (b.metas[0][1] + wall_offset_ns) // (_US_NS * _DAY_US)
+        groups.setdefault((b.model, b.version, day), []).append(b)
     records: list[LogRecord] = []
-    for (model, version), group in groups.items():
+    for (model, version, _day), group in groups.items():
         metas = [m for b in group for m in b.metas]
         n, k = len(metas), len(group)
         per_batch = np.fromiter((len(b.metas) for b in group), np.int64, k)
         start = np.fromiter((m[1] for m in metas), np.int64, n)
         arrival_us = (start + wall_offset_ns) // _US_NS
-        first = np.cumsum(per_batch) - per_batch
-        days = arrival_us[first] // _DAY_US
-        if (days != days[0]).any():
-            records.extend(b.to_record(wall_offset_ns) for b in group)
-            continue
 
         def each(attr: str) -> np.ndarray:
             return np.repeat(np.fromiter((getattr(b, attr) for b in group), np.int64, k), per_batch)

@@ -92,7 +92,7 @@ class ReplicaMonitoring:
             request_id = self._prefix + format(next(self._ids), "x")
         if schema.sample < 1.0 and not sampled(request_id, schema.sample):
             return request_id, None
-        return request_id, ((request_id, start_ns) if key_id is None else request_meta(request_id, start_ns, key_id))
+        return request_id, request_meta(request_id, start_ns, key_id)
 
     def observer(self, spec, version: int, preprocessor) -> VersionObserver:
         """The batcher's `observe` for the version: drift counts against its reference, log records."""

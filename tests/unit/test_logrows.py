@@ -104,8 +104,8 @@ def _batch(model, version, metas, x, out, *, request_rows=None, violations=None,
 
 
 def test_a_flush_merges_its_batches_into_the_same_rows_as_one_record_per_batch():
-    """`records_of` (every batch of a flush at once) writes exactly the table of `to_record` per batch: keys,
-    fallbacks, requests of several rows, contract flags and two versions mixed, order kept."""
+    """`records_of` (every batch of a flush at once) writes exactly the table of each batch on its own, one after
+    the other: keys, fallbacks, requests of several rows, contract flags and two versions mixed, order kept."""
     from serving.monitoring.logrows import records_of
 
     rng = np.random.default_rng(3)
@@ -131,7 +131,7 @@ def test_a_flush_merges_its_batches_into_the_same_rows_as_one_record_per_batch()
     assert sum(r.nbytes for r in merged) == sum(b.nbytes for b in batches)  # the buffer's accounting holds
     schema = LogSchema(spec(), {"feature_names": ["a", "b", "c"]})
     for record in merged:
-        one_by_one = [b.to_record(offset) for b in batches if b.version == record.version]
+        one_by_one = [r for b in batches if b.version == record.version for r in records_of([b], offset)]
         assert schema.table([record]).equals(schema.table(one_by_one))
         assert record.date == one_by_one[0].date == "2026-11-30"
     doc = schema.table([merged[0]]).to_pydict()

@@ -42,6 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from serving.monitoring.join import last_per_key
+
 __all__ = [
     "KEYS", "DEFAULT_LABEL_WINDOW_DAYS", "LogColumns", "feature_columns", "image_columns", "LabelledTraffic",
     "read_labelled_traffic", "traffic_folder", "labels_folder", "decode_images", "summarize",
@@ -180,18 +182,7 @@ def _label_problem(schema: pa.Schema) -> str | None:
 
 def _last_per_key(table: pa.Table, order: list[str]) -> pa.Table:
     """One row per (request_id, row): the last by `order` (ascending), keys sorted."""
-    if table.num_rows == 0:
-        return table
-    table = table.sort_by([(k, "ascending") for k in KEYS] + [(c, "ascending") for c in order])
-    n = table.num_rows
-    last = np.zeros(n, dtype=bool)
-    last[-1] = True
-    differs = np.zeros(n - 1, dtype=bool)
-    for key in KEYS:
-        col = table.column(key)
-        differs |= pc.not_equal(col.slice(0, n - 1), col.slice(1)).to_numpy(zero_copy_only=False)
-    last[:-1] = differs
-    return table.filter(pa.array(last))
+    return last_per_key(table, KEYS, order).sort_by([(k, "ascending") for k in KEYS])
 
 
 def _read(files: list[str], read: Callable[[list[str]], pa.Table], skipped: list[dict]) -> tuple[pa.Table, list[str]]:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-__all__ = ["ModelJoin", "JoinCounts"]
+__all__ = ["ModelJoin", "JoinCounts", "last_per_key"]
 
 _log = logging.getLogger("fleet.join")
 _KEYS = ["request_id", "row"]
@@ -68,17 +68,21 @@ def _version_of(path: str) -> int | None:
     return None
 
 
+def last_per_key(table: pa.Table, keys: list[str], order: list[str]) -> pa.Table:
+    """One row per value of `keys`: the last by `order` (ascending; ties: the later in the table), the rows kept
+    in that order."""
+    if table.num_rows == 0:
+        return table
+    position = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    ordered = table.append_column("_pos", position).sort_by([(c, "ascending") for c in order] + [("_pos", "ascending")])
+    ordered = ordered.set_column(ordered.schema.get_field_index("_pos"), "_pos", position)
+    last = ordered.group_by(keys, use_threads=False).aggregate([("_pos", "max")])["_pos_max"]
+    return ordered.take(pc.take(last, pc.sort_indices(last))).drop_columns(["_pos"])
+
+
 def _latest_labels(table: pa.Table) -> tuple[pa.Table, int]:
     """One label per (request_id, row): the latest received_at (ties: the later one in the table)."""
-    if table.num_rows == 0:
-        return table, 0
-    table = table.append_column("_order", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    ordered = table.sort_by([("received_at", "ascending"), ("_order", "ascending")])
-    ordered = ordered.set_column(ordered.schema.get_field_index("_order"), "_order",
-                                 pa.array(np.arange(ordered.num_rows, dtype=np.int64)))
-    last = ordered.group_by(_KEYS, use_threads=False).aggregate([("_order", "max")])
-    order = last["_order_max"]
-    keep = ordered.take(pc.take(order, pc.sort_indices(order))).drop_columns(["_order"])
+    keep = last_per_key(table, _KEYS, ["received_at"])
     return keep, table.num_rows - keep.num_rows
 
 

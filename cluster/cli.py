@@ -5,6 +5,7 @@
     fleet down      stop the cluster `fleet up` started
     fleet status    models, versions, replicas, URL
     fleet train     retrain a model as a Ray job (Ray Train, or Ray Tune with --tune) and follow its logs
+    fleet rollout   watch and steer a model's progressive rollout (cluster/rollout_cli.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from cluster.config import FleetSettings, load_settings
+from cluster.rollout_cli import add_rollout_parser
 from cluster.state import StateFile, pid_alive
 from cluster.status import curl_example, describe_cluster
 
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-follow", action="store_true", help="submit and return without following the logs")
     train.add_argument("--state-dir", help="where `fleet up` keeps its state (default ./.fleet)")
     train.set_defaults(fn=cmd_train)
+    add_rollout_parser(sub)
     # Whatever `fleet train` does not know goes to the job (--epochs 5 --num-workers 2 ...), before or after MODEL.
     args, unknown = parser.parse_known_args(argv)
     if args.command != "train" and unknown:

@@ -23,6 +23,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving import admin
+from serving.rollout import api as rollout_api
+from serving.rollout.controller import ACTIONS
 from serving.auth import Access, Guard
 from serving.errors import FleetError, InvalidInput, PayloadTooLarge
 from serving.fallback import FALLBACK_HEADER
@@ -30,6 +32,7 @@ from serving.limits import over_limit
 from serving.model_config import is_decimal
 from serving.http_server import Handler, HttpRequest, HttpResponse
 from serving.openapi import openapi_document
+from serving.rollout.routing import ROUTING_HEADER
 from serving.service import SERVER_VERSION, InferenceService, parse_header_length
 
 __all__ = [
@@ -109,6 +112,7 @@ def infer_handler(service: InferenceService, guard: Guard | None = None):
     binary_type = (b"content-type", _BINARY.encode())
     length_key = HEADER_LENGTH.encode()
     fallback_key = FALLBACK_HEADER.encode()
+    routing_key = ROUTING_HEADER.encode()
 
     async def handle(model: str, version: str | None, headers, body: bytes, client=None,
                      key: str | None = None) -> HttpResponse:
@@ -116,16 +120,18 @@ def infer_handler(service: InferenceService, guard: Guard | None = None):
         try:
             if check is not None:
                 key = check(headers, client)
-            encoding = header_length = None
+            encoding = header_length = routing = None
             for name, value in headers:
                 if name == b"inference-header-content-length":
                     header_length = value.decode("latin-1")
                 elif name == b"content-encoding":
                     encoding = value.decode("latin-1")
+                elif name == routing_key:
+                    routing = value.decode("latin-1")
             if encoding is not None:
                 body = decode_body(body, encoding, limit)
             payload, json_length, answered_by = await service.infer(
-                model, version, body, parse_header_length(header_length), key)
+                model, version, body, parse_header_length(header_length), key, routing)
         except Exception as exc:  # noqa: BLE001 - every error leaves through error_response
             return _answer(error_response(exc))
         headers = [json_type] if json_length is None else [binary_type, (length_key, str(json_length).encode())]
@@ -386,6 +392,21 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
         body = admin.parse_request(await admin_body(request), admin.VersionsRequest)
         return _json(await admin.pin_versions(service, request.path_params["model"], body, request.client))
 
+    @_endpoint
+    @admin_only
+    async def model_rollout(request: Request) -> Response:
+        return _json(await rollout_api.rollout_status(service, request.path_params["model"]))
+
+    def model_rollout_action(action: str):
+        @_endpoint
+        @admin_only
+        async def act(request: Request) -> Response:
+            body = admin.parse_request(await admin_body(request), rollout_api.RolloutRequest)
+            return _json(await rollout_api.rollout_action(service, request.path_params["model"], action, body,
+                                                          request.client))
+
+        return act
+
     fast_infer = infer_handler(service, guard)
 
     @_endpoint
@@ -428,6 +449,9 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/feedback", model_feedback, methods=["POST"]),
         Route("/v2/models/{model}/drift", model_drift, methods=["GET"]),
+        Route("/v2/models/{model}/rollout", model_rollout, methods=["GET"]),
+        *(Route(f"/v2/models/{{model}}/rollout/{action}", model_rollout_action(action), methods=["POST"])
+          for action in ACTIONS),
         Route("/v2/models/{model}/quality", model_quality, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/drift", model_drift, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/quality", model_quality, methods=["GET"]),

@@ -34,12 +34,15 @@ from serving.metrics import StatsRecorder
 from serving.monitoring.predlog import PredictionLog
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
+from serving.rollout.state import Route
 from serving.service import InferenceService
 from serving.workers import LocalWorkerClient, ModelRunner
 
 __all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient", "replica_gone", "retry_budget_s"]
 
 _log = logging.getLogger("fleet.ingress")
+
+_EARLY_PUSH_S = 0.05  # at most one early push (a candidate's failure) per this long
 
 
 class HandleWorkerClient:
@@ -162,7 +165,7 @@ class Ingress:
             max_rows=o.log_buffer_rows, max_bytes=o.log_buffer_bytes)
         self.service = InferenceService(
             models, self.options, self.recorder, stats_source=self._stats, metrics_source=self._metrics,
-            log=self.log, monitor_source=self._report,
+            log=self.log, monitor_source=self._report, rollout_source=self._rollout,
         )
         await self._wait_for_workers()
         for name, client in zip(workers, clients):
@@ -170,6 +173,9 @@ class Ingress:
                 # The switch is announced at once: the next request without a version goes to the new one.
                 client.runner.start_polling(self.options.version_poll_interval_s,
                                             functools.partial(self.service.refresh, models=(name,)))
+        self._early_push: asyncio.Task | None = None
+        self._early_push_at = 0.0
+        self.service.on_candidate_error = self._push_soon
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
         self.listener = None
@@ -234,16 +240,29 @@ class Ingress:
         log_counts = self.log.take_counts() if self.log is not None else {}
         monitoring["log"] = log_counts
         monitoring["log_buffered"] = self.log.buffered_rows if self.log is not None else 0
+        evidence = monitoring["rollout"] = self.service.evidence.take()
         try:
-            await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths(),
-                                                    self.service.breaker_states(), monitoring)
+            routes = await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths(),
+                                                             self.service.breaker_states(), monitoring)
         except Exception as exc:  # monitor restarting: keep the delta for the next push
             self.recorder.give_back(delta)
             self.recorder.give_back_monitoring(monitoring)
+            self.service.evidence.give_back(evidence)
             if self.log is not None:
                 self.log.give_back_counts(log_counts)
             self._monitor = None
             _log.warning("could not push statistics to the monitor: %s", exc)
+            return
+        # The rollout controller answers with every model's route: a rollback reaches this replica here.
+        for model, route in (routes or {}).items():
+            self.service.apply_route(model, Route.from_dict(route))
+
+    def _push_soon(self) -> None:
+        """A request failed on a candidate: hand the evidence to the controller now, not at the next interval."""
+        now = time.monotonic()
+        if self._early_push is None or (self._early_push.done() and now - self._early_push_at >= _EARLY_PUSH_S):
+            self._early_push_at = now
+            self._early_push = asyncio.get_running_loop().create_task(self._push())
 
     async def _push_loop(self) -> None:
         while True:
@@ -267,6 +286,18 @@ class Ingress:
         """The monitor's drift or quality report of `model` (this replica's latest counts pushed first)."""
         await self._push()
         return await self._monitor_actor().report.remote(kind, model, version)
+
+    async def _rollout(self, model: str, action: str | None, version: int | None, by: str) -> dict:
+        """The controller's rollout state of `model`, after `action` if one is given (serving/rollout/api.py)."""
+        monitor = self._monitor_actor()
+        try:
+            if action is None:
+                return await monitor.rollout_status.remote(model)
+            return await monitor.rollout_action.remote(model, action, version, by)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, FleetError):
+                raise exc.cause from None
+            raise
 
     async def __del__(self):
         # Drain: stop taking connections, let the requests in flight finish, then stop.

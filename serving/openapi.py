@@ -153,6 +153,27 @@ SCHEMAS: dict[str, dict] = {
         "properties": {"versions": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1,
                                     "maxItems": 1024, "nullable": True}},
     },
+    "RolloutState": {
+        "type": "object", "required": ["model", "status", "stable", "candidate", "weight", "epoch"],
+        "description": "the model's rollout.json (serving/rollout/state.py), its settings and decisions",
+        "properties": {"model": {"type": "string"},
+                       "status": {"type": "string", "enum": ["idle", "canary", "shadow", "paused"]},
+                       "stable": {"type": "integer", "nullable": True},
+                       "candidate": {"type": "integer", "nullable": True},
+                       "stage": {"type": "integer"}, "stages": {"type": "array", "items": {"type": "number"}},
+                       "weight": {"type": "number", "description": "share of routing keys the candidate answers"},
+                       "shadow_share": {"type": "number"}, "epoch": {"type": "integer"},
+                       "rolled_back": {"type": "array", "items": {"type": "integer"}},
+                       "evidence": {"type": "object", "description": "the judge's latest verdict, per gate"},
+                       "alarm": {"type": "string", "nullable": True},
+                       "history": {"type": "array", "items": {"type": "object"}},
+                       "config": {"type": "object"}, "decisions": {"type": "object"}},
+    },
+    "RolloutRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"version": {"type": "integer", "minimum": 1,
+                                   "description": "start only: the version to roll out (default the newest)"}},
+    },
     "RepositoryIndex": {
         "type": "array",
         "items": {"type": "object", "required": ["name", "state"],
@@ -343,6 +364,23 @@ OPERATIONS: tuple[Operation, ...] = (
                                                   "malformed body"), 404: _error(404)},
               parameters=(_MODEL,), request_body={"required": True, "content": {"application/json": {
                   "schema": _ref("VersionsRequest")}}}, security=_ADMIN, tags=("admin",)),
+    Operation("GET", "/v2/models/{model}/rollout", "model_rollout",
+              "The model's rollout: stable and candidate versions, stage, weights, the gates' evidence, history",
+              {200: _ok("RolloutState"), 404: _error(404, "unknown model, or one that does not roll out "
+                                                          "progressively"),
+               503: _error(503, "the controller is not reachable")}, parameters=(_MODEL,), security=_ADMIN,
+              tags=("rollout",)),
+    *(Operation("POST", f"/v2/models/{{model}}/rollout/{action}", f"model_rollout_{action}", summary,
+                {200: _ok("RolloutState"), 400: _error(400, "no rollout to act on, a version that cannot be rolled "
+                                                       "out, or a malformed body"), 404: _error(404)},
+                parameters=(_MODEL,), request_body={"required": False, "content": {"application/json": {
+                    "schema": _ref("RolloutRequest")}}}, security=_ADMIN, tags=("rollout",))
+      for action, summary in (
+          ("start", "Roll a version out (default: the newest accepted one) from the first stage"),
+          ("pause", "Hold the rollout at its stage (a failing gate still rolls it back)"),
+          ("resume", "Let a paused rollout's stages advance again"),
+          ("promote", "Make the candidate the stable version now"),
+          ("abort", "Take the candidate out of traffic now; it is not served again by the automation"))),
     Operation("GET", "/openapi.json", "openapi", "This document",
               {200: {"description": "OpenAPI 3 document", "content": {"application/json": {"schema": {
                   "type": "object"}}}}}, tags=("meta",)),

@@ -67,12 +67,22 @@ class ServingState:
     loaded: bool = True
     versions: tuple[int, ...] | None = None
 
-    def select(self, spec: ModelSpec, accepted: Sequence[int]) -> list[int]:
-        """The versions to serve out of `accepted` (ascending)."""
+    def select(self, spec: ModelSpec, accepted: Sequence[int], rollout=None) -> list[int]:
+        """The versions to serve out of `accepted` (ascending).
+
+        `rollout`: the model's `serving.rollout.state.RolloutState` when it rolls out
+        progressively: its stable version (and candidate, during a rollout) are served
+        instead of the policy's newest, and its rolled-back versions never are.
+        """
         if not self.loaded:
             return []
         if self.versions is not None:
             return sorted(set(self.versions) & set(accepted))
+        if rollout is not None:
+            served = [v for v in rollout.served() if v in accepted]
+            if served:
+                return served
+            accepted = [v for v in accepted if v not in rollout.rolled_back]  # its stable was deleted
         return spec.version_policy.select(list(accepted))
 
     def to_dict(self) -> dict:
@@ -252,6 +262,30 @@ class ModelRepository:
             raise ModelNotFound(f"model {model!r} is not in the repository {self.root_uri}")
         doc = {**state.to_dict(), "updated_at": time.time()}
         self._write_atomic(posixpath.join(model_dir, SERVING_FILE), json.dumps(doc, indent=2).encode())
+
+    def read_state_file(self, model: str, name: str) -> bytes | None:
+        """A JSON state file of the model's folder (rollout.json), None when there is none."""
+        path = posixpath.join(self._model_dir(model), name)
+        try:
+            return self._read(path)
+        except FileNotFoundError:
+            return None
+
+    def write_state_file(self, model: str, name: str, data: bytes) -> None:
+        """Replace a state file of the model's folder atomically (write-temp-then-rename)."""
+        model_dir = self._model_dir(model)
+        if not self._exists(posixpath.join(model_dir, CONFIG_FILE)):
+            raise ModelNotFound(f"model {model!r} is not in the repository {self.root_uri}")
+        self._write_atomic(posixpath.join(model_dir, name), data)
+
+    def update_metadata(self, model: str, version: int, changes: Mapping) -> None:
+        """Add fleet's own record to a published version's metadata.json (its rollout outcome), atomically.
+
+        The model file and the training record stay as published; only the keys in `changes` are set.
+        """
+        doc = {**self.metadata(model, version), **changes}
+        path = posixpath.join(self._version_dir(model, version), METADATA_FILE)
+        self._write_atomic(path, json.dumps(doc, indent=2, allow_nan=False, default=_plain).encode())
 
     def metadata(self, model: str, version: int) -> dict:
         """The version's metadata.json ({} when the version has none, as a Triton repository)."""

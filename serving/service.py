@@ -34,6 +34,9 @@ from serving.options import ServingOptions
 from serving.preprocess import Preprocessor, Standardize, make_preprocessor
 from serving.protocol import decode_request, encode_response
 from serving.registry import ModelRepository, check_model_name
+from serving.rollout.evidence import RolloutEvidence
+from serving.rollout.serving import RolloutRouting
+from serving.rollout.state import Route
 from serving.validation import validate_request
 
 __all__ = ["WorkerClient", "ModelState", "InferenceService", "SERVER_NAME", "SERVER_VERSION", "parse_header_length"]
@@ -71,6 +74,7 @@ class ModelState:
     fallback: Fallback | None = None  # answers while the backend cannot
     backend_error: str | None = None  # why the backend cannot answer now (the worker's health check)
     unloaded: bool = False  # by an administrator (serving/admin.py): answered 503, ignored by server readiness
+    route: Route | None = None  # the model's rollout (serving/rollout/): stable, candidate and its weight
 
     @property
     def ready(self) -> bool:
@@ -79,7 +83,7 @@ class ModelState:
         return bool(self.versions) and self.error is None and not down and not self.unloaded
 
 
-class InferenceService:
+class InferenceService(RolloutRouting):
     """Everything an ingress replica answers, minus HTTP."""
 
     def __init__(
@@ -91,6 +95,7 @@ class InferenceService:
         metrics_source: Callable[[], Awaitable[bytes]] | None = None,
         log=None,
         monitor_source: Callable[[str, str, str | None], Awaitable[dict]] | None = None,
+        rollout_source: Callable[..., Awaitable[dict]] | None = None,
     ):
         self.options = options
         self._limits = RequestLimits.from_options(options)
@@ -104,6 +109,7 @@ class InferenceService:
         self._stats_source = stats_source
         self._metrics_source = metrics_source
         self._monitor_source = monitor_source  # the monitor's drift and quality reports
+        self._rollout_source = rollout_source  # the rollout controller's status and actions
         # Request ids, the prediction log (`log`: a serving.monitoring.predlog.PredictionLog) and drift counts.
         self.monitoring = ReplicaMonitoring(options.repository, self.recorder, log, options.data_dir,
                                             max_feedback_labels=options.max_feedback_labels,
@@ -112,6 +118,10 @@ class InferenceService:
         self._preprocessors: dict[tuple[str, int], Preprocessor | None] = {}
         self._draining: set[asyncio.Task] = set()  # batchers of versions no longer served, finishing their queue
         self._unready_refresh: asyncio.Future | None = None  # one at a time, shared by concurrent probes
+        self.evidence = RolloutEvidence()  # per version in a rollout, for the judge (pushed with the statistics)
+        self._shadow_inflight: dict[str, int] = {}  # shadow copies in flight per model (serving/rollout/serving.py)
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self.on_candidate_error: Callable[[], None] | None = None  # the replica pushes early: a fast rollback
 
     def _preprocessor(self, state: ModelState, version: int) -> Preprocessor | None:
         """The version's preprocessing (config.pbtxt parameters, statistics from its metadata.json), built once."""
@@ -147,6 +157,13 @@ class InferenceService:
             versions = sorted(status.get("versions", []))
             if versions != state.versions:
                 self._switch(state, versions)
+            if status.get("rollout"):
+                self.apply_route(state.spec.name, Route.from_dict(status["rollout"]))
+            route = state.route
+            if route is not None and route.candidate is not None:
+                error = status.get("load_errors", {}).get(str(route.candidate))
+                if error is not None:  # the controller rolls a candidate back that cannot load
+                    self.evidence.load_failed(state.spec.name, route.candidate, error)
             state.backend = status.get("backend", {})
             state.error = status.get("error")
             state.backend_error = status.get("backend_error")
@@ -210,6 +227,9 @@ class InferenceService:
         if version is None or version == "":
             if not state.versions:
                 raise ModelUnavailable(f"model {state.spec.name!r} is not ready: {state.error or 'loading'}")
+            route = state.route
+            if route is not None and route.stable in state.versions:
+                return route.stable  # during a rollout the candidate is chosen per request (`_route`)
             return state.versions[-1]
         if not is_decimal(version):
             raise ModelNotFound(f"model version must be a positive integer, got {version!r}")
@@ -335,13 +355,17 @@ class InferenceService:
         return out
 
     async def infer(
-        self, model: str, version: str | None, body: bytes, header_length: int | None, key_id: str | None = None
+        self, model: str, version: str | None, body: bytes, header_length: int | None, key_id: str | None = None,
+        routing_header: str | None = None,
     ) -> tuple[bytes, int | None, str | None]:
         """Decode, validate, batch, execute, encode.
 
         Returns (body, json header length or None, "<model>/<version>" of the fallback that
         answered, None when the model itself did). `key_id` names the caller's API key in the
-        prediction log (a digest prefix, never the key).
+        prediction log (a digest prefix, never the key). During a rollout a request that names
+        no version goes to the candidate or the stable version by its routing key
+        (`routing_header`, serving/rollout/routing.py); one that failed on the candidate is
+        answered by the stable version, so the client sees no error of the candidate's.
         """
         start = time.perf_counter_ns()
         start_mono = time.monotonic_ns()
@@ -355,9 +379,9 @@ class InferenceService:
             request = decode_request(body, header_length, self._limits)
             checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements,
                                        max_batch_rows=self.options.max_batch_rows)
-            request_id, meta = self.monitoring.request_meta(state.spec, number, request.id, key_id, start_mono)
-            result, answered_by = await self._submit(state, number, checked.inputs, checked.rows, request.timeout_us,
-                                                     meta)
+            result, answered_by, number, request_id = await self._dispatch(
+                state, number, not version, checked, request, routing_header, key_id, start, start_mono)
+            tag = str(number)
             outputs = []
             for ospec, binary in checked.outputs:
                 arr = result.outputs.get(ospec.name)
@@ -367,11 +391,16 @@ class InferenceService:
             response = encode_response(model, tag, outputs, request_id=request_id)
         except FleetError as exc:
             self.recorder.failure(model, tag, type(exc).__name__, time.perf_counter_ns() - start)
+            if state.route is not None and state.route.candidate is not None and exc.status >= 500:
+                self.evidence.failure(model, int(tag))
             raise
         except asyncio.CancelledError:
             self.recorder.failure(model, tag, "Cancelled", time.perf_counter_ns() - start)
             raise
-        self.recorder.success(model, tag, time.perf_counter_ns() - start, result.queue_ns, result.compute_ns)
+        elapsed = time.perf_counter_ns() - start
+        self.recorder.success(model, tag, elapsed, result.queue_ns, result.compute_ns)
+        if state.route is not None and state.route.candidate is not None and answered_by is None:
+            self.evidence.success(model, number, elapsed / 1e9, result.outputs.get(state.spec.outputs[0].name))
         return (*response, answered_by)
 
     async def _submit(self, state: ModelState, number: int, inputs: dict, rows: int,
@@ -457,6 +486,13 @@ class InferenceService:
             raise ModelNotFound(f"model {model!r} has no {kind} report for version {version}: no traffic seen "
                                 f"by the monitor; served versions: {state.versions}")
         return doc
+
+    async def rollout_call(self, model: str, action: str | None, version: int | None = None,
+                           by: str = "admin") -> dict:
+        """The rollout controller's state of `model` (action None) or the state after `action`."""
+        if self._rollout_source is None:
+            raise ModelUnavailable("the rollout controller is not reachable from this replica")
+        return await self._rollout_source(model, action, version, by)
 
     async def metrics(self) -> bytes:
         if self._metrics_source is None:

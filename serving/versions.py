@@ -35,6 +35,8 @@ from serving.backends import Backend, make_backend
 from serving.model_config import ModelSpec
 from serving.errors import RepositoryError
 from serving.registry import ModelRepository, ServingState
+from serving.rollout.config import rollout_config
+from serving.rollout.state import RolloutState, read_rollout
 
 __all__ = ["ServedVersions", "OnSwitch"]
 
@@ -62,8 +64,11 @@ class ServedVersions:
         self.on_switch: OnSwitch | None = None
         self.last_error: str | None = None  # the latest load failure, for the start-up error message
         self.state = ServingState()  # the administrator's say (serving.json) as last read
+        self.progressive = rollout_config(spec) is not None  # canary/shadow: rollout.json picks the versions
+        self.rollout: RolloutState | None = None  # rollout.json as last read (progressive models)
         self._retiring: dict[int, asyncio.Task] = {}
         self._failed: dict[int, float] = {}  # version -> time.monotonic() of its failed load
+        self.load_errors: dict[int, str] = {}  # version -> why it failed to load (until it loads)
         self._lock = asyncio.Lock()
         self._last_sync = -float("inf")
         self._poller: asyncio.Task | None = None
@@ -83,14 +88,16 @@ class ServedVersions:
 
     async def _sync(self) -> bool:
         self._last_sync = time.monotonic()
-        accepted, state = await asyncio.to_thread(self._read_repository)
+        accepted, state, rollout = await asyncio.to_thread(self._read_repository)
         state_changed, self.state = state != self.state, state
+        if rollout is not None and (self.rollout is None or rollout.epoch != self.rollout.epoch):
+            state_changed, self.rollout = True, rollout
         started = time.perf_counter()
         loaded: list[int] = []
         while True:
             now = time.monotonic()
             usable = [v for v in accepted if v not in self._failed or now - self._failed[v] >= _RETRY_FAILED_S]
-            wanted = tuple(state.select(self.spec, usable))
+            wanted = tuple(state.select(self.spec, usable, self.rollout))
             missing = [v for v in wanted if v not in self.backends]
             if not missing:
                 break
@@ -101,10 +108,12 @@ class ServedVersions:
                         raise result  # cancelled: the replica is stopping
                     self._failed[version] = time.monotonic()
                     self.last_error = f"version {version}: {type(result).__name__}: {result}"
+                    self.load_errors[version] = f"{type(result).__name__}: {result}"[:500]
                     _log.error("model %s version %s failed to load and is not served: %s", self.model, version, result)
                 else:
                     self.backends[version] = result
                     self._failed.pop(version, None)
+                    self.load_errors.pop(version, None)
                     loaded.append(version)
         if wanted == self.served:
             return state_changed
@@ -127,14 +136,22 @@ class ServedVersions:
                   loaded or "nothing", time.perf_counter() - started)
         return True
 
-    def _read_repository(self) -> tuple[list[int], ServingState]:
+    def _read_repository(self) -> tuple[list[int], ServingState, RolloutState | None]:
         accepted = self.repository.accepted_versions(self.model, self.spec)
         try:
             state = self.repository.serving_state(self.model)
         except RepositoryError as exc:  # a broken serving.json: keep following the last good one
             _log.warning("model %s: %s; keeping %s", self.model, exc, self.state)
             state = self.state
-        return accepted, state
+        rollout = None
+        if self.progressive:
+            try:
+                rollout = read_rollout(self.repository, self.model)
+            except (RepositoryError, OSError) as exc:  # a broken rollout.json: keep following the last good one
+                _log.warning("model %s: %s; keeping the rollout state of epoch %s", self.model, exc,
+                             self.rollout.epoch if self.rollout else None)
+                rollout = self.rollout
+        return accepted, state, rollout
 
     async def _load(self, version: int) -> Backend:
         model_file = None

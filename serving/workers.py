@@ -77,6 +77,9 @@ class ModelRunner:
             "pid": os.getpid(),
             "unloaded": not self.versions.state.loaded,  # by an administrator (serving.json)
             "pinned": None if self.versions.state.versions is None else list(self.versions.state.versions),
+            # rollout.json as last read (a progressive model): the ingress routes by it
+            "rollout": None if self.versions.rollout is None else self.versions.rollout.route.to_dict(),
+            "load_errors": {str(v): e for v, e in self.versions.load_errors.items()},
         }
         checks = [b.health() for v, b in self.versions.backends.items() if v in self.versions.served]
         errors = [e for e in await asyncio.gather(*checks) if e]

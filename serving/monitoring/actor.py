@@ -17,6 +17,8 @@ import time
 from serving.monitor import MonitorState
 from serving.monitoring.engine import MonitoringEngine
 from serving.monitoring.exposition import MonitoringCollector
+from serving.rollout.controller import RolloutController
+from serving.rollout.exposition import RolloutCollector
 
 __all__ = ["MonitorActor"]
 
@@ -29,6 +31,7 @@ class MonitorActor:
     def __init__(self, options: dict | None = None, *, start_thread: bool = True):
         self.state = MonitorState()
         self.engine: MonitoringEngine | None = None
+        self.rollout: RolloutController | None = None  # progressive delivery (serving/rollout/controller.py)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,6 +51,8 @@ class MonitorActor:
                 submit, status = jobs_sdk(options["dashboard_url"])
             self.engine = MonitoringEngine(options, submit=submit, status=status)
             self.state._registry.register(MonitoringCollector(self.engine))
+            self.rollout = RolloutController(options)
+            self.state._registry.register(RolloutCollector(self.rollout))
             if self._start_thread:
                 interval = float(options.get("monitor_interval_s", 1.0))
                 self._thread = threading.Thread(target=self._run, args=(interval,), name="fleet-monitor-tick",
@@ -58,21 +63,43 @@ class MonitorActor:
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
+                self.rollout.tick()
+            except Exception:  # noqa: BLE001 - the controller keeps going; the next tick tries again
+                _log.exception("a rollout tick failed")
+            try:
                 self.engine.tick()
             except Exception:  # noqa: BLE001 - the monitor keeps going; the next tick tries again
                 _log.exception("a monitor tick failed")
 
     def tick(self) -> list[dict]:
         """One round of the engine now (tests; the thread does it every monitor_interval_s)."""
+        if self.rollout is not None:
+            self.rollout.tick()
         return self.engine.tick() if self.engine is not None else []
 
     # -- what the replicas and routes call ----------------------------------------------------
     def push(self, replica: str, delta: dict, queue_depths: dict | None = None, breakers: dict | None = None,
-             monitoring: dict | None = None) -> None:
+             monitoring: dict | None = None) -> dict:
+        """Take a replica's statistics; answer with every model's rollout route (how a rollback spreads)."""
         with self._lock:
             self.state.push(replica, delta, queue_depths, breakers)
         if self.engine is not None and monitoring:
             self.engine.intake(replica, monitoring)
+        if self.rollout is None:
+            return {}
+        self.rollout.intake((monitoring or {}).get("rollout"))
+        return self.rollout.routes()
+
+    def rollout_status(self, model: str) -> dict:
+        return self._controller().status(model)
+
+    def rollout_action(self, model: str, action: str, version: int | None = None, by: str = "admin") -> dict:
+        return self._controller().action(model, action, version, by)
+
+    def _controller(self) -> RolloutController:
+        if self.rollout is None:
+            raise RuntimeError("the monitor is not configured (no serving options yet)")
+        return self.rollout
 
     def forget(self, replica: str) -> None:
         with self._lock:

@@ -89,10 +89,14 @@ class ReplicaMonitoring:
         if schema is None:
             return request_id, None
         if request_id is None:
-            request_id = self._prefix + format(next(self._ids), "x")
+            request_id = self.new_request_id()
         if schema.sample < 1.0 and not sampled(request_id, schema.sample):
             return request_id, None
         return request_id, request_meta(request_id, start_ns, key_id)
+
+    def new_request_id(self) -> str:
+        """A fresh request id (this replica's prefix and a counter), for a request that came without one."""
+        return self._prefix + format(next(self._ids), "x")
 
     def observer(self, spec, version: int, preprocessor) -> VersionObserver:
         """The batcher's `observe` for the version: drift counts against its reference, log records."""

@@ -1,0 +1,1 @@
+"""Progressive delivery: rollout state, per-request routing, the sequential judge, the controller."""

@@ -1,0 +1,164 @@
+"""What an ingress replica counts per model version during a rollout, for the judge.
+
+Per (model, version) since the last hand-off: requests routed to it, those that failed on the
+model or its backend, a histogram of the successful requests' latency over the judge's
+`LATENCY_EDGES_S`, and a histogram of the outputs (`score_bins`). In shadow mode, per model,
+the pairs of answers compared (`compare`): decisions that differ, the largest absolute
+difference, the summed score delta, and which side failed. Kept only for models in a
+rollout; the hot path adds to lists, and the replica's push hands the deltas to the controller.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from serving.rollout.judge import LATENCY_EDGES_S
+
+__all__ = ["RolloutEvidence", "score_bins", "compare", "LATENCY_EDGES_S", "BINARY_SCORE_BINS"]
+
+BINARY_SCORE_BINS = 20  # a one-column output (a probability) in 20 equal bins of [0, 1]
+
+
+def score_bins(output: np.ndarray) -> np.ndarray:
+    """Counts of one request's output rows: a probability (one column) in 20 bins of [0, 1],
+    several columns by their argmax class."""
+    arr = np.asarray(output)
+    if arr.ndim >= 2 and arr.shape[-1] > 1:
+        classes = arr.reshape(-1, arr.shape[-1]).argmax(axis=1)
+        return np.bincount(classes, minlength=arr.shape[-1])
+    p = np.clip(np.nan_to_num(arr.reshape(-1).astype(np.float64), nan=0.0), 0.0, 1.0)
+    return np.bincount(np.minimum((p * BINARY_SCORE_BINS).astype(np.int64), BINARY_SCORE_BINS - 1),
+                       minlength=BINARY_SCORE_BINS)
+
+
+class _Counts:
+    __slots__ = ("requests", "errors", "latency", "scores")
+
+    def __init__(self):
+        self.requests = 0
+        self.errors = 0
+        self.latency = [0] * (len(LATENCY_EDGES_S) + 1)
+        self.scores: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "errors": self.errors, "latency": self.latency,
+                "scores": [] if self.scores is None else self.scores.tolist()}
+
+
+_SHADOW_KEYS = ("pairs", "rows", "disagree", "candidate_only_failed", "stable_only_failed", "both_failed", "shed")
+
+
+def compare(stable: np.ndarray, candidate: np.ndarray) -> tuple[int, int, float, float]:
+    """(rows, rows whose decision differs, largest absolute difference, summed candidate - stable score) of one
+    request's two answers: the decision is the argmax of several columns, p >= 0.5 of one."""
+    s = np.asarray(stable, np.float64).reshape(len(stable), -1)
+    c = np.asarray(candidate, np.float64).reshape(len(candidate), -1)
+    if s.shape != c.shape:
+        return len(s), len(s), float("inf"), 0.0
+    if s.shape[1] > 1:
+        differ = int(np.count_nonzero(s.argmax(axis=1) != c.argmax(axis=1)))
+        delta = float((c.max(axis=1) - s.max(axis=1)).sum())
+    else:
+        differ = int(np.count_nonzero((s[:, 0] >= 0.5) != (c[:, 0] >= 0.5)))
+        delta = float((c[:, 0] - s[:, 0]).sum())
+    return len(s), differ, float(np.abs(c - s).max(initial=0.0)), delta
+
+
+class RolloutEvidence:
+    """One replica's rollout counts, handed off as deltas (`take`)."""
+
+    def __init__(self):
+        self._counts: dict[tuple[str, int], _Counts] = {}
+        self._shadow: dict[str, dict] = {}  # model -> pair counts of the shadow copies
+        self._load_failed: dict[tuple[str, int], str] = {}
+
+    def shadow_pair(self, model: str, stable: np.ndarray | None, candidate: np.ndarray | None) -> None:
+        """One shadowed request: the stable and candidate answers (None: that side failed)."""
+        entry = self._shadow_entry(model)
+        entry["pairs"] += 1
+        if stable is None or candidate is None:
+            key = "both_failed" if stable is None and candidate is None else \
+                "stable_only_failed" if stable is None else "candidate_only_failed"
+            entry[key] += 1
+            return
+        rows, differ, largest, delta = compare(stable, candidate)
+        entry["rows"] += rows
+        entry["disagree"] += differ
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], largest)
+        entry["score_delta_sum"] += delta
+
+    def load_failed(self, model: str, version: int, error: str) -> None:
+        """The version failed to load where this replica runs it."""
+        self._load_failed[(model, version)] = error
+
+    def shadow_shed(self, model: str) -> None:
+        """A copy not sent: the candidate had too many copies in flight in this replica."""
+        self._shadow_entry(model)["shed"] += 1
+
+    def _shadow_entry(self, model: str) -> dict:
+        entry = self._shadow.get(model)
+        if entry is None:
+            entry = self._shadow[model] = {**dict.fromkeys(_SHADOW_KEYS, 0), "max_abs_diff": 0.0,
+                                           "score_delta_sum": 0.0}
+        return entry
+
+    def _entry(self, model: str, version: int) -> _Counts:
+        entry = self._counts.get((model, version))
+        if entry is None:
+            entry = self._counts[(model, version)] = _Counts()
+        return entry
+
+    def success(self, model: str, version: int, latency_s: float, output: np.ndarray | None) -> None:
+        entry = self._entry(model, version)
+        entry.requests += 1
+        entry.latency[bisect.bisect_right(LATENCY_EDGES_S, latency_s)] += 1
+        if output is not None:
+            counts = score_bins(output)
+            if entry.scores is None or entry.scores.shape != counts.shape:
+                entry.scores = counts
+            else:
+                entry.scores += counts
+
+    def failure(self, model: str, version: int) -> None:
+        entry = self._entry(model, version)
+        entry.requests += 1
+        entry.errors += 1
+
+    def take(self) -> dict:
+        """{model: {version (str): counts, "shadow": pair counts}} since the last call."""
+        counts, self._counts = self._counts, {}
+        shadow, self._shadow = self._shadow, {}
+        out: dict = {}
+        for (model, version), entry in counts.items():
+            out.setdefault(model, {})[str(version)] = entry.to_dict()
+        for model, entry in shadow.items():
+            out.setdefault(model, {})["shadow"] = entry
+        failed, self._load_failed = self._load_failed, {}
+        for (model, version), error in failed.items():
+            out.setdefault(model, {}).setdefault("load_failed", {})[str(version)] = error
+        return out
+
+    def give_back(self, delta: dict) -> None:
+        """A hand-off that did not reach the controller: count it again in the next one."""
+        for model, versions in delta.items():
+            for version, d in versions.items():
+                if version == "load_failed":
+                    for v, error in d.items():
+                        self._load_failed[(model, int(v))] = error
+                    continue
+                if version == "shadow":
+                    mine = self._shadow_entry(model)
+                    for key in (*_SHADOW_KEYS, "score_delta_sum"):
+                        mine[key] += d[key]
+                    mine["max_abs_diff"] = max(mine["max_abs_diff"], d["max_abs_diff"])
+                    continue
+                entry = self._entry(model, int(version))
+                entry.requests += d["requests"]
+                entry.errors += d["errors"]
+                entry.latency = [a + b for a, b in zip(entry.latency, d["latency"])]
+                if d["scores"]:
+                    scores = np.asarray(d["scores"], np.int64)
+                    entry.scores = scores if entry.scores is None or entry.scores.shape != scores.shape \
+                        else entry.scores + scores

@@ -1,0 +1,143 @@
+"""The ingress side of a rollout: which version answers a request, and the stable version's second chance.
+
+A mixin of `serving.service.InferenceService` (kept apart so the service stays about
+models, batchers and answers): it uses the service's `models`, `monitoring`, `recorder`,
+`evidence` and `_submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from serving.errors import DeadlineExceeded, FleetError
+from serving.monitoring.observe import answered_by_fallback
+from serving.rollout.routing import routing_key, to_candidate
+from serving.rollout.state import Route
+
+__all__ = ["RolloutRouting"]
+
+_SHADOW_MAX_INFLIGHT = 64  # shadow copies of one model in flight per ingress replica; more are shed
+_SHADOW_TIMEOUT_US = 2_000_000  # a copy waits at most this long in the candidate's queue
+
+
+class RolloutRouting:
+    """Routing by the model's `Route` (see the module docstring)."""
+
+    _shadow_inflight: dict
+    _shadow_tasks: set
+
+    def apply_route(self, model: str, route: Route) -> bool:
+        """Route `model`'s requests by `route` from now on, if it is newer than the one followed (by epoch).
+
+        Sources: the worker's status (rollout.json as the worker last read it) and the controller's
+        answer to every statistics push (a rollback arrives that way within a push interval).
+        """
+        state = self.models.get(model)
+        if state is None or (state.route is not None and route.epoch <= state.route.epoch):
+            return False
+        state.route = route
+        return True
+
+    async def _dispatch(self, state, number: int, default: bool, checked, request, header: str | None,
+                        key_id: str | None, start: int, start_mono: int) -> tuple:
+        """(result, who answered if not the model, the version that answered, the request id) of a request
+        for `number` (`default`: the request named no version, so a rollout may route it)."""
+        request_id, route, shadow = request.id, state.route, None
+        if default and route is not None and route.candidate is not None:
+            number, request_id, shadow = self._route(state, route, number, request, header, key_id)
+        request_id, meta = self.monitoring.request_meta(state.spec, number, request_id, key_id, start_mono)
+        if default and route is not None and route.candidate == number:
+            result, answered_by, number = await self._on_candidate(state, route, number, checked, request, meta,
+                                                                   start)
+            return result, answered_by, number, request_id
+        try:
+            result, answered_by = await self._submit(state, number, checked.inputs, checked.rows,
+                                                     request.timeout_us, meta)
+        except FleetError as exc:
+            if shadow is not None and exc.status >= 500:
+                self._shadow(state, route, checked, None, meta)
+            raise
+        if shadow is not None and answered_by is None:
+            self._shadow(state, route, checked, result.outputs, meta)
+        return result, answered_by, number, request_id
+
+    def _route(self, state, route: Route, stable: int, request, header: str | None,
+               key_id: str | None) -> tuple[int, str | None, str | None]:
+        """(the version that answers, the request id, the routing key if the request is also to be shadowed).
+
+        The candidate answers when the routing key falls under its weight; in shadow mode a copy goes to it
+        when the key falls under the shadow share. A request with no key of its own gets its id now, so
+        the id it is answered with is the one it was routed by.
+        """
+        if route.candidate not in state.versions or (route.weight <= 0.0 and route.shadow_share <= 0.0):
+            return stable, request.id, None  # (a candidate this replica has not loaded yet gets nothing)
+        request_id = request.id
+        key = routing_key(request.parameters, header, key_id, request_id)
+        if key is None:
+            key = request_id = self.monitoring.new_request_id()
+        if route.weight > 0.0:
+            return (route.candidate if to_candidate(key, route.weight) else stable), request_id, None
+        return stable, request_id, key if to_candidate(key, route.shadow_share) else None
+
+    def _shadow(self, state, route: Route, checked, stable_outputs: dict | None, meta) -> None:
+        """Copy an answered (or failed: `stable_outputs` None) request to the candidate, after the client's answer.
+
+        The client never waits for it or sees its answer; a candidate with `_SHADOW_MAX_INFLIGHT` copies
+        in flight in this replica gets no more (counted as shed), so a slow one cannot pile work up.
+        """
+        name = state.spec.name
+        inflight = self._shadow_inflight.get(name, 0)
+        if inflight >= _SHADOW_MAX_INFLIGHT:
+            self.evidence.shadow_shed(name)
+            return
+        self._shadow_inflight[name] = inflight + 1
+        if meta is not None:  # logged under the candidate, answered_by "shadow of <stable>": a pair by request id
+            meta = answered_by_fallback(meta, f"shadow of {route.stable}", name, None)
+        output = state.spec.outputs[0].name
+        task = asyncio.get_running_loop().create_task(
+            self._shadow_call(state, route.candidate, checked, stable_outputs, meta, output))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_call(self, state, candidate: int, checked, stable_outputs, meta, output: str) -> None:
+        name = state.spec.name
+        try:
+            result = await self._batcher_submit(state, candidate, checked.inputs, checked.rows,
+                                                _SHADOW_TIMEOUT_US, meta)
+            answer = result.outputs.get(output)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the candidate's failure is evidence, never the client's error
+            answer = None
+        finally:
+            self._shadow_inflight[name] -= 1
+        self.evidence.shadow_pair(name, None if stable_outputs is None else stable_outputs.get(output), answer)
+
+    async def _on_candidate(self, state, route: Route, number: int, checked, request, meta,
+                            start: int) -> tuple:
+        """Run a request on the candidate; if it fails there, once more on the stable version within its timeout."""
+        name = state.spec.name
+        try:
+            result, answered_by = await self._submit(state, number, checked.inputs, checked.rows,
+                                                     request.timeout_us, meta)
+            return result, answered_by, number
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the candidate's is evidence against it
+            self.recorder.failure(name, str(number), type(exc).__name__, time.perf_counter_ns() - start)
+            self.evidence.failure(name, number)
+            if self.on_candidate_error is not None:
+                self.on_candidate_error()
+            stable = route.stable
+            if stable is None or stable not in state.versions:
+                raise
+        timeout_us = request.timeout_us
+        if timeout_us:
+            timeout_us -= (time.perf_counter_ns() - start) // 1000
+            if timeout_us <= 0:
+                raise DeadlineExceeded(f"model {name!r}: the candidate version {number} failed and no time was "
+                                       f"left to answer with the stable version {stable}")
+        result, answered_by = await self._submit(state, stable, checked.inputs, checked.rows, timeout_us, meta)
+        return result, answered_by, stable
+

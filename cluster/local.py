@@ -98,6 +98,7 @@ class LocalCluster:
         from ray.serve.config import HTTPOptions
 
         from serving.app import APP_NAME, build_app
+        from serving.monitor import get_monitor
 
         s = self.settings
         if not port_is_free(s.host, s.port):
@@ -126,6 +127,9 @@ class LocalCluster:
         else:
             serve.start(http_options=HTTPOptions(host=s.host, port=s.port))
         gpus = ray.cluster_resources().get("GPU", 0) > 0
+        # The monitor first: its rollout controller writes each model's rollout.json (the stable version)
+        # before a replica chooses what to serve, so a version published meanwhile rolls out as a canary.
+        ray.get(get_monitor(s.serving_options().to_dict()).ping.remote())
         app = build_app(s.serving_options(), s.deployment_options(gpus_available=gpus))
         # One log line per request would cost more than the request itself.
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})

@@ -29,6 +29,8 @@ def add_rollout_parser(sub) -> None:
     p.add_argument("action", choices=_ACTIONS)
     p.add_argument("model")
     p.add_argument("--version", type=int, help="start: the version to roll out (default: the newest accepted)")
+    p.add_argument("--mode", choices=["canary", "shadow", "ab"], help="start: default the model's fleet.rollout")
+    p.add_argument("--split", type=float, help="start --mode ab: the candidate's fixed share of routing keys")
     p.add_argument("--url", help="the cluster's URL (default: the running cluster's)")
     p.add_argument("--token-file", help="a file holding the admin token (default: $FLEET_ADMIN_TOKEN)")
     p.add_argument("--data-dir", help="replay: the cluster's data folder (default ./data)")
@@ -105,7 +107,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if args.action == "status":
         status, doc = _call(base, _token(args), "GET")
     else:
-        body = {"version": args.version} if args.version is not None else {}
+        body = {k: v for k, v in (("version", args.version), ("mode", args.mode), ("split", args.split))
+                if v is not None}
         status, doc = _call(f"{base}/{args.action}", _token(args), "POST", body)
     if status != 200:
         print(f"fleet: {args.action} failed ({status}): {doc.get('error', doc)}")

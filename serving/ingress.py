@@ -287,13 +287,13 @@ class Ingress:
         await self._push()
         return await self._monitor_actor().report.remote(kind, model, version)
 
-    async def _rollout(self, model: str, action: str | None, version: int | None, by: str) -> dict:
+    async def _rollout(self, model: str, action: str | None, version: int | None, by: str, **start) -> dict:
         """The controller's rollout state of `model`, after `action` if one is given (serving/rollout/api.py)."""
         monitor = self._monitor_actor()
         try:
             if action is None:
                 return await monitor.rollout_status.remote(model)
-            return await monitor.rollout_action.remote(model, action, version, by)
+            return await monitor.rollout_action.remote(model, action, version, by, **start)
         except RayTaskError as exc:
             if isinstance(exc.cause, FleetError):
                 raise exc.cause from None

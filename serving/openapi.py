@@ -172,7 +172,11 @@ SCHEMAS: dict[str, dict] = {
     "RolloutRequest": {
         "type": "object", "additionalProperties": False,
         "properties": {"version": {"type": "integer", "minimum": 1,
-                                   "description": "start only: the version to roll out (default the newest)"}},
+                                   "description": "start only: the version to roll out (default the newest)"},
+                       "mode": {"type": "string", "enum": ["canary", "shadow", "ab"],
+                                "description": "start only: default the model's fleet.rollout"},
+                       "split": {"type": "number", "minimum": 0, "maximum": 1,
+                                 "description": "start with mode ab only: the candidate's fixed share, in (0, 1)"}},
     },
     "RepositoryIndex": {
         "type": "array",

@@ -372,6 +372,7 @@ class InferenceService(RolloutRouting):
         state = self._model(model)
         number = self._version(state, version)
         tag = str(number)
+        routed = self._in_rollout(state, version)  # its outcome is evidence for the judge
         try:
             queued = state.batchers.get(number)
             if queued is not None:
@@ -380,7 +381,7 @@ class InferenceService(RolloutRouting):
             checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements,
                                        max_batch_rows=self.options.max_batch_rows)
             result, answered_by, number, request_id = await self._dispatch(
-                state, number, not version, checked, request, routing_header, key_id, start, start_mono)
+                state, number, routed, checked, request, routing_header, key_id, start, start_mono)
             tag = str(number)
             outputs = []
             for ospec, binary in checked.outputs:
@@ -391,7 +392,7 @@ class InferenceService(RolloutRouting):
             response = encode_response(model, tag, outputs, request_id=request_id)
         except FleetError as exc:
             self.recorder.failure(model, tag, type(exc).__name__, time.perf_counter_ns() - start)
-            if state.route is not None and state.route.candidate is not None and exc.status >= 500:
+            if routed and exc.status >= 500:
                 self.evidence.failure(model, int(tag))
             raise
         except asyncio.CancelledError:
@@ -399,7 +400,7 @@ class InferenceService(RolloutRouting):
             raise
         elapsed = time.perf_counter_ns() - start
         self.recorder.success(model, tag, elapsed, result.queue_ns, result.compute_ns)
-        if state.route is not None and state.route.candidate is not None and answered_by is None:
+        if routed and answered_by is None:
             self.evidence.success(model, number, elapsed / 1e9, result.outputs.get(state.spec.outputs[0].name))
         return (*response, answered_by)
 
@@ -488,11 +489,11 @@ class InferenceService(RolloutRouting):
         return doc
 
     async def rollout_call(self, model: str, action: str | None, version: int | None = None,
-                           by: str = "admin") -> dict:
+                           by: str = "admin", **start) -> dict:
         """The rollout controller's state of `model` (action None) or the state after `action`."""
         if self._rollout_source is None:
             raise ModelUnavailable("the rollout controller is not reachable from this replica")
-        return await self._rollout_source(model, action, version, by)
+        return await self._rollout_source(model, action, version, by, **start)
 
     async def metrics(self) -> bytes:
         if self._metrics_source is None:

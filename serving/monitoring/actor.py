@@ -53,6 +53,7 @@ class MonitorActor:
             self.state._registry.register(MonitoringCollector(self.engine))
             self.rollout = RolloutController(options)
             self.state._registry.register(RolloutCollector(self.rollout))
+            self.rollout.tick()  # every progressive model's rollout.json exists before configure returns
             if self._start_thread:
                 interval = float(options.get("monitor_interval_s", 1.0))
                 self._thread = threading.Thread(target=self._run, args=(interval,), name="fleet-monitor-tick",
@@ -68,6 +69,7 @@ class MonitorActor:
                 _log.exception("a rollout tick failed")
             try:
                 self.engine.tick()
+                self.rollout.labels(self.engine.take_rollout_labels())
             except Exception:  # noqa: BLE001 - the monitor keeps going; the next tick tries again
                 _log.exception("a monitor tick failed")
 
@@ -75,7 +77,10 @@ class MonitorActor:
         """One round of the engine now (tests; the thread does it every monitor_interval_s)."""
         if self.rollout is not None:
             self.rollout.tick()
-        return self.engine.tick() if self.engine is not None else []
+        events = self.engine.tick() if self.engine is not None else []
+        if self.rollout is not None:
+            self.rollout.labels(self.engine.take_rollout_labels())
+        return events
 
     # -- what the replicas and routes call ----------------------------------------------------
     def push(self, replica: str, delta: dict, queue_depths: dict | None = None, breakers: dict | None = None,
@@ -93,8 +98,9 @@ class MonitorActor:
     def rollout_status(self, model: str) -> dict:
         return self._controller().status(model)
 
-    def rollout_action(self, model: str, action: str, version: int | None = None, by: str = "admin") -> dict:
-        return self._controller().action(model, action, version, by)
+    def rollout_action(self, model: str, action: str, version: int | None = None, by: str = "admin",
+                       mode: str | None = None, split: float | None = None) -> dict:
+        return self._controller().action(model, action, version, by, mode=mode, split=split)
 
     def _controller(self) -> RolloutController:
         if self.rollout is None:

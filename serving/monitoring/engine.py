@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from serving.errors import FleetError
 from serving.monitoring.alerts import AuditLog, WebhookSender
@@ -94,6 +96,8 @@ class MonitoringEngine:
         self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "feedback_labels": {},
                                           "feedback_duplicates": {}, "violations": {}}
         self.log_buffered: dict[str, int] = {}  # replica -> rows buffered now
+        self.rollout_labels: dict[tuple[str, int], list[int]] = {}  # joined since taken: [labelled, wrong]
+        self.rollout_pairs: dict[tuple[str, int, int], list[int]] = {}  # see take_rollout_labels
         self.audit = AuditLog(self.data_dir)
         url = options.get("alert_webhook_url")
         self.webhook = WebhookSender(url, options.get("alert_webhook_token_file")) if url else None
@@ -258,6 +262,7 @@ class MonitoringEngine:
         spec = self._label_spec(model)
         output = join.outputs[0]
         events: list[dict] = []
+        judged: list[pa.Table] = []  # (request_id, row, version, wrong) of this scan, for the rollout's pairs
         versions = joined["version"].to_numpy()
         order = np.argsort(joined["timestamp"].cast("int64").to_numpy(), kind="stable")
         for version in np.unique(versions):
@@ -283,6 +288,12 @@ class MonitoringEngine:
                 vm.labels = LabelErrorDetector(rate if rate is not None and rows > 0 else None, max(rows, 1),
                                                self.label_config)
             errors = label_errors(outputs.reshape(len(labels), -1), labels, self._threshold(vm))
+            counts = self.rollout_labels.setdefault((model, int(version)), [0, 0])
+            counts[0] += len(errors)
+            counts[1] += int(np.count_nonzero(errors))
+            judged.append(pa.table({"request_id": part["request_id"], "row": part["row"],
+                                    "version": pa.array(np.full(len(errors), int(version), np.int64)),
+                                    "wrong": pa.array(errors)}))
             events += [{**e, "model": model, "version": int(version), "alarm": "quality"}
                        for e in vm.labels.add(errors, now)]
             if spec.task == "binary":
@@ -290,7 +301,35 @@ class MonitoringEngine:
                 if rank is not None:
                     events += [{**e, "model": model, "version": int(version), "alarm": "quality"}
                                for e in rank.add(outputs, labels, now)]
+        if len(judged) > 1:
+            self._pairs(model, pa.concat_tables(judged))
         return events
+
+    def _pairs(self, model: str, judged: pa.Table) -> None:
+        """Count the labelled requests two versions both answered (a stable version and its shadow candidate):
+        per pair of versions (a < b), those only a got right and those only b got right."""
+        numbers = sorted(set(judged["version"].to_pylist()))
+        for i, a in enumerate(numbers):
+            left = judged.filter(pc.equal(judged["version"], a)).select(["request_id", "row", "wrong"])
+            for b in numbers[i + 1:]:
+                right = judged.filter(pc.equal(judged["version"], b)).select(["request_id", "row", "wrong"])
+                both = left.join(right, keys=["request_id", "row"], right_suffix="_b", join_type="inner")
+                if both.num_rows == 0:
+                    continue
+                wrong_a = both["wrong"].to_numpy(zero_copy_only=False)
+                wrong_b = both["wrong_b"].to_numpy(zero_copy_only=False)
+                counts = self.rollout_pairs.setdefault((model, a, b), [0, 0, 0])
+                counts[0] += int(np.count_nonzero(~wrong_a & wrong_b))  # only a right
+                counts[1] += int(np.count_nonzero(wrong_a & ~wrong_b))  # only b right
+                counts[2] += both.num_rows
+
+    def take_rollout_labels(self) -> dict:
+        """What the label join found since the last call, for the rollout judge: {"versions": {(model, version):
+        [labelled, wrong]}, "pairs": {(model, a, b): [only a right, only b right, pairs]}}."""
+        with self.lock:
+            out = {"versions": self.rollout_labels, "pairs": self.rollout_pairs}
+            self.rollout_labels, self.rollout_pairs = {}, {}
+        return out
 
     def _rank(self, vm: VersionMonitor) -> RankDetector | None:
         if vm.rank is None:

@@ -8,7 +8,7 @@ next statistics push. Each action is also an audit line of the "fleet.audit" log
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,11 +22,14 @@ __all__ = ["RolloutRequest", "rollout_status", "rollout_action"]
 
 
 class RolloutRequest(BaseModel):
-    """`POST .../rollout/start` may name the version (default: the newest accepted one); other actions take `{}`."""
+    """`POST .../rollout/start` may name the version (default: the newest accepted one), the mode (default the
+    model's `fleet.rollout`; `ab`: an A/B experiment at a fixed `split`); other actions take `{}`."""
 
     model_config = ConfigDict(extra="forbid")
 
     version: Annotated[int, Field(strict=True, ge=1)] | None = None
+    mode: Literal["canary", "shadow", "ab"] | None = None
+    split: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
 
 
 async def rollout_status(service, model: str) -> dict:
@@ -40,9 +43,13 @@ async def rollout_action(service, model: str, action: str, request: RolloutReque
     service._model(model)
     if action not in ACTIONS:
         raise InvalidInput(f"unknown rollout action {action!r}; use one of {list(ACTIONS)}")
-    if request.version is not None and action != "start":
-        raise InvalidInput(f"only 'start' takes a version; {action!r} acts on the rollout in progress")
-    doc = await service.rollout_call(model, action, request.version, f"admin {_who(client)}")
+    if action != "start" and request.model_fields_set:
+        raise InvalidInput(f"only 'start' takes a version, mode or split; {action!r} acts on the rollout in progress")
+    if (request.mode == "ab") != (request.split is not None):
+        raise InvalidInput("an A/B experiment ('mode': 'ab') needs a 'split' (the candidate's share, in (0, 1)), "
+                           "and only an A/B experiment takes one")
+    doc = await service.rollout_call(model, action, request.version, f"admin {_who(client)}",
+                                     mode=request.mode, split=request.split)
     _audit.info("admin rollout %s model=%s version=%s -> status=%s stable=%s candidate=%s client=%s", action, model,
                 request.version, doc.get("status"), doc.get("stable"), doc.get("candidate"), _who(client))
     service.apply_route(model, Route.from_dict(doc))

@@ -33,6 +33,7 @@ from dataclasses import replace
 from serving.errors import FleetError, InvalidInput, ModelNotFound
 from serving.monitoring.alerts import AuditLog
 from serving.registry import ModelRepository
+from serving.rollout.arms import ArmTotals, SampleRatio, ShadowTotals
 from serving.rollout.config import RolloutConfig, rollout_config
 from serving.rollout.judge import Judge, JudgeSettings
 from serving.rollout.state import RolloutState, read_rollout, write_rollout
@@ -64,6 +65,14 @@ class _Model:
             self.judge = Judge.from_dict(state.judge) if state.judge else Judge(judge_settings(config))
         self.saved_at = time.monotonic()
         self.decisions: dict[str, int] = {}
+        self.fresh()
+
+    def fresh(self) -> None:
+        """The in-memory summaries of a rollout that (re)starts: per-arm totals, shadow pairs, A/B ratio."""
+        self.arms = ArmTotals()
+        self.shadow = ShadowTotals()
+        split = self.state.weight if self.state.status == "ab" else None
+        self.ratio = SampleRatio(split) if split else None
 
 
 class RolloutController:
@@ -91,7 +100,7 @@ class RolloutController:
         with self._lock:
             for model, versions in evidence.items():
                 m = self.models.get(model)
-                if m is None or m.judge is None or m.state.status not in ("canary", "paused"):
+                if m is None or m.state.status == "idle":
                     continue
                 failed = versions.get("load_failed", {}).get(str(m.state.candidate))
                 if failed is not None:
@@ -99,9 +108,43 @@ class RolloutController:
                     continue
                 stable = versions.get(str(m.state.stable), {})
                 candidate = versions.get(str(m.state.candidate), {})
-                if not stable and not candidate:
+                for version, counts in ((m.state.stable, stable), (m.state.candidate, candidate)):
+                    if counts:
+                        m.arms.add(str(version), counts)
+                if m.state.status == "ab":
+                    self._sample_ratio(m, int(candidate.get("requests", 0)), int(stable.get("requests", 0)))
+                    continue
+                if m.state.status == "shadow":
+                    if not versions.get("shadow"):
+                        continue
+                    stable, candidate = m.shadow.add(versions["shadow"])
+                if m.judge is None or (not stable and not candidate):
                     continue
                 self._judge(model, m, stable, candidate)
+
+    def labels(self, joined: dict) -> None:
+        """What the monitor's label join found since the last call (`MonitoringEngine.take_rollout_labels`):
+        a judge tick per model in a rollout, with each side's labelled and wrong predictions and, where a
+        shadow candidate answered the same requests, the discordant pairs."""
+        with self._lock:
+            for model, m in self.models.items():
+                state = m.state
+                if m.judge is None or state.status == "idle":
+                    continue
+                s = joined["versions"].get((model, state.stable))
+                c = joined["versions"].get((model, state.candidate))
+                a, b = sorted((state.stable, state.candidate))
+                pairs = joined["pairs"].get((model, a, b))
+                paired = None
+                if pairs is not None:
+                    a_right, b_right, n = pairs
+                    stable_only, candidate_only = (a_right, b_right) if a == state.stable else (b_right, a_right)
+                    paired = {"pairs": n, "stable_only_right": stable_only, "candidate_only_right": candidate_only}
+                if s is None and c is None and paired is None:
+                    continue
+                stable = {"labelled": s[0], "wrong": s[1]} if s else {}
+                candidate = {"labelled": c[0], "wrong": c[1]} if c else {}
+                self._judge(model, m, stable, candidate, paired)
 
     def tick(self) -> None:
         """Look for new versions (every `_SCAN_EVERY_S`), check stage ages, save the judges' state."""
@@ -157,10 +200,11 @@ class RolloutController:
                          and v not in state.rolled_back]
                 if newer:
                     self._start(m, newer[-1], now, by="new version")
-            elif any(v > (state.candidate or 0) and v not in state.rolled_back for v in accepted):
-                newer = [v for v in accepted if v > (state.candidate or 0) and v not in state.rolled_back][-1]
-                self._finish(m, "supersede", now, reason=f"version {newer} was published during the rollout")
-                self._start(m, newer, now, by="new version")
+            elif newer := [v for v in accepted if v > max(state.candidate or 0, state.stable or 0)
+                           and v not in state.rolled_back]:
+                # A version newer than both is published during the rollout: it replaces the candidate.
+                self._finish(m, "supersede", now, reason=f"version {newer[-1]} was published during the rollout")
+                self._start(m, newer[-1], now, by="new version")
             elif m.judge is not None and state.stage_started_at is not None:
                 age = now - state.stage_started_at
                 if age > config.max_stage_s and state.alarm is None:
@@ -171,35 +215,49 @@ class RolloutController:
                     _log.warning("model %s: %s", model, reason)
 
     # -- transitions ----------------------------------------------------------------------------
-    def _start(self, m: _Model, version: int, now: float, *, by: str, mode: str | None = None) -> None:
+    def _start(self, m: _Model, version: int, now: float, *, by: str, mode: str | None = None,
+               split: float | None = None) -> None:
         config, state = m.config, m.state
         mode = mode or config.mode
-        m.judge = Judge(judge_settings(config))
-        weight = config.stages[0] / 100.0 if mode == "canary" else 0.0
+        m.judge = Judge(judge_settings(config)) if mode != "ab" else None
+        weight = config.stages[0] / 100.0 if mode == "canary" else split if mode == "ab" else 0.0
         shadow = config.shadow_share if mode == "shadow" else 0.0
         new = state.evolve({"event": "start", "version": version, "by": by, "mode": mode}, now=now,
                            candidate=version, status=mode, mode=mode, stage=0, stages=config.stages, weight=weight,
                            shadow_share=shadow, rollout_id=f"{version}-{int(now)}", started_at=now,
-                           stage_started_at=now, evidence={}, judge=m.judge.to_dict(), alarm=None)
+                           stage_started_at=now, evidence={}, judge=m.judge.to_dict() if m.judge else {},
+                           alarm=None)
         self._write(m, new)
-        self._record(m, "start", version=version, by=by, weight=weight)
-        self._tick_record(m, {"settings": judge_settings(config).to_dict()})  # what a replay starts from
+        m.fresh()
+        self._record(m, "start", version=version, by=by, weight=weight, mode=mode)
+        if m.judge is not None:
+            self._tick_record(m, {"settings": judge_settings(config).to_dict()})  # what a replay starts from
         _log.warning("model %s: rolling out version %s (%s) next to stable %s", state.model, version, mode,
                      state.stable)
 
-    def _judge(self, model: str, m: _Model, stable: dict, candidate: dict) -> None:
-        verdict = m.judge.update(stable, candidate)
-        self._tick_record(m, {"stable": stable, "candidate": candidate, "decision": verdict.decision})
+    def _judge(self, model: str, m: _Model, stable: dict, candidate: dict, paired: dict | None = None) -> None:
+        verdict = m.judge.update(stable, candidate, paired)
+        self._tick_record(m, {"stable": stable, "candidate": candidate, "paired": paired,
+                              "decision": verdict.decision})
         now = self._clock()
         m.state = _with_evidence(m.state, verdict.to_dict())
         if verdict.decision == "rollback":
             self._finish(m, "rollback", now, reason=verdict.reason, evidence=verdict.to_dict())
-        elif verdict.decision == "pass" and m.state.status == "canary":
+        elif verdict.decision == "pass" and m.state.status in ("canary", "shadow"):
             if now - (m.state.stage_started_at or now) >= m.config.min_stage_s:
                 self._advance(m, now, verdict.to_dict())
 
     def _advance(self, m: _Model, now: float, evidence: dict) -> None:
         state = m.state
+        if state.status == "shadow":  # the shadow stage passed: the canary stages follow, from the first
+            m.judge.new_stage()
+            self._tick_record(m, {"new_stage": True})
+            weight = state.stages[0] / 100.0
+            self._write(m, state.evolve({"event": "stage", "stage": 0, "weight": weight, "from": "shadow"}, now=now,
+                                        status="canary", stage=0, weight=weight, shadow_share=0.0,
+                                        stage_started_at=now, alarm=None, judge=m.judge.to_dict()))
+            self._record(m, "stage", stage=0, weight=weight, evidence=evidence, shadow=m.shadow.report())
+            return
         nxt = state.stage + 1
         if nxt >= len(state.stages) - 1:  # the stage before 100 % passed: the candidate takes everything
             self._finish(m, "promote", now, reason="every stage passed its gates", evidence=evidence)
@@ -210,6 +268,17 @@ class RolloutController:
         self._write(m, state.evolve({"event": "stage", "stage": nxt, "weight": weight}, now=now, stage=nxt,
                                     weight=weight, stage_started_at=now, alarm=None, judge=m.judge.to_dict()))
         self._record(m, "stage", stage=nxt, weight=weight, evidence=evidence)
+
+    def _sample_ratio(self, m: _Model, candidate: int, stable: int) -> None:
+        if m.ratio is None or m.state.alarm is not None or not m.ratio.add(candidate, stable):
+            return
+        report = m.ratio.report()
+        reason = (f"sample ratio mismatch: the candidate has {report['observed']:.2%} of the requests, the split is "
+                  f"{report['split']:.2%} (log e-value {report['log_e_value']} >= {report['threshold']}): the arms "
+                  "do not see comparable traffic")
+        self._write(m, m.state.evolve({"event": "alarm", "reason": reason}, now=self._clock(), alarm=reason))
+        self._record(m, "alarm", reason=reason, evidence=report)
+        _log.warning("model %s: %s", m.state.model, reason)
 
     def _finish(self, m: _Model, outcome: str, now: float, *, reason: str, evidence: dict | None = None,
                 by: str = "judge") -> None:
@@ -226,7 +295,8 @@ class RolloutController:
                                rolled_back=kept_out)
         m.judge = None
         self._write(m, new)
-        self._record(m, outcome, version=version, by=by, reason=reason, evidence=evidence)
+        self._record(m, outcome, version=version, by=by, reason=reason, evidence=evidence,
+                     arms=m.arms.report(), shadow=m.shadow.report() if m.shadow.pairs else None)
         m.decisions[outcome] = m.decisions.get(outcome, 0) + 1
         try:
             self.repository.update_metadata(state.model, version, {"rollout": {
@@ -246,9 +316,18 @@ class RolloutController:
             if m is None:
                 raise ModelNotFound(f"model {model!r} does not roll out progressively (fleet.rollout immediate, "
                                     "or a version_policy serving several versions) or is not in the repository")
-            return {**m.state.to_dict(), "config": m.config.to_dict(), "decisions": dict(m.decisions)}
+            doc = {**m.state.to_dict(), "config": m.config.to_dict(), "decisions": dict(m.decisions)}
+            if m.state.status != "idle":
+                doc["arms"] = m.arms.report()
+                if m.shadow.pairs or m.state.status == "shadow":
+                    doc["shadow"] = m.shadow.report()
+                if m.ratio is not None:
+                    doc["sample_ratio"] = m.ratio.report()
+            return doc
 
-    def action(self, model: str, action: str, version: int | None = None, by: str = "admin") -> dict:
+    def action(self, model: str, action: str, version: int | None = None, by: str = "admin",
+               mode: str | None = None, split: float | None = None) -> dict:
+        """An administrator's `action` (start: `version`, `mode` canary|shadow|ab and, for ab, `split`)."""
         if action not in ACTIONS:
             raise InvalidInput(f"unknown rollout action {action!r}; use one of {list(ACTIONS)}")
         self._scan_if_unknown(model)
@@ -273,10 +352,15 @@ class RolloutController:
                 if version not in choices:
                     raise InvalidInput(f"model {model!r}: version {version} is not an accepted version other than "
                                        f"the stable {state.stable}; accepted versions: {accepted}")
-                self._start(m, version, now, by=by)
+                if mode == "ab" and not (split is not None and 0.0 < split < 1.0):
+                    raise InvalidInput(f"an A/B experiment needs a split in (0, 1) for the candidate, got {split!r}")
+                self._start(m, version, now, by=by, mode=mode, split=split)
             elif not running:
                 raise InvalidInput(f"model {model!r} has no rollout in progress to {action}; stable version "
                                    f"{state.stable}")
+            elif action in ("pause", "resume") and state.mode != "canary":
+                raise InvalidInput(f"model {model!r}: only a canary pauses and resumes; this rollout is "
+                                   f"{state.status!r} (promote or abort it)")
             elif action == "pause":
                 self._write(m, state.evolve({"event": "pause", "by": by}, now=now, status="paused"))
                 self._record(m, "pause", by=by)

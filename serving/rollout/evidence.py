@@ -84,6 +84,10 @@ class RolloutEvidence:
             entry[key] += 1
             return
         rows, differ, largest, delta = compare(stable, candidate)
+        for side, answer in (("stable_scores", stable), ("candidate_scores", candidate)):
+            counts = score_bins(answer)
+            mine = entry.get(side)
+            entry[side] = counts if mine is None or mine.shape != counts.shape else mine + counts
         entry["rows"] += rows
         entry["disagree"] += differ
         entry["max_abs_diff"] = max(entry["max_abs_diff"], largest)
@@ -134,6 +138,9 @@ class RolloutEvidence:
         for (model, version), entry in counts.items():
             out.setdefault(model, {})[str(version)] = entry.to_dict()
         for model, entry in shadow.items():
+            for side in ("stable_scores", "candidate_scores"):
+                if side in entry:
+                    entry[side] = entry[side].tolist()
             out.setdefault(model, {})["shadow"] = entry
         failed, self._load_failed = self._load_failed, {}
         for (model, version), error in failed.items():
@@ -152,6 +159,11 @@ class RolloutEvidence:
                     mine = self._shadow_entry(model)
                     for key in (*_SHADOW_KEYS, "score_delta_sum"):
                         mine[key] += d[key]
+                    for side in ("stable_scores", "candidate_scores"):
+                        if d.get(side):
+                            counts = np.asarray(d[side], np.int64)
+                            have = mine.get(side)
+                            mine[side] = counts if have is None or have.shape != counts.shape else have + counts
                     mine["max_abs_diff"] = max(mine["max_abs_diff"], d["max_abs_diff"])
                     continue
                 entry = self._entry(model, int(version))

@@ -39,15 +39,24 @@ class RolloutRouting:
         state.route = route
         return True
 
-    async def _dispatch(self, state, number: int, default: bool, checked, request, header: str | None,
+    @staticmethod
+    def _in_rollout(state, version: str | None) -> bool:
+        """Whether a request is routed by the model's rollout: it names no version, and a candidate this replica
+        has loaded is in play (only these requests are the rollout's evidence: a replica still loading the
+        candidate sends everything to stable, which would bias the split)."""
+        route = state.route
+        return (not version and route is not None and route.candidate is not None
+                and route.candidate in state.versions and (route.weight > 0.0 or route.shadow_share > 0.0))
+
+    async def _dispatch(self, state, number: int, routed: bool, checked, request, header: str | None,
                         key_id: str | None, start: int, start_mono: int) -> tuple:
         """(result, who answered if not the model, the version that answered, the request id) of a request
-        for `number` (`default`: the request named no version, so a rollout may route it)."""
+        for `number` (`routed`: `_in_rollout`, so the rollout picks the version)."""
         request_id, route, shadow = request.id, state.route, None
-        if default and route is not None and route.candidate is not None:
+        if routed:
             number, request_id, shadow = self._route(state, route, number, request, header, key_id)
         request_id, meta = self.monitoring.request_meta(state.spec, number, request_id, key_id, start_mono)
-        if default and route is not None and route.candidate == number:
+        if routed and route.candidate == number:
             result, answered_by, number = await self._on_candidate(state, route, number, checked, request, meta,
                                                                    start)
             return result, answered_by, number, request_id
@@ -70,8 +79,6 @@ class RolloutRouting:
         when the key falls under the shadow share. A request with no key of its own gets its id now, so
         the id it is answered with is the one it was routed by.
         """
-        if route.candidate not in state.versions or (route.weight <= 0.0 and route.shadow_share <= 0.0):
-            return stable, request.id, None  # (a candidate this replica has not loaded yet gets nothing)
         request_id = request.id
         key = routing_key(request.parameters, header, key_id, request_id)
         if key is None:
@@ -93,7 +100,7 @@ class RolloutRouting:
             return
         self._shadow_inflight[name] = inflight + 1
         if meta is not None:  # logged under the candidate, answered_by "shadow of <stable>": a pair by request id
-            meta = answered_by_fallback(meta, f"shadow of {route.stable}", name, None)
+            meta = answered_by_fallback(meta, f"shadow of {route.stable}", None, None)
         output = state.spec.outputs[0].name
         task = asyncio.get_running_loop().create_task(
             self._shadow_call(state, route.candidate, checked, stable_outputs, meta, output))

@@ -10,7 +10,9 @@
 
 `status`: `idle` (the stable version takes all traffic), `canary` (the candidate takes `weight`
 of it), `shadow` (the candidate gets copies of `shadow_share` of it, answers nobody), `paused`
-(a canary whose stage an administrator froze; a failing gate still rolls it back). `epoch`
+(a canary whose stage an administrator froze; a failing gate still rolls it back), `ab` (an
+A/B experiment an administrator started: the candidate takes a fixed `weight`, nothing is
+decided automatically, a sample-ratio mismatch raises the alarm). `epoch`
 grows with every write, so a replica applies a state only if it is newer than the one it has.
 A version in `rolled_back` is never served again by the automation (an administrator may
 start it explicitly). Written write-temp-then-rename (`ModelRepository.write_state_file`).
@@ -28,7 +30,7 @@ from serving.errors import RepositoryError
 __all__ = ["RolloutState", "Route", "ROLLOUT_FILE", "STATUSES", "read_rollout", "write_rollout", "MAX_HISTORY"]
 
 ROLLOUT_FILE = "rollout.json"
-STATUSES = ("idle", "canary", "shadow", "paused")
+STATUSES = ("idle", "canary", "shadow", "paused", "ab")
 MAX_HISTORY = 200  # events kept in the file; every one is also in the audit log
 
 

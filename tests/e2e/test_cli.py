@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from serving.registry import ModelRepository
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
+ADMIN_TOKEN = "e2e-admin-token"
 PROJECT = Path(__file__).resolve().parents[2]  # the checkout: what `--working-dir .` uploads
 
 
@@ -48,12 +50,14 @@ def workdir(tmp_path_factory) -> Path:
     assert "published fraud version 1" in out.stdout
     # ~100 ms per batch, queue of 8: what `fleet down` must drain.
     publish_slow(ModelRepository(str(root / "model_repository")), "slow", max_batch_size=1, max_queue_size=8)
+    # The admin token as its digest only (fleet rollout sends the token from FLEET_ADMIN_TOKEN).
+    (root / "fleet.yaml").write_text(f"admin_token: sha256:{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}\n")
     return root
 
 
 def _env(root: Path) -> dict:
     env = dict(os.environ)
-    env["FLEET_CONFIG"] = str(root / "fleet.yaml")  # none: defaults and flags only
+    env["FLEET_CONFIG"] = str(root / "fleet.yaml")  # the admin token's digest; defaults and flags otherwise
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     return env
 
@@ -127,7 +131,7 @@ def test_up_status_curl_job_down(workdir: Path):
         assert (workdir / "model_repository" / "fraud" / "2" / "metadata.json").exists()
 
         # fleet train: the same through the Jobs SDK, authentication handled, logs followed; accepted
-        # (--tolerance 1), so the running cluster switches to it.
+        # (--tolerance 1), so it replaces version 2 as the canary (fraud rolls out by canary, the default).
         env_no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
         train = _run(["fleet", "train", "fraud", "--state-dir", str(workdir / ".fleet"), "--epochs", "1",
                       "--num-workers", "1", "--cpus-per-worker", "0.25", "--tolerance", "1"], workdir, env_no_auth)
@@ -136,6 +140,20 @@ def test_up_status_curl_job_down(workdir: Path):
         assert "SUCCEEDED" in train.stdout
         body = json.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
                                        "data": [0.0] * 30}]}).encode()
+        # fleet rollout: the canary of version 3 (version 2 superseded), then promoted by hand.
+        rollout_env = dict(env, FLEET_ADMIN_TOKEN=ADMIN_TOKEN)
+        deadline = time.monotonic() + 30
+        state: dict = {}
+        while time.monotonic() < deadline and state.get("candidate") != 3:
+            status = _run(["fleet", "rollout", "status", "fraud", "--json"], workdir, rollout_env)
+            state = json.loads(status.stdout) if status.returncode == 0 else {}
+            time.sleep(0.5)
+        assert state.get("status") == "canary" and state["stable"] == 1 and state["candidate"] == 3, status.stdout
+        assert [h["event"] for h in state["history"]][-3:] == ["start", "supersede", "start"]
+        refused = _run(["fleet", "rollout", "promote", "fraud"], workdir, env)  # no token
+        assert refused.returncode == 1 and "(401)" in refused.stdout, refused.stdout
+        promote = _run(["fleet", "rollout", "promote", "fraud"], workdir, rollout_env)
+        assert promote.returncode == 0 and "status idle, stable 3, candidate None" in promote.stdout, promote.stdout
         deadline = time.monotonic() + 30  # the promise: served within 30 s (poll 5 s, refresh 2 s)
         version = None
         while time.monotonic() < deadline and version != "3":

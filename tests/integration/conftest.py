@@ -11,7 +11,8 @@ The repository holds:
                   (fleet standardizes the features first, as it does for fraud);
 - `digits`        the example CNN over uint8 images of any size (resized by fleet's native kernel);
 - `fraud_roll`, `fraud_roll_split`  fraud's file, colocated and split, serving the latest 2 versions,
-  `fraud_roll_one` split, serving the latest one: test_version_switch.py publishes versions of them live;
+  `fraud_roll_one` split, serving the latest one (`fleet.rollout: immediate`): test_version_switch.py
+  publishes versions of them live;
 - `fraud_failover` fraud's file in 2 split worker replicas that prefer nodes labelled fleet-role=worker:
                   test_replica_failure.py kills one under load, then a worker node holding one;
 - `fraud_triton_fb` Triton on a port where nothing listens at first, `fleet.fallback: fraud`: its circuit
@@ -21,7 +22,9 @@ The repository holds:
   with `amount` dropped and `distance_km` hashed; `fraud_stall` whose log folder test_monitoring_sink.py
   makes unwritable; `fraud_drift` takes drifted traffic (drift alarms, Prometheus, the webhook);
   `fraud_loop` retrains itself 2 s after an alarm (the monitor's retrain trigger); `fraud_contract`
-  (reject) and `fraud_contract_warn` (warn) declare input contracts; `digits_full` logs its images whole.
+  (reject) and `fraud_contract_warn` (warn) declare input contracts; `digits_full` logs its images whole;
+- rollouts (test_rollout.py), each fraud's file with 5/50/100 % stages of 50 candidate requests:
+  `fraud_canary`, `fraud_canary_aa`, `fraud_canary_kill` (canary) and `fraud_shadow` (shadow first).
 
 Every port the session needs is chosen in one call (distinct), and the cluster is started again on
 new ones when one was taken between choosing and binding it.
@@ -59,6 +62,11 @@ input [ { name: "input__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "output__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 100 }
 """
+
+
+ADMIN_TOKEN = "rollout-admin-token"  # the cluster's admin token (the admin and rollout routes)
+ROLLOUT_TEST_PARAMETERS = {"fleet.rollout.stages": "5,50,100", "fleet.rollout.min_stage_requests": "50",
+                           "fleet.rollout.baseline_requests": "300"}
 
 
 class _SlowOnMarker(torch.nn.Module):
@@ -103,6 +111,7 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
     # fraud's file again, for test_version_switch.py to publish new versions of while the cluster serves:
     # the latest 2 are served, so version 1 stays reachable by its URL after version 2 arrives; `fraud_roll_one`
     # serves the latest 1 (the default policy), so version 1 leaves and retires.
+    # (`fleet.rollout: immediate`: a new version takes the traffic at once; test_rollout.py covers canaries.)
     for name, placement, latest in (("fraud_roll", "colocated", 2), ("fraud_roll_split", "split", 2),
                                     ("fraud_roll_one", "split", 1)):
         repo.publish(
@@ -111,7 +120,7 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
             {**fraud_metadata, "note": "fraud, to publish live versions of"},
             config=make_config(name, list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
                                max_queue_delay_us=1000, latest_versions=latest,
-                               parameters={"fleet.placement": placement, **preprocess}),
+                               parameters={"fleet.placement": placement, "fleet.rollout": "immediate", **preprocess}),
         )
     # fraud's file again, for test_training_jobs.py's Ray jobs to publish retrained versions of.
     for name in ("fraud_jobs", "fraud_tune", "fraud_reject"):
@@ -120,7 +129,7 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
             {"model.pt": fraud_file},
             {**fraud_metadata, "note": "fraud, for training jobs to publish into"},
             config=make_config(name, list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
-                               max_queue_delay_us=1000, parameters=preprocess),
+                               max_queue_delay_us=1000, parameters={"fleet.rollout": "immediate", **preprocess}),
         )
     # Laid out as for Triton, by hand: config text, version folder, no metadata.json.
     torch.manual_seed(0)
@@ -149,6 +158,13 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
                            parameters={"fleet.placement": "split", "fleet.worker.prefer_labels": "fleet-role=worker"}),
     )
     _monitoring_models(repo, fraud_file, fraud_spec, fraud_metadata, preprocess)
+    # test_rollout.py publishes candidates of these while the cluster serves: short stages, small baselines.
+    for name, mode in (("fraud_canary", "canary"), ("fraud_canary_aa", "canary"), ("fraud_canary_kill", "canary"),
+                       ("fraud_shadow", "shadow")):
+        repo.publish(name, {"model.pt": fraud_file}, {**fraud_metadata, "note": "fraud, to roll versions out"},
+                     config=make_config(name, list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                                        max_queue_delay_us=1000,
+                                        parameters={**preprocess, **ROLLOUT_TEST_PARAMETERS, "fleet.rollout": mode}))
     # Triton on a port where nothing listens until test_triton_fallback.py starts one: answered by fraud.
     if fallback_triton_url:
         repo.write_config(
@@ -275,6 +291,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         retrain_cooldown_s=3600,
         alert_webhook_url=webhook.url,
         alert_webhook_token_file=str(token_file),
+        admin_token=ADMIN_TOKEN,
     )
     saved_env = dict(os.environ)
     cluster = LocalCluster(settings)

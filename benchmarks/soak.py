@@ -78,8 +78,13 @@ def build_repository(folder: Path) -> ModelRepository:
 
 
 def publish_soak_models(repo: ModelRepository) -> None:
-    """`slow` and `fraud_split` (from the repository's fraud version 1) for the soak scenarios."""
+    """`slow` and `fraud_split` (from the repository's fraud version 1) for the soak scenarios; fraud itself
+    switches to each new version at once (`fleet.rollout: immediate`): the version_switch scenario measures
+    the switch, not a canary (benchmarks/rollout_trials.py does)."""
     publish_slow(repo, "slow", max_batch_size=8, max_queue_size=8)
+    fraud = repo.config_proto("fraud")
+    fraud.parameters["fleet.rollout"].string_value = "immediate"
+    repo.write_config("fraud", fraud)
     spec = repo.spec("fraud")
     preprocess = {k: v for k, v in spec.parameters.items() if k.startswith("preprocess")}
     repo.publish("fraud_split", {"model.pt": _fraud_file(repo)}, repo.metadata("fraud", 1),

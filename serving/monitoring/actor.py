@@ -51,7 +51,7 @@ class MonitorActor:
                 submit, status = jobs_sdk(options["dashboard_url"])
             self.engine = MonitoringEngine(options, submit=submit, status=status)
             self.state._registry.register(MonitoringCollector(self.engine))
-            self.rollout = RolloutController(options)
+            self.rollout = RolloutController(options, input_alarms=self.engine.input_alarms)
             self.state._registry.register(RolloutCollector(self.rollout))
             self.rollout.tick()  # every progressive model's rollout.json exists before configure returns
             if self._start_thread:
@@ -96,7 +96,14 @@ class MonitorActor:
         return self.rollout.routes()
 
     def rollout_status(self, model: str) -> dict:
-        return self._controller().status(model)
+        """The controller's state of the model; during a rollout each arm also carries the monitor's online
+        quality of its version (the rows window: accuracy, ROC AUC, labelled rows) when labels came back."""
+        doc = self._controller().status(model)
+        for version, arm in (doc.get("arms") or {}).items():
+            quality = (self.engine.report("quality", model, version).get("versions") or {}).get(version)
+            if quality:
+                arm["quality"] = quality.get("rows")
+        return doc
 
     def rollout_action(self, model: str, action: str, version: int | None = None, by: str = "admin",
                        mode: str | None = None, split: float | None = None) -> dict:

@@ -323,6 +323,12 @@ class MonitoringEngine:
                 counts[1] += int(np.count_nonzero(wrong_a & ~wrong_b))  # only b right
                 counts[2] += both.num_rows
 
+    def input_alarms(self, model: str, version: int) -> list[str]:
+        """The version's input streams (features, pca) whose drift alarm holds now, for the rollout's input gate."""
+        with self.lock:
+            return sorted(stream for (m, v, stream), a in self.alarms.items()
+                          if m == model and v == version and a.get("alarm") == "drift" and stream != "score")
+
     def take_rollout_labels(self) -> dict:
         """What the label join found since the last call, for the rollout judge: {"versions": {(model, version):
         [labelled, wrong]}, "pairs": {(model, a, b): [only a right, only b right, pairs]}}."""

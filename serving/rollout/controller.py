@@ -76,8 +76,10 @@ class _Model:
 
 
 class RolloutController:
-    def __init__(self, options: dict, *, clock=time.time):
+    def __init__(self, options: dict, *, clock=time.time, input_alarms=None):
+        """`input_alarms(model, version)`: the version's input streams in drift alarm now (the monitor's)."""
         self.repository = ModelRepository(options["repository"])
+        self._input_alarms = input_alarms
         data_dir = options.get("data_dir")
         self.audit = AuditLog(data_dir, "rollout.jsonl")
         self.data_dir = data_dir
@@ -244,7 +246,11 @@ class RolloutController:
         if verdict.decision == "rollback":
             self._finish(m, "rollback", now, reason=verdict.reason, evidence=verdict.to_dict())
         elif verdict.decision == "pass" and m.state.status in ("canary", "shadow"):
-            if now - (m.state.stage_started_at or now) >= m.config.min_stage_s:
+            drifting = self._input_alarms(model, m.state.candidate) if self._input_alarms else []
+            if drifting:  # the input gate: never promoted while its inputs drift from what it was trained on
+                m.state = _with_evidence(m.state, {**verdict.to_dict(), "decision": "hold", "reason": (
+                    f"input drift: the candidate's drift alarm holds on {', '.join(drifting)}")})
+            elif now - (m.state.stage_started_at or now) >= m.config.min_stage_s:
                 self._advance(m, now, verdict.to_dict())
 
     def _advance(self, m: _Model, now: float, evidence: dict) -> None:

@@ -239,3 +239,23 @@ def test_a_newer_version_supersedes_the_candidate_and_an_older_one_does_not(tmp_
     assert state.candidate == 4 and state.status == "canary" and state.rolled_back == (1,)
     assert [h["event"] for h in state.history][-3:] == ["start", "supersede", "start"]
     assert repo.metadata("m", 3)["rollout"]["outcome"] == "superseded"
+
+
+def test_a_candidate_whose_inputs_drift_is_held_not_promoted(tmp_path):
+    repo, now = _repo(tmp_path), [1000.0]
+    drifting = {"m": ["amount"]}
+    controller = RolloutController({"repository": repo.root_uri, "data_dir": None}, clock=lambda: now[0],
+                                   input_alarms=lambda model, version: drifting.get(model, []) if version == 2 else [])
+    controller.tick()
+    repo.publish("m", {"model.pt": b"v2"}, {"gate": "accepted"})
+    controller._scanned_at = -1e9
+    controller.tick()
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        _tick(controller, _healthy(38, rng), _healthy(2, rng))
+    state = controller.models["m"].state
+    assert state.status == "canary" and state.stage == 0
+    assert state.evidence["decision"] == "hold" and "input drift" in state.evidence["reason"]
+    drifting.clear()  # the alarm clears: the stage passes on the evidence it has
+    _tick(controller, _healthy(38, rng), _healthy(2, rng))
+    assert controller.models["m"].state.stage == 1

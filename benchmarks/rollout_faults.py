@@ -66,27 +66,25 @@ class Slow(torch.nn.Module):
 
 
 class ChangeOutputs(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module, share: float):
+    """A share of rows answered with a uniform random probability, or (`flip`) with 1 - p."""
+
+    def __init__(self, inner: torch.nn.Module, share: float, flip: bool = False):
         super().__init__()
         self.inner = inner
         self.share = share
+        self.flip = flip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
         changed = torch.rand(out.shape[0], 1) < self.share
-        return torch.where(changed, torch.rand_like(out), out)
+        return torch.where(changed, 1.0 - out if self.flip else torch.rand_like(out), out)
 
 
-class FlipShare(torch.nn.Module):
+class FlipShare(ChangeOutputs):
+    """A share of rows answered 1 - p: the accuracy drops by about share x (2 accuracy - 1)."""
+
     def __init__(self, inner: torch.nn.Module, share: float):
-        super().__init__()
-        self.inner = inner
-        self.share = share
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
-        flipped = torch.rand(out.shape[0], 1) < self.share
-        return torch.where(flipped, 1.0 - out, out)
+        super().__init__(inner, share, flip=True)
 
 
 def wrap(model_file: bytes, fault: type[torch.nn.Module] | None, *args) -> bytes:

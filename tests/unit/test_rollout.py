@@ -34,6 +34,22 @@ def _controller(tmp_path, repo, now):
     return RolloutController({"repository": repo.root_uri, "data_dir": str(tmp_path / "data")}, clock=lambda: now[0])
 
 
+def _scan(controller) -> None:
+    """A tick that reads the repository now (the controller reads it every few seconds)."""
+    controller._scanned_at = -1e9
+    controller.tick()
+
+
+def _with_candidate(tmp_path):
+    """(repo, clock, controller) with version 1 stable and version 2 just published and started."""
+    repo, now = _repo(tmp_path), [1000.0]
+    controller = _controller(tmp_path, repo, now)
+    controller.tick()
+    repo.publish("m", {"model.pt": b"v2"}, {"gate": "accepted"})
+    _scan(controller)
+    return repo, now, controller
+
+
 def _tick(controller, stable: dict, candidate: dict, model: str = "m", s: int = 1, c: int = 2) -> None:
     controller.intake({model: {str(s): stable, str(c): candidate}})
 
@@ -126,8 +142,7 @@ def test_a_new_version_becomes_the_candidate_and_a_crashing_one_is_rolled_back(t
     controller.tick()
     assert read_rollout(repo, "m").stable == 1 and controller.routes()["m"]["candidate"] is None
     repo.publish("m", {"model.pt": b"v2"}, {"gate": "accepted"})
-    controller._scanned_at = -1e9
-    controller.tick()
+    _scan(controller)
     state = read_rollout(repo, "m")
     assert state.status == "canary" and state.candidate == 2 and state.weight == 0.05
     rng = np.random.default_rng(1)
@@ -140,18 +155,12 @@ def test_a_new_version_becomes_the_candidate_and_a_crashing_one_is_rolled_back(t
     assert repo.metadata("m", 2)["rollout"]["outcome"] == "rolled_back"
     result = replay_file(tick_files(str(tmp_path / "data"), "m")[-1])
     assert result["mismatches"] == [] and result["decisions"][-1]["replayed"] == "rollback"
-    controller._scanned_at = -1e9
-    controller.tick()  # never started again by the automation
+    _scan(controller)  # never started again by the automation
     assert read_rollout(repo, "m").status == "idle"
 
 
 def test_a_good_candidate_passes_its_stages_and_a_restarted_controller_resumes(tmp_path):
-    repo, now = _repo(tmp_path), [1000.0]
-    controller = _controller(tmp_path, repo, now)
-    controller.tick()
-    repo.publish("m", {"model.pt": b"v2"}, {"gate": "accepted"})
-    controller._scanned_at = -1e9
-    controller.tick()
+    repo, now, controller = _with_candidate(tmp_path)
     rng = np.random.default_rng(2)
     for _ in range(40):  # stage 0 (5 %): not yet 50 candidate requests
         _tick(controller, _healthy(19, rng), _healthy(1, rng))
@@ -217,24 +226,16 @@ def test_a_sample_ratio_mismatch_raises_the_ab_alarm(tmp_path):
 
 
 def test_a_newer_version_supersedes_the_candidate_and_an_older_one_does_not(tmp_path):
-    repo, now = _repo(tmp_path), [1000.0]
-    controller = _controller(tmp_path, repo, now)
-    controller.tick()
-    repo.publish("m", {"model.pt": b"v2"}, {"gate": "accepted"})
-    controller._scanned_at = -1e9
-    controller.tick()
+    repo, now, controller = _with_candidate(tmp_path)
     controller.action("m", "promote")
     assert controller.action("m", "start", 1, mode="ab", split=0.3)["candidate"] == 1  # the older one, by hand
-    controller._scanned_at = -1e9
-    controller.tick()
+    _scan(controller)
     assert read_rollout(repo, "m").status == "ab"  # version 2 (stable) does not supersede it
     controller.action("m", "abort")
     repo.publish("m", {"model.pt": b"v3"}, {"gate": "accepted"})
-    controller._scanned_at = -1e9
-    controller.tick()
+    _scan(controller)
     repo.publish("m", {"model.pt": b"v4"}, {"gate": "accepted"})
-    controller._scanned_at = -1e9
-    controller.tick()
+    _scan(controller)
     state = read_rollout(repo, "m")
     assert state.candidate == 4 and state.status == "canary" and state.rolled_back == (1,)
     assert [h["event"] for h in state.history][-3:] == ["start", "supersede", "start"]
@@ -248,8 +249,7 @@ def test_a_candidate_whose_inputs_drift_is_held_not_promoted(tmp_path):
                                    input_alarms=lambda model, version: drifting.get(model, []) if version == 2 else [])
     controller.tick()
     repo.publish("m", {"model.pt": b"v2"}, {"gate": "accepted"})
-    controller._scanned_at = -1e9
-    controller.tick()
+    _scan(controller)
     rng = np.random.default_rng(3)
     for _ in range(200):
         _tick(controller, _healthy(38, rng), _healthy(2, rng))

@@ -159,6 +159,11 @@ def secured_cluster(tmp_path_factory) -> SecuredCluster:
     # The fraud model as `python -m training.bootstrap --trainer plain` trains it (4000 rows, 2 epochs); not the
     # CLI itself, which trains the digits model too (a minute on this machine, over this module's budget).
     bootstrap(repo.root_uri, rows=4000, epochs=2, num_threads=1, log=lambda _: None)
+    # The pin test publishes version 2 and unpins back to the version_policy's choice: a switch at once, not
+    # a canary (test_rollout.py and test_cli.py cover those).
+    config = repo.config_proto("fraud")
+    config.parameters["fleet.rollout"].string_value = "immediate"
+    repo.write_config("fraud", config)
     (workdir / "fleet.yaml").write_text(json.dumps({  # JSON is YAML
         "api_keys": [KEY, PROBE_KEY, RATE_KEY],
         "admin_token": ADMIN_TOKEN,

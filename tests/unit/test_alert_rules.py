@@ -28,6 +28,7 @@ MONITORING_METRICS = {
     "fleet_feedback_labels_total", "fleet_feedback_duplicates_total", "fleet_feedback_joined_total",
     "fleet_feedback_unmatched_total",
     "fleet_input_violations_total", "fleet_retrain_jobs_total",
+    "fleet_rollout_decisions_total", "fleet_rollout_stage_alarm", "fleet_rollout_weight", "fleet_rollout_stage",
 }
 REQUIRED_ALERTS = {
     "FleetFeatureDrift", "FleetScoreDrift", "FleetMultivariateDrift", "FleetLabelErrorIncrease",

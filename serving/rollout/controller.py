@@ -61,7 +61,7 @@ class _Model:
         self.state = state
         self.config = config
         self.judge: Judge | None = None
-        if state.status != "idle" and state.candidate is not None:
+        if state.status not in ("idle", "ab") and state.candidate is not None:  # (an A/B experiment has no judge)
             self.judge = Judge.from_dict(state.judge) if state.judge else Judge(judge_settings(config))
         self.saved_at = time.monotonic()
         self.decisions: dict[str, int] = {}

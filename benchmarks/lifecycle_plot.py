@@ -8,7 +8,10 @@ and the retrain's submission and end as dotted ones:
 3. labels: the rows window's error rate, the label-error detector's recent error rate and its
    CUSUM / h (right axis); its alarms as markers;
 4. online ROC AUC (rows window) per version, with the offline AUCs of the checkpoints;
-5. the version answering requests, and the prediction-log rows written per second.
+5. the rollout: the candidate's weight as the controller set it (1, 5, 20, 50, 100 %), the
+   share of requests each newer version actually answered (per 5 s), the stable version, and the
+   prediction-log rows written per second.
+The rollout's start, stages and decision are vertical lines too (green; red for a rollback).
 """
 
 from __future__ import annotations
@@ -127,10 +130,32 @@ def plot_timeline(data: dict, report: dict, path: str | Path) -> Path:
     auc_ax.set_ylabel("ROC AUC")
 
     timeline = all_snaps
-    xs, ys = _series(timeline, lambda s: s.get("serving_version"))
-    version_ax.step(xs, ys, where="post", color="k", label="version answering")
-    version_ax.set_ylabel("model version")
-    version_ax.set_yticks(sorted(set(ys)) or [1])
+    history = report.get("rollout_history") or []
+    ro = report.get("rollout") or {}
+    answers = report.get("answers_by_version") or {}
+    if answers.get("t"):
+        totals = [sum(answers[v][i] for v in answers if v not in ("t", "bin_s")) for i in range(len(answers["t"]))]
+        for v in sorted((v for v in answers if v not in ("t", "bin_s", "1")), key=int):
+            xs = [t + answers["bin_s"] / 2 for t, n in zip(answers["t"], totals) if n]
+            ys = [100.0 * a / n for a, n in zip(answers[v], totals) if n]
+            version_ax.plot(xs, ys, ".", ms=3, color=f"C{int(v) - 1}", label=f"v{v}: share of requests answered, %")
+    if ro.get("stages"):
+        xs = [st["t"] for st in ro["stages"]]
+        ys = [100.0 * (st["weight"] or 0.0) for st in ro["stages"]]
+        end = ro.get("decision_t") if ro.get("decision") not in (None, "promote") else None
+        last_t = max([s["t"] for s in timeline] or [xs[-1]])
+        xs, ys = xs + ([end, end] if end is not None else [last_t]), ys + ([ys[-1], 0.0] if end is not None
+                                                                            else [ys[-1]])
+        version_ax.step(xs, [max(y, 0.1) for y in ys], where="post", color="k", lw=1.2,
+                        label=f"v{ro['version']}: candidate weight (controller), %")
+        for st in ro["stages"]:
+            version_ax.annotate(f"{100 * (st['weight'] or 0):g} %", (st["t"], max(100 * (st["weight"] or 0), 0.1)),
+                                xytext=(2, 3), textcoords="offset points", fontsize=7)
+    version_ax.set_yscale("log")
+    version_ax.set_ylim(0.1, 200)
+    version_ax.set_ylabel("% of requests")
+    version_ax.set_title("Rollout of the retrained version: stages as set, requests as answered"
+                         + (f" ({ro['decision']} at {ro['decision_t']:.0f} s)" if ro.get("decision") else ""))
     rate_ax = version_ax.twinx()
     logged = [(s["t"], s["metrics"].get("log_rows")) for s in timeline if (s.get("metrics") or {}).get("log_rows")]
     if len(logged) > 1:
@@ -146,13 +171,24 @@ def plot_timeline(data: dict, report: dict, path: str | Path) -> Path:
         marks.append((retrain["submitted_t"], "retrain submitted", "C3", ":"))
         if retrain.get("ended_t") is not None:
             marks.append((retrain["ended_t"], f"retrain {str(retrain.get('status')).lower()}", "C3", "-."))
-        if retrain.get("served_t") is not None:
+        if retrain.get("published_t") is not None:
+            marks.append((retrain["published_t"], f"v{retrain.get('new_version')} published, gate "
+                          f"{retrain.get('gate')}", "C2", ":"))
+        elif retrain.get("served_t") is not None:
             marks.append((retrain["served_t"], f"v{retrain.get('new_version')} answering", "C2", "-."))
+    ro = report.get("rollout") or {}
+    for st in ro.get("stages") or []:
+        is_last = st is ro["stages"][-1] and ro.get("decision") == "promote"
+        text = (f"v{ro['version']} promoted" if is_last else
+                f"canary {100 * (st['weight'] or 0):g} %" if st["stage"] == 0 else "")
+        marks.append((st["t"], text, "C2", "-" if is_last or st["stage"] == 0 else "--"))
+    if ro.get("decision") not in (None, "promote"):
+        marks.append((ro["decision_t"], f"v{ro['version']} {ro['decision']}", "red", "-"))
     for ax in axes:
         for t, text, color, style in marks:
             ax.axvline(t, color=color, linestyle=style, lw=1.0, alpha=0.7)
         ax.grid(True, alpha=0.3)
-    for t, text, color, _ in marks:
+    for t, text, color, _ in [m for m in marks if m[1]]:
         drift_ax.annotate(text, (t, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10),
                           textcoords="offset points", fontsize=8, color=color, rotation=90, va="top")
     for ax, other in ((drift_ax, None), (count_ax, None), (auc_ax, None), (label_ax, twin), (version_ax, rate_ax)):

@@ -3,11 +3,14 @@
 - `Sender`: sends the replay's rows to `/v2/models/{m}/infer` open loop at a constant rate
   (request i is due at i / rate; a late answer never delays the next request), `rows_per_request`
   rows each, with the v2 id `lc-<i>`, from a pool of threads over keep-alive connections; it
-  records each request's status, answering version and latency.
+  records each request's status, answering version and latency. `jump(row)` moves the replay on
+  to a later row of the data (the next phase) without a gap in the requests: `data_index[i]` is
+  the data request that request i sent.
 - `Labeler`: once a second, POSTs to `/v2/models/{m}/feedback` the true labels of every answered
   request due at least `delay_s` ago (one body a second; paused for the AUC checkpoints).
-- `Poller`: once a second, GETs `/drift`, `/quality` and `/metrics` and keeps a compact
-  snapshot, and reads the monitor's audit file (`<data>/audit/monitor.jsonl`) as it grows.
+- `Poller`: once a second, GETs `/drift`, `/quality` and `/metrics` (and, given the admin token,
+  `/rollout`) and keeps a compact snapshot, and reads the monitor's audit files
+  (`<data>/audit/monitor.jsonl`, and `rollout.jsonl`: the rollout controller's decisions) as they grow.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import orjson
 
 from benchmarks.live_cluster import metric_sum
 
-__all__ = ["Sender", "Labeler", "Poller", "compact_drift", "compact_quality"]
+__all__ = ["Sender", "Labeler", "Poller", "compact_drift", "compact_quality", "compact_rollout", "rollout_gates"]
 
 
 class _Http:
@@ -36,13 +39,14 @@ class _Http:
         self.host, self.port, self.timeout_s = parts.hostname, parts.port, timeout_s
         self._local = threading.local()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         for attempt in range(2):
             conn = getattr(self._local, "conn", None)
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             try:
-                headers = {"Content-Type": "application/json"} if body is not None else {}
+                headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
                 conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 return response.status, response.read()
@@ -53,9 +57,9 @@ class _Http:
                     raise
         raise RuntimeError("unreachable")
 
-    def get_json(self, path: str) -> dict | None:
+    def get_json(self, path: str, headers: dict[str, str] | None = None) -> dict | None:
         try:
-            status, body = self.request("GET", path)
+            status, body = self.request("GET", path, headers=headers)
         except (OSError, http.client.HTTPException):
             return None
         return orjson.loads(body) if status == 200 else None
@@ -71,6 +75,8 @@ class Sender:
         self.x, self.k, self.rate = x, rows_per_request, rate_rps
         self.n = len(x) // rows_per_request
         self.send_s = np.arange(self.n) / rate_rps  # intended send time of each request, from the start
+        self.data_index = np.full(self.n, -1, np.int64)  # the data request each request sent (see `jump`)
+        self._offset = 0  # data request of request i: i + offset
         self.status = np.zeros(self.n, np.int16)  # 0: not answered yet; -1: transport error
         self.version = np.zeros(self.n, np.int16)
         self.latency_s = np.full(self.n, np.nan)
@@ -93,13 +99,27 @@ class Sender:
             wait = self.t0 + self.send_s[i] - time.time()
             if wait > 0 and self._stop.wait(wait):
                 return
-            if self._stop.is_set():
+            if self._stop.is_set() or i + self._offset >= self.n:
                 return
+            self.data_index[i] = i + self._offset
             self._pool.submit(self._one, i)
             self.scheduled = i + 1
 
+    def jump(self, data_row: int) -> None:
+        """The next requests send the data from `data_row` on (a multiple of rows_per_request)."""
+        self._offset = data_row // self.k - self.scheduled
+
+    def first_request_from(self, data_row: int) -> int | None:
+        """The first request that sent data at or after `data_row` (the onset of a phase jumped to)."""
+        sent = np.flatnonzero(self.data_index[:self.scheduled] >= data_row // self.k)
+        return int(sent[0]) if len(sent) else None
+
+    def rows_of(self, i: int) -> slice:
+        d = int(self.data_index[i])
+        return slice(d * self.k, (d + 1) * self.k)
+
     def body(self, i: int) -> bytes:
-        part = self.x[i * self.k:(i + 1) * self.k]
+        part = self.x[self.rows_of(i)]
         return orjson.dumps({"id": f"lc-{i}", "inputs": [{"name": "features", "shape": list(part.shape),
                                                           "datatype": "FP32", "data": part.ravel().tolist()}]})
 
@@ -162,7 +182,7 @@ class Labeler:
             i, items = first, []
             while i < s.scheduled and s.send_s[i] <= cutoff_s and s.done[i]:
                 if s.status[i] == 200:
-                    items.append({"id": f"lc-{i}", "label": self.y[i * k:(i + 1) * k].tolist()})
+                    items.append({"id": f"lc-{i}", "label": self.y[s.rows_of(i)].tolist()})
                 i += 1
             if not items:
                 self.next = i
@@ -242,18 +262,42 @@ def compact_quality(doc: dict | None) -> dict:
 
 _AUDIT_KEYS = ("event", "time", "alarm", "model", "version", "stream", "state", "detector", "statistic", "value",
                "threshold", "since", "rows", "job", "entrypoint", "status", "duration_s", "error", "why")
+_ROLLOUT_KEYS = ("event", "time", "model", "rollout_id", "stable", "candidate", "stage", "version", "weight", "mode",
+                 "by", "reason")
+
+
+def compact_rollout(doc: dict | None) -> dict | None:
+    """{"status", "stable", "candidate", "stage", "weight", "decision"} from a /rollout answer (its latest verdict's
+    decision; the history is kept apart, `Poller.rollout_history`)."""
+    if not doc:
+        return None
+    return {"status": doc.get("status"), "stable": doc.get("stable"), "candidate": doc.get("candidate"),
+            "stage": doc.get("stage"), "weight": doc.get("weight"),
+            "decision": (doc.get("evidence") or {}).get("decision")}
+
+
+def rollout_gates(evidence: dict | None) -> dict:
+    """Per gate of a rollout decision's evidence: {"state", "statistic", "threshold", "n"} (n: the stage's evidence)."""
+    return {name: {k: gate.get(k) for k in ("state", "statistic", "threshold", "n", "estimate")}
+            for name, gate in ((evidence or {}).get("gates") or {}).items()}
 
 
 class Poller:
     """Snapshots of the monitor's reports every `interval_s` (see the module doc)."""
 
-    def __init__(self, url: str, model: str, data_dir: str, sender: Sender, interval_s: float = 1.0):
+    def __init__(self, url: str, model: str, data_dir: str, sender: Sender, interval_s: float = 1.0,
+                 admin_token: str | None = None):
         self.http = _Http(url)
         self.model, self.sender, self.interval_s = model, sender, interval_s
         self.audit_path = Path(data_dir) / "audit" / "monitor.jsonl"
+        self.rollout_path = Path(data_dir) / "audit" / "rollout.jsonl"
+        self.admin = {"Authorization": f"Bearer {admin_token}"} if admin_token else None
         self.timeline: list[dict] = []
         self.events: list[dict] = []
+        self.rollout_events: list[dict] = []  # the controller's decisions (rollout.jsonl), with per-gate evidence
+        self.rollout_history: list[dict] = []  # the latest /rollout answer's history, "at" also as "t"
         self._audit_offset = 0
+        self._rollout_offset = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lifecycle-poll", daemon=True)
 
@@ -267,16 +311,20 @@ class Poller:
             except Exception as exc:  # noqa: BLE001 - a failed poll is a gap in the timeline, not the end
                 self.timeline.append({"t": round(time.time() - self.sender.t0, 2), "error": repr(exc)})
 
-    def read_audit(self) -> None:
-        if not self.audit_path.exists():
-            return
-        with open(self.audit_path, "rb") as f:
-            f.seek(self._audit_offset)
+    @staticmethod
+    def _new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+        """The complete lines appended to `path` since `offset` (a line being appended is read next time)."""
+        if not path.exists():
+            return [], offset
+        with open(path, "rb") as f:
+            f.seek(offset)
             data = f.read()
-        end = data.rfind(b"\n") + 1  # a line being appended is read next time
-        self._audit_offset += end
-        for line in data[:end].splitlines():
-            record = json.loads(line)
+        end = data.rfind(b"\n") + 1
+        return [json.loads(line) for line in data[:end].splitlines()], offset + end
+
+    def read_audit(self) -> None:
+        records, self._audit_offset = self._new_lines(self.audit_path, self._audit_offset)
+        for record in records:
             if record.get("model") not in (None, self.model):
                 continue
             kept = {k: record[k] for k in _AUDIT_KEYS if k in record}
@@ -287,6 +335,18 @@ class Poller:
             if record.get("since") is not None:
                 kept["since_t"] = round(record["since"] - t0, 2)
             self.events.append(kept)
+        records, self._rollout_offset = self._new_lines(self.rollout_path, self._rollout_offset)
+        for record in records:
+            if record.get("model") != self.model:
+                continue
+            kept = {k: record[k] for k in _ROLLOUT_KEYS if k in record}
+            kept["t"] = round(record["time"] - self.sender.t0, 2)
+            if record.get("evidence"):
+                kept["gates"] = rollout_gates(record["evidence"])
+                kept["decision_reason"] = record["evidence"].get("reason")
+            if record.get("arms"):
+                kept["arms"] = record["arms"]
+            self.rollout_events.append(kept)
 
     def snapshot(self) -> dict:
         m = self.model
@@ -297,9 +357,14 @@ class Poller:
             metrics = raw.decode() if status == 200 else ""
         except (OSError, http.client.HTTPException):
             metrics = ""
+        rollout = self.http.get_json(f"/v2/models/{m}/rollout", self.admin) if self.admin else None
         self.read_audit()
-        snap = {"t": round(time.time() - self.sender.t0, 2), "rows_sent": self.sender.rows_sent(),
-                "serving_version": self.sender.last_version, "drift": compact_drift(drift),
+        t0 = self.sender.t0
+        if rollout and rollout.get("history"):
+            self.rollout_history = [{**h, "t": round(h["at"] - t0, 2)} for h in rollout["history"]]
+        snap = {"t": round(time.time() - t0, 2), "rows_sent": self.sender.rows_sent(),
+                "serving_version": self.sender.last_version, "rollout": compact_rollout(rollout),
+                "drift": compact_drift(drift),
                 "quality": compact_quality(quality),
                 "metrics": {"log_rows": metric_sum(metrics, "fleet_prediction_log_rows_total", model=m),
                             "log_dropped": metric_sum(metrics, "fleet_prediction_log_dropped_total", model=m),

@@ -16,6 +16,10 @@
   then needs `min_stage_labels` (200) labelled candidate predictions per stage.
 - `fleet.rollout.baseline_requests`: stable's successes (and outputs) in the rollout that fix the
   latency thresholds and output groups the judge tests against (2000).
+- `fleet.rollout.gates`: the gates that decide, comma-separated among errors, latency, outputs,
+  accuracy. Default: `errors,latency,outputs` without labels; with `labels: true`,
+  `errors,latency,accuracy`: when the truth comes back it is judged directly, and a retrained
+  version, whose scores are meant to move, is not rolled back for moving them.
 """
 
 from __future__ import annotations
@@ -44,13 +48,20 @@ class RolloutConfig:
     labels: bool = False
     min_stage_labels: int = 200
     baseline_requests: int = 2000
+    gates: tuple[str, ...] = ()  # empty: the default for `labels` (see `decisive_gates`)
+
+    @property
+    def decisive_gates(self) -> tuple[str, ...]:
+        if self.gates:
+            return self.gates
+        return ("errors", "latency", "accuracy") if self.labels else ("errors", "latency", "outputs")
 
     @property
     def progressive(self) -> bool:
         return self.mode != "immediate"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "stages": list(self.stages)}
+        return {**asdict(self), "stages": list(self.stages), "gates": list(self.decisive_gates)}
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], source: str = "config.pbtxt") -> "RolloutConfig":
@@ -92,6 +103,15 @@ class RolloutConfig:
         labels = parameters.get(_PREFIX + "labels", "false").strip().lower()
         if labels not in ("true", "false"):
             raise bad(_PREFIX + "labels", "true or false")
+        gates: tuple[str, ...] = ()
+        name = _PREFIX + "gates"
+        if name in parameters:
+            gates = tuple(g.strip() for g in parameters[name].split(",") if g.strip())
+            known_gates = ("errors", "latency", "outputs", "accuracy")
+            if not gates or any(g not in known_gates for g in gates) or len(set(gates)) != len(gates):
+                raise bad(name, f"distinct gates among {list(known_gates)}, comma-separated")
+            if "accuracy" in gates and labels != "true":
+                raise bad(name, "without 'accuracy' unless fleet.rollout.labels is true (no labels to judge)")
         return cls(
             mode=mode, stages=stages,
             false_rollback_rate=number("false_rollback_rate", cls.false_rollback_rate, 0.0, 0.25, open_low=True),
@@ -102,6 +122,7 @@ class RolloutConfig:
             labels=labels == "true",
             min_stage_labels=number("min_stage_labels", cls.min_stage_labels, 1, 10**9, integer=True),
             baseline_requests=number("baseline_requests", cls.baseline_requests, 1, 10**9, integer=True),
+            gates=gates,
         )
 
 

@@ -51,7 +51,7 @@ def judge_settings(config: RolloutConfig) -> JudgeSettings:
     return JudgeSettings(false_rollback_rate=config.false_rollback_rate, min_stage_requests=config.min_stage_requests,
                          min_stage_labels=config.min_stage_labels, labels_expected=config.labels,
                          latency_baseline_requests=config.baseline_requests,
-                         outputs_baseline_scores=config.baseline_requests)
+                         outputs_baseline_scores=config.baseline_requests, gates=config.decisive_gates)
 
 
 class _Model:

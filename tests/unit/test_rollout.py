@@ -259,3 +259,18 @@ def test_a_candidate_whose_inputs_drift_is_held_not_promoted(tmp_path):
     drifting.clear()  # the alarm clears: the stage passes on the evidence it has
     _tick(controller, _healthy(38, rng), _healthy(2, rng))
     assert controller.models["m"].state.stage == 1
+
+
+def test_with_labels_the_accuracy_gate_replaces_the_outputs_gate_unless_told_otherwise():
+    from serving.rollout.controller import judge_settings
+
+    plain = judge_settings(RolloutConfig.from_parameters({}))
+    assert plain.active_gates == ("errors", "latency", "outputs")
+    labelled = judge_settings(RolloutConfig.from_parameters({"fleet.rollout.labels": "true"}))
+    assert labelled.active_gates == ("errors", "latency", "accuracy")
+    chosen = judge_settings(RolloutConfig.from_parameters({"fleet.rollout.labels": "true",
+                                                          "fleet.rollout.gates": "errors,outputs,accuracy"}))
+    assert chosen.active_gates == ("errors", "outputs", "accuracy")
+    for bad in ("errors,errors", "errors,speed", "accuracy"):
+        with pytest.raises(RepositoryError, match="fleet.rollout.gates"):
+            RolloutConfig.from_parameters({"fleet.rollout.gates": bad})

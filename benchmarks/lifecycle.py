@@ -111,7 +111,8 @@ def replay_rows(plan: dict) -> tuple[np.ndarray, np.ndarray, list[int]]:
 
 
 def build_repository(folder: Path, plan: dict):
-    """fraud version 1 (bootstrap), its config telling the monitor's retrain `retrain_args`."""
+    """fraud version 1 (bootstrap), its config telling the monitor's retrain `retrain_args` and its rollout that
+    labels come back (`fleet.rollout.labels`: the accuracy gate decides, not the output distribution)."""
     from serving.registry import ModelRepository
     from training.bootstrap import bootstrap
 
@@ -120,6 +121,7 @@ def build_repository(folder: Path, plan: dict):
     repo = ModelRepository(str(folder))
     config = repo.config_proto(MODEL)
     config.parameters["fleet.retrain.args"].string_value = plan["retrain_args"]
+    config.parameters["fleet.rollout.labels"].string_value = "true"
     repo.write_config(MODEL, config)
     if not repo.metadata(MODEL, 1).get("monitoring"):
         raise RuntimeError("fraud version 1 has no monitoring reference in its metadata.json")

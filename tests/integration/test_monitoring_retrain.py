@@ -53,7 +53,7 @@ def test_a_held_alarm_submits_one_retrain_whose_version_names_the_traffic_it_use
 
     # The job trains and publishes version 2, which names the traffic and labels it was trained on.
     metadata_file = Path(repository_models.root) / MODEL / "2" / "metadata.json"
-    wait_until(metadata_file.exists, 300, interval_s=2, what="version 2 published by the retrain job")
+    wait_until(metadata_file.exists, 300, what="version 2 published by the retrain job")
     metadata = json.loads(metadata_file.read_text())
     traffic = metadata["training_data"]["traffic"]
     logged = sorted(str(p) for p in (Path(settings.data_dir) / "traffic" / MODEL).rglob("*.parquet"))

@@ -89,7 +89,7 @@ def jobs(fleet_cluster, repository):
             status = str(client.get_job_status(job_id).value)
             if name not in out and status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 out[name] = (job_id, status, client.get_job_logs(job_id))
-        time.sleep(2)
+        time.sleep(0.5)
     for name, job_id in submitted.items():
         if name not in out:
             client.stop_job(job_id)

@@ -66,6 +66,7 @@ class LoadResult:
     by_target:      open/closed asyncio runs with several targets: {target name: LoadResult.to_dict()}.
     latency_2xx_ms: asyncio runs: `summarize` over the 2xx responses only (what the accepted requests
                     saw under overload, where fast refusals pull `latency_ms` down); {} for wrk.
+    versions:       wrk runs with `count_versions`: the 200 answers by their "model_version" ("none": without one).
     """
 
     tool: str
@@ -80,6 +81,7 @@ class LoadResult:
     errors: dict[str, int]
     by_target: dict[str, dict[str, Any]] = field(default_factory=dict)
     latency_2xx_ms: dict[str, float | None] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (no NaN: missing latencies are None)."""
@@ -104,6 +106,7 @@ class LoadResult:
             errors={str(k): int(v) for k, v in d.get("errors", {}).items()},
             by_target={str(k): dict(v) for k, v in d.get("by_target", {}).items()},
             latency_2xx_ms={k: _finite_or_none(v) for k, v in d.get("latency_2xx_ms", {}).items()},
+            versions={str(k): int(v) for k, v in d.get("versions", {}).items()},
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -94,6 +95,7 @@ def parse_report(output: str, connections: int) -> LoadResult:
         latency_ms=latency,
         statuses=statuses,
         errors=errors,
+        versions={str(v): int(n) for v, n in (report.get("versions") or {}).items()},
     )
 
 
@@ -106,6 +108,7 @@ def run_wrk(
     duration_s: float = 10.0,
     timeout_s: float = 10.0,
     headers: dict[str, str] | None = None,
+    count_versions: bool = False,
 ) -> LoadResult:
     """POST `body_file` to `url` with wrk for `duration_s` over `connections` connections.
 
@@ -113,7 +116,8 @@ def run_wrk(
     request carries `Inference-Header-Content-Length: <header_length>` and
     `Content-Type: application/octet-stream`; without it, `application/json`.
     `headers` are added to every request (a Content-Type here wins). A response
-    slower than `timeout_s` counts as errors["timeout"] and is not in the latencies.
+    slower than `timeout_s` counts as errors["timeout"] and is not in the latencies. With `count_versions`
+    every 200 answer's "model_version" is counted (`LoadResult.versions`; wrk then reads each body).
     """
     if not wrk_available():
         raise WrkError("wrk is not installed (not on PATH): run `make wrk`")
@@ -122,7 +126,8 @@ def run_wrk(
     argv = wrk_command(url, body_file, header_length, connections, threads, duration_s, timeout_s, headers)
     budget_s = max(1, round(duration_s)) + max(1, math.ceil(timeout_s)) + 30
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False)
+        env = {**os.environ, "WRK_COUNT_VERSIONS": "1"} if count_versions else None
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False, env=env)
     except subprocess.TimeoutExpired as exc:
         raise WrkError(f"wrk did not finish within {budget_s} s: {' '.join(argv)}") from exc
     try:

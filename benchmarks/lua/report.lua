@@ -32,10 +32,17 @@ function init(args)
   end
 end
 
--- Per-thread Lua state: each wrk thread counts its own answers by status.
+-- Per-thread Lua state: each wrk thread counts its own answers by status and, with WRK_COUNT_VERSIONS=1 in
+-- the environment, by the "model_version" of each answer (a 200 without one counts as "none").
 statuses = {}
+versions = {}
+local count_versions = os.getenv("WRK_COUNT_VERSIONS") == "1"
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  if count_versions and status == 200 then
+    local v = string.match(body, '"model_version"%s*:%s*"([^"]*)"') or "none"
+    versions[v] = (versions[v] or 0) + 1
+  end
 end
 
 local function num(x)
@@ -60,16 +67,27 @@ function done(summary, latency, requests)
   for code, n in pairs(counts) do
     table.insert(parts, string.format('"%s":%s', code, num(n)))
   end
+  local by_version = {}
+  for _, thread in ipairs(threads) do
+    local t = thread:get("versions")
+    if type(t) == "table" then
+      for v, n in pairs(t) do by_version[v] = (by_version[v] or 0) + n end
+    end
+  end
+  local vparts = {}
+  for v, n in pairs(by_version) do
+    table.insert(vparts, string.format('"%s":%s', v, num(n)))
+  end
   local e = summary.errors
   local line = string.format(
     '{"duration_us":%s,"requests":%s,"bytes":%s,' ..
     '"errors":{"connect":%s,"read":%s,"write":%s,"status":%s,"timeout":%s},' ..
     '"latency_us":{"mean":%s,"p50":%s,"p90":%s,"p95":%s,"p99":%s,"max":%s},' ..
-    '"threads":%d,"statuses":{%s}}',
+    '"threads":%d,"statuses":{%s},"versions":{%s}}',
     num(summary.duration), num(summary.requests), num(summary.bytes),
     num(e.connect), num(e.read), num(e.write), num(e.status), num(e.timeout),
     num(latency.mean), num(latency:percentile(50)), num(latency:percentile(90)),
     num(latency:percentile(95)), num(latency:percentile(99)), num(latency.max),
-    #threads, table.concat(parts, ","))
+    #threads, table.concat(parts, ","), table.concat(vparts, ","))
   io.write("WRK_JSON ", line, "\n")
 end

@@ -44,6 +44,7 @@ class _Server:
             Route("/busy", self.busy, methods=["POST"]),
             Route("/close", self.close, methods=["POST"]),
             Route("/stall", self.stall, methods=["POST"]),
+            Route("/versions", self.versions, methods=["POST"]),
         ])
         config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
@@ -55,6 +56,15 @@ class _Server:
         if delay_ms := float(request.query_params.get("delay_ms", 0)):
             await asyncio.sleep(delay_ms / 1000)
         return JSONResponse({"ok": True})
+
+    async def versions(self, request: Request) -> JSONResponse:
+        """Every third answer from version "2", one in seven (of the rest) with no version at all."""
+        self.answered = getattr(self, "answered", 0) + 1
+        if self.answered % 3 == 0:
+            return JSONResponse({"model_name": "m", "model_version": "2", "outputs": []})
+        if self.answered % 7 == 0:
+            return JSONResponse({"model_name": "m", "outputs": []})
+        return JSONResponse({"model_name": "m", "model_version": "1", "outputs": []})
 
     async def busy(self, request: Request) -> JSONResponse:
         return JSONResponse({"error": "busy"}, status_code=503)
@@ -112,6 +122,17 @@ def test_wrk_counts_every_answer_by_status(server, body_file):
     assert r.latency_ms["p50"] < 100
     assert server.seen_headers["content-type"] == "application/octet-stream"
     assert server.seen_headers["inference-header-content-length"] == "14"
+
+
+def test_wrk_counts_answers_by_model_version_when_asked(server, body_file):
+    server.answered = 0
+    r = run_wrk(f"{server.url}/versions", body_file, connections=1, threads=1, duration_s=1, count_versions=True)
+    n = r.requests  # one connection: wrk read the server's first n answers, in order
+    assert server.answered - n in (0, 1)
+    expected = {"2": n // 3, "none": sum(1 for i in range(1, n + 1) if i % 3 and i % 7 == 0)}
+    expected["1"] = n - expected["2"] - expected["none"]
+    assert r.requests > 50 and r.versions == expected, (r.versions, n)
+    assert run_wrk(f"{server.url}/versions", body_file, connections=1, duration_s=1).versions == {}
 
 
 def test_wrk_503s_are_statuses_not_throughput(server, body_file):

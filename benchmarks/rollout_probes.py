@@ -67,17 +67,19 @@ async def warm_version(ctx: dict, model: str, version: int, max_rows: int = 32, 
             await asyncio.gather(*(ok(rows) for rows in range(1, max_rows + 1) for _ in range(2)))
 
 
-async def routing_probe(ctx: dict, rounds: int, runs: int, seconds: float, log=print, attempts: int = 3) -> dict:
-    """Peak throughput of fraud_route with no rollout and with a rollout at 50 % to an identical copy (ABAB). The
-    candidate is warmed by its URL before wrk starts; a rollout the judge ends during the runs (a false rollback:
-    the copy is identical) is recorded, its runs dropped, and a new copy published (at most `attempts` a round)."""
+async def routing_probe(ctx: dict, model: str, weight: float, rounds: int, runs: int, seconds: float, log=print,
+                        attempts: int = 3) -> dict:
+    """Peak throughput of `model` with no rollout and with a rollout at `weight` (its first stage, which never
+    passes) to an identical copy (ABAB). The candidate is warmed by its URL before wrk starts; a rollout the judge
+    ends during the runs (a false rollback: the copy is identical) is recorded, its runs dropped, and a new copy
+    published (at most `attempts` a round)."""
     from benchmarks.bodies import request_bodies
 
-    model, admin, repo = "fraud_route", ctx["admin"], ctx["repo"]
-    body_file = ctx["work"] / "route.body"
+    admin, repo = ctx["admin"], ctx["repo"]
+    body_file = ctx["work"] / f"{model}.body"
     body_file.write_bytes(request_bodies(ctx["repo_dir"], model)["json"][0])
     url = f"{ctx['url']}/v2/models/{model}/infer"
-    out: dict = {"idle": [], "rollout": [], "round_losses": [], "shares": [], "false_rollbacks": [],
+    out: dict = {"model": model, "weight": weight, "idle": [], "rollout": [], "round_losses": [], "shares": [], "false_rollbacks": [],
                  "rows_per_batch": {"idle": [], "rollout": []}, "load_avg_1m": []}
     for r in range(rounds):
         m_idle = await admin.metrics()
@@ -94,7 +96,7 @@ async def routing_probe(ctx: dict, rounds: int, runs: int, seconds: float, log=p
             runs_done = await _wrk_runs(url, body_file, runs, seconds)
             m1 = await admin.metrics()
             state = await admin.rollout(model)
-            if state["status"] == "canary" and state.get("candidate") == version and state.get("weight") == 0.5:
+            if state["status"] == "canary" and state.get("candidate") == version and state.get("weight") == weight:
                 busy = runs_done
                 await admin.act(model, "abort")
                 break
@@ -115,7 +117,7 @@ async def routing_probe(ctx: dict, rounds: int, runs: int, seconds: float, log=p
         out["rollout"] += busy
         out["round_losses"].append(1 - float(np.median(busy)) / float(np.median(idle)))
         out["load_avg_1m"].append(round(os.getloadavg()[0], 2))
-        log(f"  routing round {r}: idle {', '.join(f'{x:,.0f}' for x in idle)} req/s; rollout at 50 % "
+        log(f"  routing round {r}: idle {', '.join(f'{x:,.0f}' for x in idle)} req/s; rollout at {100 * weight:g} % "
             f"{', '.join(f'{x:,.0f}' for x in busy)} req/s (candidate answered {out['shares'][-1]:.1%}); rows per "
             f"model execution {out['rows_per_batch']['idle'][-1]} idle, {out['rows_per_batch']['rollout'][-1]} in the "
             "rollout")

@@ -20,15 +20,17 @@ fraud version 1 (`training.bootstrap`) and copies of it under other names, made 
   canary; the benchmark polls `GET /rollout` until the rollout ends. Trials of a lane run one
   after the other, each a rollout of its own (fresh judge, own rollout id), against version 1
   as stable (fault lanes) or an identical copy (A/A lanes, after each promotion);
-- `fraud_route`: stages 50, 100 % (never passing): peak throughput by wrk (closed loop, 64
+- `fraud_route5` and `fraud_route50`: stages 5 or 50, 100 % (never passing; only the errors gate,
+  so the judge does not end a probe for the latency of saturation): peak throughput by wrk (closed loop, 64
   connections, a one-row JSON body without id, so the split is by a fresh request id) with no
-  rollout and with a rollout at 50 % to an identical candidate, ABAB, before the trials, with
+  rollout and with a rollout at 5 % (or 50 %) to an identical candidate, ABAB, before the trials, with
   the rows per model execution of each phase (from `/metrics`);
 - `fraud_shadow`: `fleet.rollout: shadow` (share 1.0, never passing): client latency at a fixed
   open-loop rate with no rollout and while every request is copied to an identical candidate,
-  ABBA, and every answer's `model_version` checked against the stable version's. Then wrk at peak on the same model in shadow mode until 10^6
-  answers, every answer's `model_version` counted: a shadow answer reaching a client would show
-  as a version other than stable's (`benchmarks.rollout_probes`).
+  ABBA, and every answer's `model_version` checked against the stable version's. Then wrk at
+  peak on the same model in shadow mode until 10^6 answers, every answer's `model_version`
+  counted: a shadow answer reaching a client would show as a version other than stable's
+  (`benchmarks.rollout_probes`).
 
 Trial types: A/A (identical copy), Crash, FailShare(0.05), Slow calibrated so that the
 candidate's mean server latency is 1.5x stable's at the lanes' load (a first count from stable's
@@ -133,17 +135,20 @@ def build_repository(folder: Path, seed: int, aa_lanes: int, fault_lanes: int, l
     metadata = repo.metadata(BASE, 1)
     lanes = {f"fraud_aa{i}": "aa" for i in range(aa_lanes)} | {f"fraud_f{i}": "fault" for i in range(fault_lanes)}
     params = {"aa": {}, "fault": {"fleet.rollout.stages": FAULT_STAGES, "fleet.rollout.min_stage_requests": str(NEVER)},
-              "route": {"fleet.rollout.stages": "50,100", "fleet.rollout.min_stage_requests": str(NEVER)},
+              "route5": {"fleet.rollout.stages": "5,100", "fleet.rollout.min_stage_requests": str(NEVER),
+                         "fleet.rollout.gates": "errors"},
+              "route50": {"fleet.rollout.stages": "50,100", "fleet.rollout.min_stage_requests": str(NEVER),
+                          "fleet.rollout.gates": "errors"},
               "shadow": {"fleet.rollout": "shadow", "fleet.rollout.shadow_share": "1.0",
                          "fleet.rollout.min_stage_requests": str(NEVER)}}
-    for name, kind in {**lanes, "fraud_route": "route", "fraud_shadow": "shadow"}.items():
+    for name, kind in {**lanes, "fraud_route5": "route5", "fraud_route50": "route50", "fraud_shadow": "shadow"}.items():
         config = repo.config_proto(BASE)
         config.name = name
         for key, value in params[kind].items():
             config.parameters[key].string_value = value
         repo.publish(name, {"model.pt": model_file}, {**metadata, "note": f"fraud, rollout trials ({kind})"},
                      config=config)
-    log(f"rollout trials: repository with {', '.join(sorted(lanes))}, fraud_route, fraud_shadow")
+    log(f"rollout trials: repository with {', '.join(sorted(lanes))}, fraud_route5, fraud_route50, fraud_shadow")
     return {"repo": repo, "lanes": lanes, "file": model_file, "metadata": metadata}
 
 
@@ -344,7 +349,9 @@ async def _run(args, log=print) -> dict:
     try:
         if args.routing_rounds:
             log("rollout trials: canary routing cost (wrk) ...")
-            report["routing"] = await routing_probe(ctx, args.routing_rounds, args.wrk_runs, args.wrk_s, log)
+            report["routing"] = [await routing_probe(ctx, model, weight, args.routing_rounds, args.wrk_runs, args.wrk_s,
+                                                     log) for model, weight in (("fraud_route5", 0.05),
+                                                                                ("fraud_route50", 0.5))]
         if args.shadow_s:
             log("rollout trials: shadow overhead ...")
             report["shadow"] = await shadow_probe(ctx, args.shadow_rate, args.shadow_s, args.shadow_rounds, log)

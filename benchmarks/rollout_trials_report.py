@@ -87,6 +87,12 @@ def summarise(types: list[dict], trials: list[dict]) -> dict:
     return out
 
 
+def _routings(report: dict) -> list[dict]:
+    """The routing probes (one per weight; a report of an older run held one, at 50 %)."""
+    routing = report.get("routing") or []
+    return [{"weight": 0.5, **routing}] if isinstance(routing, dict) else routing
+
+
 def _goal(name: str, value, target, met, unit: str = "", note: str = "") -> dict:
     return {"goal": name, "value": value, "target": target, "unit": unit, "met": met, "note": note}
 
@@ -118,10 +124,10 @@ def goals(report: dict) -> list[dict]:
     requests = sum(e["client_requests"] for e in s.values())
     out.append(_goal("client-visible errors (non-200 answers) during the trials", errors, 0, errors == 0, "",
                      f"of {requests:,} requests"))
-    routing = report.get("routing") or {}
-    if routing.get("loss") is not None:
-        out.append(_goal("canary routing: peak throughput lost with a rollout at 50 %", routing["loss"], ROUTING_GOAL,
-                         routing["loss"] <= ROUTING_GOAL, "share"))
+    for routing in _routings(report):
+        if routing.get("loss") is not None:
+            out.append(_goal(f"canary routing: peak throughput lost with a rollout at {100 * routing['weight']:g} %",
+                             routing["loss"], ROUTING_GOAL, routing["loss"] <= ROUTING_GOAL, "share"))
     shadow = report.get("shadow") or {}
     if shadow.get("p99_increase") is not None:
         out.append(_goal("shadow (share 1.0): stable-path p99 increase", shadow["p99_increase"], SHADOW_GOAL,
@@ -198,10 +204,9 @@ def markdown(report: dict) -> str:
                      f"{aa['decisions'].get('held', 0)} | {_num(aa.get('promote_s_p50'))} / "
                      f"{_num(aa.get('promote_s_p95'))} / {_num(aa.get('promote_s_max'))} | "
                      f"{aa.get('promoted_within_goal', 0)} | {gates} | {aa['client_errors']} |")
-    routing = report.get("routing") or {}
-    if routing:
-        lines += ["", "Canary routing cost (wrk, closed loop, 64 connections, one-row JSON, ABAB on one model):", "",
-                  "| | runs (req/s) | median |", "|---|---|---:|"]
+    for routing in _routings(report):
+        lines += ["", f"Canary routing cost at {100 * routing['weight']:g} % (wrk, closed loop, 64 connections, one-row "
+                  "JSON, ABAB on one model):", "", "| | runs (req/s) | median |", "|---|---|---:|"]
         for phase in ("idle", "rollout"):
             runs = routing.get(phase) or []
             lines.append(f"| {phase} | {', '.join(f'{r:,.0f}' for r in runs)} | "
@@ -215,7 +220,7 @@ def markdown(report: dict) -> str:
             lines.append(f"\nIdentical version {e['version']} ended by the judge during the runs ({e['event']}): "
                          f"{e['reason']} (its runs left out).")
         if routing.get("loss") is None:
-            lines.append("\nNo round kept a rollout at 50 % through its runs: no loss measured.")
+            lines.append("\nNo round kept the rollout through its runs: no loss measured.")
         else:
             lines.append(f"\nLoss: {100 * routing['loss']:.1f} % (1 - rollout / idle median; per round "
                          f"{', '.join(f'{100 * x:.1f} %' for x in routing.get('round_losses', []))}); the candidate "

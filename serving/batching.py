@@ -76,6 +76,7 @@ class BatcherConfig:
     max_inflight_batches: int = 2
     latency_target_ms: float = 0.0  # > 0: adaptive mode (serving/adaptive.py) instead of the fixed delay
     adaptive_max_utilization: float = DEFAULT_MAX_UTILIZATION  # adaptive mode: the model's busy share
+    hold: bool = False  # wait `max_queue_delay_us` even when nothing runs (shadow copies: fewer, fuller batches)
 
     def __post_init__(self):
         if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.max_queue_size < 0:
@@ -150,6 +151,10 @@ class Batcher:
             if config.latency_target_ms > 0 and config.max_batch_size > 0 else None
         )
 
+    def sibling(self, name: str, config: BatcherConfig) -> "Batcher":
+        """Another batcher running the same model version (execute, preprocessing, observer) by `config`."""
+        return Batcher(name, self._execute, config, self._on_batch, self.preprocess, self.observe)
+
     @property
     def queue_depth(self) -> int:
         """Requests waiting (not yet sent to the worker)."""
@@ -199,7 +204,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, rows, _signature(inputs, self.preprocess) if cfg.max_batch_size else None,
                            loop.create_future(), now, deadline, meta)
-        if not self._queue and self._inflight == 0 and (self.adaptive is None or self.adaptive.send_at_once(now, rows)):
+        if (not self._queue and self._inflight == 0 and not cfg.hold
+                and (self.adaptive is None or self.adaptive.send_at_once(now, rows))):
             # Nothing queued and nothing running: send at once, no hop through the loop.
             self._dispatch([pending], now)
         else:
@@ -323,7 +329,7 @@ class Batcher:
         delay_over = bool(delay) and waited >= delay
         if preferred and not delay_over:
             return preferred, None, 1
-        if full or self._inflight == 0 or not delay or delay_over:
+        if full or (self._inflight == 0 and not self.config.hold) or not delay or delay_over:
             return count, None, 1
         # Waiting for the delay: an arrival matters once the rows reach a preferred size or a full batch.
         larger = [size for size in self._preferred if size > rows]

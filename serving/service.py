@@ -120,6 +120,7 @@ class InferenceService(RolloutRouting):
         self._unready_refresh: asyncio.Future | None = None  # one at a time, shared by concurrent probes
         self.evidence = RolloutEvidence()  # per version in a rollout, for the judge (pushed with the statistics)
         self._shadow_inflight: dict[str, int] = {}  # shadow copies in flight per model (serving/rollout/serving.py)
+        self._shadow_batchers: dict[tuple[str, int], Batcher] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         self.on_candidate_error: Callable[[], None] | None = None  # the replica pushes early: a fast rollback
 
@@ -202,11 +203,11 @@ class InferenceService(RolloutRouting):
         for version in gone:
             self._preprocessors.pop((state.spec.name, version), None)
             self.monitoring.forget(state.spec.name, version)
-            batcher = state.batchers.pop(version, None)
-            if batcher is not None:
-                task = loop.create_task(batcher.close(drain_timeout_s=self.options.drain_timeout_s))
-                self._draining.add(task)
-                task.add_done_callback(self._draining.discard)
+            for batcher in (state.batchers.pop(version, None), self._drop_shadow_batcher(state.spec.name, version)):
+                if batcher is not None:
+                    task = loop.create_task(batcher.close(drain_timeout_s=self.options.drain_timeout_s))
+                    self._draining.add(task)
+                    task.add_done_callback(self._draining.discard)
         for version in new:
             try:  # read the version's metadata now, not on its first request
                 self._preprocessor(state, version)
@@ -502,6 +503,7 @@ class InferenceService(RolloutRouting):
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:
         batchers = [b for s in self.models.values() for b in s.batchers.values()]
+        batchers += self._shadow_batchers.values()
         await asyncio.gather(*(b.close(drain_timeout_s=drain_timeout_s) for b in batchers), *self._draining)
 
 

@@ -2,7 +2,7 @@
 
 Per (model, version) since the last hand-off: requests routed to it, those that failed on the
 model or its backend, a histogram of the successful requests' latency over the judge's
-`LATENCY_EDGES_S`, and a histogram of the outputs (`score_bins`). In shadow mode, per model,
+`LATENCY_EDGES_S`, and a histogram of the outputs (`score_bins`, binned a thousand requests at a time). In shadow mode, per model,
 the pairs of answers compared (`compare`): decisions that differ, the largest absolute
 difference, the summed score delta, and which side failed. Kept only for models in a
 rollout; the hot path adds to lists, and the replica's push hands the deltas to the controller.
@@ -33,16 +33,42 @@ def score_bins(output: np.ndarray) -> np.ndarray:
                        minlength=BINARY_SCORE_BINS)
 
 
+_FOLD_AT = 1024  # outputs held before they are binned in one go (binning each request's alone cost 8 % of a replica)
+
+
+def _add(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+    return counts if total is None or total.shape != counts.shape else total + counts
+
+
+def fold_scores(total: np.ndarray | None, outputs: list) -> np.ndarray | None:
+    """`total` plus the `score_bins` of every output in `outputs`, binned together (one call per column count)."""
+    groups: dict[int, list] = {}
+    for output in outputs:
+        arr = np.asarray(output)
+        cols = arr.shape[-1] if arr.ndim >= 2 and arr.shape[-1] > 1 else 1
+        groups.setdefault(cols, []).append(arr.reshape(-1, cols) if cols > 1 else arr.reshape(-1))
+    for parts in groups.values():
+        total = _add(total, score_bins(np.concatenate(parts)))
+    return total
+
+
 class _Counts:
-    __slots__ = ("requests", "errors", "latency", "scores")
+    __slots__ = ("requests", "errors", "latency", "scores", "pending")
 
     def __init__(self):
         self.requests = 0
         self.errors = 0
         self.latency = [0] * (len(LATENCY_EDGES_S) + 1)
         self.scores: np.ndarray | None = None
+        self.pending: list = []  # outputs not binned yet
+
+    def fold(self) -> None:
+        if self.pending:
+            self.scores = fold_scores(self.scores, self.pending)
+            self.pending = []
 
     def to_dict(self) -> dict:
+        self.fold()
         return {"requests": self.requests, "errors": self.errors, "latency": self.latency,
                 "scores": [] if self.scores is None else self.scores.tolist()}
 
@@ -119,11 +145,9 @@ class RolloutEvidence:
         entry.requests += 1
         entry.latency[bisect.bisect_right(LATENCY_EDGES_S, latency_s)] += 1
         if output is not None:
-            counts = score_bins(output)
-            if entry.scores is None or entry.scores.shape != counts.shape:
-                entry.scores = counts
-            else:
-                entry.scores += counts
+            entry.pending.append(output)
+            if len(entry.pending) >= _FOLD_AT:
+                entry.fold()
 
     def failure(self, model: str, version: int) -> None:
         entry = self._entry(model, version)
@@ -171,6 +195,5 @@ class RolloutEvidence:
                 entry.errors += d["errors"]
                 entry.latency = [a + b for a, b in zip(entry.latency, d["latency"])]
                 if d["scores"]:
-                    scores = np.asarray(d["scores"], np.int64)
-                    entry.scores = scores if entry.scores is None or entry.scores.shape != scores.shape \
-                        else entry.scores + scores
+                    entry.fold()
+                    entry.scores = _add(entry.scores, np.asarray(d["scores"], np.int64))

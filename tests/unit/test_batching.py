@@ -260,6 +260,23 @@ async def test_max_inflight_batches_bounds_concurrent_execute_calls(batchers):
         np.testing.assert_array_equal(result.outputs["y"], req(10.0 * i)["x"] * 10)
 
 
+async def test_a_holding_batcher_waits_its_delay_even_when_idle_and_sends_one_fuller_batch(batchers):
+    """Shadow copies: nobody waits for their answer, so even a lone one waits for company."""
+    batcher, model = batchers(max_batch_size=8, max_queue_delay_us=30_000, hold=True, held=False)
+    started = time.monotonic()
+    first = asyncio.create_task(batcher.submit(req(0.0)))
+    await asyncio.sleep(0.01)
+    assert model.calls == []  # nothing runs, and still it waits
+    rest = [asyncio.create_task(batcher.submit(req(10.0 * i))) for i in range(1, 4)]
+    results = await asyncio.gather(first, *rest)
+    assert model.rows() == [4] and model.call_times[0] - started >= 0.029
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs["y"], req(10.0 * i)["x"] * 10)
+    full = [asyncio.create_task(batcher.submit(req(0.0))) for _ in range(8)]
+    await until(lambda: len(model.calls) == 2, timeout_s=0.02)  # a full batch goes at once
+    await asyncio.gather(*full)
+
+
 # -- queue policy: size and timeouts ----------------------------------------------
 
 

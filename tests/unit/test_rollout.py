@@ -135,6 +135,22 @@ def test_evidence_counts_and_hands_back_what_did_not_reach_the_controller():
     assert score_bins(np.array([[0.1, 0.5, 0.4]])).tolist() == [0, 1, 0]
 
 
+def test_outputs_binned_in_bulk_count_exactly_as_one_by_one():
+    rng = np.random.default_rng(3)
+    outputs = [rng.random((int(rng.integers(1, 9)), 1), dtype=np.float32) for _ in range(2500)]
+    outputs[7][0, 0] = np.nan  # counted in the first bin, as one by one
+    ev = RolloutEvidence()
+    for out in outputs:
+        ev.success("m", 1, 0.001, out)
+    ev.success("m", 1, 0.001, None)  # a request without the output (not returned): counted, not binned
+    d = ev.take()["m"]["1"]
+    assert d["requests"] == 2501 and d["scores"] == sum(score_bins(o) for o in outputs).tolist()
+    classes = [rng.random((3, 4)) for _ in range(10)]
+    for out in classes:
+        ev.success("m", 1, 0.001, out)
+    assert ev.take()["m"]["1"]["scores"] == sum(score_bins(o) for o in classes).tolist()
+
+
 # -- the controller --------------------------------------------------------------------------------------------
 def test_a_new_version_becomes_the_candidate_and_a_crashing_one_is_rolled_back(tmp_path):
     repo, now = _repo(tmp_path), [1000.0]

@@ -92,6 +92,33 @@ def compare(stable: np.ndarray, candidate: np.ndarray) -> tuple[int, int, float,
     return len(s), differ, float(np.abs(c - s).max(initial=0.0)), delta
 
 
+def _fold_pairs(entry: dict) -> None:
+    """Compare and bin a shadow entry's pending pairs (see `RolloutEvidence.shadow_pair`)."""
+    pending, entry["pending"] = entry["pending"], []
+    if not pending:
+        return
+    groups: dict[int, tuple[list, list]] = {}  # column count -> the pairs' stable and candidate rows
+    for stable, candidate in pending:
+        st = np.asarray(stable).reshape(len(stable), -1)
+        ca = np.asarray(candidate).reshape(len(candidate), -1)
+        if st.shape != ca.shape:  # answers that cannot be compared: every row differs
+            entry["rows"] += len(st)
+            entry["disagree"] += len(st)
+            entry["max_abs_diff"] = float("inf")
+            continue
+        group = groups.setdefault(st.shape[1], ([], []))
+        group[0].append(st)
+        group[1].append(ca)
+    for st, ca in groups.values():  # `compare`'s figures add up over rows: one call for all the pairs
+        rows, differ, largest, delta = compare(np.concatenate(st), np.concatenate(ca))
+        entry["rows"] += rows
+        entry["disagree"] += differ
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], largest)
+        entry["score_delta_sum"] += delta
+    for side, index in (("stable_scores", 0), ("candidate_scores", 1)):
+        entry[side] = fold_scores(entry.get(side), [pair[index] for pair in pending])
+
+
 class RolloutEvidence:
     """One replica's rollout counts, handed off as deltas (`take`)."""
 
@@ -101,7 +128,9 @@ class RolloutEvidence:
         self._load_failed: dict[tuple[str, int], str] = {}
 
     def shadow_pair(self, model: str, stable: np.ndarray | None, candidate: np.ndarray | None) -> None:
-        """One shadowed request: the stable and candidate answers (None: that side failed)."""
+        """One shadowed request: the stable and candidate answers (None: that side failed). Only counted and kept
+        here; the comparison and the binning run on `_FOLD_AT` pairs at a time (or at the hand-off), off the
+        path of the requests being answered."""
         entry = self._shadow_entry(model)
         entry["pairs"] += 1
         if stable is None or candidate is None:
@@ -109,15 +138,10 @@ class RolloutEvidence:
                 "stable_only_failed" if stable is None else "candidate_only_failed"
             entry[key] += 1
             return
-        rows, differ, largest, delta = compare(stable, candidate)
-        for side, answer in (("stable_scores", stable), ("candidate_scores", candidate)):
-            counts = score_bins(answer)
-            mine = entry.get(side)
-            entry[side] = counts if mine is None or mine.shape != counts.shape else mine + counts
-        entry["rows"] += rows
-        entry["disagree"] += differ
-        entry["max_abs_diff"] = max(entry["max_abs_diff"], largest)
-        entry["score_delta_sum"] += delta
+        pending = entry["pending"]
+        pending.append((stable, candidate))
+        if len(pending) >= _FOLD_AT:
+            _fold_pairs(entry)
 
     def load_failed(self, model: str, version: int, error: str) -> None:
         """The version failed to load where this replica runs it."""
@@ -131,7 +155,7 @@ class RolloutEvidence:
         entry = self._shadow.get(model)
         if entry is None:
             entry = self._shadow[model] = {**dict.fromkeys(_SHADOW_KEYS, 0), "max_abs_diff": 0.0,
-                                           "score_delta_sum": 0.0}
+                                           "score_delta_sum": 0.0, "pending": []}
         return entry
 
     def _entry(self, model: str, version: int) -> _Counts:
@@ -162,6 +186,8 @@ class RolloutEvidence:
         for (model, version), entry in counts.items():
             out.setdefault(model, {})[str(version)] = entry.to_dict()
         for model, entry in shadow.items():
+            _fold_pairs(entry)
+            del entry["pending"]
             for side in ("stable_scores", "candidate_scores"):
                 if side in entry:
                     entry[side] = entry[side].tolist()

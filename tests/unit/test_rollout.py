@@ -145,6 +145,17 @@ def test_outputs_binned_in_bulk_count_exactly_as_one_by_one():
     ev.success("m", 1, 0.001, None)  # a request without the output (not returned): counted, not binned
     d = ev.take()["m"]["1"]
     assert d["requests"] == 2501 and d["scores"] == sum(score_bins(o) for o in outputs).tolist()
+    ev = RolloutEvidence()  # shadow pairs compared in bulk: the same figures as pair by pair
+    pairs = [(rng.random((int(rng.integers(1, 5)), 1)), rng.random((0, 1))) for _ in range(1500)]
+    pairs = [(st, np.clip(st + rng.normal(0, 0.2, st.shape), 0, 1)) for st, _ in pairs] + [(np.ones((2, 1)), np.ones(3))]
+    for st, ca in pairs:
+        ev.shadow_pair("m", st, ca)
+    sh = ev.take()["m"]["shadow"]
+    one_by_one = [compare(st, ca) for st, ca in pairs]
+    assert sh["pairs"] == 1501 and sh["rows"] == sum(x[0] for x in one_by_one)
+    assert sh["disagree"] == sum(x[1] for x in one_by_one) and sh["max_abs_diff"] == float("inf")
+    assert sh["score_delta_sum"] == pytest.approx(sum(x[3] for x in one_by_one))
+    assert sh["candidate_scores"] == sum(score_bins(ca) for _, ca in pairs).tolist()
     classes = [rng.random((3, 4)) for _ in range(10)]
     for out in classes:
         ev.success("m", 1, 0.001, out)

@@ -427,7 +427,11 @@ class InferenceService(RolloutRouting):
 
     async def _batcher_submit(self, state: ModelState, number: int, inputs: dict, rows: int,
                               timeout_us: int | None, meta=None) -> BatchResult:
-        batcher = self._batcher(state, number)
+        return await self._submit_to(self._batcher(state, number), inputs, rows, timeout_us, meta)
+
+    @staticmethod
+    async def _submit_to(batcher: Batcher, inputs: dict, rows: int, timeout_us: int | None, meta=None) -> BatchResult:
+        """Check the request against the batcher's preprocessing, then queue it there."""
         if batcher.preprocess is not None:
             batcher.preprocess.check(inputs[batcher.preprocess.input_name])
         return await batcher.submit(inputs, rows, timeout_us=timeout_us, meta=meta)

@@ -2,10 +2,11 @@
 
 Per (model, version) since the last hand-off: requests routed to it, those that failed on the
 model or its backend, a histogram of the successful requests' latency over the judge's
-`LATENCY_EDGES_S`, and a histogram of the outputs (`score_bins`, binned a thousand requests at a time). In shadow mode, per model,
-the pairs of answers compared (`compare`): decisions that differ, the largest absolute
-difference, the summed score delta, and which side failed. Kept only for models in a
-rollout; the hot path adds to lists, and the replica's push hands the deltas to the controller.
+`LATENCY_EDGES_S`, and a histogram of the outputs (`score_bins`, binned a thousand requests at a
+time). In shadow mode, per model, the pairs of answers compared (`compare`, in bulk too):
+decisions that differ, the largest absolute difference, the summed score delta, and which side
+failed. Kept only for models in a rollout; the hot path adds to lists, and the replica's push
+hands the deltas to the controller.
 """
 
 from __future__ import annotations
@@ -97,20 +98,19 @@ def _fold_pairs(entry: dict) -> None:
     pending, entry["pending"] = entry["pending"], []
     if not pending:
         return
+    results = []  # `compare`'s figures, which add up over rows
     groups: dict[int, tuple[list, list]] = {}  # column count -> the pairs' stable and candidate rows
     for stable, candidate in pending:
         st = np.asarray(stable).reshape(len(stable), -1)
         ca = np.asarray(candidate).reshape(len(candidate), -1)
-        if st.shape != ca.shape:  # answers that cannot be compared: every row differs
-            entry["rows"] += len(st)
-            entry["disagree"] += len(st)
-            entry["max_abs_diff"] = float("inf")
+        if st.shape != ca.shape:  # answers that cannot be compared: `compare` says so, pair by pair
+            results.append(compare(st, ca))
             continue
         group = groups.setdefault(st.shape[1], ([], []))
         group[0].append(st)
         group[1].append(ca)
-    for st, ca in groups.values():  # `compare`'s figures add up over rows: one call for all the pairs
-        rows, differ, largest, delta = compare(np.concatenate(st), np.concatenate(ca))
+    results += [compare(np.concatenate(st), np.concatenate(ca)) for st, ca in groups.values()]
+    for rows, differ, largest, delta in results:
         entry["rows"] += rows
         entry["disagree"] += differ
         entry["max_abs_diff"] = max(entry["max_abs_diff"], largest)

@@ -132,10 +132,8 @@ class RolloutRouting:
     async def _shadow_call(self, state, candidate: int, checked, stable_outputs, meta, output: str) -> None:
         name = state.spec.name
         try:
-            batcher = self._shadow_batcher(state, candidate)
-            if batcher.preprocess is not None:
-                batcher.preprocess.check(checked.inputs[batcher.preprocess.input_name])
-            result = await batcher.submit(checked.inputs, checked.rows, timeout_us=_SHADOW_TIMEOUT_US, meta=meta)
+            result = await self._submit_to(self._shadow_batcher(state, candidate), checked.inputs, checked.rows,
+                                           _SHADOW_TIMEOUT_US, meta)
             answer = result.outputs.get(output)
         except asyncio.CancelledError:
             raise

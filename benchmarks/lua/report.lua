@@ -52,32 +52,29 @@ local function num(x)
 end
 
 -- Runs in the main Lua state after all threads stopped; thread:get copies each thread's table here.
-function done(summary, latency, requests)
+-- The per-thread table `name` summed over the threads, as the inside of a JSON object ("key":n,...);
+-- `key` turns a table key into the JSON key.
+local function merged(name, key)
   local counts = {}
   for _, thread in ipairs(threads) do
-    local t = thread:get("statuses")
+    local t = thread:get(name)
     if type(t) == "table" then
-      for code, n in pairs(t) do
-        local key = tostring(math.floor(tonumber(code)))
-        counts[key] = (counts[key] or 0) + n
+      for k, n in pairs(t) do
+        k = key(k)
+        counts[k] = (counts[k] or 0) + n
       end
     end
   end
   local parts = {}
-  for code, n in pairs(counts) do
-    table.insert(parts, string.format('"%s":%s', code, num(n)))
+  for k, n in pairs(counts) do
+    table.insert(parts, string.format('"%s":%s', k, num(n)))
   end
-  local by_version = {}
-  for _, thread in ipairs(threads) do
-    local t = thread:get("versions")
-    if type(t) == "table" then
-      for v, n in pairs(t) do by_version[v] = (by_version[v] or 0) + n end
-    end
-  end
-  local vparts = {}
-  for v, n in pairs(by_version) do
-    table.insert(vparts, string.format('"%s":%s', v, num(n)))
-  end
+  return table.concat(parts, ",")
+end
+
+function done(summary, latency, requests)
+  local statuses_json = merged("statuses", function(code) return tostring(math.floor(tonumber(code))) end)
+  local versions_json = merged("versions", tostring)
   local e = summary.errors
   local line = string.format(
     '{"duration_us":%s,"requests":%s,"bytes":%s,' ..
@@ -88,6 +85,6 @@ function done(summary, latency, requests)
     num(e.connect), num(e.read), num(e.write), num(e.status), num(e.timeout),
     num(latency.mean), num(latency:percentile(50)), num(latency:percentile(90)),
     num(latency:percentile(95)), num(latency:percentile(99)), num(latency.max),
-    #threads, table.concat(parts, ","), table.concat(vparts, ","))
+    #threads, statuses_json, versions_json)
   io.write("WRK_JSON ", line, "\n")
 end

@@ -126,6 +126,11 @@ def maybe_fail(config: dict, epoch: int, step: int, rank: int, world: int) -> No
         return  # it happened once already: this is the resumed run
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"worker rank {rank} killed itself at epoch {epoch}\n")
+    # Ray Train's controller collects the workers' reports (the last epoch's checkpoint) when it polls them,
+    # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s); a worker dying before that poll loses the report and the
+    # run restarts from scratch (seen once in a fresh-clone `make test`). Die after two polls, as a crash some
+    # seconds into an epoch would.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
     print(f"[fault injection] worker rank {rank} exits hard in epoch {epoch + 1}, batch {step}", flush=True)
     os._exit(1)
 

@@ -83,9 +83,10 @@ def _share(entry: dict, key: str = "share", ci: str = "share_ci95") -> str:
 def markdown(report: dict) -> str:
     """The tables: goals per regression, the A/A false rollbacks, the judge's CPU per tick."""
     summary, settings = report["summary"], report["settings"]
+    shares = ", ".join(f"{g} {a:.3g}" for g, a in report["gate_alphas"].items())
     lines = [f"Settings: false_rollback_rate {settings['false_rollback_rate']} split over "
-             f"{len(report['active_gates'])} gates ({', '.join(report['active_gates'])}: "
-             f"{report['gate_alpha']:.4g} each), min_stage_requests {settings['min_stage_requests']}, "
+             f"{len(report['active_gates'])} gates by weight ({shares}), "
+             f"min_stage_requests {settings['min_stage_requests']}, "
              f"min_stage_labels {settings['min_stage_labels']}, latency_baseline_requests "
              f"{settings['latency_baseline_requests']}, outputs_baseline_scores "
              f"{settings['outputs_baseline_scores']}; git {report['git_sha']}; {report['trials_per_scenario']} "

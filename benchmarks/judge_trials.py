@@ -171,8 +171,9 @@ def trial(args: tuple) -> dict:
     if s.false_rollback_rate is not None:
         settings = replace(settings, false_rollback_rate=s.false_rollback_rate)
     judge = Judge(settings, n_score_bins=SCORE_BINS)
-    oracle = AllocationTest(settings.gate_alpha, "greater", [s.only_stable_right / s.only_candidate_right]) \
-        if s.unit == "labelled pairs" else None
+    oracle = None
+    if s.unit == "labelled pairs":
+        oracle = AllocationTest(settings.gate_alphas["accuracy"], "greater", [s.only_stable_right / s.only_candidate_right])
     oracle_pairs = None
     keys = ("requests", "errors", "latency", "scores", "labelled", "wrong")
     cpu_ns = np.zeros(horizon, np.int64)
@@ -230,7 +231,7 @@ def run(trials: int, workers: int, seed: int, out: Path, quick: bool = False) ->
         "benchmark": "judge_trials", "started": started.isoformat(), "git_sha": git_sha(), "machine": machine(),
         "quick": quick, "seed": seed, "trials_per_scenario": trials, "workers": workers,
         "settings": settings.to_dict(), "active_gates": list(settings.active_gates),
-        "gate_alpha": settings.gate_alpha,
+        "gate_alphas": settings.gate_alphas,
         "world": {"rate_per_s": RATE_PER_S, "tick_s": 1.0, "share": SHARE, "label_delay_s": LABEL_DELAY_TICKS,
                   "stable_error_rate": STABLE_ERROR_RATE, "latency_median_s": LATENCY_MEDIAN_S,
                   "latency_sigma": LATENCY_SIGMA, "score_beta": SCORE_BETA, "score_bins": SCORE_BINS,

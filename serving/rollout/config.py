@@ -7,7 +7,9 @@
 - `fleet.rollout.stages`: the canary's traffic shares in percent, ascending, ending at 100
   (default `1,5,20,50,100`).
 - `fleet.rollout.false_rollback_rate`: the judge's total false-rollback probability for one
-  rollout, over all gates and however long it is watched (default 0.001).
+  rollout, over all gates and however long it is watched (default 0.002).
+- `fleet.rollout.accuracy_weight`: the accuracy gate's share of that rate against 1 for each other
+  active gate (default 6: labelled pairs are scarce, every other gate sees every request).
 - `fleet.rollout.min_stage_requests`: candidate requests a stage needs before it may pass (200).
 - `fleet.rollout.min_stage_s`: and seconds (default 0).
 - `fleet.rollout.max_stage_s`: a stage held this long for lack of evidence raises an alarm (900).
@@ -40,7 +42,8 @@ _PREFIX = "fleet.rollout."
 class RolloutConfig:
     mode: str = "canary"
     stages: tuple[float, ...] = (1.0, 5.0, 20.0, 50.0, 100.0)  # percent of traffic on the candidate
-    false_rollback_rate: float = 0.001
+    false_rollback_rate: float = 0.002
+    accuracy_weight: float = 6.0
     min_stage_requests: int = 200
     min_stage_s: float = 0.0
     max_stage_s: float = 900.0
@@ -115,6 +118,7 @@ class RolloutConfig:
         return cls(
             mode=mode, stages=stages,
             false_rollback_rate=number("false_rollback_rate", cls.false_rollback_rate, 0.0, 0.25, open_low=True),
+            accuracy_weight=number("accuracy_weight", cls.accuracy_weight, 0.0, 1000.0, open_low=True),
             min_stage_requests=number("min_stage_requests", cls.min_stage_requests, 1, 10**9, integer=True),
             min_stage_s=number("min_stage_s", cls.min_stage_s, 0.0, 86400.0 * 30),
             max_stage_s=number("max_stage_s", cls.max_stage_s, 1.0, 86400.0 * 30),

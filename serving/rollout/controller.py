@@ -48,7 +48,8 @@ _SCAN_EVERY_S = 2.0  # the repository is read for new versions at most this ofte
 
 
 def judge_settings(config: RolloutConfig) -> JudgeSettings:
-    return JudgeSettings(false_rollback_rate=config.false_rollback_rate, min_stage_requests=config.min_stage_requests,
+    return JudgeSettings(false_rollback_rate=config.false_rollback_rate, accuracy_weight=config.accuracy_weight,
+                         min_stage_requests=config.min_stage_requests,
                          min_stage_labels=config.min_stage_labels, labels_expected=config.labels,
                          latency_baseline_requests=config.baseline_requests,
                          outputs_baseline_scores=config.baseline_requests, gates=config.decisive_gates)

@@ -3,9 +3,13 @@
 Each tick (about 1 s) the controller hands over what stable and candidate did since the last
 one. Every gate is an anytime-valid test (serving/rollout/sequential.py), read after every tick
 for the whole rollout, so a candidate no worse than stable is rolled back with probability at
-most `false_rollback_rate` however long it is watched. That rate is split equally (Bonferroni)
-over the active gates (those in `gates`; `accuracy` only with `labels_expected`): a gate
-rejects when its log e-value reaches ln(n_active / false_rollback_rate); any rejection rolls back.
+most `false_rollback_rate` however long it is watched. That rate is split over the active gates
+(those in `gates`; `accuracy` only with `labels_expected`) by weight (a weighted Bonferroni): each
+gate weighs 1 but `accuracy`, which weighs `accuracy_weight` (6). A gate rejects when its log
+e-value reaches ln(1 / its share); any rejection rolls back. The weights follow the evidence:
+errors, latency and outputs see every canary request and a smaller share costs them little
+(ln 2 nats, one or two requests for a crash), while labelled pairs are scarce and the sign test
+needs about 75 more of them at 6 % discordance for each halving of its share (benchmarks/README.md).
 
 - `errors`: failed requests, one-sided, share = candidate requests / all requests of the tick.
 - `latency`: successes at or above three edges (the `LATENCY_EDGES_S` edges nearest stable's
@@ -55,13 +59,14 @@ MIN_GROUP_SHARE = 0.02  # an output group holds at least this share of stable's 
 class JudgeSettings:
     """The judge's settings: total false-rollback probability, per-stage evidence, baselines."""
 
-    false_rollback_rate: float = 0.001  # P(any rollback of a candidate no worse than stable), whole rollout
+    false_rollback_rate: float = 0.002  # P(any rollback of a candidate no worse than stable), whole rollout
     min_stage_requests: int = 200  # candidate requests (and tested successes, outputs) per stage
     min_stage_labels: int = 200  # candidate labelled predictions, or shadow pairs, per stage
     latency_baseline_requests: int = 2000  # stable successes that fix the latency thresholds
     outputs_baseline_scores: int = 2000  # stable outputs that fix the output groups
     labels_expected: bool = False
     gates: tuple[str, ...] = GATES
+    accuracy_weight: float = 6.0  # the accuracy gate's share of false_rollback_rate against 1 for each other gate
 
     def __post_init__(self):
         if not isinstance(self.false_rollback_rate, (int, float)) or not 0 < self.false_rollback_rate < 0.5:
@@ -71,6 +76,9 @@ class JudgeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        weight = self.accuracy_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise ValueError(f"accuracy_weight must be a number > 0, got {weight!r}")
         if not isinstance(self.labels_expected, bool):
             raise ValueError(f"labels_expected must be true or false, got {self.labels_expected!r}")
         gates = (self.gates,) if isinstance(self.gates, str) else tuple(self.gates)
@@ -86,9 +94,11 @@ class JudgeSettings:
         return tuple(g for g in self.gates if g != "accuracy" or self.labels_expected)
 
     @property
-    def gate_alpha(self) -> float:
-        """Each active gate's share of the false-rollback rate (Bonferroni)."""
-        return self.false_rollback_rate / len(self.active_gates)
+    def gate_alphas(self) -> dict[str, float]:
+        """Each active gate's share of the false-rollback rate (weighted Bonferroni; they sum to it)."""
+        weights = {g: self.accuracy_weight if g == "accuracy" else 1.0 for g in self.active_gates}
+        total = sum(weights.values())
+        return {g: self.false_rollback_rate * w / total for g, w in weights.items()}
 
     def to_dict(self) -> dict:
         doc = asdict(self)
@@ -368,10 +378,11 @@ class Judge:
         if n_score_bins is not None and (isinstance(n_score_bins, bool) or int(n_score_bins) < 2):
             raise ValueError(f"n_score_bins must be an integer >= 2 or None, got {n_score_bins!r}")
         self.settings = settings
-        a = settings.gate_alpha
-        makers = {"errors": lambda: _Errors(a), "latency": lambda: _Latency(a, settings.latency_baseline_requests),
-                  "outputs": lambda: _Outputs(a, settings.outputs_baseline_scores, n_score_bins),
-                  "accuracy": lambda: _Accuracy(a)}
+        a = settings.gate_alphas
+        makers = {"errors": lambda: _Errors(a["errors"]),
+                  "latency": lambda: _Latency(a["latency"], settings.latency_baseline_requests),
+                  "outputs": lambda: _Outputs(a["outputs"], settings.outputs_baseline_scores, n_score_bins),
+                  "accuracy": lambda: _Accuracy(a["accuracy"])}
         self.gates = {name: makers[name]() for name in settings.active_gates}
         self.n_score_bins = n_score_bins
         self.stage = self.stage_requests = self.stage_ticks = self.ticks = 0

@@ -105,7 +105,8 @@ def test_each_regression_is_rolled_back_by_its_gate(traffic, gate):
     verdict, _, _ = _run(Judge(JudgeSettings(labels_expected=True)), _Traffic(7, **traffic), 1_000)
     assert verdict.decision == "rollback", verdict.reason
     assert verdict.gates[gate]["state"] == "reject" and verdict.reason.startswith(gate)
-    assert verdict.gates[gate]["statistic"] >= verdict.gates[gate]["threshold"] == pytest.approx(math.log(4000))
+    share = JudgeSettings(labels_expected=True).gate_alphas[gate]  # 0.002 / 9, accuracy 0.002 * 6 / 9
+    assert verdict.gates[gate]["statistic"] >= verdict.gates[gate]["threshold"] == pytest.approx(-math.log(share))
 
 
 def test_missing_data_holds_and_says_why():
@@ -178,16 +179,21 @@ def test_replay_reproduces_every_verdict():
 def test_settings_round_trip_and_bonferroni_split():
     settings = JudgeSettings(false_rollback_rate=0.003, gates=["latency", "errors", "accuracy"])
     assert settings.gates == ("errors", "latency", "accuracy") and settings.active_gates == ("errors", "latency")
-    assert settings.gate_alpha == pytest.approx(0.0015)
+    assert settings.gate_alphas == pytest.approx({"errors": 0.0015, "latency": 0.0015})
     assert JudgeSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     verdict = Judge(settings).update({"requests": 10}, {"requests": 1})
     assert set(verdict.gates) == {"errors", "latency"}
+    labelled = JudgeSettings(labels_expected=True)  # accuracy weighs 6 against 1 for each other gate
+    assert labelled.gate_alphas == pytest.approx({"errors": 0.002 / 9, "latency": 0.002 / 9, "outputs": 0.002 / 9,
+                                                  "accuracy": 0.002 * 6 / 9})
+    assert {g: gate.alpha for g, gate in Judge(labelled).gates.items()} == pytest.approx(labelled.gate_alphas)
     assert verdict.gates["errors"]["threshold"] == pytest.approx(math.log(2 / 0.003))
 
 
 @pytest.mark.parametrize("field, value", [("false_rollback_rate", 0.7), ("false_rollback_rate", 0),
                                           ("min_stage_requests", 0), ("min_stage_labels", 2.5),
                                           ("labels_expected", "yes"), ("gates", ("errors", "speed")),
+                                          ("accuracy_weight", 0), ("accuracy_weight", float("inf")),
                                           ("gates", ())])
 def test_bad_settings_are_refused_naming_the_value(field, value):
     with pytest.raises(ValueError, match=field):

@@ -69,6 +69,7 @@ def test_rollout_settings_are_read_and_bad_ones_named():
                           ({"fleet.rollout.stages": "5,1,100"}, "stages"),
                           ({"fleet.rollout.stages": "5,50"}, "stages"),
                           ({"fleet.rollout.false_rollback_rate": "0"}, "false_rollback_rate"),
+                          ({"fleet.rollout.accuracy_weight": "-1"}, "accuracy_weight"),
                           ({"fleet.rollout.min_stage_requests": "many"}, "min_stage_requests"),
                           ({"fleet.rollout.stage": "5"}, "unknown rollout parameter")):
         with pytest.raises(RepositoryError, match=named):
@@ -298,6 +299,10 @@ def test_with_labels_the_accuracy_gate_replaces_the_outputs_gate_unless_told_oth
     chosen = judge_settings(RolloutConfig.from_parameters({"fleet.rollout.labels": "true",
                                                           "fleet.rollout.gates": "errors,outputs,accuracy"}))
     assert chosen.active_gates == ("errors", "outputs", "accuracy")
+    assert labelled.gate_alphas["accuracy"] == pytest.approx(0.002 * 6 / 8)  # the weight, from the config
+    even = judge_settings(RolloutConfig.from_parameters({"fleet.rollout.labels": "true",
+                                                        "fleet.rollout.accuracy_weight": "1"}))
+    assert even.gate_alphas == pytest.approx({"errors": 0.002 / 3, "latency": 0.002 / 3, "accuracy": 0.002 / 3})
     for bad in ("errors,errors", "errors,speed", "accuracy"):
         with pytest.raises(RepositoryError, match="fleet.rollout.gates"):
             RolloutConfig.from_parameters({"fleet.rollout.gates": bad})

@@ -16,6 +16,13 @@ When it sends a batch:
 With `latency_target_ms` set (adaptive mode), `serving.adaptive.AdaptivePolicy`
 decides the wait instead of the fixed delay and preferred sizes.
 
+Lanes: a batcher may run several versions of one model (a rollout's stable and candidate),
+one `Lane` each (execute, preprocessing, observer, batch callback). Requests of all lanes share
+the queue and the batches, so two versions cost the flushes of one; a batch holding several
+lanes runs each lane's rows through that lane (`execute_lanes`, when given, runs them in one
+call), answers each lane's requests from its own outputs, and a lane's failure fails only its
+requests.
+
 A request waits at most its timeout: the queue policy's default, or its own
 (`parameters.timeout`) when `allow_timeout_override` is set and it is shorter
 than the default (Triton's rule; with no default, any timeout of its own).
@@ -41,7 +48,7 @@ from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidIn
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
 
-__all__ = ["BatcherConfig", "BatchResult", "Batcher", "batch_deadline_ns"]
+__all__ = ["BatcherConfig", "BatchResult", "Batcher", "Lane", "batch_deadline_ns"]
 
 _log = logging.getLogger("fleet.batching")
 
@@ -57,6 +64,18 @@ OnBatch = Callable[[int, int, int, bool], None]  # (rows, requests, compute_ns, 
 # After a batch's answers are set: (its requests, the model's inputs, its outputs, sent_ns, compute_ns).
 # The requests answered are those whose future holds a result; `_Pending.meta` is what `submit` was given.
 Observe = Callable[[list, dict, Mapping, int, int], None]
+# Several lanes' inputs in one call: [(lane, inputs)] -> each lane's outputs, or the exception it raised.
+ExecuteLanes = Callable[[list[tuple[int, dict]]], Awaitable[list]]
+
+
+@dataclass(frozen=True)
+class Lane:
+    """What one model version of a batcher runs (see the module docstring)."""
+
+    execute: Execute
+    preprocess: "Preprocessor | None" = None
+    observe: Observe | None = None
+    on_batch: OnBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +115,10 @@ class BatchResult:
 
 
 class _Pending:
-    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta", "flags")
+    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta", "flags", "lane")
 
     def __init__(self, inputs: Arrays, rows: int, signature, future, enqueued_ns: int, deadline_ns: int,
-                 meta=None):
+                 meta=None, lane: int = 0):
         self.inputs = inputs
         self.rows = rows
         self.signature = signature
@@ -108,6 +127,7 @@ class _Pending:
         self.deadline_ns = deadline_ns
         self.meta = meta  # the caller's, handed to `observe` with the batch (the prediction log's context)
         self.flags = None  # what preprocessing noted of its rows without refusing them (input-contract warnings)
+        self.lane = lane  # which of the batcher's lanes (model versions) runs it
 
 
 def _signature(inputs: Arrays, pre: "Preprocessor | None" = None) -> tuple:
@@ -123,11 +143,10 @@ class Batcher:
     def __init__(self, name: str, execute: Execute, config: BatcherConfig, on_batch: OnBatch | None = None,
                  preprocess: "Preprocessor | None" = None, observe: Observe | None = None):
         self.name = name
-        self.observe = observe
-        self.preprocess = preprocess
+        self.preprocess = preprocess  # lane 0's: it says which requests may share a batch (`_signature`)
         self.config = config
-        self._execute = execute
-        self._on_batch = on_batch
+        self.lanes: list[Lane] = [Lane(execute, preprocess, observe, on_batch)]
+        self.execute_lanes: ExecuteLanes | None = None  # several lanes in one call; None: each lane's execute
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0  # rows in the queue, withdrawn requests included until they are dropped
         # The scheduling loop sleeps until a batch finishes, its timer fires, or the queue
@@ -152,8 +171,15 @@ class Batcher:
         )
 
     def sibling(self, name: str, config: BatcherConfig) -> "Batcher":
-        """Another batcher running the same model version (execute, preprocessing, observer) by `config`."""
-        return Batcher(name, self._execute, config, self._on_batch, self.preprocess, self.observe)
+        """Another batcher running the same model version (lane 0's execute, preprocessing, observer) by `config`."""
+        lane = self.lanes[0]
+        return Batcher(name, lane.execute, config, lane.on_batch, lane.preprocess, lane.observe)
+
+    def add_lane(self, lane: Lane) -> int:
+        """Another version of the model on this batcher's queue: its index, for `submit(lane=...)`. Its inputs
+        must batch like lane 0's (same model config); its preprocessing may hold other statistics."""
+        self.lanes.append(lane)
+        return len(self.lanes) - 1
 
     @property
     def queue_depth(self) -> int:
@@ -182,12 +208,12 @@ class Batcher:
             )
 
     async def submit(self, inputs: Arrays, rows: int = 1, *, timeout_us: int | None = None,
-                     meta=None) -> BatchResult:
+                     meta=None, lane: int = 0) -> BatchResult:
         """Queue one request of `rows` batch rows and wait for its outputs.
 
         `inputs` must already be validated: for a batching model each array's
         first dimension is `rows`. Cancelling the caller withdraws the request.
-        `meta` travels with the request to `observe` (None: not observed).
+        `meta` travels with the request to `observe` (None: not observed); `lane` says which lane runs it.
         """
         self.admit()
         cfg = self.config
@@ -203,7 +229,7 @@ class Batcher:
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, rows, _signature(inputs, self.preprocess) if cfg.max_batch_size else None,
-                           loop.create_future(), now, deadline, meta)
+                           loop.create_future(), now, deadline, meta, lane)
         if (not self._queue and self._inflight == 0 and not cfg.hold
                 and (self.adaptive is None or self.adaptive.send_at_once(now, rows))):
             # Nothing queued and nothing running: send at once, no hop through the loop.
@@ -274,14 +300,6 @@ class Batcher:
                     await self._wake.wait()
                 finally:
                     timer.cancel()
-
-    def _observe(self, batch: list, inputs: dict, outputs, sent_ns: int, compute_ns: int) -> None:
-        try:
-            self.observe(batch, inputs, outputs, sent_ns, compute_ns)
-        except Exception:  # noqa: BLE001 - observing must never fail a batch
-            _log.exception("model %s: observing a batch failed", self.name)
-        finally:
-            self._observing -= 1
 
     def _popleft(self) -> _Pending:
         p = self._queue.popleft()
@@ -362,27 +380,33 @@ class Batcher:
         live = [p for p in batch if not p.future.done()]
         if not live:
             return
-        pre = self.preprocess
-        if self.config.max_batch_size and len(live) > 1:
-            # The preprocessed input is assembled by its kernel when the batch runs, not concatenated here.
-            inputs = {name: np.concatenate([p.inputs[name] for p in live]) for name in live[0].inputs
-                      if pre is None or name != pre.input_name}
-        else:
-            inputs = {name: arr for name, arr in live[0].inputs.items() if pre is None or name != pre.input_name}
+        if len(self.lanes) == 1 or all(p.lane == live[0].lane for p in live):
+            groups = [(live[0].lane, live)]
+        else:  # each lane's requests in queue order
+            by_lane: dict[int, list[_Pending]] = {}
+            for p in live:
+                by_lane.setdefault(p.lane, []).append(p)
+            groups = list(by_lane.items())
         # Since when the model has been idle (adaptive mode's held time); `now` if it is busy.
         idle_since = self._last_done_ns if self._inflight == 0 else now
         self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._execute_batch(live, inputs, now, idle_since))
+        task = asyncio.get_running_loop().create_task(self._execute_batch(live, groups, now, idle_since))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _preprocess(self, batch: list[_Pending], inputs: dict[str, np.ndarray]) -> bool:
+    def _inputs(self, part: list[_Pending], pre: "Preprocessor | None") -> dict[str, np.ndarray]:
+        """The batch's inputs but the preprocessed one (its kernel assembles it when the batch runs)."""
+        if self.config.max_batch_size and len(part) > 1:
+            return {name: np.concatenate([p.inputs[name] for p in part]) for name in part[0].inputs
+                    if pre is None or name != pre.input_name}
+        return {name: arr for name, arr in part[0].inputs.items() if pre is None or name != pre.input_name}
+
+    async def _preprocess(self, pre: "Preprocessor", batch: list[_Pending], inputs: dict[str, np.ndarray]) -> bool:
         """Assemble the preprocessed input into `inputs` and answer the requests it refuses.
 
         A refused request's rows still run with the batch (its answer is already sent); False
         when no request is left waiting.
         """
-        pre = self.preprocess
         parts = [p.inputs[pre.input_name] for p in batch]
         try:
             if pre.heavy:
@@ -401,61 +425,83 @@ class Batcher:
                 p.future.set_exception(error)
         return any(not p.future.done() for p in batch)
 
-    async def _execute_batch(self, batch: list[_Pending], inputs: dict[str, np.ndarray], sent_ns: int,
-                             idle_since_ns: int = 0) -> None:
+    async def _prepare(self, groups: list) -> list:
+        """[(lane, requests, inputs)] of the lanes with a request left to run once preprocessed. One lane's
+        refusal of its whole batch is raised when it is the only lane, else answered to that lane's requests."""
+        ready = []
+        for index, part in groups:
+            pre = self.lanes[index].preprocess
+            inputs = self._inputs(part, pre)
+            try:
+                if pre is not None and not await self._preprocess(pre, part, inputs):
+                    continue  # every request of the lane was refused: nothing of it to run
+            except FleetError as exc:
+                if len(groups) == 1:
+                    raise
+                _fail(part, exc, self.name)
+                continue
+            ready.append((index, part, inputs))
+        return ready
+
+    async def _run_lanes(self, ready: list, done) -> None:
+        """Run each lane's rows; `done(i, outputs or the exception raised)` as each lane finishes (so one lane's
+        requests never wait for another's). With one lane its exception is raised instead."""
+        if len(ready) == 1:
+            index, _, inputs = ready[0]
+            done(0, await self.lanes[index].execute(inputs))
+        elif self.execute_lanes is not None:
+            await self.execute_lanes([(index, inputs) for index, _, inputs in ready], done)
+        else:
+            async def one(i: int, execute: Execute, inputs: dict) -> None:
+                try:
+                    outputs = await execute(inputs)
+                except Exception as exc:  # noqa: BLE001 - the lane's own failure, answered to its requests
+                    outputs = exc
+                done(i, outputs)
+
+            await asyncio.gather(*(one(i, self.lanes[index].execute, inputs)
+                                   for i, (index, _, inputs) in enumerate(ready)))
+
+    async def _execute_batch(self, batch: list[_Pending], groups: list, sent_ns: int, idle_since_ns: int = 0) -> None:
         rows = sum(p.rows for p in batch)
-        ok = ran = False
+        ready: list = []
+        ok: set[int] = set()  # lanes answered
         start = time.monotonic_ns()
+
+        def done(i: int, outputs) -> None:
+            index, part, inputs = ready[i]
+            if isinstance(outputs, BaseException):
+                if len(ready) == 1:
+                    raise outputs
+                _fail(part, outputs, self.name)
+                return
+            try:
+                self._answer(index, part, inputs, outputs, sent_ns, start, idle_since_ns)
+            except BackendError as exc:
+                if len(ready) == 1:
+                    raise
+                _fail(part, exc, self.name)
+                return
+            ok.add(index)
+
         try:
-            if self.preprocess is not None and not await self._preprocess(batch, inputs):
+            ready = await self._prepare(groups)
+            if not ready:
                 return  # every request of the batch was refused: nothing to run
-            ran = True
             batch_deadline_ns.set(0 if any(not p.deadline_ns for p in batch) else max(p.deadline_ns for p in batch))
-            outputs = await self._execute(inputs)
-            compute_ns = time.monotonic_ns() - start
-            if self.config.max_batch_size:
-                for name, arr in outputs.items():
-                    if arr.ndim == 0 or arr.shape[0] != rows:
-                        raise BackendError(
-                            f"model {self.name} returned {name!r} with shape {list(arr.shape)} "
-                            f"for a batch of {rows} rows"
-                        )
-            adaptive = self.adaptive
-            if adaptive is not None:
+            await self._run_lanes(ready, done)
+            if self.adaptive is not None:
                 # Service time, not time in flight: a batch sent while another ran started when that one ended.
                 done_ns = time.monotonic_ns()
-                adaptive.on_batch(rows, done_ns - max(start, self._last_done_ns))
+                self.adaptive.on_batch(rows, done_ns - max(start, self._last_done_ns))
                 self._last_done_ns = done_ns
-            offset = 0
-            for p in batch:
-                if self.config.max_batch_size and len(batch) > 1:
-                    part = {name: arr[offset : offset + p.rows] for name, arr in outputs.items()}
-                else:
-                    part = dict(outputs)
-                offset += p.rows
-                if not p.future.done():
-                    p.future.set_result(BatchResult(part, sent_ns - p.enqueued_ns, compute_ns, rows))
-                if adaptive is not None:
-                    adaptive.on_latency(done_ns - p.enqueued_ns, max(0, sent_ns - max(p.enqueued_ns, idle_since_ns)))
-            ok = True
-            if self.observe is not None:
-                # After the answers, and after the next batch is on its way (the finally below frees this slot
-                # first): the prediction log and the drift counts hold up neither.
-                self._observing += 1
-                asyncio.get_running_loop().call_soon(self._observe, batch, inputs, outputs, sent_ns, compute_ns)
         except asyncio.CancelledError:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(ModelUnavailable(f"model {self.name} is shutting down"))
             raise
         except Exception as exc:
-            error = exc
-            if not isinstance(exc, FleetError):
-                error = BackendError(f"model {self.name} failed: {type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(error)
+            _fail(batch, exc, self.name)
         finally:
             self._inflight -= 1
             if self._queue:
@@ -465,5 +511,58 @@ class Batcher:
                 # The loop may sleep with the "nothing can go" threshold of a full pipeline:
                 # with a slot free again, the next arrival must wake it.
                 self._wake_rows = 1
-            if self._on_batch is not None and ran:
-                self._on_batch(rows, len(batch), time.monotonic_ns() - start, ok)
+            elapsed = time.monotonic_ns() - start
+            for index, part, _ in ready:
+                on_batch = self.lanes[index].on_batch
+                if on_batch is not None:
+                    on_batch(sum(p.rows for p in part), len(part), elapsed, index in ok)
+
+    def _answer(self, index: int, part: list[_Pending], inputs: dict, outputs: Mapping[str, np.ndarray],
+                sent_ns: int, start_ns: int, idle_since_ns: int) -> None:
+        """Answer one lane's requests from its outputs (BackendError if their shape does not fit), then observe."""
+        done_ns = time.monotonic_ns()
+        compute_ns = done_ns - start_ns
+        rows = sum(p.rows for p in part)
+        batching = bool(self.config.max_batch_size)
+        if batching:
+            for name, arr in outputs.items():
+                if arr.ndim == 0 or arr.shape[0] != rows:
+                    raise BackendError(f"model {self.name} returned {name!r} with shape {list(arr.shape)} "
+                                       f"for a batch of {rows} rows")
+        adaptive = self.adaptive
+        offset = 0
+        for p in part:
+            if batching and len(part) > 1:
+                answer = {name: arr[offset : offset + p.rows] for name, arr in outputs.items()}
+            else:
+                answer = dict(outputs)
+            offset += p.rows
+            if not p.future.done():
+                p.future.set_result(BatchResult(answer, sent_ns - p.enqueued_ns, compute_ns, rows))
+            if adaptive is not None:
+                adaptive.on_latency(done_ns - p.enqueued_ns, max(0, sent_ns - max(p.enqueued_ns, idle_since_ns)))
+        observe = self.lanes[index].observe
+        if observe is not None:
+            # After the answers, and after the next batch is on its way (the finally of `_execute_batch` frees
+            # this slot first): the prediction log and the drift counts hold up neither.
+            self._observing += 1
+            asyncio.get_running_loop().call_soon(self._observe, observe, part, inputs, outputs, sent_ns, compute_ns)
+
+    def _observe(self, observe: Observe, batch: list, inputs: dict, outputs, sent_ns: int, compute_ns: int) -> None:
+        try:
+            observe(batch, inputs, outputs, sent_ns, compute_ns)
+        except Exception:  # noqa: BLE001 - observing must never fail a batch
+            _log.exception("model %s: observing a batch failed", self.name)
+        finally:
+            self._observing -= 1
+
+
+def _fail(batch: list[_Pending], exc: BaseException, name: str) -> None:
+    """Answer the batch's waiting requests with `exc` (a backend's own exception as a BackendError)."""
+    error = exc
+    if not isinstance(exc, FleetError):
+        error = BackendError(f"model {name} failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(error)

@@ -121,6 +121,7 @@ class InferenceService(RolloutRouting):
         self.evidence = RolloutEvidence()  # per version in a rollout, for the judge (pushed with the statistics)
         self._shadow_inflight: dict[str, int] = {}  # shadow copies in flight per model (serving/rollout/serving.py)
         self._shadow_batchers: dict[tuple[str, int], Batcher] = {}
+        self._joint: dict[str, tuple[tuple[int, int], Batcher]] = {}  # a canary's stable and candidate, one queue
         self._shadow_tasks: set[asyncio.Task] = set()
         self.on_candidate_error: Callable[[], None] | None = None  # the replica pushes early: a fast rollback
 
@@ -199,20 +200,26 @@ class InferenceService(RolloutRouting):
         new = [v for v in versions if v not in state.versions]
         state.versions = versions
         _log.debug("model %s: routing to versions %s (new %s, gone %s)", state.spec.name, versions, new, gone)
-        loop = asyncio.get_running_loop()
+        joint = self._joint.get(state.spec.name)
+        if joint is not None and any(v in gone for v in joint[0]):
+            self._retire_joint(state.spec.name)
         for version in gone:
             self._preprocessors.pop((state.spec.name, version), None)
             self.monitoring.forget(state.spec.name, version)
             for batcher in (state.batchers.pop(version, None), self._drop_shadow_batcher(state.spec.name, version)):
                 if batcher is not None:
-                    task = loop.create_task(batcher.close(drain_timeout_s=self.options.drain_timeout_s))
-                    self._draining.add(task)
-                    task.add_done_callback(self._draining.discard)
+                    self._close_later(batcher)
         for version in new:
             try:  # read the version's metadata now, not on its first request
                 self._preprocessor(state, version)
             except Exception:  # noqa: BLE001 - its requests say why; the refresh must go on
                 pass
+
+    def _close_later(self, batcher: Batcher) -> None:
+        """Let a batcher no longer used finish its queue (up to the drain timeout), then close it."""
+        task = asyncio.get_running_loop().create_task(batcher.close(drain_timeout_s=self.options.drain_timeout_s))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     def _model(self, name: str) -> ModelState:
         check_model_name(name)
@@ -294,9 +301,13 @@ class InferenceService(RolloutRouting):
         return {name: int(s.breaker.state != CLOSED) for name, s in self.models.items() if s.breaker is not None}
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
-        return {
+        depths = {
             (name, str(v)): b.queue_depth for name, state in self.models.items() for v, b in state.batchers.items()
         }
+        for name, (pair, batcher) in self._joint.items():  # a canary's queue: under its stable version
+            key = (name, str(pair[0]))
+            depths[key] = depths.get(key, 0) + batcher.queue_depth
+        return depths
 
     # -- answers ---------------------------------------------------------------
     def server_metadata(self) -> dict:
@@ -375,7 +386,8 @@ class InferenceService(RolloutRouting):
         tag = str(number)
         routed = self._in_rollout(state, version)  # its outcome is evidence for the judge
         try:
-            queued = state.batchers.get(number)
+            joint = self._joint.get(model) if routed else None
+            queued = joint[1] if joint is not None else state.batchers.get(number)
             if queued is not None:
                 queued.admit()  # a full queue refuses before the body is parsed: overload costs little
             request = decode_request(body, header_length, self._limits)
@@ -427,14 +439,19 @@ class InferenceService(RolloutRouting):
 
     async def _batcher_submit(self, state: ModelState, number: int, inputs: dict, rows: int,
                               timeout_us: int | None, meta=None) -> BatchResult:
+        joint = self._joint_batcher(state, number) if state.route is not None else None
+        if joint is not None:
+            return await self._submit_to(joint[0], inputs, rows, timeout_us, meta, joint[1])
         return await self._submit_to(self._batcher(state, number), inputs, rows, timeout_us, meta)
 
     @staticmethod
-    async def _submit_to(batcher: Batcher, inputs: dict, rows: int, timeout_us: int | None, meta=None) -> BatchResult:
-        """Check the request against the batcher's preprocessing, then queue it there."""
-        if batcher.preprocess is not None:
-            batcher.preprocess.check(inputs[batcher.preprocess.input_name])
-        return await batcher.submit(inputs, rows, timeout_us=timeout_us, meta=meta)
+    async def _submit_to(batcher: Batcher, inputs: dict, rows: int, timeout_us: int | None, meta=None,
+                         lane: int = 0) -> BatchResult:
+        """Check the request against the lane's preprocessing, then queue it there."""
+        pre = batcher.lanes[lane].preprocess
+        if pre is not None:
+            pre.check(inputs[pre.input_name])
+        return await batcher.submit(inputs, rows, timeout_us=timeout_us, meta=meta, lane=lane)
 
     async def model_stats(self, model: str | None, version: str | None) -> dict:
         """Triton's statistics document, cluster-wide (from the monitor)."""
@@ -508,6 +525,7 @@ class InferenceService(RolloutRouting):
     async def close(self, drain_timeout_s: float = 0.0) -> None:
         batchers = [b for s in self.models.values() for b in s.batchers.values()]
         batchers += self._shadow_batchers.values()
+        batchers += [batcher for _, batcher in self._joint.values()]
         await asyncio.gather(*(b.close(drain_timeout_s=drain_timeout_s) for b in batchers), *self._draining)
 
 

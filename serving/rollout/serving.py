@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import time
 
-from serving.batching import Batcher
+from serving.batching import Batcher, Lane
 from serving.errors import DeadlineExceeded, FleetError
 from serving.monitoring.observe import answered_by_fallback
 from serving.rollout.routing import routing_key, to_candidate
@@ -33,6 +33,7 @@ class RolloutRouting:
     _shadow_inflight: dict
     _shadow_tasks: set
     _shadow_batchers: dict  # (model, version) -> the batcher of its shadow copies
+    _joint: dict  # model -> ((stable, candidate), the batcher both run on) while the canary splits its traffic
 
     def apply_route(self, model: str, route: Route) -> bool:
         """Route `model`'s requests by `route` from now on, if it is newer than the one followed (by epoch).
@@ -77,6 +78,40 @@ class RolloutRouting:
         if shadow is not None and answered_by is None:
             self._shadow(state, route, checked, result.outputs, meta)
         return result, answered_by, number, request_id
+
+    def _joint_batcher(self, state, number: int) -> tuple[Batcher, int] | None:
+        """(the batcher, the lane) that runs `number` while the model's canary splits its traffic, else None.
+
+        Stable and candidate share one queue and its batches (one lane each): two versions cost the
+        model executions of one, where a batcher each would send the candidate's few requests alone,
+        between the stable's batches. A batcher of a rollout that ended is drained and closed.
+        """
+        name = state.spec.name
+        route, joint = state.route, self._joint.get(name)
+        pair = None
+        if route is not None and route.weight > 0.0 and route.candidate is not None:
+            pair = (route.stable, route.candidate)
+            if route.stable not in state.versions or route.candidate not in state.versions:
+                pair = None
+        if joint is not None and joint[0] != pair:
+            self._retire_joint(name)
+            joint = None
+        if pair is None or number not in pair:
+            return None
+        if joint is None:
+            stable, candidate = self._batcher(state, pair[0]), self._batcher(state, pair[1])
+            batcher = stable.sibling(f"{name}:{pair[0]}+{pair[1]}", stable.config)
+            batcher.add_lane(candidate.lanes[0])
+            runner = getattr(state.worker, "infer_many", None)
+            if runner is not None and state.breaker is None:  # both lanes' rows in one call to the worker
+                batcher.execute_lanes = lambda batches, done: runner([(pair[lane], x) for lane, x in batches], done)
+            joint = self._joint[name] = (pair, batcher)
+        return joint[1], joint[0].index(number)
+
+    def _retire_joint(self, model: str) -> None:
+        joint = self._joint.pop(model, None)
+        if joint is not None:
+            self._close_later(joint[1])
 
     def _route(self, state, route: Route, stable: int, request, header: str | None,
                key_id: str | None) -> tuple[int, str | None, str | None]:

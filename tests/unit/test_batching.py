@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batching import Batcher, BatcherConfig
+from serving.batching import Batcher, BatcherConfig, Lane
 from serving.errors import BackendError, DeadlineExceeded, FleetError, InvalidInput, ModelUnavailable, Overloaded
 
 
@@ -524,3 +524,112 @@ async def test_execute_sees_the_latest_deadline_of_its_batch_or_none_when_one_re
     await asyncio.gather(blocker, *mixed)
     assert len(seen) == 4 and seen[-1] == 0  # the pair ran as one batch, one of them without a deadline
     await batcher.close()
+
+
+# -- lanes: a canary's stable and candidate on one queue --------------------------------------------------
+
+
+class TimesModel(FakeModel):
+    """y = factor * x: another version of the model, told apart by its answers."""
+
+    def __init__(self, factor: float, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    async def __call__(self, inputs):
+        out = await super().__call__(inputs)
+        return {"y": out["y"] / 10 * self.factor}
+
+
+async def test_two_lanes_share_the_batches_and_each_runs_only_its_own_rows(batchers):
+    batcher, stable = batchers(held=True, max_queue_delay_us=100_000)
+    candidate = TimesModel(-1.0)
+    batches: dict[int, list] = {0: [], 1: []}
+    observed: dict[int, list] = {0: [], 1: []}
+    batcher.lanes[0] = Lane(stable, None, lambda b, *a: observed[0].append([p.meta for p in b]),
+                            lambda rows, n, ns, ok: batches[0].append((rows, n, ok)))
+    lane = batcher.add_lane(Lane(candidate, None, lambda b, *a: observed[1].append([p.meta for p in b]),
+                                 lambda rows, n, ns, ok: batches[1].append((rows, n, ok))))
+    assert lane == 1
+    first = asyncio.ensure_future(batcher.submit(req(0.0), meta="s0"))  # runs alone, held: the rest queue
+    await until(lambda: len(stable.calls) == 1)
+    plan = [(0, 100.0), (1, 200.0), (0, 300.0), (1, 400.0), (1, 500.0)]
+    waiting = [asyncio.ensure_future(batcher.submit(req(x), meta=f"{lane}:{x:g}", lane=lane)) for lane, x in plan]
+    await settle()
+    stable.release()
+    results = await asyncio.gather(first, *waiting)
+    for (lane, x), result in zip(plan, results[1:]):
+        np.testing.assert_array_equal(result.outputs["y"], req(x)["x"] * (10 if lane == 0 else -1))
+    # one flush after the first: the stable lane got its two rows in queue order, the candidate its three
+    assert stable.rows() == [1, 2] and candidate.rows() == [3]
+    np.testing.assert_array_equal(candidate.calls[0]["x"], np.concatenate([req(x)["x"] for x in (200.0, 400.0, 500.0)]))
+    assert batches == {0: [(1, 1, True), (2, 2, True)], 1: [(3, 3, True)]}
+    await until(lambda: len(observed[0]) == 2 and len(observed[1]) == 1)
+    assert observed == {0: [["s0"], ["0:100", "0:300"]], 1: [["1:200", "1:400", "1:500"]]}
+
+
+async def test_a_failing_lane_fails_only_its_own_requests(batchers):
+    batcher, stable = batchers(held=True, max_queue_delay_us=100_000)
+    candidate = TimesModel(2.0, fail={0: RuntimeError("candidate broke")})
+    outcomes = []
+    lane = batcher.add_lane(Lane(candidate, on_batch=lambda rows, n, ns, ok: outcomes.append((rows, ok))))
+    first = asyncio.ensure_future(batcher.submit(req(0.0)))
+    await until(lambda: len(stable.calls) == 1)
+    mine = asyncio.ensure_future(batcher.submit(req(1.0)))
+    theirs = asyncio.ensure_future(batcher.submit(req(2.0), lane=lane))
+    await settle()
+    stable.release()
+    await first
+    np.testing.assert_array_equal((await mine).outputs["y"], req(1.0)["x"] * 10)
+    with pytest.raises(BackendError, match="m:1 failed: RuntimeError: candidate broke"):
+        await theirs
+    await until(lambda: outcomes)
+    assert outcomes == [(1, False)]
+
+
+async def test_execute_lanes_runs_a_mixed_batch_in_one_call_and_answers_each_lane_as_it_finishes(batchers):
+    batcher, stable = batchers(held=True, max_queue_delay_us=100_000)
+    candidate = TimesModel(3.0)
+    lane = batcher.add_lane(Lane(candidate))
+    calls, last_lane = [], asyncio.Event()
+
+    async def execute_lanes(batches, done):
+        calls.append([(index, len(inputs["x"])) for index, inputs in batches])
+        done(0, await batcher.lanes[batches[0][0]].execute(batches[0][1]))
+        await last_lane.wait()  # the candidate is slow: the stable lane's answers must not wait for it
+        done(1, await batcher.lanes[batches[1][0]].execute(batches[1][1]))
+
+    batcher.execute_lanes = execute_lanes
+    first = asyncio.ensure_future(batcher.submit(req(0.0)))
+    await until(lambda: len(stable.calls) == 1)
+    mine = asyncio.ensure_future(batcher.submit(req(1.0, rows=2), rows=2))
+    theirs = asyncio.ensure_future(batcher.submit(req(2.0), lane=lane))
+    await settle()
+    stable.release()
+    np.testing.assert_array_equal((await mine).outputs["y"], req(1.0, rows=2)["x"] * 10)
+    assert not theirs.done() and calls == [[(0, 2), (1, 1)]]
+    last_lane.set()
+    np.testing.assert_array_equal((await theirs).outputs["y"], req(2.0)["x"] * 3)
+    await first
+
+
+async def test_each_lane_preprocesses_its_rows_with_its_own_statistics(batchers):
+    from serving.preprocess import Standardize
+
+    stable_model, candidate_model = FakeModel(held=True), FakeModel()
+    batcher = Batcher("m:1", stable_model, BatcherConfig(max_batch_size=8, max_queue_delay_us=100_000), None,
+                      Standardize("x", np.zeros(3), np.ones(3), 100.0))
+    lane = batcher.add_lane(Lane(candidate_model, Standardize("x", np.full(3, 1.0), np.full(3, 2.0), 100.0)))
+    try:
+        first = asyncio.ensure_future(batcher.submit(req(0.0)))
+        await until(lambda: len(stable_model.calls) == 1)
+        mine = asyncio.ensure_future(batcher.submit(req(5.0)))
+        theirs = asyncio.ensure_future(batcher.submit(req(5.0), lane=lane))
+        await settle()
+        stable_model.release()
+        await first
+        np.testing.assert_allclose((await mine).outputs["y"], req(5.0)["x"] * 10)
+        np.testing.assert_allclose((await theirs).outputs["y"], (req(5.0)["x"] - 1.0) / 2.0 * 10)
+    finally:
+        stable_model.release()
+        await batcher.close(drain_timeout_s=1.0)

@@ -276,3 +276,77 @@ async def test_the_service_switches_its_default_version_and_drains_the_old_batch
     finally:
         await service.close()
         await runner.close()
+
+
+def _keyed_body(key: str) -> bytes:
+    return json.dumps({"parameters": {"routing_key": key},
+                       "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": X[:1].ravel().tolist()}]}).encode()
+
+
+async def test_a_canary_runs_stable_and_candidate_on_one_queue_in_one_hop_and_each_answers_its_own(
+        repo, monkeypatch):
+    from serving.backends.torchscript import TorchScriptBackend
+    from serving.rollout.routing import to_candidate
+    from serving.rollout.state import Route
+
+    hops = []
+    run_many = TorchScriptBackend.run_many
+
+    async def counted(batches):
+        hops.append([b.version for b, _ in batches])
+        return await run_many(batches)
+
+    monkeypatch.setattr(TorchScriptBackend, "run_many", staticmethod(counted))
+    monkeypatch.setattr("serving.workers._ONE_HOP_MAX_S", 1.0)  # however long a first call takes here
+    publish(repo, 1, cfg=config(latest=2, max_batch_size=8))
+    publish(repo, 2)
+    runner = await ModelRunner.load(repo.root_uri, MODEL)
+    spec, cfg = repo.load_config(MODEL)
+    service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, ServingOptions(repository=repo.root_uri))
+    try:
+        await service.refresh()
+        assert service.apply_route(MODEL, Route(stable=1, candidate=2, weight=0.5, epoch=1))
+        keys = [f"user-{i}" for i in range(64)]
+        answers_ = [json.loads(body) for body, *_ in await asyncio.gather(
+            *(service.infer(MODEL, None, _keyed_body(k), None) for k in keys))]
+        for key, answer in zip(keys, answers_):  # each key on its side, computed by that version
+            version = 2 if to_candidate(key, 0.5) else 1
+            assert answer["model_version"] == str(version), key
+            assert answer["outputs"][0]["data"][0] == version * (X[0, 0] + X[0, 2])
+        assert {2 if to_candidate(k, 0.5) else 1 for k in keys} == {1, 2}
+        (pair, joint), = service._joint.values()
+        assert pair == (1, 2) and len(joint.lanes) == 2
+        assert [1, 2] in hops  # a batch holding both versions' rows went to the model thread once
+        # the canary ends: its queue is drained and closed, requests go to the stable version's own batcher again
+        assert service.apply_route(MODEL, Route(stable=1, epoch=2))
+        answer = json.loads((await service.infer(MODEL, None, _keyed_body(keys[0]), None))[0])
+        assert answer["model_version"] == "1" and not service._joint
+        await asyncio.sleep(0.05)
+        assert joint._closed
+    finally:
+        await service.close()
+        await runner.close()
+
+
+async def test_a_slow_candidate_runs_beside_stable_and_never_holds_its_answers(repo):
+    publish(repo, 1, cfg=config(latest=2))
+    publish(repo, 2, work=300)  # about 100 ms a batch here
+    runner = await ModelRunner.load(repo.root_uri, MODEL)
+    try:
+        assert runner.versions.backends[2].run_s > 100e-6 >= 0.0  # too slow for one hop
+        done_at = {}
+        loop = asyncio.get_running_loop()
+
+        def done(i, outputs):
+            done_at[i] = (loop.time(), outputs)
+
+        await runner.infer_many([(1, {"x": X}), (2, {"x": X})], done)
+        assert answers(done_at[0][1]) == 1.0 and answers(done_at[1][1]) == 2.0
+        assert done_at[0][0] < done_at[1][0]  # stable's answers came first, not with the candidate's
+        # a version not loaded is that lane's error, not the other's
+        done_at.clear()
+        await runner.infer_many([(1, {"x": X}), (7, {"x": X})], done)
+        assert answers(done_at[0][1]) == 1.0 and isinstance(done_at[1][1], ModelNotFound)
+    finally:
+        await runner.close()

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import time
 
-from serving.batching import Batcher, Lane
+from serving.batching import Batcher
 from serving.errors import DeadlineExceeded, FleetError
 from serving.monitoring.observe import answered_by_fallback
 from serving.rollout.routing import routing_key, to_candidate

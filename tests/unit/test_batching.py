@@ -541,6 +541,19 @@ class TimesModel(FakeModel):
         return {"y": out["y"] / 10 * self.factor}
 
 
+async def behind_one(batcher: Batcher, stable: FakeModel, *requests: tuple[dict, int]) -> list:
+    """Queue `requests` ((inputs, lane) each, meta "<lane>:<first value>") behind a first batch (meta "first")
+    the held `stable` model runs, so they share the next flush; let it go and return their futures."""
+    first = asyncio.ensure_future(batcher.submit(req(0.0), meta="first"))
+    await until(lambda: len(stable.calls) == 1)
+    futures = [asyncio.ensure_future(batcher.submit(x, rows=len(x["x"]), meta=f"{lane}:{x['x'].flat[0]:g}",
+                                                    lane=lane)) for x, lane in requests]
+    await settle()
+    stable.release()
+    await first
+    return futures
+
+
 async def test_two_lanes_share_the_batches_and_each_runs_only_its_own_rows(batchers):
     batcher, stable = batchers(held=True, max_queue_delay_us=100_000)
     candidate = TimesModel(-1.0)
@@ -551,21 +564,16 @@ async def test_two_lanes_share_the_batches_and_each_runs_only_its_own_rows(batch
     lane = batcher.add_lane(Lane(candidate, None, lambda b, *a: observed[1].append([p.meta for p in b]),
                                  lambda rows, n, ns, ok: batches[1].append((rows, n, ok))))
     assert lane == 1
-    first = asyncio.ensure_future(batcher.submit(req(0.0), meta="s0"))  # runs alone, held: the rest queue
-    await until(lambda: len(stable.calls) == 1)
     plan = [(0, 100.0), (1, 200.0), (0, 300.0), (1, 400.0), (1, 500.0)]
-    waiting = [asyncio.ensure_future(batcher.submit(req(x), meta=f"{lane}:{x:g}", lane=lane)) for lane, x in plan]
-    await settle()
-    stable.release()
-    results = await asyncio.gather(first, *waiting)
-    for (lane, x), result in zip(plan, results[1:]):
+    results = await asyncio.gather(*await behind_one(batcher, stable, *[(req(x), lane) for lane, x in plan]))
+    for (lane, x), result in zip(plan, results):
         np.testing.assert_array_equal(result.outputs["y"], req(x)["x"] * (10 if lane == 0 else -1))
     # one flush after the first: the stable lane got its two rows in queue order, the candidate its three
     assert stable.rows() == [1, 2] and candidate.rows() == [3]
     np.testing.assert_array_equal(candidate.calls[0]["x"], np.concatenate([req(x)["x"] for x in (200.0, 400.0, 500.0)]))
     assert batches == {0: [(1, 1, True), (2, 2, True)], 1: [(3, 3, True)]}
     await until(lambda: len(observed[0]) == 2 and len(observed[1]) == 1)
-    assert observed == {0: [["s0"], ["0:100", "0:300"]], 1: [["1:200", "1:400", "1:500"]]}
+    assert observed == {0: [["first"], ["0:100", "0:300"]], 1: [["1:200", "1:400", "1:500"]]}
 
 
 async def test_a_failing_lane_fails_only_its_own_requests(batchers):
@@ -573,13 +581,7 @@ async def test_a_failing_lane_fails_only_its_own_requests(batchers):
     candidate = TimesModel(2.0, fail={0: RuntimeError("candidate broke")})
     outcomes = []
     lane = batcher.add_lane(Lane(candidate, on_batch=lambda rows, n, ns, ok: outcomes.append((rows, ok))))
-    first = asyncio.ensure_future(batcher.submit(req(0.0)))
-    await until(lambda: len(stable.calls) == 1)
-    mine = asyncio.ensure_future(batcher.submit(req(1.0)))
-    theirs = asyncio.ensure_future(batcher.submit(req(2.0), lane=lane))
-    await settle()
-    stable.release()
-    await first
+    mine, theirs = await behind_one(batcher, stable, (req(1.0), 0), (req(2.0), lane))
     np.testing.assert_array_equal((await mine).outputs["y"], req(1.0)["x"] * 10)
     with pytest.raises(BackendError, match="m:1 failed: RuntimeError: candidate broke"):
         await theirs
@@ -600,17 +602,11 @@ async def test_execute_lanes_runs_a_mixed_batch_in_one_call_and_answers_each_lan
         done(1, await batcher.lanes[batches[1][0]].execute(batches[1][1]))
 
     batcher.execute_lanes = execute_lanes
-    first = asyncio.ensure_future(batcher.submit(req(0.0)))
-    await until(lambda: len(stable.calls) == 1)
-    mine = asyncio.ensure_future(batcher.submit(req(1.0, rows=2), rows=2))
-    theirs = asyncio.ensure_future(batcher.submit(req(2.0), lane=lane))
-    await settle()
-    stable.release()
+    mine, theirs = await behind_one(batcher, stable, (req(1.0, rows=2), 0), (req(2.0), lane))
     np.testing.assert_array_equal((await mine).outputs["y"], req(1.0, rows=2)["x"] * 10)
     assert not theirs.done() and calls == [[(0, 2), (1, 1)]]
     last_lane.set()
     np.testing.assert_array_equal((await theirs).outputs["y"], req(2.0)["x"] * 3)
-    await first
 
 
 async def test_each_lane_preprocesses_its_rows_with_its_own_statistics(batchers):
@@ -621,13 +617,7 @@ async def test_each_lane_preprocesses_its_rows_with_its_own_statistics(batchers)
                       Standardize("x", np.zeros(3), np.ones(3), 100.0))
     lane = batcher.add_lane(Lane(candidate_model, Standardize("x", np.full(3, 1.0), np.full(3, 2.0), 100.0)))
     try:
-        first = asyncio.ensure_future(batcher.submit(req(0.0)))
-        await until(lambda: len(stable_model.calls) == 1)
-        mine = asyncio.ensure_future(batcher.submit(req(5.0)))
-        theirs = asyncio.ensure_future(batcher.submit(req(5.0), lane=lane))
-        await settle()
-        stable_model.release()
-        await first
+        mine, theirs = await behind_one(batcher, stable_model, (req(5.0), 0), (req(5.0), lane))
         np.testing.assert_allclose((await mine).outputs["y"], req(5.0)["x"] * 10)
         np.testing.assert_allclose((await theirs).outputs["y"], (req(5.0)["x"] - 1.0) / 2.0 * 10)
     finally:

@@ -1,7 +1,9 @@
 """The probes `benchmarks.rollout_trials` runs alone on the cluster before its trials.
 
 - `routing_probe`: peak throughput (wrk, closed loop) of one model with no rollout and with a
-  rollout at 50 % to an identical copy, ABAB: what canary routing costs.
+  rollout at 5 or 50 % to an identical copy, ABAB: what canary routing costs. On the small fraud
+  model, where a model execution's fixed cost outweighs its rows', and on `wide_model_file`'s,
+  where the rows cost most.
 - `shadow_probe`: client latency at a fixed open-loop rate with no rollout and while every request
   is copied to an identical candidate (shadow share 1.0), ABBA: what shadowing adds to the stable path.
 - `leak_probe`: wrk at peak on a model in shadow mode until N answers, each answer's
@@ -22,7 +24,22 @@ import orjson
 
 from benchmarks.rollout_live import Stream, rows_per_batch, version_counts
 
-__all__ = ["routing_probe", "shadow_probe", "leak_probe", "warm_version"]
+__all__ = ["routing_probe", "shadow_probe", "leak_probe", "warm_version", "wide_model_file"]
+
+
+def wide_model_file(features: int, width: int = 1024, seed: int = 0) -> bytes:
+    """TorchScript of a fraud-shaped model (`features` in, a probability out) whose compute grows with its rows:
+    two hidden layers of `width` (about a million multiply-adds a row at 1024)."""
+    import io
+
+    import torch
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(features, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                              torch.nn.ReLU(), torch.nn.Linear(width, 1), torch.nn.Sigmoid()).eval()
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(net), buf)
+    return buf.getvalue()
 
 
 # -- ---------------------------------------------------------------------------
@@ -68,9 +85,9 @@ async def warm_version(ctx: dict, model: str, version: int, max_rows: int = 32, 
 
 
 async def routing_probe(ctx: dict, model: str, weight: float, rounds: int, runs: int, seconds: float, log=print,
-                        attempts: int = 3) -> dict:
+                        attempts: int = 3, file: bytes | None = None) -> dict:
     """Peak throughput of `model` with no rollout and with a rollout at `weight` (its first stage, which never
-    passes) to an identical copy (ABAB). The candidate is warmed by its URL before wrk starts; a rollout the judge
+    passes) to an identical copy (ABAB) of `file` (default: ctx["file"], fraud version 1). The candidate is warmed by its URL before wrk starts; a rollout the judge
     ends during the runs (a false rollback: the copy is identical) is recorded, its runs dropped, and a new copy
     published (at most `attempts` a round)."""
     from benchmarks.bodies import request_bodies
@@ -87,7 +104,7 @@ async def routing_probe(ctx: dict, model: str, weight: float, rounds: int, runs:
         out["rows_per_batch"]["idle"].append(rows_per_batch(m_idle, await admin.metrics(), model))
         busy = None
         for _ in range(attempts):
-            version = await asyncio.to_thread(repo.publish, model, {"model.pt": ctx["file"]},
+            version = await asyncio.to_thread(repo.publish, model, {"model.pt": file or ctx["file"]},
                                               {**ctx["metadata"], "gate": "accepted", "note": "routing probe"})
             await admin.wait(model, lambda s: s.get("candidate") == version and s["status"] == "canary", 60,
                              "the canary")

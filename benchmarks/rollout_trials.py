@@ -20,11 +20,13 @@ fraud version 1 (`training.bootstrap`) and copies of it under other names, made 
   canary; the benchmark polls `GET /rollout` until the rollout ends. Trials of a lane run one
   after the other, each a rollout of its own (fresh judge, own rollout id), against version 1
   as stable (fault lanes) or an identical copy (A/A lanes, after each promotion);
-- `fraud_route5` and `fraud_route50`: stages 5 or 50, 100 % (never passing; only the errors gate,
+- `fraud_route5`, `fraud_route50` and `fraud_wide50`: stages 5 or 50, 100 % (never passing; only the errors gate,
   so the judge does not end a probe for the latency of saturation): peak throughput by wrk (closed loop, 64
   connections, a one-row JSON body without id, so the split is by a fresh request id) with no
   rollout and with a rollout at 5 % (or 50 %) to an identical candidate, ABAB, before the trials, with
-  the rows per model execution of each phase (from `/metrics`);
+  the rows per model execution of each phase (from `/metrics`). `fraud_wide50` serves a model whose rows cost
+  more than its executions (`rollout_probes.wide_model_file`: two hidden layers of 1,024, with fraud's
+  inputs and preprocessing), so the cost of splitting the traffic shows apart from a small model's;
 - `fraud_shadow`: `fleet.rollout: shadow` (share 1.0, never passing): client latency at a fixed
   open-loop rate with no rollout and while every request is copied to an identical candidate,
   ABBA, and every answer's `model_version` checked against the stable version's. Then wrk at
@@ -71,7 +73,7 @@ import torch
 
 from benchmarks.live_cluster import metric_sum, start_cluster
 from benchmarks.rollout_live import Admin, Stream, mean_latency, request_rows, version_counts
-from benchmarks.rollout_probes import leak_probe, routing_probe, shadow_probe
+from benchmarks.rollout_probes import leak_probe, routing_probe, shadow_probe, wide_model_file
 from benchmarks.report import git_sha, machine
 from benchmarks.rollout_trials_report import goals, markdown, plot_delays, summarise
 
@@ -81,6 +83,7 @@ RESULTS = Path("benchmarks/results/rollout_trials")
 BASE = "fraud"
 NEVER = 10**9  # min_stage_requests of a lane whose stage must never pass
 FAULT_STAGES = "5,100"
+WIDE = "fraud_wide50"  # the routing probe's compute-bound model (`wide_model_file`), at 50 %
 AA_MAX_S = 600.0  # an A/A rollout not decided by then is aborted (held)
 
 
@@ -141,15 +144,17 @@ def build_repository(folder: Path, seed: int, aa_lanes: int, fault_lanes: int, l
                           "fleet.rollout.gates": "errors"},
               "shadow": {"fleet.rollout": "shadow", "fleet.rollout.shadow_share": "1.0",
                          "fleet.rollout.min_stage_requests": str(NEVER)}}
-    for name, kind in {**lanes, "fraud_route5": "route5", "fraud_route50": "route50", "fraud_shadow": "shadow"}.items():
+    wide_file = wide_model_file(len(metadata["feature_names"]), seed=seed)
+    probes = {"fraud_route5": "route5", "fraud_route50": "route50", WIDE: "route50", "fraud_shadow": "shadow"}
+    for name, kind in {**lanes, **probes}.items():
         config = repo.config_proto(BASE)
         config.name = name
         for key, value in params[kind].items():
             config.parameters[key].string_value = value
-        repo.publish(name, {"model.pt": model_file}, {**metadata, "note": f"fraud, rollout trials ({kind})"},
-                     config=config)
-    log(f"rollout trials: repository with {', '.join(sorted(lanes))}, fraud_route5, fraud_route50, fraud_shadow")
-    return {"repo": repo, "lanes": lanes, "file": model_file, "metadata": metadata}
+        repo.publish(name, {"model.pt": wide_file if name == WIDE else model_file},
+                     {**metadata, "note": f"fraud, rollout trials ({kind})"}, config=config)
+    log(f"rollout trials: repository with {', '.join(sorted(lanes))}, {', '.join(probes)}")
+    return {"repo": repo, "lanes": lanes, "file": model_file, "wide_file": wide_file, "metadata": metadata}
 
 
 def candidate_file(model_file: bytes, t: TrialType, slow_iterations: int | None) -> bytes:
@@ -350,8 +355,9 @@ async def _run(args, log=print) -> dict:
         if args.routing_rounds:
             log("rollout trials: canary routing cost (wrk) ...")
             report["routing"] = [await routing_probe(ctx, model, weight, args.routing_rounds, args.wrk_runs, args.wrk_s,
-                                                     log) for model, weight in (("fraud_route5", 0.05),
-                                                                                ("fraud_route50", 0.5))]
+                                                     log, file=file)
+                                 for model, weight, file in (("fraud_route5", 0.05, None), ("fraud_route50", 0.5, None),
+                                                             (WIDE, 0.5, built["wide_file"]))]
         if args.shadow_s:
             log("rollout trials: shadow overhead ...")
             report["shadow"] = await shadow_probe(ctx, args.shadow_rate, args.shadow_s, args.shadow_rounds, log)

@@ -126,7 +126,8 @@ def goals(report: dict) -> list[dict]:
                      f"of {requests:,} requests"))
     for routing in _routings(report):
         if routing.get("loss") is not None:
-            out.append(_goal(f"canary routing: peak throughput lost with a rollout at {100 * routing['weight']:g} %",
+            out.append(_goal(f"canary routing: peak throughput lost with a rollout at {100 * routing['weight']:g} % "
+                             f"({routing.get('model', 'fraud')})",
                              routing["loss"], ROUTING_GOAL, routing["loss"] <= ROUTING_GOAL, "share"))
     shadow = report.get("shadow") or {}
     if shadow.get("p99_increase") is not None:
@@ -205,8 +206,8 @@ def markdown(report: dict) -> str:
                      f"{_num(aa.get('promote_s_p95'))} / {_num(aa.get('promote_s_max'))} | "
                      f"{aa.get('promoted_within_goal', 0)} | {gates} | {aa['client_errors']} |")
     for routing in _routings(report):
-        lines += ["", f"Canary routing cost at {100 * routing['weight']:g} % (wrk, closed loop, 64 connections, one-row "
-                  "JSON, ABAB on one model):", "", "| | runs (req/s) | median |", "|---|---|---:|"]
+        lines += ["", f"Canary routing cost at {100 * routing['weight']:g} % on {routing.get('model', 'fraud')} (wrk, "
+                  "closed loop, 64 connections, one-row JSON, ABAB):", "", "| | runs (req/s) | median |", "|---|---|---:|"]
         for phase in ("idle", "rollout"):
             runs = routing.get(phase) or []
             lines.append(f"| {phase} | {', '.join(f'{r:,.0f}' for r in runs)} | "

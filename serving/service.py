@@ -52,7 +52,9 @@ EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_
 
 
 class WorkerClient(Protocol):
-    """How the ingress reaches a model's worker: one call per batch."""
+    """How the ingress reaches a model's worker: one call per batch. A client may also offer
+    `infer_many(batches, done)` (`serving.workers.ModelRunner.infer_many`): a canary's batch holding
+    several versions' rows in one call."""
 
     async def infer(self, version: int, inputs: dict) -> dict: ...
 

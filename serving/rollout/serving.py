@@ -100,7 +100,11 @@ class RolloutRouting:
             return None
         if joint is None:
             stable, candidate = self._batcher(state, pair[0]), self._batcher(state, pair[1])
-            batcher = stable.sibling(f"{name}:{pair[0]}+{pair[1]}", stable.config)
+            # A batch carries an execution of each version: half as many batches in flight keep the model
+            # executions in flight where stable alone had them, and each version's batches as full.
+            inflight = max(1, stable.config.max_inflight_batches // 2)
+            config = dataclasses.replace(stable.config, max_inflight_batches=inflight)
+            batcher = stable.sibling(f"{name}:{pair[0]}+{pair[1]}", config)
             batcher.add_lane(candidate.lanes[0])
             runner = getattr(state.worker, "infer_many", None)
             if runner is not None and state.breaker is None:  # both lanes' rows in one call to the worker

@@ -16,6 +16,8 @@
 - `fleet.rollout.shadow_share`: in shadow mode, the share of requests copied to the candidate (1.0).
 - `fleet.rollout.labels`: `true` when labels come back through feedback: the accuracy gate
   then needs `min_stage_labels` (200) labelled candidate predictions per stage.
+- `fleet.rollout.latency_warmup_s`: the rollout's first seconds, not judged for latency (10): a
+  version's first seconds of traffic run its cold paths.
 - `fleet.rollout.baseline_requests`: stable's successes (and outputs) in the rollout that fix the
   latency thresholds and output groups the judge tests against (2000).
 - `fleet.rollout.gates`: the gates that decide, comma-separated among errors, latency, outputs,
@@ -51,6 +53,7 @@ class RolloutConfig:
     labels: bool = False
     min_stage_labels: int = 200
     baseline_requests: int = 2000
+    latency_warmup_s: float = 10.0
     gates: tuple[str, ...] = ()  # empty: the default for `labels` (see `decisive_gates`)
 
     @property
@@ -126,6 +129,7 @@ class RolloutConfig:
             labels=labels == "true",
             min_stage_labels=number("min_stage_labels", cls.min_stage_labels, 1, 10**9, integer=True),
             baseline_requests=number("baseline_requests", cls.baseline_requests, 1, 10**9, integer=True),
+            latency_warmup_s=number("latency_warmup_s", cls.latency_warmup_s, 0.0, 3600.0),
             gates=gates,
         )
 

@@ -52,7 +52,8 @@ def judge_settings(config: RolloutConfig) -> JudgeSettings:
                          min_stage_requests=config.min_stage_requests,
                          min_stage_labels=config.min_stage_labels, labels_expected=config.labels,
                          latency_baseline_requests=config.baseline_requests,
-                         outputs_baseline_scores=config.baseline_requests, gates=config.decisive_gates)
+                         outputs_baseline_scores=config.baseline_requests, gates=config.decisive_gates,
+                         latency_warmup_s=config.latency_warmup_s)
 
 
 class _Model:

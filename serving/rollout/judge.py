@@ -15,7 +15,10 @@ needs about 75 more of them at 6 % discordance for each halving of its share (be
 - `latency`: successes at or above three edges (the `LATENCY_EDGES_S` edges nearest stable's
   p50, p90, p99), one-sided, share = candidate successes / all successes. The edges are fixed
   from stable's first `latency_baseline_requests` successes of the rollout; testing starts at
-  the next tick, so the baseline is never tested against itself.
+  the next tick, so the baseline is never tested against itself. The first `latency_warmup_s`
+  seconds of ticks are not judged for latency (nor taken into the baseline): a version's first
+  seconds of traffic run its cold paths (new batch shapes, its log partition), and at a few
+  thousand canary requests a second they alone rolled an identical copy back.
 - `outputs`: the output histogram, two-sided per group of bins, share = candidate outputs / all.
   Groups are fixed from stable's first `outputs_baseline_scores` outputs: adjacent bins merged
   until a group holds `MIN_GROUP_SHARE` of stable's mass, the rare bins at the end a group of
@@ -64,6 +67,7 @@ class JudgeSettings:
     min_stage_labels: int = 200  # candidate labelled predictions, or shadow pairs, per stage
     latency_baseline_requests: int = 2000  # stable successes that fix the latency thresholds
     outputs_baseline_scores: int = 2000  # stable outputs that fix the output groups
+    latency_warmup_s: float = 10.0  # the rollout's first seconds of ticks, not judged for latency
     labels_expected: bool = False
     gates: tuple[str, ...] = GATES
     accuracy_weight: float = 6.0  # the accuracy gate's share of false_rollback_rate against 1 for each other gate
@@ -76,6 +80,9 @@ class JudgeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        warmup = self.latency_warmup_s
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < math.inf:
+            raise ValueError(f"latency_warmup_s must be seconds >= 0, got {warmup!r}")
         weight = self.accuracy_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise ValueError(f"accuracy_weight must be a number > 0, got {weight!r}")
@@ -285,6 +292,12 @@ class _Latency(_Baselined):
     def __init__(self, alpha: float, baseline_n: int):
         super().__init__(alpha, baseline_n)
         self.edges: list[int] = []  # indices into LATENCY_EDGES_S: events are successes at or above that edge
+        self.warming_s = 0.0  # seconds of the rollout's warm-up left (the judge skips this gate's ticks until 0)
+
+    def waiting(self) -> str:
+        if self.warming_s > 0:
+            return f"the rollout's first seconds are not judged ({self.warming_s:.0f} s of warm-up left)"
+        return super().waiting()
 
     def histograms(self, s: _Side, c: _Side):
         return s.latency, c.latency
@@ -386,7 +399,7 @@ class Judge:
         self.gates = {name: makers[name]() for name in settings.active_gates}
         self.n_score_bins = n_score_bins
         self.stage = self.stage_requests = self.stage_ticks = self.ticks = 0
-        self.stage_age_s = 0.0
+        self.stage_age_s = self.age_s = 0.0
 
     def update(self, stable: dict, candidate: dict, paired: dict | None = None, *, elapsed_s: float = 1.0) -> Verdict:
         """One tick: each version's counts since the last tick (keys optional, missing = 0),
@@ -404,7 +417,12 @@ class Judge:
                 if "outputs" in self.gates:
                     self.gates["outputs"].size = self.n_score_bins
         p = _parse_paired(paired)
-        for gate in self.gates.values():
+        self.age_s += float(elapsed_s)
+        for name, gate in self.gates.items():
+            if name == "latency":
+                gate.warming_s = max(0.0, self.settings.latency_warmup_s - self.age_s)
+                if gate.warming_s > 0:
+                    continue
             gate.update(s, c, p)
         self.stage_requests += c.requests
         self.stage_ticks += 1
@@ -438,7 +456,7 @@ class Judge:
     def to_dict(self) -> dict:
         return {"settings": self.settings.to_dict(), "n_score_bins": self.n_score_bins, "stage": self.stage,
                 "stage_requests": self.stage_requests, "stage_ticks": self.stage_ticks,
-                "stage_age_s": self.stage_age_s, "ticks": self.ticks,
+                "stage_age_s": self.stage_age_s, "ticks": self.ticks, "age_s": self.age_s,
                 "gates": {name: gate.to_dict() for name, gate in self.gates.items()}}
 
     @classmethod
@@ -453,6 +471,7 @@ class Judge:
             judge.stage, judge.stage_requests = int(doc["stage"]), int(doc["stage_requests"])
             judge.stage_ticks, judge.ticks = int(doc["stage_ticks"]), int(doc["ticks"])
             judge.stage_age_s = float(doc["stage_age_s"])
+            judge.age_s = float(doc.get("age_s", doc["stage_age_s"]))  # (a state saved before warm-ups existed)
         except KeyError as exc:
             raise ValueError(f"a judge state needs the key {exc.args[0]!r}") from exc
         return judge

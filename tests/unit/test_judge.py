@@ -109,6 +109,25 @@ def test_each_regression_is_rolled_back_by_its_gate(traffic, gate):
     assert verdict.gates[gate]["statistic"] >= verdict.gates[gate]["threshold"] == pytest.approx(-math.log(share))
 
 
+def test_the_rollout_s_first_seconds_are_not_judged_for_latency_and_a_slow_candidate_is_rolled_back_after():
+    warm_up = JudgeSettings(gates=("errors", "latency"), latency_warmup_s=30.0)
+    cold = _Traffic(3, share=0.5, slow=True)  # half the traffic, every candidate request slow: decided in a tick
+    judge = Judge(warm_up)
+    for _ in range(29):
+        verdict = judge.update(*cold.tick()[:2])
+    assert verdict.decision == "hold" and verdict.gates["latency"]["state"] == "hold"
+    assert "not judged (1 s of warm-up left)" in verdict.gates["latency"]["reason"]
+    assert judge.gates["latency"].baseline is None  # nor counted into stable's baseline
+    resumed = Judge.from_dict(json.loads(json.dumps(judge.to_dict())))  # a restarted controller keeps the age
+    verdict, _, _ = _run(resumed, cold, 60)  # 20 ticks of stable baseline (2,000), then judged
+    assert verdict.decision == "rollback" and verdict.gates["latency"]["state"] == "reject"
+    assert resumed.age_s == float(resumed.ticks) and resumed.ticks > 30  # one second a tick, counted on
+    # with no warm-up the same traffic is rolled back as soon as the baseline is in
+    verdict, _, _ = _run(Judge(JudgeSettings(gates=("errors", "latency"), latency_warmup_s=0)),
+                         _Traffic(3, share=0.5, slow=True), 30)
+    assert verdict.decision == "rollback"
+
+
 def test_missing_data_holds_and_says_why():
     judge = Judge(JudgeSettings(labels_expected=True))
     verdict = judge.update({}, {})
@@ -194,6 +213,7 @@ def test_settings_round_trip_and_bonferroni_split():
                                           ("min_stage_requests", 0), ("min_stage_labels", 2.5),
                                           ("labels_expected", "yes"), ("gates", ("errors", "speed")),
                                           ("accuracy_weight", 0), ("accuracy_weight", float("inf")),
+                                          ("latency_warmup_s", -1.0),
                                           ("gates", ())])
 def test_bad_settings_are_refused_naming_the_value(field, value):
     with pytest.raises(ValueError, match=field):

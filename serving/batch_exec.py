@@ -22,7 +22,7 @@ from serving.errors import BackendError, FleetError, InvalidInput, ModelUnavaila
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
 
-__all__ = ["BatchExecution", "BatchResult", "Lane", "batch_deadline_ns"]
+__all__ = ["BatchExecution", "BatchResult", "Lane", "batch_deadline_ns", "side_by_side"]
 
 _log = logging.getLogger("fleet.batching")
 
@@ -155,15 +155,7 @@ class BatchExecution:
         elif self.execute_lanes is not None:
             await self.execute_lanes([(index, inputs) for index, _, inputs in ready], done)
         else:
-            async def one(i: int, execute: Execute, inputs: dict) -> None:
-                try:
-                    outputs = await execute(inputs)
-                except Exception as exc:  # noqa: BLE001 - the lane's own failure, answered to its requests
-                    outputs = exc
-                done(i, outputs)
-
-            await asyncio.gather(*(one(i, self.lanes[index].execute, inputs)
-                                   for i, (index, _, inputs) in enumerate(ready)))
+            await side_by_side([self.lanes[index].execute(inputs) for index, _, inputs in ready], done)
 
     async def _execute_batch(self, batch: list[_Pending], groups: list, sent_ns: int, idle_since_ns: int = 0) -> None:
         rows = sum(p.rows for p in batch)
@@ -258,6 +250,19 @@ class BatchExecution:
             _log.exception("model %s: observing a batch failed", self.name)
         finally:
             self._observing -= 1
+
+
+async def side_by_side(calls: list[Awaitable], done: Callable[[int, object], None]) -> None:
+    """Await `calls` concurrently; `done(i, outputs or the exception raised)` as each one finishes."""
+
+    async def one(i: int, call: Awaitable) -> None:
+        try:
+            outputs = await call
+        except Exception as exc:  # noqa: BLE001 - one call's failure is its own, handed to `done`
+            outputs = exc
+        done(i, outputs)
+
+    await asyncio.gather(*(one(i, call) for i, call in enumerate(calls)))
 
 
 def _fail(batch: list[_Pending], exc: BaseException, name: str) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Callable
 
+from serving.batch_exec import side_by_side
 from serving.errors import ModelNotFound, ModelUnavailable
 from serving.registry import ModelRepository
 from serving.versions import OnSwitch, ServedVersions
@@ -82,15 +83,7 @@ class ModelRunner:
             for i, outputs in enumerate(await run_many([(b, inputs) for b, (_, inputs) in zip(backends, batches)])):
                 done(i, outputs)
             return
-
-        async def one(i: int, version: int, inputs: dict) -> None:
-            try:
-                outputs = await self.infer(version, inputs)
-            except Exception as exc:  # noqa: BLE001 - one version's failure is its own
-                outputs = exc
-            done(i, outputs)
-
-        await asyncio.gather(*(one(i, version, inputs) for i, (version, inputs) in enumerate(batches)))
+        await side_by_side([self.infer(version, inputs) for version, inputs in batches], done)
 
     async def status(self) -> dict:
         """Served versions and backend details, for readiness, the ingress's routing and `fleet status`.

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--keep-audit", help="copy the data folder's audit records (decisions, every judge tick) here")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fleet-aa-peak-"))
     repo_dir = work / "repo"
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         cluster.stop()
+        if args.keep_audit:
+            shutil.copytree(work / "data" / "audit", args.keep_audit, dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

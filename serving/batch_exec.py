@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
@@ -22,7 +23,7 @@ from serving.errors import BackendError, FleetError, InvalidInput, ModelUnavaila
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
 
-__all__ = ["BatchExecution", "BatchResult", "Lane", "batch_deadline_ns", "side_by_side"]
+__all__ = ["BatchExecution", "BatchResult", "Done", "Lane", "batch_deadline_ns", "side_by_side"]
 
 _log = logging.getLogger("fleet.batching")
 
@@ -36,8 +37,10 @@ OnBatch = Callable[[int, int, int, bool], None]  # (rows, requests, compute_ns, 
 # After a batch's answers are set: (its requests, the model's inputs, its outputs, sent_ns, compute_ns).
 # The requests answered are those whose future holds a result; `_Pending.meta` is what `submit` was given.
 Observe = Callable[[list, dict, Mapping, int, int], None]
-# Several lanes' inputs in one call: [(lane, inputs)] -> each lane's outputs, or the exception it raised.
-ExecuteLanes = Callable[[list[tuple[int, dict]]], Awaitable[list]]
+# Lanes that finished together: [(i, outputs or the exception raised)], i indexing the lanes handed over.
+Done = Callable[[list[tuple[int, object]]], None]
+# Several lanes' inputs in one call, `Done` called as lanes finish: [(lane, inputs)], done -> None.
+ExecuteLanes = Callable[[list[tuple[int, dict]], Done], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,12 @@ class BatchExecution:
             ready.append((index, part, inputs))
         return ready
 
-    async def _run_lanes(self, ready: list, done) -> None:
-        """Run each lane's rows; `done(i, outputs or the exception raised)` as each lane finishes (so one lane's
+    async def _run_lanes(self, ready: list, done: Done) -> None:
+        """Run each lane's rows; `done([(i, outputs or the exception raised)])` as lanes finish (so one lane's
         requests never wait for another's). With one lane its exception is raised instead."""
         if len(ready) == 1:
             index, _, inputs = ready[0]
-            done(0, await self.lanes[index].execute(inputs))
+            done([(0, await self.lanes[index].execute(inputs))])
         elif self.execute_lanes is not None:
             await self.execute_lanes([(index, inputs) for index, _, inputs in ready], done)
         else:
@@ -161,23 +164,37 @@ class BatchExecution:
         rows = sum(p.rows for p in batch)
         ready: list = []
         ok: set[int] = set()  # lanes answered
+        computed: dict[int, int] = {}  # lane -> ns from the batch's start to its outputs
         start = time.monotonic_ns()
 
-        def done(i: int, outputs) -> None:
-            index, part, inputs = ready[i]
-            if isinstance(outputs, BaseException):
-                if len(ready) == 1:
-                    raise outputs
-                _fail(part, outputs, self.name)
-                return
-            try:
-                self._answer(index, part, inputs, outputs, sent_ns, start, idle_since_ns)
-            except BackendError as exc:
-                if len(ready) == 1:
-                    raise
-                _fail(part, exc, self.name)
-                return
-            ok.add(index)
+        def done(results: list) -> None:
+            answered = []  # (request, its result) of every lane finished now
+            for i, outputs in results:
+                index, part, inputs = ready[i]
+                if isinstance(outputs, BaseException):
+                    if len(ready) == 1:
+                        raise outputs
+                    _fail(part, outputs, self.name)
+                    continue
+                computed[index] = time.monotonic_ns() - start
+                try:
+                    answered += self._answers(part, outputs, sent_ns, computed[index])
+                except BackendError as exc:
+                    if len(ready) == 1:
+                        raise
+                    _fail(part, exc, self.name)
+                    continue
+                ok.add(index)
+            if len(results) > 1:
+                # Lanes that finished together are answered in queue order, not lane after lane: the
+                # candidate's requests resume no later than the stable ones beside them (their latency
+                # is the judge's evidence).
+                answered.sort(key=lambda pair: pair[0].enqueued_ns)
+            self._set(answered, sent_ns, idle_since_ns)
+            for i, outputs in results:
+                index, part, inputs = ready[i]
+                if index in ok:
+                    self._observe_later(index, part, inputs, outputs, sent_ns, computed[index])
 
         try:
             ready = await self._prepare(groups)
@@ -212,11 +229,9 @@ class BatchExecution:
                 if on_batch is not None:
                     on_batch(sum(p.rows for p in part), len(part), elapsed, index in ok)
 
-    def _answer(self, index: int, part: list[_Pending], inputs: dict, outputs: Mapping[str, np.ndarray],
-                sent_ns: int, start_ns: int, idle_since_ns: int) -> None:
-        """Answer one lane's requests from its outputs (BackendError if their shape does not fit), then observe."""
-        done_ns = time.monotonic_ns()
-        compute_ns = done_ns - start_ns
+    def _answers(self, part: list[_Pending], outputs: Mapping[str, np.ndarray], sent_ns: int,
+                 compute_ns: int) -> list:
+        """[(request, its result)] of one lane's requests from its outputs (BackendError if their shape does not fit)."""
         rows = sum(p.rows for p in part)
         batching = bool(self.config.max_batch_size)
         if batching:
@@ -224,7 +239,7 @@ class BatchExecution:
                 if arr.ndim == 0 or arr.shape[0] != rows:
                     raise BackendError(f"model {self.name} returned {name!r} with shape {list(arr.shape)} "
                                        f"for a batch of {rows} rows")
-        adaptive = self.adaptive
+        answered = []
         offset = 0
         for p in part:
             if batching and len(part) > 1:
@@ -232,14 +247,26 @@ class BatchExecution:
             else:
                 answer = dict(outputs)
             offset += p.rows
+            answered.append((p, BatchResult(answer, sent_ns - p.enqueued_ns, compute_ns, rows)))
+        return answered
+
+    def _set(self, answered: list, sent_ns: int, idle_since_ns: int) -> None:
+        """Set the results in the order given; the adaptive policy learns each request's latency."""
+        done_ns = time.monotonic_ns()
+        adaptive = self.adaptive
+        for p, result in answered:
             if not p.future.done():
-                p.future.set_result(BatchResult(answer, sent_ns - p.enqueued_ns, compute_ns, rows))
+                p.future.set_result(result)
             if adaptive is not None:
                 adaptive.on_latency(done_ns - p.enqueued_ns, max(0, sent_ns - max(p.enqueued_ns, idle_since_ns)))
+
+    def _observe_later(self, index: int, part: list[_Pending], inputs: dict, outputs: Mapping[str, np.ndarray],
+                       sent_ns: int, compute_ns: int) -> None:
+        """Observe a lane's answered requests after the answers, and after the next batch is on its way (the
+        finally of `_execute_batch` frees this slot first): the prediction log and the drift counts hold up
+        neither."""
         observe = self.lanes[index].observe
         if observe is not None:
-            # After the answers, and after the next batch is on its way (the finally of `_execute_batch` frees
-            # this slot first): the prediction log and the drift counts hold up neither.
             self._observing += 1
             asyncio.get_running_loop().call_soon(self._observe, observe, part, inputs, outputs, sent_ns, compute_ns)
 
@@ -252,17 +279,24 @@ class BatchExecution:
             self._observing -= 1
 
 
-async def side_by_side(calls: list[Awaitable], done: Callable[[int, object], None]) -> None:
-    """Await `calls` concurrently; `done(i, outputs or the exception raised)` as each one finishes."""
+async def side_by_side(calls: list[Awaitable], done: Done) -> None:
+    """Await `calls` concurrently; `done([(i, outputs or the exception raised)])` as each one finishes.
+
+    They start in a random order: the one started first tends to finish first, and which version's
+    requests are answered first must be chance, not the lane (an identical candidate started second
+    every time measured slower than stable at saturation, and the judge's latency gate read it).
+    """
 
     async def one(i: int, call: Awaitable) -> None:
         try:
             outputs = await call
         except Exception as exc:  # noqa: BLE001 - one call's failure is its own, handed to `done`
             outputs = exc
-        done(i, outputs)
+        done([(i, outputs)])
 
-    await asyncio.gather(*(one(i, call) for i, call in enumerate(calls)))
+    order = list(range(len(calls)))
+    random.shuffle(order)
+    await asyncio.gather(*(one(i, calls[i]) for i in order))
 
 
 def _fail(batch: list[_Pending], exc: BaseException, name: str) -> None:

@@ -165,6 +165,12 @@ class Batcher(BatchExecution):
         first dimension is `rows`. Cancelling the caller withdraws the request.
         `meta` travels with the request to `observe` (None: not observed); `lane` says which lane runs it.
         """
+        return await self.enqueue(inputs, rows, timeout_us=timeout_us, meta=meta, lane=lane)
+
+    def enqueue(self, inputs: Arrays, rows: int = 1, *, timeout_us: int | None = None, meta=None,
+                lane: int = 0) -> asyncio.Future:
+        """`submit` without waiting: the future of the request's `BatchResult` (cancelling it withdraws the
+        request). For a caller that wants no task of its own per request (shadow copies)."""
         self.admit()
         cfg = self.config
         if cfg.max_batch_size and not 1 <= rows <= cfg.max_batch_size:
@@ -195,7 +201,7 @@ class Batcher(BatchExecution):
                 self._ensure_loop()
             elif wake:
                 self._wake.set()
-        return await pending.future
+        return pending.future
 
     async def close(self, *, drain_timeout_s: float = 0.0) -> None:
         """Stop taking requests; let queued ones finish for up to `drain_timeout_s`, fail the rest."""

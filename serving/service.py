@@ -123,7 +123,6 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
         self._shadow_inflight: dict[str, int] = {}  # shadow copies in flight per model (serving/rollout/serving.py)
         self._shadow_batchers: dict[tuple[str, int], Batcher] = {}
         self._joint: dict[str, tuple[tuple[int, int], Batcher]] = {}  # a canary's stable and candidate, one queue
-        self._shadow_tasks: set[asyncio.Task] = set()
         self.on_candidate_error: Callable[[], None] | None = None  # the replica pushes early: a fast rollback
 
     def _preprocessor(self, state: ModelState, version: int) -> Preprocessor | None:

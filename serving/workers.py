@@ -16,9 +16,8 @@ import asyncio
 import gc
 import logging
 import os
-from typing import Callable
 
-from serving.batch_exec import side_by_side
+from serving.batch_exec import Done, side_by_side
 from serving.errors import ModelNotFound, ModelUnavailable
 from serving.registry import ModelRepository
 from serving.versions import OnSwitch, ServedVersions
@@ -67,9 +66,9 @@ class ModelRunner:
                                     f"served versions: {list(self.versions.served)}")
         return await backend.infer(inputs)
 
-    async def infer_many(self, batches: list[tuple[int, dict]], done: Callable[[int, object], None]) -> None:
-        """Batches of several versions (a canary's stable and candidate): `done(i, outputs or the exception raised)`
-        as each finishes.
+    async def infer_many(self, batches: list[tuple[int, dict]], done: Done) -> None:
+        """Batches of several versions (a canary's stable and candidate): `done([(i, outputs or the exception
+        raised)])` as they finish.
 
         Versions whose batches all take a few tens of microseconds (a small model, where handing a batch to its
         thread costs as much as running it) run in one hop to one thread, answered together: each waits for the
@@ -80,8 +79,7 @@ class ModelRunner:
         run_many = getattr(kind, "run_many", None)
         if (run_many is not None and all(type(b) is kind for b in backends)
                 and sum(b.run_s for b in backends) <= _ONE_HOP_MAX_S):
-            for i, outputs in enumerate(await run_many([(b, inputs) for b, (_, inputs) in zip(backends, batches)])):
-                done(i, outputs)
+            done(list(enumerate(await run_many([(b, inputs) for b, (_, inputs) in zip(backends, batches)]))))
             return
         await side_by_side([self.infer(version, inputs) for version, inputs in batches], done)
 
@@ -152,7 +150,7 @@ class LocalWorkerClient:
     async def infer(self, version: int, inputs: dict) -> dict:
         return await self.runner.infer(version, inputs)
 
-    async def infer_many(self, batches: list[tuple[int, dict]], done: Callable[[int, object], None]) -> None:
+    async def infer_many(self, batches: list[tuple[int, dict]], done: Done) -> None:
         await self.runner.infer_many(batches, done)
 
     async def status(self) -> dict:

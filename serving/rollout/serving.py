@@ -31,7 +31,6 @@ class RolloutRouting:
     """Routing by the model's `Route` (see the module docstring)."""
 
     _shadow_inflight: dict
-    _shadow_tasks: set
     _shadow_batchers: dict  # (model, version) -> the batcher of its shadow copies
     _joint: dict  # model -> ((stable, candidate), the batcher both run on) while the canary splits its traffic
 
@@ -137,7 +136,9 @@ class RolloutRouting:
         """Copy an answered (or failed: `stable_outputs` None) request to the candidate, after the client's answer.
 
         The client never waits for it or sees its answer; a candidate with `_SHADOW_MAX_INFLIGHT` copies
-        in flight in this replica gets no more (counted as shed), so a slow one cannot pile work up.
+        in flight in this replica gets no more (counted as shed), so a slow one cannot pile work up. A copy
+        is queued on the candidate's shadow batcher by a callback once this task step is over (the client's
+        answer is written first), and its answer paired with stable's by a callback: no task of its own.
         """
         name = state.spec.name
         inflight = self._shadow_inflight.get(name, 0)
@@ -148,10 +149,30 @@ class RolloutRouting:
         if meta is not None:  # logged under the candidate, answered_by "shadow of <stable>": a pair by request id
             meta = answered_by_fallback(meta, f"shadow of {route.stable}", None, None)
         output = state.spec.outputs[0].name
-        task = asyncio.get_running_loop().create_task(
-            self._shadow_call(state, route.candidate, checked, stable_outputs, meta, output))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
+        stable = None if stable_outputs is None else stable_outputs.get(output)
+        # Queued once this task step is over: the client's answer is written first.
+        asyncio.get_running_loop().call_soon(self._send_shadow, state, route.candidate, checked, stable, output, meta)
+
+    def _send_shadow(self, state, candidate: int, checked, stable, output: str, meta) -> None:
+        name = state.spec.name
+        try:
+            batcher = self._shadow_batcher(state, candidate)
+            pre = batcher.lanes[0].preprocess
+            if pre is not None:
+                pre.check(checked.inputs[pre.input_name])
+            future = batcher.enqueue(checked.inputs, checked.rows, timeout_us=_SHADOW_TIMEOUT_US, meta=meta)
+        except Exception:  # noqa: BLE001 - refused by the candidate: evidence against it, never the client's error
+            self._shadow_inflight[name] -= 1
+            self.evidence.shadow_pair(name, stable, None)
+            return
+        future.add_done_callback(lambda f: self._shadow_done(name, stable, output, f))
+
+    def _shadow_done(self, name: str, stable, output: str, future: asyncio.Future) -> None:
+        self._shadow_inflight[name] -= 1
+        answer = None
+        if not future.cancelled() and future.exception() is None:
+            answer = future.result().outputs.get(output)
+        self.evidence.shadow_pair(name, stable, answer)
 
     def _shadow_batcher(self, state, version: int) -> Batcher:
         key = (state.spec.name, version)
@@ -167,20 +188,6 @@ class RolloutRouting:
     def _drop_shadow_batcher(self, model: str, version: int) -> Batcher | None:
         """The version left this replica: its shadow batcher, to close (None if it had none)."""
         return self._shadow_batchers.pop((model, version), None)
-
-    async def _shadow_call(self, state, candidate: int, checked, stable_outputs, meta, output: str) -> None:
-        name = state.spec.name
-        try:
-            result = await self._submit_to(self._shadow_batcher(state, candidate), checked.inputs, checked.rows,
-                                           _SHADOW_TIMEOUT_US, meta)
-            answer = result.outputs.get(output)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the candidate's failure is evidence, never the client's error
-            answer = None
-        finally:
-            self._shadow_inflight[name] -= 1
-        self.evidence.shadow_pair(name, None if stable_outputs is None else stable_outputs.get(output), answer)
 
     async def _on_candidate(self, state, route: Route, number: int, checked, request, meta,
                             start: int) -> tuple:

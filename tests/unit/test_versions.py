@@ -329,6 +329,42 @@ async def test_a_canary_runs_stable_and_candidate_on_one_queue_in_one_hop_and_ea
         await runner.close()
 
 
+async def test_shadow_copies_are_answered_by_stable_compared_in_pairs_and_shed_past_the_in_flight_limit(
+        repo, monkeypatch):
+    from serving.rollout.state import Route
+
+    monkeypatch.setattr("serving.rollout.serving._SHADOW_MAX_INFLIGHT", 6)
+    publish(repo, 1, cfg=config(latest=2, max_batch_size=8))
+    publish(repo, 2)
+    runner = await ModelRunner.load(repo.root_uri, MODEL)
+    spec, cfg = repo.load_config(MODEL)
+    service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, ServingOptions(repository=repo.root_uri))
+    try:
+        await service.refresh()
+        assert service.apply_route(MODEL, Route(stable=1, candidate=2, weight=0.0, shadow_share=1.0, epoch=1))
+        bodies = [json.loads(body) for body, *_ in await asyncio.gather(
+            *(service.infer(MODEL, None, _keyed_body(f"user-{i}"), None) for i in range(20)))]
+        assert {b["model_version"] for b in bodies} == {"1"}  # the client only ever gets stable's answer
+        assert {b["outputs"][0]["data"][1] for b in bodies} == {X[0, 1] + X[0, 3]}
+        await until_true(lambda: not service._shadow_inflight.get(MODEL))
+        shadow = service.evidence.take()[MODEL]["shadow"]
+        # the copies past 6 in flight were shed, each other one compared with its stable answer:
+        # version 2 answers twice version 1's, so each row's top score moved by (x1 + x3) = 4, no decision did
+        assert shadow["shed"] == 14 and shadow["pairs"] == shadow["rows"] == 6
+        assert shadow["disagree"] == 0 and shadow["candidate_only_failed"] == 0
+        assert shadow["max_abs_diff"] == 4.0 and shadow["score_delta_sum"] == 6 * 4.0
+    finally:
+        await service.close()
+        await runner.close()
+
+
+async def until_true(check, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
 async def test_a_slow_candidate_runs_beside_stable_and_never_holds_its_answers(repo):
     publish(repo, 1, cfg=config(latest=2))
     publish(repo, 2, work=300)  # about 100 ms a batch here
@@ -340,8 +376,9 @@ async def test_a_slow_candidate_runs_beside_stable_and_never_holds_its_answers(r
         done_at = {}
         loop = asyncio.get_running_loop()
 
-        def done(i, outputs):
-            done_at[i] = (loop.time(), outputs)
+        def done(results):
+            for i, outputs in results:
+                done_at[i] = (loop.time(), outputs)
 
         await runner.infer_many([(1, {"x": X}), (2, {"x": X})], done)
         assert answers(done_at[0][1]) == 1.0 and answers(done_at[1][1]) == 2.0

@@ -23,7 +23,7 @@ from serving.errors import BackendError, FleetError, InvalidInput, ModelUnavaila
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
 
-__all__ = ["BatchExecution", "BatchResult", "Done", "Lane", "batch_deadline_ns", "side_by_side"]
+__all__ = ["BatchExecution", "BatchResult", "Done", "Lane", "TOGETHER_S", "batch_deadline_ns", "side_by_side"]
 
 _log = logging.getLogger("fleet.batching")
 
@@ -279,24 +279,58 @@ class BatchExecution:
             self._observing -= 1
 
 
-async def side_by_side(calls: list[Awaitable], done: Done) -> None:
-    """Await `calls` concurrently; `done([(i, outputs or the exception raised)])` as each one finishes.
+# Versions of a mixed batch run side by side that finish within this of the first are answered together, in
+# queue order: which lane a request is in must not decide when it is answered unless one version is really
+# slower (see `side_by_side`). As long as the one hop of serving.workers may hold the first version's answers.
+TOGETHER_S = 100e-6
 
-    They start in a random order: the one started first tends to finish first, and which version's
-    requests are answered first must be chance, not the lane (an identical candidate started second
-    every time measured slower than stable at saturation, and the judge's latency gate read it).
+
+async def side_by_side(calls: list[Awaitable], done: Done, together_s: float = TOGETHER_S) -> None:
+    """Await `calls` concurrently; `done([(i, outputs or the exception raised)])` as they finish, those that
+    finish within `together_s` of the first unreported one in the same call.
+
+    They start in a random order, and close finishers are reported together: which version's requests
+    are answered first must be chance, not the lane. Otherwise each batch's candidate requests are
+    answered all before or all after its stable ones, and at saturation (large batches, two threads
+    contending for the GIL) an identical candidate's latency differs from stable's batch by batch in
+    clusters the judge's latency test takes for independent requests: it rolled identical copies back.
+    A version slower by more than `together_s` is reported on its own: it never holds the other longer.
     """
+    loop = asyncio.get_running_loop()
+    held: list = []
+    remaining = len(calls)
+    timer: asyncio.TimerHandle | None = None
+
+    def report() -> None:
+        nonlocal timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        if held:
+            finished = held[:]
+            held.clear()
+            done(finished)
 
     async def one(i: int, call: Awaitable) -> None:
+        nonlocal remaining, timer
         try:
             outputs = await call
         except Exception as exc:  # noqa: BLE001 - one call's failure is its own, handed to `done`
             outputs = exc
-        done([(i, outputs)])
+        remaining -= 1
+        held.append((i, outputs))
+        if remaining == 0 or together_s <= 0:
+            report()
+        elif timer is None:
+            timer = loop.call_later(together_s, report)
 
     order = list(range(len(calls)))
     random.shuffle(order)
-    await asyncio.gather(*(one(i, calls[i]) for i in order))
+    try:
+        await asyncio.gather(*(one(i, calls[i]) for i in order))
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _fail(batch: list[_Pending], exc: BaseException, name: str) -> None:

@@ -17,7 +17,7 @@ import gc
 import logging
 import os
 
-from serving.batch_exec import Done, side_by_side
+from serving.batch_exec import TOGETHER_S, Done, side_by_side
 from serving.errors import ModelNotFound, ModelUnavailable
 from serving.registry import ModelRepository
 from serving.versions import OnSwitch, ServedVersions
@@ -27,7 +27,7 @@ __all__ = ["ModelRunner", "ModelWorker", "LocalWorkerClient"]
 _log = logging.getLogger("fleet.worker")
 
 # A canary's versions run in one hop while their batches take this long in all (seconds): see `infer_many`.
-_ONE_HOP_MAX_S = 100e-6
+_ONE_HOP_MAX_S = TOGETHER_S
 
 
 class ModelRunner:
@@ -72,15 +72,18 @@ class ModelRunner:
 
         Versions whose batches all take a few tens of microseconds (a small model, where handing a batch to its
         thread costs as much as running it) run in one hop to one thread, answered together: each waits for the
-        others' at most `_ONE_HOP_MAX_S` in all. Others run side by side, each answered as soon as it is done, so
-        a slow candidate never holds the stable version's answers (nor the other way round)."""
+        others' at most `_ONE_HOP_MAX_S` in all. Others run side by side (`side_by_side`): answered together when
+        they finish within that bound of each other, else each as soon as it is done, so a slow candidate never
+        holds the stable version's answers longer (nor the other way round)."""
         backends = [self.versions.backends.get(v) for v, _ in batches]
         kind = type(backends[0])
         run_many = getattr(kind, "run_many", None)
-        if (run_many is not None and all(type(b) is kind for b in backends)
-                and sum(b.run_s for b in backends) <= _ONE_HOP_MAX_S):
-            done(list(enumerate(await run_many([(b, inputs) for b, (_, inputs) in zip(backends, batches)]))))
-            return
+        if run_many is not None and all(type(b) is kind for b in backends):
+            times = [b.run_s for b in backends]
+            # In one hop each version waits for the others' batches: at most all of them but the quickest one.
+            if sum(times) - min(times) <= _ONE_HOP_MAX_S:
+                done(list(enumerate(await run_many([(b, inputs) for b, (_, inputs) in zip(backends, batches)]))))
+                return
         await side_by_side([self.infer(version, inputs) for version, inputs in batches], done)
 
     async def status(self) -> dict:

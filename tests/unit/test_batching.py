@@ -648,6 +648,26 @@ async def test_side_by_side_starts_the_versions_in_a_random_order_and_reports_ea
     assert 60 <= firsts.count(1) <= 140  # about half (a fixed order: 0 or 200)
 
 
+async def test_side_by_side_reports_close_finishers_together_and_a_slow_one_on_its_own():
+    from serving.batch_exec import side_by_side
+
+    async def after(s: float, value):
+        await asyncio.sleep(s)
+        return value
+
+    reports = []
+    await side_by_side([after(0.0, "a"), after(0.0, "b")], reports.append, together_s=0.05)
+    assert [sorted(r) for r in reports] == [[(0, "a"), (1, "b")]]  # one report: answered in queue order
+    reports.clear()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await side_by_side([after(0.0, "a"), after(0.3, "slow")], lambda r: reports.append((loop.time() - start, r)),
+                       together_s=0.05)
+    (first_at, first), (second_at, second) = reports
+    assert first == [(0, "a")] and second == [(1, "slow")]
+    assert 0.04 <= first_at < 0.2 <= second_at  # the first held for together_s at most, not until the slow one
+
+
 async def test_each_lane_preprocesses_its_rows_with_its_own_statistics(batchers):
     from serving.preprocess import Standardize
 

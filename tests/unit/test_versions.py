@@ -284,28 +284,41 @@ def _keyed_body(key: str) -> bytes:
                                    "data": X[:1].ravel().tolist()}]}).encode()
 
 
-async def test_a_canary_runs_stable_and_candidate_on_one_queue_in_one_hop_and_each_answers_its_own(
-        repo, monkeypatch):
+@pytest.fixture
+def hops(monkeypatch) -> list:
+    """The versions of each one-hop call to the model thread (`TorchScriptBackend.run_many`), in order."""
     from serving.backends.torchscript import TorchScriptBackend
-    from serving.rollout.routing import to_candidate
-    from serving.rollout.state import Route
 
-    hops = []
+    calls = []
     run_many = TorchScriptBackend.run_many
 
     async def counted(batches):
-        hops.append([b.version for b, _ in batches])
+        calls.append([b.version for b, _ in batches])
         return await run_many(batches)
 
     monkeypatch.setattr(TorchScriptBackend, "run_many", staticmethod(counted))
-    monkeypatch.setattr("serving.workers._ONE_HOP_MAX_S", 1.0)  # however long a first call takes here
+    return calls
+
+
+async def two_versions_served(repo) -> tuple[InferenceService, ModelRunner]:
+    """Versions 1 and 2 published (batching, both loaded) and a service running them in this process."""
     publish(repo, 1, cfg=config(latest=2, max_batch_size=8))
     publish(repo, 2)
     runner = await ModelRunner.load(repo.root_uri, MODEL)
     spec, cfg = repo.load_config(MODEL)
     service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, ServingOptions(repository=repo.root_uri))
+    await service.refresh()
+    return service, runner
+
+
+async def test_a_canary_runs_stable_and_candidate_on_one_queue_in_one_hop_and_each_answers_its_own(
+        repo, monkeypatch, hops):
+    from serving.rollout.routing import to_candidate
+    from serving.rollout.state import Route
+
+    monkeypatch.setattr("serving.workers._ONE_HOP_MAX_S", 1.0)  # however long a first call takes here
+    service, runner = await two_versions_served(repo)
     try:
-        await service.refresh()
         assert service.apply_route(MODEL, Route(stable=1, candidate=2, weight=0.5, epoch=1))
         keys = [f"user-{i}" for i in range(64)]
         answers_ = [json.loads(body) for body, *_ in await asyncio.gather(
@@ -334,13 +347,8 @@ async def test_shadow_copies_are_answered_by_stable_compared_in_pairs_and_shed_p
     from serving.rollout.state import Route
 
     monkeypatch.setattr("serving.rollout.serving._SHADOW_MAX_INFLIGHT", 6)
-    publish(repo, 1, cfg=config(latest=2, max_batch_size=8))
-    publish(repo, 2)
-    runner = await ModelRunner.load(repo.root_uri, MODEL)
-    spec, cfg = repo.load_config(MODEL)
-    service = InferenceService({MODEL: (spec, cfg, LocalWorkerClient(runner))}, ServingOptions(repository=repo.root_uri))
+    service, runner = await two_versions_served(repo)
     try:
-        await service.refresh()
         assert service.apply_route(MODEL, Route(stable=1, candidate=2, weight=0.0, shadow_share=1.0, epoch=1))
         bodies = [json.loads(body) for body, *_ in await asyncio.gather(
             *(service.infer(MODEL, None, _keyed_body(f"user-{i}"), None) for i in range(20)))]
@@ -363,6 +371,23 @@ async def until_true(check, timeout_s: float = 5.0) -> None:
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.005)
+
+
+async def test_one_hop_bounds_each_versions_wait_for_the_others_batch_not_the_sum_with_its_own(repo, hops):
+    publish(repo, 1, cfg=config(latest=2))
+    publish(repo, 2)
+    runner = await ModelRunner.load(repo.root_uri, MODEL)
+    try:
+        backends = runner.versions.backends
+        for stable_s, candidate_s, one_hop in ((80e-6, 80e-6, True), (20e-6, 99e-6, True), (20e-6, 150e-6, False)):
+            hops.clear()
+            backends[1].run_s, backends[2].run_s = stable_s, candidate_s
+            got = {}
+            await runner.infer_many([(1, {"x": X}), (2, {"x": X})], lambda results: got.update(results))
+            assert (hops == [[1, 2]]) is one_hop, (stable_s, candidate_s)
+            assert answers(got[0]) == 1.0 and answers(got[1]) == 2.0
+    finally:
+        await runner.close()
 
 
 async def test_a_slow_candidate_runs_beside_stable_and_never_holds_its_answers(repo):

@@ -164,11 +164,11 @@ class BatchExecution:
         rows = sum(p.rows for p in batch)
         ready: list = []
         ok: set[int] = set()  # lanes answered
-        computed: dict[int, int] = {}  # lane -> ns from the batch's start to its outputs
         start = time.monotonic_ns()
 
         def done(results: list) -> None:
             answered = []  # (request, its result) of every lane finished now
+            observed = []  # `_observe_later`'s arguments of those lanes
             for i, outputs in results:
                 index, part, inputs = ready[i]
                 if isinstance(outputs, BaseException):
@@ -176,25 +176,24 @@ class BatchExecution:
                         raise outputs
                     _fail(part, outputs, self.name)
                     continue
-                computed[index] = time.monotonic_ns() - start
+                compute_ns = time.monotonic_ns() - start
                 try:
-                    answered += self._answers(part, outputs, sent_ns, computed[index])
+                    answered += self._answers(part, outputs, sent_ns, compute_ns)
                 except BackendError as exc:
                     if len(ready) == 1:
                         raise
                     _fail(part, exc, self.name)
                     continue
                 ok.add(index)
+                observed.append((index, part, inputs, outputs, sent_ns, compute_ns))
             if len(results) > 1:
                 # Lanes that finished together are answered in queue order, not lane after lane: the
                 # candidate's requests resume no later than the stable ones beside them (their latency
                 # is the judge's evidence).
                 answered.sort(key=lambda pair: pair[0].enqueued_ns)
             self._set(answered, sent_ns, idle_since_ns)
-            for i, outputs in results:
-                index, part, inputs = ready[i]
-                if index in ok:
-                    self._observe_later(index, part, inputs, outputs, sent_ns, computed[index])
+            for args in observed:
+                self._observe_later(*args)
 
         try:
             ready = await self._prepare(groups)

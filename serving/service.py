@@ -441,17 +441,18 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
                               timeout_us: int | None, meta=None) -> BatchResult:
         joint = self._joint_batcher(state, number) if state.route is not None else None
         if joint is not None:
-            return await self._submit_to(joint[0], inputs, rows, timeout_us, meta, joint[1])
-        return await self._submit_to(self._batcher(state, number), inputs, rows, timeout_us, meta)
+            return await self._enqueue_to(joint[0], inputs, rows, timeout_us, meta, joint[1])
+        return await self._enqueue_to(self._batcher(state, number), inputs, rows, timeout_us, meta)
 
     @staticmethod
-    async def _submit_to(batcher: Batcher, inputs: dict, rows: int, timeout_us: int | None, meta=None,
-                         lane: int = 0) -> BatchResult:
-        """Check the request against the lane's preprocessing, then queue it there."""
+    def _enqueue_to(batcher: Batcher, inputs: dict, rows: int, timeout_us: int | None, meta=None,
+                    lane: int = 0) -> asyncio.Future:
+        """Check the request against the lane's preprocessing, then queue it there: the future of its
+        `BatchResult` (`Batcher.enqueue`; awaiting it is `submit`)."""
         pre = batcher.lanes[lane].preprocess
         if pre is not None:
             pre.check(inputs[pre.input_name])
-        return await batcher.submit(inputs, rows, timeout_us=timeout_us, meta=meta, lane=lane)
+        return batcher.enqueue(inputs, rows, timeout_us=timeout_us, meta=meta, lane=lane)
 
     async def rollout_call(self, model: str, action: str | None, version: int | None = None,
                            by: str = "admin", **start) -> dict:

@@ -26,7 +26,8 @@ __all__ = ["ModelRunner", "ModelWorker", "LocalWorkerClient"]
 
 _log = logging.getLogger("fleet.worker")
 
-# A canary's versions run in one hop while their batches take this long in all (seconds): see `infer_many`.
+# A canary's versions run in one hop while each would wait at most this long (seconds) for the others' batches:
+# see `infer_many`.
 _ONE_HOP_MAX_S = TOGETHER_S
 
 

@@ -156,11 +156,8 @@ class RolloutRouting:
     def _send_shadow(self, state, candidate: int, checked, stable, output: str, meta) -> None:
         name = state.spec.name
         try:
-            batcher = self._shadow_batcher(state, candidate)
-            pre = batcher.lanes[0].preprocess
-            if pre is not None:
-                pre.check(checked.inputs[pre.input_name])
-            future = batcher.enqueue(checked.inputs, checked.rows, timeout_us=_SHADOW_TIMEOUT_US, meta=meta)
+            future = self._enqueue_to(self._shadow_batcher(state, candidate), checked.inputs, checked.rows,
+                                      _SHADOW_TIMEOUT_US, meta)
         except Exception:  # noqa: BLE001 - refused by the candidate: evidence against it, never the client's error
             self._shadow_inflight[name] -= 1
             self.evidence.shadow_pair(name, stable, None)

@@ -6,6 +6,7 @@
     fleet status    models, versions, replicas, URL
     fleet train     retrain a model as a Ray job (Ray Train, or Ray Tune with --tune) and follow its logs
     fleet rollout   watch and steer a model's progressive rollout (cluster/rollout_cli.py)
+    fleet render    fleet's deployment for another tool: `serve-config` for `serve deploy` (cluster/serve_config.py)
 """
 
 from __future__ import annotations
@@ -212,6 +213,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if done else 1
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cluster.serve_config import render_serve_config
+
+    text = yaml.safe_dump(render_serve_config(_settings(args)), sort_keys=False)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}: deploy it with `RAY_AUTH_MODE=token serve deploy {args.output} --address "
+              "<the cluster's dashboard URL>` (RAY_AUTH_MODE=token: when the cluster's token authentication is on)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleet", description="fleet: a model-serving cluster on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-follow", action="store_true", help="submit and return without following the logs")
     train.add_argument("--state-dir", help="where `fleet up` keeps its state (default ./.fleet)")
     train.set_defaults(fn=cmd_train)
+    render = sub.add_parser("render", help="write fleet's deployment in another tool's format")
+    render.add_argument("what", choices=["serve-config"],
+                        help="serve-config: a Ray Serve config file for `serve deploy` on a running Ray cluster")
+    render.add_argument("-o", "--output", help="the file to write (default: standard output)")
+    _add_settings_flags(render)
+    render.set_defaults(fn=cmd_render)
     add_rollout_parser(sub)
     # Whatever `fleet train` does not know goes to the job (--epochs 5 --num-workers 2 ...), before or after MODEL.
     args, unknown = parser.parse_known_args(argv)

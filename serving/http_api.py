@@ -317,6 +317,14 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
         return Response(status_code=200 if service.is_ready() else 503)
 
     @_endpoint
+    async def healthz(request: Request) -> Response:
+        # KubeRay's readiness probe of a serve pod: 200 with the body "success" when this replica is ready.
+        await service.refresh_unready()
+        if service.is_ready():
+            return Response(b"success", status_code=200, media_type="text/plain")
+        return _json({"error": "not ready: " + (service.unready_reason() or "a model is not ready")}, 503)
+
+    @_endpoint
     @inference
     async def model_metadata(request: Request) -> Response:
         p = request.path_params
@@ -436,6 +444,7 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/-/healthz", healthz, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),

@@ -319,6 +319,14 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
         """Every model ready, but those an administrator unloaded (they are not meant to answer)."""
         return all(s.ready for s in self.models.values() if not s.unloaded)
 
+    def unready_reason(self) -> str | None:
+        """Why the server is not ready (the first model that is not, and why), None when it is."""
+        for name, state in self.models.items():
+            if not state.ready and not state.unloaded:
+                why = state.error or state.backend_error or ("no version loaded" if not state.versions else "not ready")
+                return f"model {name!r}: {why}"
+        return None
+
     def model_ready(self, model: str, version: str | None = None) -> bool:
         state = self._model(model)
         try:

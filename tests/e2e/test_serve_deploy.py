@@ -88,6 +88,8 @@ def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ra
                 if "in use" in status.stdout and attempt < 2:  # fleet's port taken meanwhile: other ports
                     continue
                 pytest.fail(f"fleet did not become ready after serve deploy:\n{status.stdout}\n{status.stderr}")
+            probe = httpx.get(f"{base}/-/healthz", timeout=10)  # what KubeRay asks of a serve pod
+            assert probe.status_code == 200 and probe.text == "success"
             rows = np.random.default_rng(0).normal(size=(2, 30)).astype(np.float32)
             body = {"id": "deployed-1", "inputs": [{"name": "features", "shape": [2, 30], "datatype": "FP32",
                                                     "data": rows.ravel().tolist()}]}

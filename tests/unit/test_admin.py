@@ -56,7 +56,10 @@ class Client:
         if token is not None:
             headers.append((b"authorization", f"Bearer {token}".encode()))
         status, out, payload = await self.handler(HttpRequest(method, path, b"", headers, body, client))
-        return status, {k.decode(): v.decode() for k, v in out}, json.loads(payload) if payload else None
+        out = {k.decode(): v.decode() for k, v in out}
+        if payload and out.get("content-type", "").startswith("text/plain"):
+            return status, out, payload.decode()
+        return status, out, json.loads(payload) if payload else None
 
     async def infer(self, token: str | None = KEY, version: str | None = None):
         path = f"/v2/models/{MODEL}" + (f"/versions/{version}" if version else "") + "/infer"
@@ -295,3 +298,25 @@ async def test_the_asgi_front_end_refuses_a_request_without_a_key_before_reading
     scope["headers"] = [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]
     await app(scope, receive_body, send)
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["model_version"] == "2"
+
+
+async def test_kuberays_probe_gets_success_while_ready_and_a_503_naming_the_model_while_not(served, monkeypatch):
+    _, service, call = served
+
+    async def healthz():
+        status, headers, payload = await call.handler(HttpRequest("GET", "/-/healthz", b"", [], b"", None))
+        return status, payload
+
+    assert await healthz() == (200, b"success")  # open (no key), the body KubeRay's probe compares
+
+    async def restarting():
+        raise RuntimeError("the worker is restarting")
+
+    monkeypatch.setattr(service.models[MODEL].worker, "status", restarting)
+    await service.refresh()
+    status, payload = await healthz()
+    assert status == 503 and json.loads(payload) == {
+        "error": f"not ready: model {MODEL!r}: RuntimeError: the worker is restarting"}
+    assert (await call("GET", "/v2/health/ready"))[0] == 503  # the same readiness
+    monkeypatch.undo()  # the worker answers again: the probe asks it once more before answering
+    assert await healthz() == (200, b"success")

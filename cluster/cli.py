@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.config import FleetSettings, load_settings
+from cluster.config import SECRET_ENV, FleetSettings, load_settings
 from cluster.rollout_cli import add_rollout_parser
 from cluster.state import StateFile, pid_alive
 from cluster.status import curl_example, describe_cluster
@@ -72,8 +72,11 @@ def _start_supervisor(settings: FleetSettings) -> dict:
     state.remove()
     log = open(state.log_path, "ab")
     cmd = [sys.executable, "-m", "cluster.supervisor", "--settings-json", settings.model_dump_json()]
+    # The settings carry the keys and the token as digests: their plain values stay in this process, out of the
+    # environment the supervisor and every Ray process it starts would inherit.
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=os.getcwd())
+                            start_new_session=True, cwd=os.getcwd(), env=env)
     log.close()
     deadline = time.monotonic() + settings.startup_timeout_s + 120
     print(f"starting fleet (log: {state.log_path}) ...", flush=True)

@@ -21,7 +21,11 @@ from serving.app import DeploymentOptions
 from serving.auth import as_digest
 from serving.options import ServingOptions
 
-__all__ = ["FleetSettings", "load_settings"]
+__all__ = ["FleetSettings", "load_settings", "SECRET_ENV"]
+
+# Environment variables holding secrets in plain text (the server's keys and token, the CLI's own key): read by
+# the CLI, never handed to the cluster's processes (the settings they get carry digests).
+SECRET_ENV = ("FLEET_API_KEYS", "FLEET_ADMIN_TOKEN", "FLEET_API_KEY")
 
 
 class FleetSettings(BaseSettings):

@@ -68,7 +68,8 @@ class SecuredCluster:
         """`fleet up`; with `new_ports_when_taken`, on two new ports (chosen in one call) when one was taken
         between choosing and binding (the first start only: a restart keeps its ports)."""
         for attempt in range(3 if new_ports_when_taken else 1):
-            out = self._fleet("up")
+            # The keys and the token in fleet up's environment too (the same as fleet.yaml's): they must stop there.
+            out = self._fleet("up", FLEET_API_KEYS=",".join((KEY, PROBE_KEY, RATE_KEY)), FLEET_ADMIN_TOKEN=ADMIN_TOKEN)
             if out.returncode == 0 or "in use" not in out.stdout + out.stderr or not new_ports_when_taken:
                 break
             self._fleet("down")
@@ -235,6 +236,52 @@ def test_the_prediction_log_names_the_key_by_its_id_and_no_key_is_written_anywhe
             if path.is_file():
                 raw = path.read_bytes()
                 assert not any(secret.encode() in raw for secret in (ADMIN_TOKEN, KEY, PROBE_KEY, RATE_KEY)), path
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process under it (the supervisor, and the Ray processes it started, workers included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def test_no_process_of_the_cluster_and_no_ray_log_holds_a_key_or_the_token_in_plain_text(secured_cluster):
+    """`fleet up` ran with the keys and the token in its environment (FLEET_API_KEYS, FLEET_ADMIN_TOKEN) and in
+    fleet.yaml: the supervisor and every process under it (GCS, raylet, dashboard, workers, the replicas) hold
+    neither in their environment or command line, and Ray's session logs do not either (digests only)."""
+    c = secured_cluster
+    supervisor = json.loads((c.workdir / ".fleet" / "cluster.json").read_text())["pid"]
+    tree = _process_tree(supervisor)
+    names = []
+    secrets = [secret.encode() for secret in (KEY, PROBE_KEY, RATE_KEY, ADMIN_TOKEN)]
+    for pid in tree:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        names.append(cmdline.split(b"\0")[0].decode(errors="replace"))
+        assert not any(secret in environ or secret in cmdline for secret in secrets), cmdline[:200]
+    # The Ray processes were looked at, not just the supervisor (GCS, raylet, the replicas' workers).
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), names
+    assert any("ServeReplica:fleet:ingress" in n for n in names), names
+    root = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    logs = [path for path in root.glob(f"session_*_{supervisor}/logs/*") if path.is_file()]
+    assert logs
+    for path in logs:
+        raw = path.read_bytes()
+        assert not any(secret in raw for secret in secrets), path
 
 
 def test_fleet_status_sends_the_key_from_fleet_api_key(secured_cluster):

@@ -30,7 +30,8 @@ __all__ = ["main"]
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repository", help="model repository path or URI (default: ./model_repository)")
-    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--host", help="the address the ingress listens on: an address (default 127.0.0.1), 0.0.0.0, "
+                   "or node (each replica its node's address)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--dashboard-port", type=int, help="Ray dashboard / job server port (default 8265)")
     p.add_argument("--num-cpus", type=int, help="Ray logical CPUs (default: this machine's)")
@@ -43,11 +44,15 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", choices=["auto", "colocated", "split"],
                    help="models in the ingress replicas (colocated), in worker deployments (split), or auto (default)")
     p.add_argument("--state-dir", help="where the pid, state and log live (default ./.fleet)")
+    p.add_argument("--address", help="deploy into this running Ray cluster (`ray start`'s address, or auto) "
+                   "instead of starting one; fleet down then removes only what fleet deployed")
+    p.add_argument("--ingress-per-node", type=int,
+                   help="ingress replicas on every node (instead of --ingress-replicas in all)")
 
 
 def _settings(args: argparse.Namespace) -> FleetSettings:
     keys = ("repository", "host", "port", "dashboard_port", "num_cpus", "ingress_replicas", "worker_replicas",
-            "http_server", "haproxy", "placement", "state_dir")
+            "http_server", "haproxy", "placement", "state_dir", "address", "ingress_per_node")
     try:
         return load_settings(**{k: getattr(args, k, None) for k in keys})
     except ValueError as exc:
@@ -197,6 +202,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                      else "colocated in the ingress replicas")
             print(f"  {m['name']:<20} versions {versions:<10} {m['state']:<12} {where}")
         print(f"ingress replicas: {info['ingress_replicas']}")
+        for node, deployments in sorted(info["nodes"].items()):
+            print(f"  node {node}: " + ", ".join(f"{name} {n}" for name, n in sorted(deployments.items())))
     return 0
 
 

@@ -34,7 +34,14 @@ class FleetSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="forbid", validate_default=True)
 
     repository: str = Field("model_repository", description="model repository: a path or a pyarrow.fs URI")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="the address the ingress replicas listen on: an address, 0.0.0.0 "
+                      "(every interface), or `node`: each replica its own node's address (a multi-node cluster)")
+    address: str | None = Field(None, description="a running Ray cluster to deploy into (`ray start`'s address, or "
+                                "`auto`) instead of starting one; `fleet down` then removes only what fleet deployed")
+    ingress_per_node: int | None = Field(None, ge=1, description="ingress replicas on every node that takes "
+                                         "traffic (see ingress_node_labels), instead of ingress_replicas in all")
+    ingress_node_labels: dict[str, str] = Field(default_factory=dict, description="with ingress_per_node: only "
+                                                "nodes with these Ray labels take traffic (e.g. {fleet/ingress: 'yes'})")
     port: int = Field(8000, ge=1, le=65535)
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard and job server")
     num_cpus: int | None = Field(None, ge=1, description="Ray logical CPUs (default: the machine's)")
@@ -145,6 +152,18 @@ class FleetSettings(BaseSettings):
                                           "training.retrain for the model; None: never")
     retrain_cooldown_s: float = Field(6 * 3600.0, ge=0, description="at least this long between two retrains "
                                       "the monitor submits for one model")
+
+    @field_validator("host")
+    @classmethod
+    def _listen_host(cls, value: str) -> str:
+        import ipaddress
+
+        if value != "node":
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"host must be an IP address, 0.0.0.0 or `node`, got {value!r}") from None
+        return value
 
     @field_validator("repository")
     @classmethod
@@ -271,6 +290,8 @@ class FleetSettings(BaseSettings):
             worker_replicas=self.worker_replicas,
             gpus_available=gpus_available,
             placement=self.placement,
+            ingress_per_node=self.ingress_per_node,
+            ingress_node_labels=tuple(sorted(self.ingress_node_labels.items())),
         )
 
 

@@ -6,6 +6,7 @@ what the integration tests start once per session.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -18,7 +19,11 @@ from cluster.config import FleetSettings
 from cluster.ports import free_ports
 from serving.http_server import port_is_free
 
-__all__ = ["LocalCluster", "ray_env", "enable_request_migration"]
+__all__ = ["LocalCluster", "ray_env", "enable_request_migration", "REPLICA_ENV"]
+
+# `ray_env` entries a replica reads (the rest concern the raylet, HAProxy or a local job's interpreter): what a
+# cluster fleet did not start gets through the deployments' runtime_env, and a Serve config file carries.
+REPLICA_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "FLEET_REPOSITORY", "FLEET_DATA_DIR", "FLEET_TRAIN_STORAGE")
 
 _log = logging.getLogger("fleet.cluster")
 
@@ -86,13 +91,17 @@ def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
 
 @dataclass
 class LocalCluster:
-    """Start/stop a single-node fleet cluster owned by this process."""
+    """Start/stop a fleet cluster owned by this process: a Ray head of its own, or (`settings.address`) fleet's
+    application and monitor deployed into a running Ray cluster, which `stop` then leaves running."""
 
     settings: FleetSettings
     started: bool = field(default=False, init=False)
+    attached: bool = field(default=False, init=False)  # deployed into a Ray cluster this process did not start
+    url: str = field(default="", init=False)  # where fleet answers, once started
+    dashboard_url: str = field(default="", init=False)  # the Ray cluster's dashboard and job server
 
     def start(self) -> None:
-        """Start Ray and Serve and deploy the app; returns once HTTP answers ready."""
+        """Start Ray (or attach to `settings.address`) and Serve, deploy the app; returns once HTTP answers ready."""
         import ray
         from ray import serve
         from ray.serve.config import HTTPOptions
@@ -101,36 +110,55 @@ class LocalCluster:
         from serving.monitor import get_monitor
 
         s = self.settings
-        if not port_is_free(s.host, s.port):
+        if s.host != "node" and not port_is_free(s.host, s.port):
             # fleet's listeners share the port with SO_REUSEPORT: check nobody else has it.
             raise RuntimeError(f"port {s.port} on {s.host} is in use; pick another with --port")
-        os.environ.update(ray_env(s))
+        env = ray_env(s)
+        os.environ.update(env)
         if s.http_server == "fleet":
             enable_request_migration()
-        ray.init(
-            # Always a new cluster of its own: never attach to another one this machine runs
-            # (`ray start` leaves its address where a bare ray.init() would pick it up).
-            address="local",
-            num_cpus=s.num_cpus or os.cpu_count(),
-            num_gpus=s.num_gpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=s.dashboard_port,
-            namespace="fleet",
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        if s.address:
+            # The cluster's processes started with their own environment: what fleet's replicas read goes with
+            # them (runtime_env), and the job server is the cluster's.
+            from cluster.jobs import auth_env
+
+            auth_env()  # the cluster's token (~/.ray/auth_token) with its token authentication on
+            context = ray.init(address=s.address, namespace="fleet", logging_level=logging.WARNING,
+                               log_to_driver=False)
+            self.attached = True
+            self.dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else s.dashboard_url
+        else:
+            ray.init(
+                # Always a new cluster of its own: never attach to another one this machine runs
+                # (`ray start` leaves its address where a bare ray.init() would pick it up).
+                address="local",
+                num_cpus=s.num_cpus or os.cpu_count(),
+                num_gpus=s.num_gpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=s.dashboard_port,
+                namespace="fleet",
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+            self.dashboard_url = s.dashboard_url
         self.started = True
+        host = ray.util.get_node_ip_address() if s.host == "node" else s.host
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{s.port}"
         if s.http_server == "fleet":
             # The ingress replicas listen on the port themselves; Serve's proxy stays off.
-            serve.start(proxy_location="Disabled", http_options=HTTPOptions(host=s.host, port=s.port))
+            serve.start(proxy_location="Disabled", http_options=HTTPOptions(host=host, port=s.port))
         else:
-            serve.start(http_options=HTTPOptions(host=s.host, port=s.port))
+            serve.start(http_options=HTTPOptions(host=host, port=s.port))
         gpus = ray.cluster_resources().get("GPU", 0) > 0
+        options = s.serving_options()
+        if self.attached:
+            options = dataclasses.replace(options, dashboard_url=self.dashboard_url)
         # The monitor first: its rollout controller writes each model's rollout.json (the stable version)
         # before a replica chooses what to serve, so a version published meanwhile rolls out as a canary.
-        ray.get(get_monitor(s.serving_options().to_dict()).ping.remote())
-        app = build_app(s.serving_options(), s.deployment_options(gpus_available=gpus))
+        ray.get(get_monitor(options.to_dict()).ping.remote())
+        replica_env = {k: env[k] for k in REPLICA_ENV if env.get(k) is not None} if self.attached else None
+        app = build_app(options, s.deployment_options(gpus_available=gpus), env_vars=replica_env)
         # One log line per request would cost more than the request itself.
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
         self.wait_ready(s.startup_timeout_s)
@@ -138,7 +166,7 @@ class LocalCluster:
     def wait_ready(self, timeout_s: float) -> None:
         """Wait until `GET /v2/health/ready` answers 200 through the public port."""
         deadline = time.monotonic() + timeout_s
-        url = f"{self.settings.url}/v2/health/ready"
+        url = f"{self.url or self.settings.url}/v2/health/ready"
         while time.monotonic() < deadline:
             if _http_ok(url):
                 return
@@ -152,6 +180,21 @@ class LocalCluster:
         import ray
         from ray import serve
 
+        if self.attached:  # what fleet deployed goes; the cluster, Serve and other applications stay
+            from serving.app import APP_NAME
+            from serving.monitor import MONITOR_NAME, MONITOR_NAMESPACE
+
+            try:
+                serve.delete(APP_NAME)
+            except Exception as exc:  # noqa: BLE001 - gone already
+                _log.warning("serve delete %s: %s", APP_NAME, exc)
+            try:
+                ray.kill(ray.get_actor(MONITOR_NAME, namespace=MONITOR_NAMESPACE))
+            except ValueError:  # no monitor (it never started)
+                pass
+            ray.shutdown()  # this process's connection only
+            self.started = False
+            return
         try:
             serve.shutdown()
         except Exception as exc:  # the cluster may already be half gone (Ctrl-C)

@@ -20,16 +20,13 @@ __all__ = ["render_serve_config", "app_builder", "IMPORT_PATH"]
 
 IMPORT_PATH = "cluster.serve_config:app_builder"
 
-# `cluster.local.ray_env` entries that a replica reads (the rest concern the raylet, HAProxy or a
-# local job's interpreter, which a cluster of one's own sets at `ray start`).
-_REPLICA_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "FLEET_REPOSITORY", "FLEET_DATA_DIR", "FLEET_TRAIN_STORAGE")
 
 
 def render_serve_config(settings: FleetSettings) -> dict[str, Any]:
     """The Serve config (`ray.serve.schema.ServeDeploySchema`, validated here) deploying fleet with `settings`."""
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.local import ray_env
+    from cluster.local import REPLICA_ENV, ray_env
     from serving.app import APP_NAME
 
     args = settings.model_dump(mode="json", exclude_none=True)
@@ -45,7 +42,7 @@ def render_serve_config(settings: FleetSettings) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "args": args,
-            "runtime_env": {"env_vars": {k: env[k] for k in _REPLICA_ENV if env.get(k) is not None}},
+            "runtime_env": {"env_vars": {k: env[k] for k in REPLICA_ENV if env.get(k) is not None}},
         }],
     }
     ServeDeploySchema.model_validate(doc)

@@ -34,23 +34,31 @@ def _get(url: str, *, method: str = "GET", token: str | None = None, timeout_s: 
         return json.loads(response.read() or b"null")
 
 
-def _replicas(dashboard_url: str) -> dict[str, int]:
-    """Running replicas per deployment, from the Ray dashboard's Serve API."""
+def _replicas(dashboard_url: str) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(running replicas per deployment, {node address: {deployment: running replicas}}) of fleet's application,
+    from the Ray dashboard's Serve API."""
+    from serving.app import APP_NAME
+
     try:
         doc = _get(f"{dashboard_url}/api/serve/applications/", token=ray_token())
     except (urllib.error.URLError, OSError, ValueError):
-        return {}
-    out = {}
-    for app in (doc.get("applications") or {}).values():
-        for name, dep in (app.get("deployments") or {}).items():
-            out[name] = sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
-    return out
+        return {}, {}
+    out: dict[str, int] = {}
+    nodes: dict[str, dict[str, int]] = {}
+    app = (doc.get("applications") or {}).get(APP_NAME) or {}
+    for name, dep in (app.get("deployments") or {}).items():
+        running = [r for r in dep.get("replicas", []) if r.get("state") == "RUNNING"]
+        out[name] = len(running)
+        for r in running:
+            where = nodes.setdefault(r.get("node_ip") or r.get("node_id") or "?", {})
+            where[name] = where.get(name, 0) + 1
+    return out, nodes
 
 
 def describe_cluster(state: dict) -> dict:
     """Models, versions, readiness and replica counts of the cluster in `state`."""
     url = state["url"]
-    replicas = _replicas(state["dashboard_url"])
+    replicas, nodes = _replicas(state["dashboard_url"])
     info = {
         "url": url,
         "dashboard_url": state["dashboard_url"],
@@ -58,6 +66,8 @@ def describe_cluster(state: dict) -> dict:
         "status": "unreachable",
         "models": [],
         "ingress_replicas": replicas.get("ingress", 0),
+        "nodes": nodes,  # node address -> replicas of each deployment running there
+        "attached": bool(state.get("attached")),  # deployed into a Ray cluster fleet did not start
     }
     try:
         index = _get(f"{url}/v2/repository/index", method="POST", token=client_key())

@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     # killing the cluster with no drain and losing what replicas buffer): ours again, for an orderly stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # Where it answers and the job server, as the cluster says (a Ray cluster fleet attached to has its own).
+    base.update(url=cluster.url, dashboard_url=cluster.dashboard_url, attached=cluster.attached)
     state.write({**base, "status": "ready"})
-    print(f"fleet ready on {settings.url}", flush=True)
+    print(f"fleet ready on {cluster.url}", flush=True)
     stop.wait()
     state.write({**base, "status": "stopping"})
     cluster.stop()

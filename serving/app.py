@@ -48,6 +48,8 @@ class DeploymentOptions:
     worker_replicas: int | None = None  # None: the config's instance_group count
     gpus_available: bool = False
     placement: str = "auto"  # "auto" | "colocated" | "split"
+    ingress_per_node: int | None = None  # replicas on every node taking traffic, instead of ingress_replicas in all
+    ingress_node_labels: tuple[tuple[str, str], ...] = ()  # the Ray labels of the nodes taking traffic (none: all)
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -55,9 +57,20 @@ class DeploymentOptions:
 
 
 
+def traffic_nodes(labels: dict[str, str]) -> list[dict]:
+    """The alive nodes of the Ray cluster carrying every one of `labels` (all alive nodes when none)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")
+            and all((n.get("Labels") or {}).get(k) == v for k, v in labels.items())]
+
+
 def build_app(options: ServingOptions, deployment: DeploymentOptions = DeploymentOptions(),
-              models: list[str] | None = None) -> Application:
-    """The application graph: ingress bound to a handle for each split model's worker (None: colocated)."""
+              models: list[str] | None = None, env_vars: dict[str, str] | None = None) -> Application:
+    """The application graph: ingress bound to a handle for each split model's worker (None: colocated).
+
+    `env_vars`: set in every replica's environment (a Ray cluster fleet did not start has its own)."""
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
     repository = ModelRepository(options.repository)
     names = models if models is not None else repository.list_models()
     check_fallbacks({name: repository.spec(name) for name in names})  # a bad fleet.fallback fails here, named
@@ -73,6 +86,8 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
             continue
         inflight_per_replica = options.max_inflight_batches * deployment.ingress_replicas
         actor_options = {"num_cpus": deployment.worker_num_cpus, "num_gpus": 1 if use_gpu else 0}
+        if runtime_env:
+            actor_options["runtime_env"] = runtime_env
         if PREFER_LABELS_PARAM in spec.parameters:
             # Preferred, not required: with no such node (or it is lost), any node takes the replica.
             actor_options["label_selector"] = node_labels(spec.parameters[PREFER_LABELS_PARAM])
@@ -94,11 +109,28 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
                   version_retire_grace_s=options.version_retire_grace_s)
         )
         _log.info("model %s: %d worker replica(s)%s", name, replicas, " on GPU" if use_gpu else "")
+    ingress_options: dict = {"num_cpus": deployment.ingress_num_cpus}
+    if runtime_env:
+        ingress_options["runtime_env"] = runtime_env
+    replicas, per_node = deployment.ingress_replicas, {}
+    if deployment.ingress_per_node:
+        # Every node taking traffic gets its replicas (its listeners: a load balancer in front reaches each node);
+        # counted now, at deployment: a node that joins later has none until fleet is deployed again.
+        labels = dict(deployment.ingress_node_labels)
+        nodes = traffic_nodes(labels)
+        if not nodes:
+            raise ValueError(f"no alive Ray node has the labels {labels} that ingress_node_labels asks for")
+        replicas = deployment.ingress_per_node * len(nodes)
+        per_node = {"max_replicas_per_node": deployment.ingress_per_node}
+        if labels:
+            ingress_options["label_selector"] = labels
+        _log.info("ingress: %d replica(s) on each of %d node(s)", deployment.ingress_per_node, len(nodes))
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,
-        num_replicas=deployment.ingress_replicas,
+        num_replicas=replicas,
         max_ongoing_requests=10_000,
-        ray_actor_options={"num_cpus": deployment.ingress_num_cpus},
+        ray_actor_options=ingress_options,
+        **per_node,
         # A stopping replica drains its connections, then its queues (each up to drain_timeout_s).
         graceful_shutdown_timeout_s=2 * options.drain_timeout_s + 5,
         graceful_shutdown_wait_loop_s=0.5,

@@ -180,8 +180,13 @@ class Ingress:
         self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
         self.listener = None
         if self.options.listen_port:
+            host = self.options.listen_host
+            if host == "node":  # this replica's node's own address (each node of a cluster: its own)
+                import ray
+
+                host = ray.util.get_node_ip_address()
             self.listener = HttpListener(
-                build_handler(self.service), self.options.listen_host, self.options.listen_port,
+                build_handler(self.service), host, self.options.listen_port,
                 max_body_bytes=self.options.max_request_bytes, graceful_shutdown_s=self.options.drain_timeout_s,
                 max_connections=self.options.max_connections,
             )

@@ -63,3 +63,36 @@ def test_prometheus_scrapes_the_cluster_and_evaluates_every_rule_without_error(b
     (p99,) = prometheus.query('histogram_quantile(0.99, sum by (le) '
                               '(fleet_inference_request_duration_seconds_bucket{model="libtorch"}))')
     assert 0 < p99["value"] < 10
+
+
+def test_every_dashboard_query_runs_on_the_live_cluster_and_every_series_it_reads_is_scraped(base_url, prometheus):
+    """cluster/dashboards/fleet.json against this cluster: each metric a panel reads is in its /metrics, and each
+    panel's query runs on the Prometheus scraping it without an error."""
+    import json
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "cluster" / "dashboards" / "fleet.json").read_text())
+    exprs = [t["expr"].replace("$model", ".*") for p in dashboard["panels"] for t in p["targets"]]
+    for _ in range(3):
+        assert httpx.post(f"{base_url}/v2/models/libtorch/infer", json=BODY).status_code == 200
+    wrong = {"inputs": [{**BODY["inputs"][0], "shape": [1, 5], "data": [0.25] * 5}]}  # a failure, counted by reason
+    assert httpx.post(f"{base_url}/v2/models/libtorch/infer", json=wrong).status_code == 400
+    used = set(re.findall(r"\bfleet_[a-z_]+[a-z]\b", " ".join(exprs)))
+    # The request path's metrics are in every scrape once a model has answered and failed; the monitor's exist
+    # once it has judged drift, quality, labels or a rollout (their names: tests/unit/test_dashboards.py).
+    request_path = {m for m in used if m.startswith(("fleet_inference_", "fleet_breaker_"))}
+    assert len(request_path) >= 8
+    deadline = time.monotonic() + 20
+    while True:
+        text = httpx.get(f"{base_url}/metrics").text
+        scraped = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+        if request_path <= scraped or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert request_path - scraped == set()
+    prometheus.wait_for('up{job="fleet"} == 1', timeout_s=30)
+    for expr in exprs:
+        prometheus.query(expr)  # raises with Prometheus's message on an error

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +22,11 @@ import httpx
 import numpy as np
 import pytest
 
+from e2e._user import BIN, run, user_folder
 from cluster.ports import free_ports
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 HEAD, NODE = "127.0.0.3", "127.0.0.2"
 
 # Run against the cluster (argv[1]: its address): start the other application, or report what runs.
@@ -80,9 +79,6 @@ def _stop_cluster(temp_dir: Path) -> None:
         time.sleep(1.0)
 
 
-def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 def _ray_start(args: list[str], cwd: Path, env: dict, log: Path) -> tuple[int, str]:
     """`ray start args` with its output in `log`: the daemons it leaves running would hold a pipe open forever."""
@@ -100,10 +96,7 @@ def _get(url: str) -> httpx.Response | None:
 
 
 def test_fleet_up_address_serves_on_every_node_of_a_running_cluster_and_down_leaves_the_cluster(tmp_path: Path):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLEET_CONFIG": str(tmp_path / "no.yaml")}
-    out = _run([str(BIN / "python"), "-m", "training.bootstrap", "--repository", "model_repository",
-                "--rows", "4000", "--epochs", "2", "--if-empty"], tmp_path, env)
-    assert out.returncode == 0, out.stderr
+    env = user_folder(tmp_path)
     env["RAY_AUTH_MODE"] = "token"  # the cluster's token authentication (~/.ray/auth_token), as a user sets it
     temp = Path(f"/tmp/ray-attach-{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
     for attempt in range(3):
@@ -122,16 +115,16 @@ def test_fleet_up_address_serves_on_every_node_of_a_running_cluster_and_down_lea
             assert code == 0, said
 
             def sentinel(action: str):
-                out = _run([str(BIN / "python"), "-c", _SENTINEL, address, action], tmp_path, env)
+                out = run([str(BIN / "python"), "-c", _SENTINEL, address, action], tmp_path, env)
                 assert out.returncode == 0, out.stderr[-3000:]
                 return json.loads(out.stdout.strip().splitlines()[-1])
 
             assert sentinel("start") == "alive"
             flags = ["--address", address, "--host", "node", "--port", str(port), "--ingress-per-node", "1",
                      "--state-dir", str(tmp_path / "state")]
-            up = _run(["fleet", "up", *flags], tmp_path, env)
+            up = run(["fleet", "up", *flags], tmp_path, env)
             if up.returncode != 0 and "in use" in up.stdout + up.stderr and attempt < 2:
-                _run(["fleet", "down", *flags], tmp_path, env)
+                run(["fleet", "down", *flags], tmp_path, env)
                 continue
             assert up.returncode == 0, up.stdout + up.stderr
             rows = np.random.default_rng(3).normal(size=(2, 30)).astype(np.float32)
@@ -145,12 +138,12 @@ def test_fleet_up_address_serves_on_every_node_of_a_running_cluster_and_down_lea
                 assert answer.status_code == 200, answer.text
                 answers.append(answer.json()["outputs"][0]["data"])
             assert answers[0] == answers[1]  # the same model on both nodes
-            status = _run(["fleet", "status", "--json", *flags], tmp_path, env)
+            status = run(["fleet", "status", "--json", *flags], tmp_path, env)
             info = json.loads(status.stdout)
             assert info["attached"] and info["status"] == "ready", info
             assert {h: d.get("ingress") for h, d in info["nodes"].items()} == {HEAD: 1, NODE: 1}, info
             assert "MonitorActor" in sentinel("check")["actors"]
-            down = _run(["fleet", "down", *flags], tmp_path, env)
+            down = run(["fleet", "down", *flags], tmp_path, env)
             assert down.returncode == 0 and "fleet stopped" in down.stdout, down.stdout + down.stderr
             # fleet's listeners and actors are gone; the cluster, its two nodes and the other application are not.
             deadline = time.monotonic() + 30

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,11 +13,11 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from e2e._user import BIN, run, user_folder
 from cluster.ports import free_ports
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 API_KEY = "deploy-test-key-1"
 ADMIN_TOKEN = "deploy-test-admin"
 
@@ -34,9 +32,6 @@ sys.stdin.read()
 """
 
 
-def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 def _ready(url: str) -> bool:
     try:
@@ -46,17 +41,14 @@ def _ready(url: str) -> bool:
 
 
 def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ray_cluster(tmp_path: Path):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLEET_CONFIG": str(tmp_path / "none.yaml")}
-    out = _run([str(BIN / "python"), "-m", "training.bootstrap", "--repository", "model_repository",
-                "--rows", "4000", "--epochs", "2", "--if-empty"], tmp_path, env)
-    assert out.returncode == 0, out.stderr
+    env = user_folder(tmp_path)
     keys = tmp_path / "keys.txt"
     keys.write_text(f"# the inference keys\n{API_KEY}\n")
     env = {**env, "FLEET_API_KEYS_FILE": str(keys), "FLEET_ADMIN_TOKEN": ADMIN_TOKEN}
     for attempt in range(3):
         port, dashboard = free_ports(2)  # fleet's port and the cluster's dashboard, distinct, in one call
         config = tmp_path / "fleet-serve.yaml"
-        out = _run(["fleet", "render", "serve-config", "--port", str(port), "--ingress-replicas", "1",
+        out = run(["fleet", "render", "serve-config", "--port", str(port), "--ingress-replicas", "1",
                     "--state-dir", str(tmp_path / "state"), "-o", str(config)], tmp_path, env)
         assert out.returncode == 0, out.stderr
         text = config.read_text()
@@ -76,7 +68,7 @@ def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ra
                 continue
             # The cluster's token authentication is on: Ray's CLIs send ~/.ray/auth_token with RAY_AUTH_MODE=token.
             ray_cli = dict(env, RAY_AUTH_MODE="token")
-            deploy = _run(["serve", "deploy", str(config), "--address", f"http://127.0.0.1:{dashboard}"], tmp_path,
+            deploy = run(["serve", "deploy", str(config), "--address", f"http://127.0.0.1:{dashboard}"], tmp_path,
                           ray_cli, timeout=120)
             assert deploy.returncode == 0, deploy.stdout + deploy.stderr
             base = f"http://127.0.0.1:{port}"
@@ -84,7 +76,7 @@ def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ra
             while time.monotonic() < deadline and not _ready(f"{base}/v2/health/ready"):
                 time.sleep(1.0)
             if not _ready(f"{base}/v2/health/ready"):
-                status = _run(["serve", "status", "--address", f"http://127.0.0.1:{dashboard}"], tmp_path, ray_cli)
+                status = run(["serve", "status", "--address", f"http://127.0.0.1:{dashboard}"], tmp_path, ray_cli)
                 if "in use" in status.stdout and attempt < 2:  # fleet's port taken meanwhile: other ports
                     continue
                 pytest.fail(f"fleet did not become ready after serve deploy:\n{status.stdout}\n{status.stderr}")

@@ -19,11 +19,11 @@ from cluster.config import FleetSettings
 from cluster.ports import free_ports
 from serving.http_server import port_is_free
 
-__all__ = ["LocalCluster", "ray_env", "enable_request_migration", "REPLICA_ENV"]
+__all__ = ["LocalCluster", "ray_env", "replica_env", "fleet_app", "enable_request_migration"]
 
 # `ray_env` entries a replica reads (the rest concern the raylet, HAProxy or a local job's interpreter): what a
 # cluster fleet did not start gets through the deployments' runtime_env, and a Serve config file carries.
-REPLICA_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "FLEET_REPOSITORY", "FLEET_DATA_DIR", "FLEET_TRAIN_STORAGE")
+_REPLICA_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "FLEET_REPOSITORY", "FLEET_DATA_DIR", "FLEET_TRAIN_STORAGE")
 
 _log = logging.getLogger("fleet.cluster")
 
@@ -56,6 +56,26 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
         for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
             env[var] = os.environ.get(var) or str(next(spare))
     return env
+
+
+def replica_env(env: dict[str, str]) -> dict[str, str]:
+    """The entries of `env` (a `ray_env`) that fleet's replicas read themselves."""
+    return {k: env[k] for k in _REPLICA_ENV if env.get(k) is not None}
+
+
+def fleet_app(settings: FleetSettings, options, env_vars: dict[str, str] | None = None):
+    """fleet's Serve application for `settings` (`options`: its serving options), on the Ray cluster this process
+    is connected to, with the monitor started first: its rollout controller writes each model's rollout.json
+    (the stable version) before a replica chooses what to serve, so a version published meanwhile rolls out as
+    a canary."""
+    import ray
+
+    from serving.app import build_app
+    from serving.monitor import get_monitor
+
+    ray.get(get_monitor(options.to_dict()).ping.remote())
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    return build_app(options, settings.deployment_options(gpus_available=gpus), env_vars=env_vars)
 
 
 _MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
@@ -106,8 +126,7 @@ class LocalCluster:
         from ray import serve
         from ray.serve.config import HTTPOptions
 
-        from serving.app import APP_NAME, build_app
-        from serving.monitor import get_monitor
+        from serving.app import APP_NAME
 
         s = self.settings
         if s.host != "node" and not port_is_free(s.host, s.port):
@@ -150,15 +169,10 @@ class LocalCluster:
             serve.start(proxy_location="Disabled", http_options=HTTPOptions(host=host, port=s.port))
         else:
             serve.start(http_options=HTTPOptions(host=host, port=s.port))
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
         options = s.serving_options()
         if self.attached:
             options = dataclasses.replace(options, dashboard_url=self.dashboard_url)
-        # The monitor first: its rollout controller writes each model's rollout.json (the stable version)
-        # before a replica chooses what to serve, so a version published meanwhile rolls out as a canary.
-        ray.get(get_monitor(options.to_dict()).ping.remote())
-        replica_env = {k: env[k] for k in REPLICA_ENV if env.get(k) is not None} if self.attached else None
-        app = build_app(options, s.deployment_options(gpus_available=gpus), env_vars=replica_env)
+        app = fleet_app(s, options, env_vars=replica_env(env) if self.attached else None)
         # One log line per request would cost more than the request itself.
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
         self.wait_ready(s.startup_timeout_s)

@@ -21,17 +21,15 @@ __all__ = ["render_serve_config", "app_builder", "IMPORT_PATH"]
 IMPORT_PATH = "cluster.serve_config:app_builder"
 
 
-
 def render_serve_config(settings: FleetSettings) -> dict[str, Any]:
     """The Serve config (`ray.serve.schema.ServeDeploySchema`, validated here) deploying fleet with `settings`."""
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.local import REPLICA_ENV, ray_env
+    from cluster.local import ray_env, replica_env
     from serving.app import APP_NAME
 
     args = settings.model_dump(mode="json", exclude_none=True)
     args.pop("api_keys_file", None)  # read already: its keys are in api_keys, as digests
-    env = ray_env(settings)
     doc = {
         # fleet's ingress replicas listen on the port themselves (SO_REUSEPORT): Serve's proxy stays off.
         "proxy_location": "Disabled" if settings.http_server == "fleet" else "EveryNode",
@@ -42,7 +40,7 @@ def render_serve_config(settings: FleetSettings) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "args": args,
-            "runtime_env": {"env_vars": {k: env[k] for k in REPLICA_ENV if env.get(k) is not None}},
+            "runtime_env": {"env_vars": replica_env(ray_env(settings))},
         }],
     }
     ServeDeploySchema.model_validate(doc)
@@ -53,13 +51,9 @@ def app_builder(args: dict[str, Any]):
     """Serve's application builder for the config above: fleet's application, its monitor started first."""
     import ray
 
-    from serving.app import build_app
-    from serving.monitor import get_monitor
+    from cluster.local import fleet_app
 
     settings = FleetSettings(**args)
     if settings.num_cpus is None:  # one ingress replica per CPU of the cluster (at most 8), not of this process's node
         settings = settings.model_copy(update={"num_cpus": max(1, int(ray.cluster_resources().get("CPU", 1)))})
-    options = settings.serving_options()
-    ray.get(get_monitor(options.to_dict()).ping.remote())
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    return build_app(options, settings.deployment_options(gpus_available=gpus))
+    return fleet_app(settings, settings.serving_options())

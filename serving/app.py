@@ -74,6 +74,22 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
     repository = ModelRepository(options.repository)
     names = models if models is not None else repository.list_models()
     check_fallbacks({name: repository.spec(name) for name in names})  # a bad fleet.fallback fails here, named
+    ingress_options: dict = {"num_cpus": deployment.ingress_num_cpus}
+    if runtime_env:
+        ingress_options["runtime_env"] = runtime_env
+    ingress_replicas, per_node = deployment.ingress_replicas, {}
+    if deployment.ingress_per_node:
+        # Every node taking traffic gets its replicas (its listeners: a load balancer in front reaches each node);
+        # counted now, at deployment: a node that joins later has none until fleet is deployed again.
+        labels = dict(deployment.ingress_node_labels)
+        nodes = traffic_nodes(labels)
+        if not nodes:
+            raise ValueError(f"no alive Ray node has the labels {labels} that ingress_node_labels asks for")
+        ingress_replicas = deployment.ingress_per_node * len(nodes)
+        per_node = {"max_replicas_per_node": deployment.ingress_per_node}
+        if labels:
+            ingress_options["label_selector"] = labels
+        _log.info("ingress: %d replica(s) on each of %d node(s)", deployment.ingress_per_node, len(nodes))
     workers = {}
     for name in names:
         spec = repository.spec(name)
@@ -84,7 +100,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
             workers[name] = None
             _log.info("model %s: colocated in the ingress replicas", name)
             continue
-        inflight_per_replica = options.max_inflight_batches * deployment.ingress_replicas
+        inflight_per_replica = options.max_inflight_batches * ingress_replicas
         actor_options = {"num_cpus": deployment.worker_num_cpus, "num_gpus": 1 if use_gpu else 0}
         if runtime_env:
             actor_options["runtime_env"] = runtime_env
@@ -109,25 +125,9 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
                   version_retire_grace_s=options.version_retire_grace_s)
         )
         _log.info("model %s: %d worker replica(s)%s", name, replicas, " on GPU" if use_gpu else "")
-    ingress_options: dict = {"num_cpus": deployment.ingress_num_cpus}
-    if runtime_env:
-        ingress_options["runtime_env"] = runtime_env
-    replicas, per_node = deployment.ingress_replicas, {}
-    if deployment.ingress_per_node:
-        # Every node taking traffic gets its replicas (its listeners: a load balancer in front reaches each node);
-        # counted now, at deployment: a node that joins later has none until fleet is deployed again.
-        labels = dict(deployment.ingress_node_labels)
-        nodes = traffic_nodes(labels)
-        if not nodes:
-            raise ValueError(f"no alive Ray node has the labels {labels} that ingress_node_labels asks for")
-        replicas = deployment.ingress_per_node * len(nodes)
-        per_node = {"max_replicas_per_node": deployment.ingress_per_node}
-        if labels:
-            ingress_options["label_selector"] = labels
-        _log.info("ingress: %d replica(s) on each of %d node(s)", deployment.ingress_per_node, len(nodes))
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,
-        num_replicas=replicas,
+        num_replicas=ingress_replicas,
         max_ongoing_requests=10_000,
         ray_actor_options=ingress_options,
         **per_node,

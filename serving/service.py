@@ -317,10 +317,11 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
 
     def is_ready(self) -> bool:
         """Every model ready, but those an administrator unloaded (they are not meant to answer)."""
-        return all(s.ready for s in self.models.values() if not s.unloaded)
+        return self.unready_reason() is None
 
     def unready_reason(self) -> str | None:
-        """Why the server is not ready (the first model that is not, and why), None when it is."""
+        """Why the server is not ready (the first model that is not, but those an administrator unloaded, and
+        why), None when it is."""
         for name, state in self.models.items():
             if not state.ready and not state.unloaded:
                 why = state.error or state.backend_error or ("no version loaded" if not state.versions else "not ready")

@@ -18,6 +18,7 @@ from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSourc
                                YamlConfigSettingsSource)
 
 from serving.app import DeploymentOptions
+from serving.autoscale import AutoscalePolicy
 from serving.auth import as_digest
 from serving.options import ServingOptions
 
@@ -61,6 +62,13 @@ class FleetSettings(BaseSettings):
     ingress_num_cpus: float = Field(0.25, ge=0)
     worker_num_cpus: float = Field(0.25, ge=0)
     worker_replicas: int | None = Field(None, ge=1, description="default: the config's instance_group count")
+    ingress_autoscaling: AutoscalePolicy | None = Field(
+        None, description="scale the ingress replicas between min_replicas and max_replicas on the requests in "
+        "flight on their own sockets, target_load per replica (with upscale_delay_s, downscale_delay_s, "
+        "look_back_s), instead of a fixed ingress_replicas; e.g. {min_replicas: 1, max_replicas: 3, target_load: 8}")
+    worker_autoscaling: AutoscalePolicy | None = Field(
+        None, description="the same for split models' worker replicas, on the batches in flight to them "
+        "(target_load: batches per replica), instead of a fixed worker_replicas")
     worker_threads: int = Field(1, ge=1, description="torch intra-op threads per worker replica")
     max_inflight_batches: int = Field(2, ge=1, description="per model version and ingress replica")
     max_queue_size: int = Field(4096, ge=1, description="for configs that leave max_queue_size unbounded")
@@ -199,6 +207,19 @@ class FleetSettings(BaseSettings):
         return None if value is None else as_digest(value)
 
     @model_validator(mode="after")
+    def _one_way_to_count_replicas(self) -> "FleetSettings":
+        for kind, fixed in (("ingress", self.ingress_replicas), ("worker", self.worker_replicas)):
+            if getattr(self, f"{kind}_autoscaling") is not None and fixed is not None:
+                raise ValueError(f"set either {kind}_replicas ({fixed}) or {kind}_autoscaling, not both")
+        if self.ingress_autoscaling is not None and self.ingress_per_node is not None:
+            raise ValueError("set either ingress_per_node or ingress_autoscaling, not both")
+        return self
+
+    @property
+    def autoscales(self) -> bool:
+        return self.ingress_autoscaling is not None or self.worker_autoscaling is not None
+
+    @model_validator(mode="after")
     def _read_keys_file(self) -> "FleetSettings":
         if self.api_keys_file:
             path = Path(self.api_keys_file).expanduser().resolve()
@@ -292,6 +313,8 @@ class FleetSettings(BaseSettings):
             placement=self.placement,
             ingress_per_node=self.ingress_per_node,
             ingress_node_labels=tuple(sorted(self.ingress_node_labels.items())),
+            ingress_autoscaling=self.ingress_autoscaling,
+            worker_autoscaling=self.worker_autoscaling,
         )
 
 

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 
 from cluster.config import FleetSettings
 from cluster.ports import free_ports
+from serving.autoscale import METRIC_ENV
 from serving.http_server import port_is_free
 
 __all__ = ["LocalCluster", "ray_env", "replica_env", "fleet_app", "enable_request_migration"]
 
 # `ray_env` entries a replica reads (the rest concern the raylet, HAProxy or a local job's interpreter): what a
 # cluster fleet did not start gets through the deployments' runtime_env, and a Serve config file carries.
-_REPLICA_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "FLEET_REPOSITORY", "FLEET_DATA_DIR", "FLEET_TRAIN_STORAGE")
+_REPLICA_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "FLEET_REPOSITORY", "FLEET_DATA_DIR", "FLEET_TRAIN_STORAGE",
+                *METRIC_ENV)
 
 _log = logging.getLogger("fleet.cluster")
 
@@ -49,6 +51,8 @@ def ray_env(settings: FleetSettings) -> dict[str, str]:
         # to every other process on the node (the load generator, a Triton next door).
         "RAY_worker_niceness": "0",
     }
+    if settings.autoscales:
+        env.update(METRIC_ENV)  # the autoscaler's metrics within a second, not Serve's 10 s
     if settings.haproxy and settings.http_server == "serve":
         # HAProxy's stats/metrics ports default to fixed numbers; two clusters on one
         # machine (a user's and the tests') must not collide.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ray import serve
 from ray.serve import Application
 
+from serving.autoscale import AutoscalePolicy
 from serving.fallback import check_fallbacks
 from serving.ingress import Ingress
 from serving.model_config import PLACEMENT_PARAM, PREFER_LABELS_PARAM, node_labels
@@ -50,10 +51,23 @@ class DeploymentOptions:
     placement: str = "auto"  # "auto" | "colocated" | "split"
     ingress_per_node: int | None = None  # replicas on every node taking traffic, instead of ingress_replicas in all
     ingress_node_labels: tuple[tuple[str, str], ...] = ()  # the Ray labels of the nodes taking traffic (none: all)
+    ingress_autoscaling: AutoscalePolicy | None = None  # instead of a fixed ingress_replicas (serving/autoscale.py)
+    worker_autoscaling: AutoscalePolicy | None = None  # instead of a fixed worker_replicas
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.ingress_autoscaling is not None and self.ingress_per_node:
+            raise ValueError("ingress_autoscaling and ingress_per_node cannot both be set")
+
+
+def _count(fixed: int, policy: AutoscalePolicy | None) -> str:
+    return str(fixed) if policy is None else f"{policy.min_replicas}-{policy.max_replicas} (autoscaled)"
+
+
+def _replicas(fixed: int, policy: AutoscalePolicy | None) -> dict:
+    """A deployment's replica options: a fixed count, or Serve's autoscaling on fleet's policy."""
+    return {"num_replicas": fixed} if policy is None else {"autoscaling_config": policy.serve_config()}
 
 
 
@@ -100,7 +114,8 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
             workers[name] = None
             _log.info("model %s: colocated in the ingress replicas", name)
             continue
-        inflight_per_replica = options.max_inflight_batches * ingress_replicas
+        ingress_most = deployment.ingress_autoscaling.max_replicas if deployment.ingress_autoscaling else ingress_replicas
+        inflight_per_replica = options.max_inflight_batches * ingress_most
         actor_options = {"num_cpus": deployment.worker_num_cpus, "num_gpus": 1 if use_gpu else 0}
         if runtime_env:
             actor_options["runtime_env"] = runtime_env
@@ -112,7 +127,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
             serve.deployment(ModelWorker)
             .options(
                 name=worker_name(name),
-                num_replicas=replicas,
+                **_replicas(replicas, deployment.worker_autoscaling),
                 # The batchers bound what is in flight; this only has to stay above it.
                 max_ongoing_requests=max(8, 2 * inflight_per_replica),
                 ray_actor_options=actor_options,
@@ -124,10 +139,11 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
                   version_poll_interval_s=options.version_poll_interval_s,
                   version_retire_grace_s=options.version_retire_grace_s)
         )
-        _log.info("model %s: %d worker replica(s)%s", name, replicas, " on GPU" if use_gpu else "")
+        _log.info("model %s: %s worker replica(s)%s", name, _count(replicas, deployment.worker_autoscaling),
+                  " on GPU" if use_gpu else "")
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,
-        num_replicas=ingress_replicas,
+        **_replicas(ingress_replicas, deployment.ingress_autoscaling),
         max_ongoing_requests=10_000,
         ray_actor_options=ingress_options,
         **per_node,

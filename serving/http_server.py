@@ -302,6 +302,10 @@ class HttpListener:
     def alive(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
+    def in_flight(self) -> int:
+        """Requests read and not yet answered (being answered, or pipelined behind one): the autoscaling load."""
+        return sum(len(c.pending) + (c.task is not None) for c in self.connections)
+
     async def stop(self) -> None:
         """Drain: stop accepting, answer what was read (closing each connection after its answer),
         close connections idle for `drain_idle_close_s`, and by the grace period everything."""

@@ -26,6 +26,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import ReplicaUnavailableError
 
+from serving.autoscale import LOAD_METRIC
 from serving.batching import batch_deadline_ns
 from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
@@ -210,6 +211,11 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.service)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler cannot see the requests on this replica's own sockets: report them
+        (serving/autoscale.py; called by Serve only when the deployment autoscales)."""
+        return {LOAD_METRIC: float(self.listener.in_flight() if self.listener is not None else 0)}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose listener died is replaced."""

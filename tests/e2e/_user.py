@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.ports import free_ports
+
 BIN = Path(sys.executable).parent
 
 
@@ -22,3 +24,15 @@ def user_folder(root: Path) -> dict:
                "--rows", "4000", "--epochs", "2", "--if-empty"], root, env)
     assert out.returncode == 0, out.stderr
     return env
+
+
+def fleet_up(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`fleet up <args> --port P --dashboard-port D` on two ports chosen in one call; chosen again when one was
+    taken between choosing and binding. Returns (the run, the port flags)."""
+    for attempt in range(3):
+        port, dash = free_ports(2)
+        flags = ["--port", str(port), "--dashboard-port", str(dash)]
+        up = run(["fleet", "up", *args, *flags], cwd, env)
+        if up.returncode == 0 or "in use" not in up.stdout + up.stderr or attempt == 2:
+            return up, flags
+        run(["fleet", "down", *flags], cwd, env)

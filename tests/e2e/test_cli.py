@@ -21,6 +21,7 @@ import tritonclient.http as tc
 
 from benchmarks.fault_models import publish_slow
 from cluster.ports import free_ports
+from e2e._user import fleet_up
 from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
@@ -62,18 +63,6 @@ def _env(root: Path) -> dict:
     return env
 
 
-def _up(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`fleet up <args> --port P --dashboard-port D` on two ports chosen in one call; chosen again when one was
-    taken between choosing and binding. Returns (the run, the port flags)."""
-    for attempt in range(3):
-        port, dash = free_ports(2)
-        flags = ["--port", str(port), "--dashboard-port", str(dash)]
-        up = _run(["fleet", "up", *args, *flags], cwd, env)
-        if up.returncode == 0 or "in use" not in up.stdout + up.stderr or attempt == 2:
-            return up, flags
-        _run(["fleet", "down", *flags], cwd, env)
-
-
 def _ask_until_refused(url: str, body: bytes, answered: list, stop: threading.Event) -> None:
     """Send requests with ids until one fails (the cluster stopping); keep the ids answered 200."""
     i = 0
@@ -93,7 +82,7 @@ def _ask_until_refused(url: str, body: bytes, answered: list, stop: threading.Ev
 
 def test_up_status_curl_job_down(workdir: Path):
     env = _env(workdir)
-    up, flags = _up([], workdir, env)
+    up, flags = fleet_up([], workdir, env)
     port, dash = int(flags[1]), int(flags[3])
     down = None
     try:

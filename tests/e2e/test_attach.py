@@ -5,29 +5,29 @@ The cluster is started as a user does, with `ray start`: a head on 127.0.0.3 and
 machine's outward one), its own temp folder, stopped afterwards by killing exactly the processes that hold
 files in that folder (never `ray stop`, which stops every Ray on the machine). A detached actor stands for
 another application. fleet attaches with `--host node` (each ingress replica listens on its own node's address)
-and `--ingress-per-node 1`.
+and `--ingress-per-node 1`, its model in a worker replica on each node. A version published on the shared
+repository reaches both nodes; then the second node is killed under load (benchmarks/raynodes.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
-from e2e._user import BIN, run, user_folder
+from benchmarks.loadgen import Target, open_loop_records
+from benchmarks.raynodes import HEAD, NODE, kill_node, start_nodes
 from cluster.ports import free_ports
+from e2e._user import BIN, run, user_folder
+from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
-
-HEAD, NODE = "127.0.0.3", "127.0.0.2"
 
 # Run against the cluster (argv[1]: its address): start the other application, or report what runs.
 _SENTINEL = """
@@ -51,43 +51,6 @@ else:
 """
 
 
-def _stop_cluster(temp_dir: Path) -> None:
-    """Kill the processes holding a file under `temp_dir`: this cluster's, and no other Ray's."""
-    for _ in range(3):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fds = list((entry / "fd").iterdir())
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    if os.readlink(fd).startswith(str(temp_dir)):
-                        pids.append(int(entry.name))
-                        break
-                except OSError:
-                    continue
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(1.0)
-
-
-
-def _ray_start(args: list[str], cwd: Path, env: dict, log: Path) -> tuple[int, str]:
-    """`ray start args` with its output in `log`: the daemons it leaves running would hold a pipe open forever."""
-    with open(log, "a") as out:
-        code = subprocess.run(["ray", "start", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=120).returncode
-    return code, log.read_text()[-3000:]
-
-
 def _get(url: str) -> httpx.Response | None:
     try:
         return httpx.get(url, timeout=5)
@@ -95,66 +58,111 @@ def _get(url: str) -> httpx.Response | None:
         return None
 
 
-def test_fleet_up_address_serves_on_every_node_of_a_running_cluster_and_down_leaves_the_cluster(tmp_path: Path):
+def _publish_copy(repository: Path) -> int:
+    """Publish the newest fraud version again, as a new version (what a training job on the shared repository
+    does, without the training)."""
+    repo = ModelRepository(str(repository))
+    newest = repo.accepted_versions("fraud")[-1]
+    files = {"model.pt": (repository / "fraud" / str(newest) / "model.pt").read_bytes()}
+    return repo.publish("fraud", files, {**repo.metadata("fraud", newest), "copied_from": newest})
+
+
+def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leaves_the_cluster(tmp_path: Path):
     env = user_folder(tmp_path)
     env["RAY_AUTH_MODE"] = "token"  # the cluster's token authentication (~/.ray/auth_token), as a user sets it
-    temp = Path(f"/tmp/ray-attach-{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
+    # fraud in worker replicas (one per node, by Serve's spreading), so a batch in flight on the node that is
+    # lost has to be answered by the other one.
+    env.update(FLEET_PLACEMENT="split", FLEET_WORKER_REPLICAS="2")
+    nodes = None
     for attempt in range(3):
         gcs, dashboard, port = free_ports(3)  # the head's GCS and dashboard, fleet's port: distinct, in one call
+        nodes = start_nodes(tmp_path, env, gcs, dashboard)
+        if nodes is not None:
+            break
+    else:
+        pytest.fail((tmp_path / "ray-start.log").read_text()[-3000:])
+    try:
+        address = nodes.address
+
+        def sentinel(action: str):
+            out = run([str(BIN / "python"), "-c", _SENTINEL, address, action], tmp_path, env)
+            assert out.returncode == 0, out.stderr[-3000:]
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        assert sentinel("start") == "alive"
+        flags = ["--address", address, "--host", "node", "--port", str(port), "--ingress-per-node", "1",
+                 "--state-dir", str(tmp_path / "state")]
+        up = run(["fleet", "up", *flags], tmp_path, env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        rows = np.random.default_rng(3).normal(size=(2, 30)).astype(np.float32)
+        body = {"inputs": [{"name": "features", "shape": [2, 30], "datatype": "FP32", "data": rows.ravel().tolist()}]}
+        answers = []
+        for host in (HEAD, NODE):  # each node's own ingress answers on its own address
+            probe = _get(f"http://{host}:{port}/-/healthz")
+            assert probe is not None and probe.status_code == 200 and probe.text == "success", host
+            answer = httpx.post(f"http://{host}:{port}/v2/models/fraud/infer", json=body, timeout=30)
+            assert answer.status_code == 200, answer.text
+            answers.append(answer.json()["outputs"][0]["data"])
+        assert answers[0] == answers[1]  # the same model on both nodes
+        status = run(["fleet", "status", "--json", *flags], tmp_path, env)
+        info = json.loads(status.stdout)
+        assert info["attached"] and info["status"] == "ready", info
+        assert {h: (d.get("ingress"), d.get("worker-fraud")) for h, d in info["nodes"].items()} == \
+            {HEAD: (1, 1), NODE: (1, 1)}, info
+        assert "MonitorActor" in sentinel("check")["actors"]
+
+        # A version published on the shared repository reaches both nodes (each replica polls it).
+        version = _publish_copy(tmp_path / "model_repository")
+        deadline = time.monotonic() + 60
+        ready = {}
+        while time.monotonic() < deadline and not all(ready.values() or [False]):
+            for host in (HEAD, NODE):
+                probe = _get(f"http://{host}:{port}/v2/models/fraud/versions/{version}/ready")
+                ready[host] = probe is not None and probe.status_code == 200
+            time.sleep(0.5)
+        assert ready == {HEAD: True, NODE: True}, ready
+
+        # The second node lost under load: the head's ingress goes on, its batches on the lost node's worker
+        # answered by the head's.
+        killed_at, records, result = _load_while(port, lambda: kill_node(nodes.temp_dir, NODE))
+        failed = int(np.sum((records[:, 2] != 200) | (records[:, 4] != 0)))
+        after = records[records[:, 1] >= killed_at + 2.0]
+        print(f"\nnode lost under load: {len(records)} requests, {failed} failed, statuses {result.statuses}, "
+              f"errors {result.errors}; {len(after)} sent from 2 s after the loss, "
+              f"{int(np.sum(after[:, 2] != 200))} of them failed")
+        assert failed <= 0.001 * len(records), (result.statuses, result.errors)
+        assert len(after) > 100 and np.all(after[:, 2] == 200)  # the surviving node serves within 2 s
+        probe = _get(f"http://{HEAD}:{port}/-/healthz")
+        assert probe is not None and probe.status_code == 200 and probe.text == "success"
+        assert _get(f"http://{NODE}:{port}/-/healthz") is None  # the lost node answers nothing
+
+        down = run(["fleet", "down", *flags], tmp_path, env)
+        assert down.returncode == 0 and "fleet stopped" in down.stdout, down.stdout + down.stderr
+        # fleet's listener and actors are gone; the cluster (its head) and the other application are not.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _get(f"http://{HEAD}:{port}/v2/health/live"):
+            time.sleep(0.5)
+        assert not _get(f"http://{HEAD}:{port}/v2/health/live")
+        after = sentinel("check")
+        assert HEAD in after["nodes"] and after["sentinel"] == "alive", after
+        assert not {"MonitorActor", "ServeReplica:fleet:ingress"} & set(after["actors"]), after
+    finally:
+        nodes.stop()
+
+
+def _load_while(port: int, fault, rate: float = 200.0, duration_s: float = 10.0, at_s: float = 3.0):
+    """Open-loop load on the head's address; `fault()` at `at_s`. (fault time from the start, records, result)."""
+    body = orjson.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0.1] * 30}]})
+    target = [Target("/v2/models/fraud/infer", body, {"Content-Type": "application/json"})]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(at_s, loop.run_in_executor, None, fault)  # off the loop: it scans /proc
         try:
-            log = tmp_path / "ray-start.log"
-            code, said = _ray_start(["--head", f"--node-ip-address={HEAD}", f"--port={gcs}",
-                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                                     f"--temp-dir={temp}", "--disable-usage-stats"], tmp_path, env, log)
-            if code != 0 and attempt < 2:  # a port taken meanwhile: other ports
-                continue
-            assert code == 0, said
-            address = f"{HEAD}:{gcs}"
-            code, said = _ray_start([f"--address={address}", f"--node-ip-address={NODE}", "--num-cpus=2",
-                                     f"--temp-dir={temp}"], tmp_path, env, log)
-            assert code == 0, said
-
-            def sentinel(action: str):
-                out = run([str(BIN / "python"), "-c", _SENTINEL, address, action], tmp_path, env)
-                assert out.returncode == 0, out.stderr[-3000:]
-                return json.loads(out.stdout.strip().splitlines()[-1])
-
-            assert sentinel("start") == "alive"
-            flags = ["--address", address, "--host", "node", "--port", str(port), "--ingress-per-node", "1",
-                     "--state-dir", str(tmp_path / "state")]
-            up = run(["fleet", "up", *flags], tmp_path, env)
-            if up.returncode != 0 and "in use" in up.stdout + up.stderr and attempt < 2:
-                run(["fleet", "down", *flags], tmp_path, env)
-                continue
-            assert up.returncode == 0, up.stdout + up.stderr
-            rows = np.random.default_rng(3).normal(size=(2, 30)).astype(np.float32)
-            body = {"inputs": [{"name": "features", "shape": [2, 30], "datatype": "FP32",
-                                "data": rows.ravel().tolist()}]}
-            answers = []
-            for host in (HEAD, NODE):  # each node's own ingress answers on its own address
-                probe = _get(f"http://{host}:{port}/-/healthz")
-                assert probe is not None and probe.status_code == 200 and probe.text == "success", host
-                answer = httpx.post(f"http://{host}:{port}/v2/models/fraud/infer", json=body, timeout=30)
-                assert answer.status_code == 200, answer.text
-                answers.append(answer.json()["outputs"][0]["data"])
-            assert answers[0] == answers[1]  # the same model on both nodes
-            status = run(["fleet", "status", "--json", *flags], tmp_path, env)
-            info = json.loads(status.stdout)
-            assert info["attached"] and info["status"] == "ready", info
-            assert {h: d.get("ingress") for h, d in info["nodes"].items()} == {HEAD: 1, NODE: 1}, info
-            assert "MonitorActor" in sentinel("check")["actors"]
-            down = run(["fleet", "down", *flags], tmp_path, env)
-            assert down.returncode == 0 and "fleet stopped" in down.stdout, down.stdout + down.stderr
-            # fleet's listeners and actors are gone; the cluster, its two nodes and the other application are not.
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and any(_get(f"http://{h}:{port}/v2/health/live") for h in (HEAD, NODE)):
-                time.sleep(0.5)
-            assert not any(_get(f"http://{h}:{port}/v2/health/live") for h in (HEAD, NODE))
-            after = sentinel("check")
-            assert after["nodes"] == sorted((HEAD, NODE)) and after["sentinel"] == "alive", after
-            assert not {"MonitorActor", "ServeReplica:fleet:ingress"} & set(after["actors"]), after
-            return
+            records, result = await open_loop_records(HEAD, port, target, rate, duration_s, seed=5,
+                                                      max_connections=32, timeout_s=30)
         finally:
-            _stop_cluster(temp)
-            shutil.rmtree(temp, ignore_errors=True)
-    pytest.fail("no free ports after three attempts")
+            timer.cancel()
+        return at_s - 0.005, records, result  # (the schedule starts 5 ms after the call)
+
+    return asyncio.run(scenario())

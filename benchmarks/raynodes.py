@@ -9,6 +9,7 @@ crashed machine would: its raylet, the agents and workers under it, and its log 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -17,7 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HEAD", "NODE", "RayNodes", "start_nodes", "processes_under", "kill_node"]
+import numpy as np
+import orjson
+
+from benchmarks.loadgen import LoadResult, Target, open_loop_records
+
+__all__ = ["HEAD", "NODE", "RayNodes", "start_nodes", "processes_under", "kill_node", "load_with_fault",
+           "FRAUD_TARGET"]
 
 HEAD, NODE = "127.0.0.3", "127.0.0.2"
 
@@ -110,7 +117,7 @@ def _ray_start(args: list[str], cwd: Path, env: dict, log: Path) -> tuple[int, s
 
 
 def start_nodes(cwd: Path, env: dict, gcs_port: int, dashboard_port: int, *, cpus: int = 2,
-                temp_dir: Path | None = None) -> RayNodes | None:
+                temp_dir: Path | None = None, second: bool = True) -> RayNodes | None:
     """Start the head and the second node; None when the head could not start (most likely a port taken
     meanwhile: the caller picks other ports; `ray-start.log` in `cwd` says). `env`: the venv's `ray` first on PATH."""
     temp = temp_dir or Path(f"/tmp/ray-nodes-{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
@@ -122,9 +129,34 @@ def start_nodes(cwd: Path, env: dict, gcs_port: int, dashboard_port: int, *, cpu
     if code != 0:
         nodes.stop()
         return None
+    if not second:
+        return nodes
     code, said = _ray_start([f"--address={nodes.address}", f"--node-ip-address={NODE}", f"--num-cpus={cpus}",
                              f"--temp-dir={temp}"], cwd, env, log)
     if code != 0:
         nodes.stop()
         raise RuntimeError(f"ray start (second node) failed:\n{said}")
     return nodes
+
+
+FRAUD_TARGET = Target("/v2/models/fraud/infer", orjson.dumps(
+    {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0.1] * 30}]}),
+    {"Content-Type": "application/json"})
+
+
+def load_with_fault(host: str, port: int, fault, rate: float = 200.0, duration_s: float = 10.0, at_s: float = 3.0,
+                    seed: int = 5) -> tuple[float, np.ndarray, LoadResult]:
+    """Open-loop load of one-row fraud requests on host:port, `fault()` called (on a thread) `at_s` into it.
+    Returns (the fault's time on the records' clock, the records (`open_loop_records`), the result)."""
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(at_s, loop.run_in_executor, None, fault)
+        try:
+            records, result = await open_loop_records(host, port, [FRAUD_TARGET], rate, duration_s, seed=seed,
+                                                      max_connections=32, timeout_s=30)
+        finally:
+            timer.cancel()
+        return at_s - 0.005, records, result  # (the schedule starts 5 ms after the call)
+
+    return asyncio.run(scenario())

@@ -11,18 +11,15 @@ repository reaches both nodes; then the second node is killed under load (benchm
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import orjson
 import pytest
 
-from benchmarks.loadgen import Target, open_loop_records
-from benchmarks.raynodes import HEAD, NODE, kill_node, start_nodes
+from benchmarks.raynodes import HEAD, NODE, kill_node, load_with_fault, start_nodes
 from cluster.ports import free_ports
 from e2e._user import BIN, run, user_folder
 from serving.registry import ModelRepository
@@ -124,7 +121,7 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
 
         # The second node lost under load: the head's ingress goes on, its batches on the lost node's worker
         # answered by the head's.
-        killed_at, records, result = _load_while(port, lambda: kill_node(nodes.temp_dir, NODE))
+        killed_at, records, result = load_with_fault(HEAD, port, lambda: kill_node(nodes.temp_dir, NODE))
         failed = int(np.sum((records[:, 2] != 200) | (records[:, 4] != 0)))
         after = records[records[:, 1] >= killed_at + 2.0]
         print(f"\nnode lost under load: {len(records)} requests, {failed} failed, statuses {result.statuses}, "
@@ -148,21 +145,3 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
         assert not {"MonitorActor", "ServeReplica:fleet:ingress"} & set(after["actors"]), after
     finally:
         nodes.stop()
-
-
-def _load_while(port: int, fault, rate: float = 200.0, duration_s: float = 10.0, at_s: float = 3.0):
-    """Open-loop load on the head's address; `fault()` at `at_s`. (fault time from the start, records, result)."""
-    body = orjson.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0.1] * 30}]})
-    target = [Target("/v2/models/fraud/infer", body, {"Content-Type": "application/json"})]
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(at_s, loop.run_in_executor, None, fault)  # off the loop: it scans /proc
-        try:
-            records, result = await open_loop_records(HEAD, port, target, rate, duration_s, seed=5,
-                                                      max_connections=32, timeout_s=30)
-        finally:
-            timer.cancel()
-        return at_s - 0.005, records, result  # (the schedule starts 5 ms after the call)
-
-    return asyncio.run(scenario())

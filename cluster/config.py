@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
                                YamlConfigSettingsSource)
 
 from serving.app import DeploymentOptions
 from serving.autoscale import AutoscalePolicy
 from serving.auth import as_digest
+from serving.monitoring.alerts import audit_dir_for
 from serving.options import ServingOptions
+from serving.storage import check_root, is_uri
 
 __all__ = ["FleetSettings", "load_settings", "SECRET_ENV"]
 
@@ -123,7 +125,8 @@ class FleetSettings(BaseSettings):
                                         "least recently seen are forgotten first")
     state_dir: str = Field(".fleet", description="where `fleet up` keeps its pid, state and log")
     data_dir: str = Field("data", description="training data of the cluster's jobs: example parquet files, "
-                          "logged traffic under traffic/<model>/ (FLEET_DATA_DIR in the jobs)")
+                          "logged traffic under traffic/<model>/ (FLEET_DATA_DIR in the jobs); a path or a "
+                          "pyarrow.fs URI (s3://bucket/data?region=...), the audit files then in <state_dir>/audit")
     train_storage: str | None = Field(None, description="where training jobs keep checkpoints "
                                       "(FLEET_TRAIN_STORAGE in the jobs; default <state_dir>/train)")
     # Monitoring (serving/monitoring/): the prediction log, feedback, drift, quality, alerts, retraining.
@@ -176,8 +179,8 @@ class FleetSettings(BaseSettings):
     @field_validator("repository")
     @classmethod
     def _absolute_repository(cls, value: str) -> str:
-        # Jobs and replicas run in other working directories: pin local paths down.
-        return value if "://" in value else str(Path(value).expanduser().resolve())
+        # Jobs and replicas run in other working directories: pin local paths down; a URI is checked offline.
+        return check_root(value, "repository") if is_uri(value) else str(Path(value).expanduser().resolve())
 
     @field_validator("alert_webhook_token_file")
     @classmethod
@@ -186,8 +189,13 @@ class FleetSettings(BaseSettings):
 
     @field_validator("data_dir", "state_dir", "train_storage")
     @classmethod
-    def _absolute_path(cls, value: str | None) -> str | None:
+    def _absolute_path(cls, value: str | None, info: ValidationInfo) -> str | None:
         # A job runs in Ray's copy of the working dir: a relative path would point into that copy.
+        if value is not None and is_uri(value):
+            if info.field_name == "state_dir":
+                raise ValueError(f"state_dir must be a local folder (pid, logs, and the audit files when data_dir "
+                                 f"is on an object store), got {value!r}")
+            return check_root(value, info.field_name)  # the data folder or checkpoints on an object store
         return None if value is None else str(Path(value).expanduser().resolve())
 
     @field_validator("api_keys", mode="before")
@@ -283,6 +291,7 @@ class FleetSettings(BaseSettings):
             rate_limit_burst=self.rate_limit_burst or max(1, math.ceil(self.rate_limit_rps or 1)),
             rate_limit_max_clients=self.rate_limit_max_clients,
             data_dir=self.data_dir if self.log_predictions else None,
+            audit_dir=audit_dir_for(self.data_dir if self.log_predictions else None, self.state_dir),
             log_flush_rows=self.log_flush_rows,
             log_flush_interval_s=self.log_flush_interval_s,
             log_buffer_rows=self.log_buffer_rows,

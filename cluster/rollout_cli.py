@@ -82,11 +82,14 @@ def _print_state(doc: dict) -> None:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     if args.action == "replay":
+        from serving.monitoring.alerts import audit_dir_for, audit_folder
         from serving.rollout.replay import replay_file, tick_files
 
-        files = tick_files(args.data_dir or "data", args.model)
+        data_dir = args.data_dir or "data"
+        audit_dir = audit_dir_for(data_dir, args.state_dir)  # a data folder on an object store: <state_dir>/audit
+        files = tick_files(data_dir, args.model, audit_dir)
         if not files:
-            print(f"fleet: no recorded rollout of {args.model!r} under {args.data_dir or 'data'}/audit/rollout-ticks")
+            print(f"fleet: no recorded rollout of {args.model!r} under {audit_folder(data_dir, audit_dir)}/rollout-ticks")
             return 1
         bad = 0
         for path in files:

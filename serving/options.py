@@ -45,8 +45,12 @@ class ServingOptions:
     rate_limit_rps: float | None = None
     rate_limit_burst: int = 1
     rate_limit_max_clients: int = 10_000  # buckets kept per ingress replica (idle ones dropped first)
-    # Monitoring (serving/monitoring/): where the prediction log and labels go (None: nothing is logged) ...
+    # Monitoring (serving/monitoring/): where the prediction log and labels go (None: nothing is logged): a
+    # local folder or a pyarrow.fs URI (serving/storage.py) ...
     data_dir: str | None = None
+    # ... and the audit files (JSON lines, appended): None for <data_dir>/audit; a local folder when data_dir
+    # is on an object store, which cannot append.
+    audit_dir: str | None = None
     log_flush_rows: int = 10_000  # a replica writes a file every this many rows ...
     log_flush_interval_s: float = 5.0  # ... or this often, whichever comes first
     log_buffer_rows: int = 200_000  # rows a replica holds while the sink is slow; past it they are dropped, counted

@@ -363,11 +363,12 @@ def _bootstrap_with_ray(args: argparse.Namespace) -> int:
     path = ensure_example_data(root, FRAUD_MODEL, rows=args.rows, seed=args.seed)
     print(f"example data: {path}", flush=True)
     repository = os.path.abspath(args.repository) if "://" not in args.repository else args.repository
+    # Checkpoints beside the data on a local disk; with the data on an object store, retrain's default folder.
+    storage = [] if "://" in root else ["--storage-path", os.path.join(root, "checkpoints")]
     try:
-        return retrain.main(["--model", FRAUD_MODEL, "--repository", repository, "--data-dir", str(root),
+        return retrain.main(["--model", FRAUD_MODEL, "--repository", repository, "--data-dir", root,
                              "--num-workers", "1", "--cpus-per-worker", "1", "--epochs", str(args.epochs),
-                             "--seed", str(args.seed), "--no-traffic", "--use-gpu", "no",
-                             "--storage-path", str(root / "checkpoints")])
+                             "--seed", str(args.seed), "--no-traffic", "--use-gpu", "no", *storage])
     finally:
         ray.shutdown()
 

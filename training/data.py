@@ -2,7 +2,9 @@
 
 A job runs in Ray's copy of the working dir, where `data/` is left out of the
 upload (.rayignore): the data folder is an absolute path, from `--data-dir`,
-else `FLEET_DATA_DIR` (set by `fleet up` for its jobs), else `./data`.
+else `FLEET_DATA_DIR` (set by `fleet up` for its jobs), else `./data`; or a
+URI (`s3://bucket/data?region=...`, `serving.storage`), every file then listed,
+read and written through its pyarrow filesystem (`DataSources.filesystem`).
 
     <data>/fraud/*.parquet                       example data (`python -m training.datasets fraud`):
                                                  the 30 feature columns and "label"
@@ -28,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from serving.storage import is_uri, list_files, locate, write_whole
 from training.datasets import FRAUD_FEATURES, write_fraud_parquet
 from training.traffic import DEFAULT_LABEL_WINDOW_DAYS, LabelledTraffic, feature_columns, read_labelled_traffic
 
@@ -48,30 +52,36 @@ LABEL = "label"
 TRAFFIC = "traffic"  # 1.0 for a row from logged traffic, 0.0 for an example row
 
 
-def data_dir(flag: str | None = None) -> Path:
-    """The data folder, absolute: the flag, else FLEET_DATA_DIR, else ./data."""
-    return Path(flag or os.environ.get(DATA_ENV) or "data").expanduser().resolve()
+def data_dir(flag: str | None = None) -> str:
+    """The data folder: the flag, else FLEET_DATA_DIR, else ./data; a local one made absolute, a URI as it is."""
+    root = flag or os.environ.get(DATA_ENV) or "data"
+    return root if is_uri(root) else str(Path(root).expanduser().resolve())
 
 
-def ensure_example_data(root: Path, model: str = "fraud", rows: int = EXAMPLE_ROWS, seed: int = 0) -> Path:
-    """The example parquet file of `model` under `root/<model>/`, written (seeded, baseline) if missing."""
+def ensure_example_data(root: str | Path, model: str = "fraud", rows: int = EXAMPLE_ROWS, seed: int = 0) -> str:
+    """The example parquet file of `model` under `root/<model>/` (its path in root's filesystem), written (seeded,
+    baseline) if missing."""
     if model != "fraud":
         raise ValueError(f"no example data for model {model!r}; the examples are: fraud")
-    path = root / model / f"fraud-baseline-seed{seed}-{rows}.parquet"
-    if not path.exists():
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        write_fraud_parquet(str(tmp), rows, seed=seed)
-        os.replace(tmp, path)  # a concurrent job sees the whole file or none
+    location = locate(str(root))
+    path = location.sub(model, f"fraud-baseline-seed{seed}-{rows}.parquet")
+    if location.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        # A concurrent job sees the whole file or none.
+        write_whole(location.fs, path, lambda target: write_fraud_parquet(target, rows, seed=seed,
+                                                                          filesystem=location.fs))
     return path
 
 
 @dataclass(frozen=True)
 class DataSources:
-    """The parquet files a run reads: example data, and the prediction log and label files it joined, each sorted."""
+    """The parquet files a run reads: example data, and the prediction log and label files it joined, each sorted.
+
+    The paths are in `filesystem` (the data folder's; None: the local one)."""
 
     example: tuple[str, ...]
     traffic: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    filesystem: pafs.FileSystem | None = None
 
     @property
     def files(self) -> list[str]:
@@ -79,32 +89,27 @@ class DataSources:
 
     def describe(self) -> dict:
         """Paths, per-file SHA-256 and the fingerprint of them all: what metadata.json records."""
-        per_file = {p: file_fingerprint(p) for p in self.files}
+        per_file = {p: file_fingerprint(p, self.filesystem) for p in self.files}
         overall = hashlib.sha256("".join(per_file[p] for p in self.files).encode()).hexdigest()
         return {"sha256": overall, "files": per_file, "example_files": len(self.example),
                 "traffic_files": len(self.traffic), "label_files": len(self.labels)}
 
 
-def _parquet_files(folder: Path) -> tuple[str, ...]:
-    if not folder.is_dir():
-        return ()
-    return tuple(sorted(str(p) for p in folder.rglob("*.parquet") if p.is_file()))
-
-
-def example_files(root: Path, model: str = "fraud") -> tuple[str, ...]:
+def example_files(root: str | Path, model: str = "fraud") -> tuple[str, ...]:
     """The example files of `model` under `root/<model>/` (the seeded example written first if there is none)."""
-    files = _parquet_files(root / model)
+    location = locate(str(root))
+    files = tuple(list_files(location.fs, location.sub(model)))
     if not files:
         ensure_example_data(root, model)
-        files = _parquet_files(root / model)
+        files = tuple(list_files(location.fs, location.sub(model)))
     return files
 
 
-def check_example_files(files: tuple[str, ...], columns: list[str]) -> None:
+def check_example_files(files: tuple[str, ...], columns: list[str], filesystem: pafs.FileSystem | None = None) -> None:
     """SystemExit naming the first example file that cannot be read or lacks one of `columns` (footers only)."""
     for path in files:
         try:
-            names = pq.read_schema(path).names
+            names = pq.read_schema(path, filesystem=filesystem).names
         except (OSError, pa.ArrowException) as exc:
             raise SystemExit(f"example data {path}: not a readable parquet file ({exc})") from exc
         missing = [c for c in columns if c not in names]
@@ -113,18 +118,19 @@ def check_example_files(files: tuple[str, ...], columns: list[str]) -> None:
                              f"(python -m training.datasets writes such files)")
 
 
-def find_sources(root: Path, model: str, traffic: LabelledTraffic | None = None) -> DataSources:
+def find_sources(root: str | Path, model: str, traffic: LabelledTraffic | None = None) -> DataSources:
     """The example files of `model` and, when given, the log and label files `traffic` was joined from."""
     files = example_files(root, model)
+    fs = locate(str(root)).fs
     if traffic is None:
-        return DataSources(files)
-    return DataSources(files, traffic.traffic_files, traffic.label_files)
+        return DataSources(files, filesystem=fs)
+    return DataSources(files, traffic.traffic_files, traffic.label_files, filesystem=fs)
 
 
-def file_fingerprint(path: str) -> str:
+def file_fingerprint(path: str, filesystem: pafs.FileSystem | None = None) -> str:
     """SHA-256 of a file's bytes: the training-data fingerprint is made of these."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (filesystem or pafs.LocalFileSystem()).open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -172,7 +178,7 @@ def to_training_batch(batch: dict, traffic: bool = False) -> dict:
             TRAFFIC: np.full(len(labels), 1.0 if traffic else 0.0, np.float32)}
 
 
-def fraud_traffic(root: Path, served: str, *, window_days: float = DEFAULT_LABEL_WINDOW_DAYS,
+def fraud_traffic(root: str | Path, served: str, *, window_days: float = DEFAULT_LABEL_WINDOW_DAYS,
                   ) -> tuple[LabelledTraffic, np.ndarray, np.ndarray]:
     """The served model's labelled traffic: (the join and its report, features float32 [n, 30], labels int64 [n]).
 
@@ -207,7 +213,8 @@ def read_fraud(sources: DataSources, traffic: tuple[np.ndarray, np.ndarray] | No
     """A Ray Dataset of the example files' rows and the joined traffic rows (x, y) as training batches."""
     import ray.data
 
-    ds = ray.data.read_parquet(list(sources.example), columns=[*FRAUD_FEATURES, LABEL], num_cpus=num_cpus)
+    ds = ray.data.read_parquet(list(sources.example), columns=[*FRAUD_FEATURES, LABEL], num_cpus=num_cpus,
+                               filesystem=sources.filesystem)
     ds = ds.map_batches(to_training_batch, batch_format="numpy", num_cpus=num_cpus)
     if traffic is not None and len(traffic[1]):
         logged = ray.data.from_arrow(_traffic_table(*traffic))

@@ -174,8 +174,10 @@ def make_fraud(n_rows: int, *, seed: int = 0, scenario: str = "baseline") -> tup
     return x.astype(np.float32), (score > threshold).astype(np.int64)
 
 
-def write_fraud_parquet(path: str, n_rows: int, seed: int = 0, scenario: str = "baseline") -> str:
-    """Write `make_fraud(n_rows, seed=seed, scenario=scenario)` as parquet (feature columns + "label"); return path."""
+def write_fraud_parquet(path: str, n_rows: int, seed: int = 0, scenario: str = "baseline", *, filesystem=None) -> str:
+    """Write `make_fraud(n_rows, seed=seed, scenario=scenario)` as parquet (feature columns + "label"); return path.
+
+    `filesystem`: a pyarrow filesystem `path` is in (its folder is not created); None: a local path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -185,9 +187,9 @@ def write_fraud_parquet(path: str, n_rows: int, seed: int = 0, scenario: str = "
     table = pa.table(columns).replace_schema_metadata(
         {"fleet.generator": "training.datasets.make_fraud", "fleet.seed": str(seed), "fleet.scenario": scenario}
     )
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    pq.write_table(table, path)
+    if filesystem is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path, filesystem=filesystem)
     return path
 
 
@@ -220,8 +222,10 @@ def load_digits(*, seed: int = 0, holdout_fraction: float = 0.2) -> DigitsSplit:
     return DigitsSplit(images[train], labels[train], images[holdout], labels[holdout])
 
 
-def write_digits_parquet(path: str, seed: int = 0) -> str:
-    """Write `load_digits(seed=seed)` as parquet: "image" (list<list<uint8>>, 8 x 8), "label", "split"; return path."""
+def write_digits_parquet(path: str, seed: int = 0, *, filesystem=None) -> str:
+    """Write `load_digits(seed=seed)` as parquet: "image" (list<list<uint8>>, 8 x 8), "label", "split"; return path.
+
+    `filesystem`: a pyarrow filesystem `path` is in (its folder is not created); None: a local path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -232,8 +236,9 @@ def write_digits_parquet(path: str, seed: int = 0) -> str:
     table = pa.table({"image": pa.array(images.tolist(), type=pa.list_(pa.list_(pa.uint8()))),
                       "label": pa.array(labels), "split": pa.array(which)})
     table = table.replace_schema_metadata({"fleet.source": "sklearn.datasets.load_digits", "fleet.seed": str(seed)})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(table, path)
+    if filesystem is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path, filesystem=filesystem)
     return path
 
 

@@ -18,15 +18,16 @@ validation, the rest train.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from serving.storage import list_files, locate, write_whole
 from training.data import HOLDOUT_PERCENT, VALIDATION_PERCENT, DataSources, SplitRows, check_example_files, split_buckets
 from training.datasets import write_digits_parquet
 from training.digits import DIGITS_SIZE, normalize_digits
@@ -56,25 +57,27 @@ class DigitsRows:
     traffic_report: dict = field(default_factory=dict)
 
 
-def digits_example_files(root: Path, seed: int = 0) -> tuple[str, ...]:
-    """The example parquet files under `root/digits/`, the seeded one written first when there is none."""
-    folder = root / "digits"
-    files = tuple(sorted(str(p) for p in folder.glob("*.parquet"))) if folder.is_dir() else ()
+def digits_example_files(root: str | Path, seed: int = 0) -> tuple[str, ...]:
+    """The example parquet files under `root/digits/` (paths in root's filesystem), the seeded one written first
+    when there is none."""
+    location = locate(str(root))
+    folder = location.sub("digits")
+    files = tuple(p for p in list_files(location.fs, folder) if "/" not in p[len(folder) + 1:])  # not in sub-folders
     if not files:
-        path = folder / f"digits-seed{seed}.parquet"
-        tmp = folder / f".digits-seed{seed}.{os.getpid()}.tmp"
-        write_digits_parquet(str(tmp), seed=seed)
-        os.replace(tmp, path)  # a concurrent job sees the whole file or none
-        files = (str(path),)
+        path = location.sub("digits", f"digits-seed{seed}.parquet")
+        # A concurrent job sees the whole file or none.
+        write_whole(location.fs, path, lambda target: write_digits_parquet(target, seed=seed, filesystem=location.fs))
+        files = (path,)
     return files
 
 
-def read_example_digits(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_example_digits(files: tuple[str, ...], filesystem: pafs.FileSystem | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(normalised images float32 [n, 1, 8, 8], labels int64 [n], holdout bool [n]) of the example files."""
-    check_example_files(files, ["image", "label"])
-    table = pa.concat_tables([pq.read_table(p, columns=[c for c in ("image", "label", "split")
-                                                         if c in pq.read_schema(p).names]) for p in files],
-                             promote_options="default")
+    check_example_files(files, ["image", "label"], filesystem)
+    table = pa.concat_tables([pq.read_table(p, filesystem=filesystem, columns=[
+        c for c in ("image", "label", "split") if c in pq.read_schema(p, filesystem=filesystem).names]) for p in files],
+        promote_options="default")
     images = table.column("image").combine_chunks()
     rows = pc.list_value_length(images).to_numpy(zero_copy_only=False)
     pixels = pc.list_flatten(images)
@@ -91,7 +94,7 @@ def read_example_digits(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray,
     return normalize_digits(raw), labels, holdout
 
 
-def digits_traffic(root: Path, served: str, *, window_days: float = DEFAULT_LABEL_WINDOW_DAYS,
+def digits_traffic(root: str | Path, served: str, *, window_days: float = DEFAULT_LABEL_WINDOW_DAYS,
                    ) -> tuple[LabelledTraffic, np.ndarray, np.ndarray]:
     """The served model's labelled traffic: (the join and its report, normalised images [n, 1, 8, 8], labels [n]).
 
@@ -138,17 +141,19 @@ def to_ray_dataset(split: DigitsSplit):
     return ray.data.from_arrow(table)
 
 
-def digits_rows(root: Path, served: str, *, include_traffic: bool = True,
+def digits_rows(root: str | Path, served: str, *, include_traffic: bool = True,
                 window_days: float = DEFAULT_LABEL_WINDOW_DAYS) -> DigitsRows:
     """The example images and (unless not `include_traffic`) the served model's labelled traffic, split."""
     files = digits_example_files(root)
-    x_ex, y_ex, hold_ex = read_example_digits(files)
+    fs = locate(str(root)).fs
+    x_ex, y_ex, hold_ex = read_example_digits(files, fs)
     if include_traffic:
         joined, x_tr, y_tr = digits_traffic(root, served, window_days=window_days)
-        sources, report = DataSources(files, joined.traffic_files, joined.label_files), joined.report
+        sources = DataSources(files, joined.traffic_files, joined.label_files, filesystem=fs)
+        report = joined.report
     else:
         x_tr, y_tr = np.zeros((0, *x_ex.shape[1:]), np.float32), np.zeros(0, np.int64)
-        sources, report = DataSources(files), {"included": False}
+        sources, report = DataSources(files, filesystem=fs), {"included": False}
     x = np.concatenate([x_ex, x_tr])
     y = np.concatenate([y_ex, y_tr])
     traffic = np.concatenate([np.zeros(len(y_ex), bool), np.ones(len(y_tr), bool)])

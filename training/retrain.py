@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from serving.registry import ModelRepository
+from serving.storage import is_uri
 from training.bootstrap import TrainParams, reference_stats
 from training.data import (DEFAULT_TRAFFIC_SHARE, DataSources, SplitRows, check_example_files, data_dir,
-                           example_files, find_sources, fraud_traffic, newest_rows, read_fraud, source_weights,
+                           find_sources, fraud_traffic, newest_rows, read_fraud, source_weights,
                            split_fraud, to_numpy)
 from training.datasets import FRAUD_FEATURES
 from training.preprocess_reference import feature_stats
@@ -83,13 +84,14 @@ class Prepared:
                          "(training.data.split_buckets), for example and traffic rows alike"}
 
 
-def prepare(model: str, root: Path, *, served: str | None = None, include_traffic: bool = True,
+def prepare(model: str, root: str | Path, *, served: str | None = None, include_traffic: bool = True,
             window_days: float = DEFAULT_LABEL_WINDOW_DAYS, traffic_share: float = DEFAULT_TRAFFIC_SHARE,
             reference_rows: int = REFERENCE_ROWS, log=print) -> Prepared:
     """Read the example data (Ray Data) and `served`'s labelled traffic (pyarrow), split, weigh; stats on the driver."""
     if model != "fraud":
         raise SystemExit(f"--model {model!r}: this path trains fraud")
-    check_example_files(example_files(root, model), [*FRAUD_FEATURES, "label"])
+    sources = find_sources(root, model)
+    check_example_files(sources.example, [*FRAUD_FEATURES, "label"], sources.filesystem)
     joined, traffic_rows, report, recent = None, None, {"included": False}, None
     if include_traffic:
         joined, x_t, y_t = fraud_traffic(root, served or model, window_days=window_days)
@@ -98,7 +100,7 @@ def prepare(model: str, root: Path, *, served: str | None = None, include_traffi
             recent = newest_rows(joined, x_t, y_t, reference_rows)
     for line in summarize(report):
         log(line)
-    sources = find_sources(root, model, joined)
+    sources = find_sources(root, model, joined) if joined is not None else sources
     _warn_if_short_of_cpu(log)
     log(f"data: {len(sources.example)} example file(s), {len(sources.traffic)} traffic and {len(sources.labels)} "
         f"label file(s) under {root}")
@@ -242,7 +244,9 @@ def quiet_train_logs() -> None:
 
 
 def storage_path(flag: str | None) -> str:
-    return str(Path(flag or os.environ.get(STORAGE_ENV) or "~/ray_results").expanduser().resolve())
+    """Where checkpoints go: a local folder made absolute, or a URI Ray Train writes to (s3://bucket/checkpoints)."""
+    where = flag or os.environ.get(STORAGE_ENV) or "~/ray_results"
+    return where if is_uri(where) else str(Path(where).expanduser().resolve())
 
 
 @dataclass
@@ -251,7 +255,7 @@ class JobStart:
 
     repo: ModelRepository
     model: str  # the served model: published under, its traffic read
-    root: Path  # the data folder
+    root: str  # the data folder: an absolute path or a URI
     storage: str
     name: str  # of the run (its checkpoint folder)
     started: float  # perf_counter

@@ -27,6 +27,9 @@ Everything counted on the way (unlabelled predictions, labels without a predicti
 outside the window, invalid labels, rows without a key, skipped files and why) goes into the
 report that metadata.json records under `training_data.traffic`, with the files read, the
 `joined_rows` and, per version, their count and date range.
+
+`<data>` is a local folder or a URI (`serving.storage`: s3://bucket/data?region=...): the files
+are listed and read through its pyarrow filesystem, and named by their path in it.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from serving.monitoring.join import last_per_key
+from serving.storage import join_uri, list_files, locate
 
 __all__ = [
     "KEYS", "DEFAULT_LABEL_WINDOW_DAYS", "LogColumns", "feature_columns", "image_columns", "LabelledTraffic",
@@ -124,28 +129,22 @@ class LabelledTraffic:
         return self.table.num_rows
 
 
-def traffic_folder(root: Path, model: str) -> Path:
-    return root / "traffic" / model
+def traffic_folder(root: str | Path, model: str) -> str:
+    """The served model's log folder (a path, or a URI when the data folder is one)."""
+    return join_uri(str(root), "traffic", model)
 
 
-def labels_folder(root: Path, model: str) -> Path:
-    return root / "labels" / model
+def labels_folder(root: str | Path, model: str) -> str:
+    return join_uri(str(root), "labels", model)
 
 
-def _parquet_files(folder: Path) -> list[str]:
-    """Parquet files under `folder`, sorted by path; names starting with '.' or '_' (in-flight writes) left out."""
-    if not folder.is_dir():
-        return []
-    return sorted(str(p) for p in folder.rglob("*.parquet")
-                  if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
-
-
-def _screen(files: list[str], problem: Callable[[pa.Schema], str | None]) -> tuple[list[str], list[dict]]:
+def _screen(files: list[str], problem: Callable[[pa.Schema], str | None],
+            fs: pafs.FileSystem) -> tuple[list[str], list[dict]]:
     """(usable files, [{path, rows, reason}] of the skipped ones), from each file's footer."""
     usable, skipped = [], []
     for path in files:
         try:
-            meta = pq.read_metadata(path)
+            meta = pq.read_metadata(path, filesystem=fs)
             reason = problem(meta.schema.to_arrow_schema())
             rows = meta.num_rows
         except (OSError, pa.ArrowException) as exc:
@@ -202,27 +201,27 @@ def _read(files: list[str], read: Callable[[list[str]], pa.Table], skipped: list
     return (pa.concat_tables(tables) if tables else read([])), read_ok
 
 
-def _log_reader(root: Path, columns: LogColumns) -> Callable[[list[str]], pa.Table]:
+def _log_reader(root: str, columns: LogColumns, fs: pafs.FileSystem) -> Callable[[list[str]], pa.Table]:
     schema = pa.schema([*_LOG_KEYS.items(), *columns.fields, ("version", pa.int64()), ("date", pa.string())])
 
     def read(files: list[str]) -> pa.Table:
         if not files:
             return schema.empty_table()
-        return ds.dataset(files, format="parquet", partitioning=_HIVE_LOG, partition_base_dir=str(root),
-                          schema=schema).to_table()
+        return ds.dataset(files, format="parquet", partitioning=_HIVE_LOG, partition_base_dir=root,
+                          schema=schema, filesystem=fs).to_table()
 
     return read
 
 
-def _labels_reader(root: Path, all_files: list[str]) -> Callable[[list[str]], pa.Table]:
+def _labels_reader(root: str, all_files: list[str], fs: pafs.FileSystem) -> Callable[[list[str]], pa.Table]:
     """Label rows with `_file`: the file's rank in path order among `all_files` (for ties of received_at)."""
     rank = {path: i for i, path in enumerate(all_files)}
 
     def read(files: list[str]) -> pa.Table:
         parts = []
         if files:
-            dataset = ds.dataset(files, format="parquet", partitioning=_HIVE_LABELS, partition_base_dir=str(root),
-                                 schema=_LABEL_SCHEMA)
+            dataset = ds.dataset(files, format="parquet", partitioning=_HIVE_LABELS, partition_base_dir=root,
+                                 schema=_LABEL_SCHEMA, filesystem=fs)
             for fragment in dataset.get_fragments():
                 part = fragment.to_table(schema=_LABEL_SCHEMA)
                 parts.append(part.append_column("_file", pa.array(np.full(part.num_rows, rank[fragment.path],
@@ -256,23 +255,24 @@ def _iso(value) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def read_labelled_traffic(root: Path, model: str, columns: LogColumns, *, classes: int,
+def read_labelled_traffic(root: str | Path, model: str, columns: LogColumns, *, classes: int,
                           window_days: float = DEFAULT_LABEL_WINDOW_DAYS) -> LabelledTraffic:
     """The served model `model`'s logged predictions joined with their labels, and a report of what was used.
 
-    `root` is the data folder; `columns` the log columns the model trains on; `classes` the number
+    `root` is the data folder (a path or a URI); `columns` the log columns the model trains on; `classes` the number
     of classes (a label outside 0 .. classes - 1 is counted and dropped); `window_days` how far
     apart a prediction and its label may be. Never raises for bad files: they are skipped and reported.
     """
     if not window_days > 0:
         raise ValueError(f"the label window must be > 0 days, got {window_days}")
-    log_root, label_root = traffic_folder(root, model), labels_folder(root, model)
-    log_files, log_skipped = _screen(_parquet_files(log_root), _log_problem(columns))
-    label_files, label_skipped = _screen(_parquet_files(label_root), _label_problem)
+    location = locate(str(root))
+    fs, log_root, label_root = location.fs, location.sub("traffic", model), location.sub("labels", model)
+    log_files, log_skipped = _screen(list_files(fs, log_root), _log_problem(columns), fs)
+    label_files, label_skipped = _screen(list_files(fs, label_root), _label_problem, fs)
     skipped = log_skipped + label_skipped
-    log, log_files = _read(log_files, _log_reader(log_root, columns), skipped)
-    labels, label_files = _read(label_files, _labels_reader(label_root, label_files), skipped)
-    report: dict = {"model": model, "traffic_dir": str(log_root), "labels_dir": str(label_root),
+    log, log_files = _read(log_files, _log_reader(log_root, columns, fs), skipped)
+    labels, label_files = _read(label_files, _labels_reader(label_root, label_files, fs), skipped)
+    report: dict = {"model": model, "traffic_dir": location.show(log_root), "labels_dir": location.show(label_root),
                     "columns": columns.describe, "label_window_days": window_days,
                     "traffic_files": log_files, "label_files": label_files, "skipped_files": skipped,
                     "predictions_logged": log.num_rows, "labels_received": labels.num_rows}

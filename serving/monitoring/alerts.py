@@ -1,7 +1,9 @@
 """Where the monitor's alarms go besides `/metrics`: an audit file and, optionally, a webhook.
 
 - Audit: every alarm raised or cleared and every retrain decision is one JSON line appended to
-  `<data>/audit/monitor.jsonl` (with its evidence), so what the monitor did survives it.
+  `<data>/audit/monitor.jsonl` (with its evidence), so what the monitor did survives it. An object
+  store cannot append: with the data folder on one (an s3:// URI), the audit files go to a local
+  folder instead, `<state_dir>/audit` by default (`audit_dir_for`), on the node the writer runs on.
 - Webhook (`alert_webhook_url`): each alarm event is POSTed as JSON by a sender thread, off the
   monitor's loop: at most `max_queue` events wait (the oldest is dropped first, counted), each is
   tried 3 times with a growing pause, 5 s each. A bearer token, when the receiver wants one, is
@@ -18,17 +20,52 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
 
-__all__ = ["AuditLog", "WebhookSender"]
+from serving.storage import is_uri
+
+__all__ = ["AuditLog", "WebhookSender", "audit_dir_for", "audit_folder"]
 
 _log = logging.getLogger("fleet.alerts")
+_warned_remote: set[str] = set()
+
+
+def audit_dir_for(data_dir: str | None, state_dir: str) -> str | None:
+    """The audit folder of a cluster: None (`<data_dir>/audit`) for a local data folder, `<state_dir>/audit` when the
+    data folder is an object store's URI."""
+    if data_dir and is_uri(data_dir) and urlsplit(data_dir).scheme != "file":
+        return str(Path(state_dir).expanduser().resolve() / "audit")
+    return None
+
+
+def audit_folder(data_dir: str | None, audit_dir: str | None = None) -> str | None:
+    """Where audit files go: `audit_dir` when set, else `<data_dir>/audit` on a local disk; None: no audit."""
+    if audit_dir:
+        return audit_dir
+    if not data_dir:
+        return None
+    if is_uri(data_dir):
+        parts = urlsplit(data_dir)
+        if parts.scheme == "file":
+            return os.path.join(parts.path, "audit")
+        if data_dir not in _warned_remote:
+            _warned_remote.add(data_dir)
+            _log.warning("no audit files: the data folder %s is on an object store, which cannot append, and no "
+                         "local audit_dir was given", data_dir)
+        return None
+    return os.path.join(data_dir, "audit")
 
 
 class AuditLog:
-    """Append-only JSON lines under `<data>/audit/` (one `write` is one line, appended atomically)."""
+    """Append-only JSON lines in `<audit folder>/<name>` (one `write` is one line, appended atomically).
 
-    def __init__(self, data_dir: str | None, name: str = "monitor.jsonl"):
-        self.path = os.path.join(data_dir, "audit", name) if data_dir else None
+    The folder is `audit_dir`, else `<data_dir>/audit` (see `audit_folder`); None of either: nothing is written.
+    """
+
+    def __init__(self, data_dir: str | None, name: str = "monitor.jsonl", *, audit_dir: str | None = None):
+        folder = audit_folder(data_dir, audit_dir)
+        self.path = os.path.join(folder, name) if folder else None
         self.failures = 0
 
     def write(self, record: dict) -> None:

@@ -12,7 +12,6 @@ The drift arithmetic runs here over merged window histograms, never per request.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,17 +19,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from serving.errors import FleetError
 from serving.monitoring.alerts import AuditLog, WebhookSender
 from serving.monitoring.drift import DriftConfig, LabelConfig, LabelErrorDetector, StreamReference, VersionDrift
 from serving.monitoring.feedback import labels_spec
-from serving.monitoring.join import JoinCounts, ModelJoin
+from serving.monitoring.join import REMOTE_LIST_INTERVAL_S, JoinCounts, ModelJoin
 from serving.monitoring.quality import QualityWindow
 from serving.monitoring.rank import RankDetector
 from serving.monitoring.reference import label_errors
 from serving.monitoring.retrain import RetrainTrigger
 from serving.registry import ModelRepository
+from serving.storage import Location, locate
 
 __all__ = ["MonitoringEngine", "VersionMonitor"]
 
@@ -98,12 +99,14 @@ class MonitoringEngine:
         self.log_buffered: dict[str, int] = {}  # replica -> rows buffered now
         self.rollout_labels: dict[tuple[str, int], list[int]] = {}  # joined since taken: [labelled, wrong]
         self.rollout_pairs: dict[tuple[str, int, int], list[int]] = {}  # see take_rollout_labels
-        self.audit = AuditLog(self.data_dir)
+        self.audit = AuditLog(self.data_dir, audit_dir=options.get("audit_dir"))
         url = options.get("alert_webhook_url")
         self.webhook = WebhookSender(url, options.get("alert_webhook_token_file")) if url else None
         self.retrain = RetrainTrigger(options.get("retrain_after_s"), float(options.get("retrain_cooldown_s", 0.0)),
                                       submit, status, self.audit, clock)
         self._last_quality = 0.0
+        self._labels: Location | None = None  # the data folder, opened at the first join
+        self._label_models: tuple[float, list[str]] = (-float("inf"), [])  # (listed at, models with labels)
         self.lock = threading.RLock()
         self.tick_seconds = 0.0  # CPU-bound time spent in tick(), cumulative
         self.ticks = 0
@@ -229,11 +232,19 @@ class MonitoringEngine:
     def _models_with_labels(self) -> list[str]:
         if not self.data_dir:
             return []
-        root = os.path.join(self.data_dir, "labels")
-        try:
-            return sorted(d for d in os.listdir(root) if not d.startswith("."))
-        except OSError:
-            return []
+        if self._labels is None:
+            self._labels = locate(self.data_dir)
+        now = time.monotonic()
+        if self._labels.local or now - self._label_models[0] >= REMOTE_LIST_INTERVAL_S:  # a listing costs there
+            try:
+                infos = self._labels.fs.get_file_info(pafs.FileSelector(self._labels.sub("labels"),
+                                                                        allow_not_found=True))
+            except OSError as exc:
+                _log.warning("cannot list the labels folder of %s: %s", self.data_dir, exc)
+                return self._label_models[1]
+            self._label_models = (now, sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                                              and not i.base_name.startswith((".", "_"))))
+        return self._label_models[1]
 
     def _join_all(self, now: float) -> list[dict]:
         events: list[dict] = []

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +40,7 @@ import pyarrow.parquet as pq
 from serving.errors import InvalidInput, PayloadTooLarge, RepositoryError
 from serving.limits import over_limit
 from serving.protocol import decode_request
+from serving.storage import locate, write_whole
 
 __all__ = ["TASK_PARAM", "LabelSpec", "labels_spec", "Labels", "parse_feedback", "LabelWriter"]
 
@@ -241,15 +240,17 @@ def parse_feedback(body: bytes, spec: LabelSpec, *, header_length: int | None = 
 
 
 class LabelWriter:
-    """Writes each accepted feedback body as one Parquet file (write, then rename) before it is answered."""
+    """Writes each accepted feedback body as one Parquet file before it is answered: whole (written, then renamed;
+    on an object store one object), under a local folder or a URI (`serving.storage`)."""
 
     def __init__(self, data_dir: str, replica: str):
-        self.root = os.path.abspath(data_dir)
+        location = locate(data_dir)
+        self.fs, self.root = location.fs, location.path
         self.replica = replica
         self._seq = itertools.count(1)
 
     def write(self, model: str, labels: Labels, received_us: int | None = None) -> str:
-        """Write `labels` of `model`; return the file's path."""
+        """Write `labels` of `model`; return the file's path (in the data folder's filesystem)."""
         received_us = received_us or time.time_ns() // 1000
         table = pa.table({
             "request_id": pa.array(labels.request_id, pa.string()),
@@ -258,18 +259,9 @@ class LabelWriter:
             "received_at": pa.array(np.full(len(labels), received_us, np.int64), pa.timestamp("us", tz="UTC")),
         })
         date = time.strftime("%Y-%m-%d", time.gmtime(received_us / 1e6))
-        folder = os.path.join(self.root, "labels", model, f"date={date}")
-        os.makedirs(folder, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(received_us / 1e6))
         name = f"{stamp}-{received_us % 1_000_000:06d}-{self.replica}-{next(self._seq):06d}.parquet"
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, os.path.join(folder, name))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return os.path.join(folder, name)
+        path = f"{self.root}/labels/{model}/date={date}/{name}"
+        write_whole(self.fs, path, lambda target: pq.write_table(table, target, filesystem=self.fs,
+                                                                 compression="zstd"))
+        return path

@@ -1,8 +1,8 @@
 """Labels joined to their predictions, incrementally, by (request_id, row): the monitor's side.
 
 Each `scan` reads the prediction-log files and label files written since the last one (files
-appear whole: the writers rename them into place) and joins with pyarrow's hash join, never a
-Python loop over rows:
+appear whole: the writers rename them into place, or upload each as one object) and joins with
+pyarrow's hash join, never a Python loop over rows:
 
 - new labels (duplicates within them and with pending ones resolved: the latest `received_at`
   wins) join every prediction held in memory;
@@ -13,12 +13,15 @@ Python loop over rows:
 - a label with no prediction after `label_window_days` is dropped and counted (`unmatched`).
 
 What a scan returns are the joined rows: version, the prediction's time and outputs, the label.
+
+The data folder may be an object store's URI (`serving.storage`): there listing the folders
+costs requests (one per 1,000 files), so new files are looked for at most every
+`list_interval_s` (default 10 s there, every scan on a local disk).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,13 +29,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["ModelJoin", "JoinCounts", "last_per_key"]
+from serving.storage import list_files, locate
+
+__all__ = ["ModelJoin", "JoinCounts", "last_per_key", "REMOTE_LIST_INTERVAL_S"]
 
 _log = logging.getLogger("fleet.join")
 _KEYS = ["request_id", "row"]
 _PARTITIONS = pa.schema([("version", pa.int32()), ("date", pa.string())])
+REMOTE_LIST_INTERVAL_S = 10.0  # an object store: folders are listed for new files at most this often
 
 
 @dataclass
@@ -47,22 +54,12 @@ class JoinCounts:
     files_failed: list = field(default_factory=list)
 
 
-def _new_files(folder: str, seen: set[str]) -> list[str]:
-    found = []
-    if not os.path.isdir(folder):
-        return found
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.endswith(".parquet") and not name.startswith("."):
-                path = os.path.join(root, name)
-                if path not in seen:
-                    found.append(path)
-    return sorted(found)
+def _new_files(fs: pafs.FileSystem, folder: str, seen: set[str]) -> list[str]:
+    return [path for path in list_files(fs, folder) if path not in seen]
 
 
 def _version_of(path: str) -> int | None:
-    for part in path.split(os.sep):
+    for part in path.split("/"):
         if part.startswith("version=") and part[8:].isdigit():
             return int(part[8:])
     return None
@@ -90,10 +87,16 @@ class ModelJoin:
     """The label join of one model (see the module doc). `outputs`: the log columns of its outputs to keep."""
 
     def __init__(self, data_dir: str, model: str, outputs: list[str], *, label_window_days: float = 14.0,
-                 max_predictions: int = 1_000_000, disk_interval_s: float = 60.0):
+                 max_predictions: int = 1_000_000, disk_interval_s: float = 60.0,
+                 list_interval_s: float | None = None):
         self.model = model
-        self.traffic = os.path.join(data_dir, "traffic", model)
-        self.labels_dir = os.path.join(data_dir, "labels", model)
+        location = locate(data_dir)
+        self.fs = location.fs
+        self.traffic = location.sub("traffic", model)
+        self.labels_dir = location.sub("labels", model)
+        self.list_interval_s = (0.0 if location.local else REMOTE_LIST_INTERVAL_S) if list_interval_s is None \
+            else list_interval_s
+        self._last_list = -float("inf")
         self.outputs = list(outputs)
         self.window_us = int(label_window_days * 86400 * 1e6)
         self.max_predictions = max_predictions
@@ -114,7 +117,7 @@ class ModelJoin:
         tables = []
         for path in paths:
             try:
-                t = pq.read_table(path, columns=self._columns())
+                t = pq.read_table(path, columns=self._columns(), filesystem=self.fs)
             except Exception as exc:  # noqa: BLE001 - a foreign or broken file is reported, not fatal
                 self.counts.files_failed.append(f"{path}: {exc}")
                 _log.warning("model %s: cannot read prediction file %s: %s", self.model, path, exc)
@@ -130,7 +133,8 @@ class ModelJoin:
         for path in paths:
             self._seen_labels.add(path)
             try:
-                tables.append(pq.read_table(path, columns=["request_id", "row", "label", "received_at"]))
+                tables.append(pq.read_table(path, columns=["request_id", "row", "label", "received_at"],
+                                            filesystem=self.fs))
             except Exception as exc:  # noqa: BLE001
                 self.counts.files_failed.append(f"{path}: {exc}")
                 _log.warning("model %s: cannot read label file %s: %s", self.model, path, exc)
@@ -151,8 +155,11 @@ class ModelJoin:
     def scan(self, now_s: float | None = None) -> pa.Table | None:
         """Read what is new and join it; the newly joined rows (or None). Counts in `self.counts`."""
         now_us = int((now_s if now_s is not None else time.time()) * 1e6)
-        new_predictions = self._read_predictions(_new_files(self.traffic, self._seen_predictions))
-        new_labels = self._read_labels(_new_files(self.labels_dir, self._seen_labels))
+        new_predictions = new_labels = None
+        if time.monotonic() - self._last_list >= self.list_interval_s:
+            self._last_list = time.monotonic()
+            new_predictions = self._read_predictions(_new_files(self.fs, self.traffic, self._seen_predictions))
+            new_labels = self._read_labels(_new_files(self.fs, self.labels_dir, self._seen_labels))
         joined = []
         old_pending = self._pending
         if new_labels is not None and new_labels.num_rows:
@@ -205,12 +212,12 @@ class ModelJoin:
 
     def _disk_lookup(self, pending: pa.Table, now_us: int) -> pa.Table | None:
         """Predictions of pending labels on disk, within the label window (a filtered scan of the log)."""
-        if not os.path.isdir(self.traffic):
+        if self.fs.get_file_info(self.traffic).type != pafs.FileType.Directory:
             return None
         self.counts.disk_lookups += 1
         since = time.strftime("%Y-%m-%d", time.gmtime((now_us - self.window_us) / 1e6))
         dataset = ds.dataset(self.traffic, format="parquet", partitioning=ds.partitioning(_PARTITIONS, flavor="hive"),
-                             exclude_invalid_files=True)
+                             exclude_invalid_files=True, filesystem=self.fs)
         ids = pa.array(pc.unique(pending["request_id"]))
         found = dataset.to_table(columns=[*self._columns(), "version"],
                                  filter=(ds.field("date") >= since) & ds.field("request_id").isin(ids))

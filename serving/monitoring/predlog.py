@@ -9,7 +9,8 @@ read a model's folder as one table. Columns: `serving.monitoring.logrows`.
 The request path calls `append` with whole answered batches (`LogRecord`); it never waits on
 the disk. A writer thread takes everything buffered every `flush_rows` rows or `flush_interval_s`
 seconds, whichever comes first, builds one table per (model, version, date) and writes it to a
-hidden temporary file that is then renamed: a file appears whole or not at all.
+hidden temporary file that is then renamed: a file appears whole or not at all. `<data>` may be
+an object store's URI (`serving.storage`): there each file is one object, whole once uploaded.
 
 When the sink stalls (a slow or full disk, a folder that cannot be written) serving goes on:
 the buffer holds at most `max_rows` rows and `max_bytes` bytes (rows being written count too);
@@ -24,16 +25,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
-import uuid
 from typing import Callable
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from serving.monitoring.logrows import BatchRecord, LogRecord, LogSchema, records_of
+from serving.storage import join_uri, locate, write_whole
 
 __all__ = ["PredictionLog", "traffic_dir"]
 
@@ -48,15 +47,8 @@ _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
 
 
 def traffic_dir(data_dir: str, model: str) -> str:
-    return f"{data_dir.rstrip('/')}/traffic/{model}"
-
-
-def _filesystem(root: str) -> tuple[pafs.FileSystem, str, bool]:
-    """(filesystem, path in it, whether renames are atomic there): a local folder, or any pyarrow.fs URI."""
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        return fs, path, isinstance(fs, pafs.LocalFileSystem)
-    return pafs.LocalFileSystem(), os.path.abspath(root), True
+    """A model's log folder: a path, or a URI (its query kept) when `data_dir` is one."""
+    return join_uri(data_dir, "traffic", model)
 
 
 class PredictionLog:
@@ -73,7 +65,8 @@ class PredictionLog:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self._clock = clock
-        self._fs, self._root, self._atomic_rename = _filesystem(data_dir)
+        location = locate(data_dir)
+        self._fs, self._root = location.fs, location.path
         self._schemas: dict[tuple[str, int], LogSchema] = {}
         self._pending: collections.deque[LogRecord] = collections.deque()
         self._rows = 0  # buffered rows, those being written included
@@ -207,21 +200,8 @@ class PredictionLog:
         folder = f"{self._root.rstrip('/')}/traffic/{model}/version={version}/date={date}"
         self._seq += 1
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{self.replica}-{self._seq:06d}.parquet"
-        self._fs.create_dir(folder, recursive=True)
-        final = f"{folder}/{name}"
-        if not self._atomic_rename:  # an object store: the object appears whole when its upload completes
-            pq.write_table(table, final, filesystem=self._fs, **_WRITE_OPTIONS)
-            return
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            pq.write_table(table, tmp, filesystem=self._fs, **_WRITE_OPTIONS)
-            self._fs.move(tmp, final)
-        except BaseException:
-            try:
-                self._fs.delete_file(tmp)
-            except Exception:  # noqa: BLE001 - it may never have been created
-                pass
-            raise
+        write_whole(self._fs, f"{folder}/{name}",
+                    lambda target: pq.write_table(table, target, filesystem=self._fs, **_WRITE_OPTIONS))
 
     # -- stopping ---------------------------------------------------------------------
     def flush(self, timeout_s: float = 30.0) -> bool:

@@ -83,7 +83,8 @@ class RolloutController:
         self.repository = ModelRepository(options["repository"])
         self._input_alarms = input_alarms
         data_dir = options.get("data_dir")
-        self.audit = AuditLog(data_dir, "rollout.jsonl")
+        self.audit_dir = options.get("audit_dir")  # set when the data folder is on an object store
+        self.audit = AuditLog(data_dir, "rollout.jsonl", audit_dir=self.audit_dir)
         self.data_dir = data_dir
         self._clock = clock
         self._lock = threading.RLock()
@@ -404,7 +405,8 @@ class RolloutController:
     def _tick_record(self, m: _Model, record: dict) -> None:
         if self.data_dir is None or m.state.rollout_id is None:
             return
-        AuditLog(self.data_dir, f"rollout-ticks/{m.state.model}-{m.state.rollout_id}.jsonl").write(record)
+        AuditLog(self.data_dir, f"rollout-ticks/{m.state.model}-{m.state.rollout_id}.jsonl",
+                 audit_dir=self.audit_dir).write(record)
 
 
 def _with_evidence(state: RolloutState, evidence: dict) -> RolloutState:

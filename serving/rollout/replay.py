@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from serving.monitoring.alerts import audit_folder
 from serving.rollout.judge import Judge, JudgeSettings
 
 __all__ = ["tick_files", "replay_file"]
 
 
-def tick_files(data_dir: str, model: str) -> list[Path]:
-    """The model's recorded rollouts, oldest first."""
-    folder = Path(data_dir) / "audit" / "rollout-ticks"
-    return sorted(folder.glob(f"{model}-*.jsonl"), key=lambda p: p.stat().st_mtime)
+def tick_files(data_dir: str, model: str, audit_dir: str | None = None) -> list[Path]:
+    """The model's recorded rollouts, oldest first (`audit_dir`: where they are when not `<data_dir>/audit`)."""
+    folder = audit_folder(data_dir, audit_dir)
+    if folder is None:
+        return []
+    return sorted((Path(folder) / "rollout-ticks").glob(f"{model}-*.jsonl"), key=lambda p: p.stat().st_mtime)
 
 
 def replay_file(path: Path) -> dict:

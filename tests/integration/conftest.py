@@ -28,6 +28,9 @@ The repository holds:
 
 Every port the session needs is chosen in one call (distinct), and the cluster is started again on
 new ones when one was taken between choosing and binding it.
+
+`s3_server` is a real S3-compatible server (moto, integration/_s3.py) on loopback, started once per
+session by the object-storage tests that ask for it (no Ray cluster).
 """
 
 from __future__ import annotations
@@ -339,3 +342,11 @@ def host_port(fleet_cluster) -> str:
 @pytest.fixture(scope="package")
 def repository_models(fleet_cluster, repository) -> ModelRepository:
     return ModelRepository(str(repository))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on loopback for the object-storage tests (integration/_s3.py)."""
+    from integration._s3 import serve_s3
+
+    yield from serve_s3(tmp_path_factory)

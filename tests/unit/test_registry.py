@@ -207,7 +207,9 @@ def test_publish_a_new_model_writes_config_files_and_metadata_in_one_version(tmp
     assert number == 1
     folder = tmp_path / "repo" / "fraud"
     assert listing(folder) == ["1", "config.pbtxt"]  # no staging folder or temp file left
-    assert listing(folder / "1") == ["metadata.json", "model.pt"]
+    # The completion marker too: not needed locally (the rename publishes), it keeps a copy on S3 served.
+    assert listing(folder / "1") == ["_fleet_complete", "metadata.json", "model.pt"]
+    assert json.loads((folder / "1" / "_fleet_complete").read_text())["files"] == ["metadata.json", "model.pt"]
     assert (folder / "1" / "model.pt").read_bytes() == model_pt[1]
 
     def no_constants(name):

@@ -45,7 +45,7 @@ def test_sources_write_the_example_data_and_fingerprint_every_file(tmp_path):
     assert (again["example_files"], again["traffic_files"], again["label_files"]) == (1, 1, 1)
     assert again["sha256"] != first["sha256"] and str(label_file) in again["files"]
     assert find_sources(tmp_path, "fraud").describe()["sha256"] == first["sha256"]
-    assert ensure_example_data(tmp_path) == tmp_path / "fraud" / "fraud-baseline-seed0-40000.parquet"
+    assert ensure_example_data(tmp_path) == str(tmp_path / "fraud" / "fraud-baseline-seed0-40000.parquet")
 
 
 def test_example_files_without_the_columns_stop_the_job_with_a_readable_message(tmp_path):

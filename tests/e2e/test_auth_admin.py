@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
 from cluster.ports import free_ports
+from cluster.status import ray_token
 from serving.registry import SERVING_FILE, ModelRepository
 from training.bootstrap import FRAUD_CLIP, bootstrap
 from training.preprocess_reference import standardize
@@ -282,6 +284,18 @@ def test_no_process_of_the_cluster_and_no_ray_log_holds_a_key_or_the_token_in_pl
     for path in logs:
         raw = path.read_bytes()
         assert not any(secret in raw for secret in secrets), path
+    # Nor the Ray dashboard's pages: Serve's applications (the deployments' options), actors, jobs, nodes.
+    pages = {}
+    for page in ("/api/serve/applications/", "/api/v0/actors?limit=1000&detail=1", "/api/jobs/",
+                 "/nodes?view=summary", "/api/v0/tasks?limit=1000&detail=1"):
+        request = urllib.request.Request(f"http://127.0.0.1:{c.dashboard_port}{page}")
+        if ray_token():
+            request.add_header("Authorization", f"Bearer {ray_token()}")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            pages[page] = answer.read()
+        assert not any(secret in pages[page] for secret in secrets), page
+    assert b"ServeReplica:fleet:ingress" in pages["/api/v0/actors?limit=1000&detail=1"]
+    assert b'"fleet"' in pages["/api/serve/applications/"]
 
 
 def test_fleet_status_sends_the_key_from_fleet_api_key(secured_cluster):

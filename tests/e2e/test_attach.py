@@ -5,8 +5,9 @@ The cluster is started as a user does, with `ray start`: a head on 127.0.0.3 and
 machine's outward one), its own temp folder, stopped afterwards by killing exactly the processes that hold
 files in that folder (never `ray stop`, which stops every Ray on the machine). A detached actor stands for
 another application. fleet attaches with `--host node` (each ingress replica listens on its own node's address)
-and `--ingress-per-node 1`, its model in a worker replica on each node. A version published on the shared
-repository reaches both nodes; then the second node is killed under load (benchmarks/raynodes.py).
+and `--ingress-per-node 1`, its model in a worker replica on each node, the repository and the data folder on
+S3 (a moto server on loopback). A version published on the shared repository reaches both nodes; then the
+second node is killed under load (benchmarks/raynodes.py), and the prediction log on S3 holds every request.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.dataset as ds
 import pytest
 
 from benchmarks.raynodes import HEAD, NODE, kill_node, load_with_fault, start_nodes
 from cluster.ports import free_ports
 from e2e._user import BIN, run, user_folder
+from integration._s3 import BUCKET, S3Server
 from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
@@ -55,17 +58,41 @@ def _get(url: str) -> httpx.Response | None:
         return None
 
 
-def _publish_copy(repository: Path) -> int:
-    """Publish the newest fraud version again, as a new version (what a training job on the shared repository
-    does, without the training)."""
-    repo = ModelRepository(str(repository))
-    newest = repo.accepted_versions("fraud")[-1]
-    files = {"model.pt": (repository / "fraud" / str(newest) / "model.pt").read_bytes()}
-    return repo.publish("fraud", files, {**repo.metadata("fraud", newest), "copied_from": newest})
+def _publish_copy(repo: ModelRepository, source: ModelRepository | None = None) -> int:
+    """Publish `source`'s newest fraud version (default: `repo`'s) into `repo` as a new version, with its config
+    (what a training job on the shared repository does, without the training)."""
+    source = source or repo
+    newest = source.accepted_versions("fraud")[-1]
+    model = source.model_file("fraud", newest)
+    data = Path(model).read_bytes() if isinstance(model, str) else model.getvalue()
+    return repo.publish("fraud", {"model.pt": data}, {**source.metadata("fraud", newest), "copied_from": newest},
+                        config=source.config_proto("fraud"))
 
 
-def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leaves_the_cluster(tmp_path: Path):
-    env = user_folder(tmp_path)
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch):
+    """A real S3-compatible server (moto) on loopback holding the cluster's repository and data folder; the
+    credentials (dummy: moto takes any) in a shared-credentials file, as on machines that have one: no key in
+    anyone's environment."""
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text("[default]\naws_access_key_id = fleet-e2e\naws_secret_access_key = fleet-e2e\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = S3Server(tmp_path / "moto.log").start()
+    try:
+        server.filesystem().create_dir(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leaves_the_cluster(tmp_path: Path, s3):
+    env = user_folder(tmp_path)  # the environment has the credentials file's name (the s3 fixture set it)
+    # The repository and the data folder on S3, shared by both nodes: the trained model copied there.
+    repository, data = s3.uri("models"), s3.uri("data")
+    remote = ModelRepository(repository)
+    assert _publish_copy(remote, ModelRepository(str(tmp_path / "model_repository"))) == 1
+    env.update(FLEET_REPOSITORY=repository, FLEET_DATA_DIR=data)
     env["RAY_AUTH_MODE"] = "token"  # the cluster's token authentication (~/.ray/auth_token), as a user sets it
     # fraud in worker replicas (one per node, by Serve's spreading), so a batch in flight on the node that is
     # lost has to be answered by the other one.
@@ -109,7 +136,8 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
         assert "MonitorActor" in sentinel("check")["actors"]
 
         # A version published on the shared repository reaches both nodes (each replica polls it).
-        version = _publish_copy(tmp_path / "model_repository")
+        version = _publish_copy(remote)  # files first, its marker last (serving/registry.py)
+        assert version == 2
         deadline = time.monotonic() + 60
         ready = {}
         while time.monotonic() < deadline and not all(ready.values() or [False]):
@@ -135,6 +163,10 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
 
         down = run(["fleet", "down", *flags], tmp_path, env)
         assert down.returncode == 0 and "fleet stopped" in down.stdout, down.stdout + down.stderr
+        # Every request the head's ingress answered is in the prediction log on S3 (it wrote its buffer as it
+        # stopped); the lost node's unwritten rows went with it.
+        logged = ds.dataset(f"{BUCKET}/data/traffic/fraud", filesystem=s3.filesystem(), partitioning="hive")
+        assert logged.count_rows() >= len(records), (logged.count_rows(), len(records))
         # fleet's listener and actors are gone; the cluster (its head) and the other application are not.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _get(f"http://{HEAD}:{port}/v2/health/live"):

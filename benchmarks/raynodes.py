@@ -23,8 +23,8 @@ import orjson
 
 from benchmarks.loadgen import LoadResult, Target, open_loop_records
 
-__all__ = ["HEAD", "NODE", "RayNodes", "start_nodes", "processes_under", "kill_node", "load_with_fault",
-           "FRAUD_TARGET"]
+__all__ = ["HEAD", "NODE", "RayNodes", "start_nodes", "processes_under", "kill_node", "descendants",
+           "load_with_fault", "FRAUD_TARGET"]
 
 HEAD, NODE = "127.0.0.3", "127.0.0.2"
 
@@ -57,7 +57,7 @@ def _kill(pids) -> None:
             pass
 
 
-def _children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """`pid`'s descendants."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -87,7 +87,7 @@ def kill_node(temp_dir: Path, ip: str) -> list[int]:
     command line: the raylet, the log monitor) and everything under them (agents, workers, replicas)."""
     own = [pid for pid in processes_under(temp_dir) if f"node_ip_address={ip}" in _cmdline(pid)
            or f"node-ip-address={ip}" in _cmdline(pid)]
-    victims = sorted({*own, *(c for pid in own for c in _children(pid))})
+    victims = sorted({*own, *(c for pid in own for c in descendants(pid))})
     _kill(victims)
     return victims
 

@@ -26,6 +26,7 @@ import torch
 import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.raynodes import descendants
 from cluster.ports import free_ports
 from cluster.status import ray_token
 from serving.registry import SERVING_FILE, ModelRepository
@@ -242,20 +243,7 @@ def test_the_prediction_log_names_the_key_by_its_id_and_no_key_is_written_anywhe
 
 def _process_tree(root: int) -> list[int]:
     """`root` and every process under it (the supervisor, and the Ray processes it started, workers included)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
+    return [root, *descendants(root)]
 
 
 def test_no_process_of_the_cluster_and_no_ray_log_holds_a_key_or_the_token_in_plain_text(secured_cluster):

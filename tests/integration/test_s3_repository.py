@@ -7,7 +7,6 @@ requests whether the model has 1 version or 20 (counted at the server).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -15,29 +14,14 @@ import threading
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-import torch
 
 from serving.errors import ModelNotFound, RepositoryError
 from serving.model_config import TensorSpec, make_config
 from serving.registry import COMPLETE_FILE, ModelRepository
 from serving.versions import ServedVersions
+from unit._scaled import model_bytes
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
-
-
-class Scaled(torch.nn.Module):
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x[:, :2] + x[:, 2:])
-
-
-def model_bytes(scale: float) -> bytes:
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(Scaled(scale)), buf)
-    return buf.getvalue()
 
 
 def config(name: str):

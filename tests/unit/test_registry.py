@@ -6,14 +6,12 @@ it must load unchanged; publishing must be atomic and leave no trace when refuse
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
 
 import numpy as np
 import pytest
-import torch
 
 from serving.backends.base import positional_order
 from serving.backends.torchscript import TorchScriptBackend
@@ -27,6 +25,7 @@ from serving.model_config import (
     spec_from_config,
 )
 from serving.registry import ModelRepository
+from unit._scaled import model_bytes
 
 # Written the way a Triton user writes it (text protobuf, Triton's own defaults left out).
 TRITON_CONFIG = """
@@ -65,26 +64,9 @@ instance_group [
 """
 
 
-class Scaled(torch.nn.Module):
-    """output__0 = scale * (x[:, :2] + x[:, 2:]) so each version answers differently."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x[:, :2] + x[:, 2:])
-
-
-def torchscript_bytes(scale: float) -> bytes:
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(Scaled(scale)), buf)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def model_pt() -> dict[int, bytes]:
-    return {v: torchscript_bytes(float(v)) for v in (1, 2, 3)}
+    return {v: model_bytes(float(v)) for v in (1, 2, 3)}
 
 
 def write_triton_model(root, name: str, config_text: str, model_pt: dict[int, bytes]) -> None:

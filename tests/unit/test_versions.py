@@ -7,13 +7,11 @@ as the scale, so an answer says which version computed it.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 
 import numpy as np
 import pytest
-import torch
 
 from serving.errors import ModelNotFound, ModelUnavailable
 from serving.model_config import TensorSpec, make_config
@@ -21,29 +19,10 @@ from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.service import InferenceService
 from serving.workers import LocalWorkerClient, ModelRunner
+from unit._scaled import model_bytes
 
 MODEL = "m"
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
-
-
-class Scaled(torch.nn.Module):
-    def __init__(self, scale: float, work: int = 0):
-        super().__init__()
-        self.scale = scale
-        self.work = work  # rounds of 256x256 products per call: a slow version, to have requests queue
-        self.register_buffer("w", torch.eye(256))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = self.w
-        for _ in range(self.work):
-            acc = acc @ self.w
-        return self.scale * (x[:, :2] + x[:, 2:]) + 0.0 * acc[0, 0]
-
-
-def model_bytes(scale: float, work: int = 0) -> bytes:
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(Scaled(scale, work)), buf)
-    return buf.getvalue()
 
 
 def config(latest: int = 1, max_batch_size: int = 8, policy: str | None = None):

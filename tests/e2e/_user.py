@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,27 @@ def run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subproce
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def user_folder(root: Path) -> dict:
-    """`root` with `model_repository` holding the fraud model (4,000 rows, 2 epochs, as `make serve` trains it,
-    smaller); the environment to run fleet there (no fleet.yaml of the caller's, the venv's CLIs first)."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLEET_CONFIG": str(root / "none.yaml")}
+def _env(root: Path) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLEET_CONFIG": str(root / "none.yaml")}
+
+
+def train_folder(root: Path) -> Path:
+    """What `python -m training.bootstrap` leaves in a user's folder (fraud on 4,000 rows, 2 epochs, as
+    `make serve` trains it, smaller; digits): `model_repository` and `data`. Once per session (tests/e2e/conftest.py):
+    it takes half a minute."""
     out = run([str(BIN / "python"), "-m", "training.bootstrap", "--repository", "model_repository",
-               "--rows", "4000", "--epochs", "2", "--if-empty"], root, env)
+               "--rows", "4000", "--epochs", "2", "--if-empty"], root, _env(root))
     assert out.returncode == 0, out.stderr
-    return env
+    assert "published fraud version 1" in out.stdout and "published digits version 1" in out.stdout, out.stdout
+    return root
+
+
+def user_folder(root: Path, trained: Path) -> dict:
+    """`root` with a copy of the session's trained folder (`train_folder`); the environment to run fleet there
+    (no fleet.yaml of the caller's, the venv's CLIs first)."""
+    for name in ("model_repository", "data"):
+        shutil.copytree(trained / name, root / name)
+    return _env(root)
 
 
 def fleet_up(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:

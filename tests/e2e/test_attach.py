@@ -86,8 +86,9 @@ def s3(tmp_path: Path, monkeypatch):
         server.stop()
 
 
-def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leaves_the_cluster(tmp_path: Path, s3):
-    env = user_folder(tmp_path)  # the environment has the credentials file's name (the s3 fixture set it)
+def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leaves_the_cluster(
+        tmp_path: Path, s3, trained):
+    env = user_folder(tmp_path, trained)  # the environment has the credentials file's name (the s3 fixture set it)
     # The repository and the data folder on S3, shared by both nodes: the trained model copied there.
     repository, data = s3.uri("models"), s3.uri("data")
     remote = ModelRepository(repository)
@@ -96,7 +97,7 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
     env["RAY_AUTH_MODE"] = "token"  # the cluster's token authentication (~/.ray/auth_token), as a user sets it
     # fraud in worker replicas (one per node, by Serve's spreading), so a batch in flight on the node that is
     # lost has to be answered by the other one.
-    env.update(FLEET_PLACEMENT="split", FLEET_WORKER_REPLICAS="2")
+    env.update(FLEET_PLACEMENT="split", FLEET_WORKER_REPLICAS="2", FLEET_VERSION_POLL_INTERVAL_S="1")
     nodes = None
     for attempt in range(3):
         gcs, dashboard, port = free_ports(3)  # the head's GCS and dashboard, fleet's port: distinct, in one call

@@ -21,7 +21,7 @@ import tritonclient.http as tc
 
 from benchmarks.fault_models import publish_slow
 from cluster.ports import free_ports
-from e2e._user import fleet_up
+from e2e._user import fleet_up, user_folder
 from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
@@ -42,13 +42,11 @@ def _port_open(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A folder with a small trained repository, as `make serve` would leave it."""
+def workdir(tmp_path_factory, trained) -> Path:
+    """A folder with a small trained repository, as `make serve` would leave it (the bootstrap's output checked
+    by the session's `trained` fixture)."""
     root = tmp_path_factory.mktemp("user")
-    out = _run([str(BIN / "python"), "-m", "training.bootstrap", "--repository", "model_repository",
-                "--rows", "4000", "--epochs", "2", "--if-empty"], root, _env(root))
-    assert out.returncode == 0, out.stderr
-    assert "published fraud version 1" in out.stdout
+    user_folder(root, trained)
     # ~100 ms per batch, queue of 8: what `fleet down` must drain.
     publish_slow(ModelRepository(str(root / "model_repository")), "slow", max_batch_size=1, max_queue_size=8)
     # The admin token as its digest only (fleet rollout sends the token from FLEET_ADMIN_TOKEN).

@@ -40,8 +40,8 @@ def _ready(url: str) -> bool:
         return False
 
 
-def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ray_cluster(tmp_path: Path):
-    env = user_folder(tmp_path)
+def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ray_cluster(tmp_path: Path, trained):
+    env = user_folder(tmp_path, trained)
     keys = tmp_path / "keys.txt"
     keys.write_text(f"# the inference keys\n{API_KEY}\n")
     env = {**env, "FLEET_API_KEYS_FILE": str(keys), "FLEET_ADMIN_TOKEN": ADMIN_TOKEN}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+import ray
 
 from cluster.status import describe_cluster
+from serving.app import INGRESS_NAME, DeploymentOptions, build_app, traffic_nodes
 
 pytestmark = pytest.mark.integration
 
@@ -34,3 +36,25 @@ def test_colocated_and_split_models_serve_the_same_file_with_the_same_answers(ba
     split = _infer(base_url, "fraud_slowq", x)
     assert colocated.shape == (7, 1)
     np.testing.assert_allclose(colocated, split, rtol=0, atol=1e-6)
+
+
+def test_ingress_node_labels_pick_the_nodes_carrying_them_and_a_label_no_node_has_is_refused(fleet_cluster):
+    """`ingress_node_labels` against the running cluster's real node labels (Ray gives every node
+    `ray.io/node-id`): the ingress goes to the nodes that carry them, and only there (a label selector);
+    labels no alive node has stop the deployment with their name."""
+    settings = fleet_cluster[0]
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    assert traffic_nodes({}) == alive
+    head = alive[0]
+    labels = {"ray.io/node-id": head["Labels"]["ray.io/node-id"]}
+    assert [n["NodeID"] for n in traffic_nodes(labels)] == [head["NodeID"]]
+    options = settings.serving_options()
+    app = build_app(options, DeploymentOptions(ingress_per_node=2, ingress_node_labels=tuple(labels.items())),
+                    models=["fraud"])
+    ingress = app._bound_deployment
+    assert ingress.name == INGRESS_NAME and ingress._deployment_config.num_replicas == 2  # 2 per labelled node
+    assert ingress._deployment_config.max_replicas_per_node == 2
+    assert ingress.ray_actor_options["label_selector"] == labels
+    with pytest.raises(ValueError, match=r"no alive Ray node has the labels \{'fleet/ingress': 'yes'\}"):
+        build_app(options, DeploymentOptions(ingress_per_node=1, ingress_node_labels=(("fleet/ingress", "yes"),)),
+                  models=["fraud"])

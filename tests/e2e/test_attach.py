@@ -29,7 +29,8 @@ from serving.registry import ModelRepository
 
 pytestmark = pytest.mark.e2e
 
-# Run against the cluster (argv[1]: its address): start the other application, or report what runs.
+# Run against the cluster (argv: its address, start|check, the head's address): start the other application, or
+# report what runs.
 _SENTINEL = """
 import json, sys, ray
 ray.init(address=sys.argv[1], namespace="other-app", log_to_driver=False)
@@ -40,7 +41,8 @@ class Sentinel:
         return "alive"
 
 if sys.argv[2] == "start":
-    sentinel = Sentinel.options(name="sentinel", lifetime="detached").remote()
+    # On the head (the node:<address> resource of its node): the second node is lost later on.
+    sentinel = Sentinel.options(name="sentinel", lifetime="detached", resources={f"node:{sys.argv[3]}": 0.01}).remote()
     print(json.dumps(ray.get(sentinel.ping.remote())))
 else:
     from ray.util.state import list_actors
@@ -110,7 +112,7 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
         address = nodes.address
 
         def sentinel(action: str):
-            out = run([str(BIN / "python"), "-c", _SENTINEL, address, action], tmp_path, env)
+            out = run([str(BIN / "python"), "-c", _SENTINEL, address, action, HEAD], tmp_path, env)
             assert out.returncode == 0, out.stderr[-3000:]
             return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -53,7 +53,7 @@ def test_ingress_node_labels_pick_the_nodes_carrying_them_and_a_label_no_node_ha
                     models=["fraud"])
     ingress = app._bound_deployment
     assert ingress.name == INGRESS_NAME and ingress._deployment_config.num_replicas == 2  # 2 per labelled node
-    assert ingress._deployment_config.max_replicas_per_node == 2
+    assert ingress._replica_config.max_replicas_per_node == 2
     assert ingress.ray_actor_options["label_selector"] == labels
     with pytest.raises(ValueError, match=r"no alive Ray node has the labels \{'fleet/ingress': 'yes'\}"):
         build_app(options, DeploymentOptions(ingress_per_node=1, ingress_node_labels=(("fleet/ingress", "yes"),)),

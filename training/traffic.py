@@ -241,7 +241,7 @@ def _keyed(table: pa.Table) -> pa.Table:
 def _by_version(table: pa.Table) -> dict:
     if table.num_rows == 0:
         return {}
-    grouped = table.group_by("version").aggregate([
+    grouped = table.group_by("version", use_threads=False).aggregate([
         ("request_id", "count"), ("date", "min"), ("date", "max"), ("timestamp", "min"), ("timestamp", "max")])
     out = {}
     for row in grouped.to_pylist():
@@ -290,7 +290,7 @@ def read_labelled_traffic(root: str | Path, model: str, columns: LogColumns, *, 
     labels = _last_per_key(labels, ["received_at", "_file"])
     indexed = log.append_column("_i", pa.array(np.arange(log.num_rows, dtype=np.int64)))
     matched = indexed.select([*KEYS, "_i"]).join(labels.select([*KEYS, "label", "received_at"]), keys=KEYS,
-                                                  join_type="inner")
+                                                  join_type="inner", use_threads=False)  # a threaded Acero join segfaulted (pyarrow 26.0.1)
     matched = matched.sort_by("_i")
     joined = log.take(matched.column("_i")).append_column("label", matched.column("label")) \
         .append_column("received_at", matched.column("received_at"))

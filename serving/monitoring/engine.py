@@ -324,7 +324,8 @@ class MonitoringEngine:
             left = judged.filter(pc.equal(judged["version"], a)).select(["request_id", "row", "wrong"])
             for b in numbers[i + 1:]:
                 right = judged.filter(pc.equal(judged["version"], b)).select(["request_id", "row", "wrong"])
-                both = left.join(right, keys=["request_id", "row"], right_suffix="_b", join_type="inner")
+                both = left.join(right, keys=["request_id", "row"], right_suffix="_b", join_type="inner",
+                                  use_threads=False)  # a threaded Acero join segfaulted here (pyarrow 26.0.1)
                 if both.num_rows == 0:
                     continue
                 wrong_a = both["wrong"].to_numpy(zero_copy_only=False)

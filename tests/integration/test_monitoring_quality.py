@@ -28,9 +28,9 @@ def _joined_on_disk(data_dir: str, model: str) -> pa.Table:
         columns=["request_id", "row", "label", "received_at"])
     labels = labels.sort_by([("received_at", "ascending")])
     labels = labels.append_column("order", pa.array(np.arange(labels.num_rows)))
-    last = labels.group_by(["request_id", "row"]).aggregate([("order", "max")])
+    last = labels.group_by(["request_id", "row"], use_threads=False).aggregate([("order", "max")])
     labels = labels.take(last["order_max"])
-    return log.join(labels, keys=["request_id", "row"], join_type="inner")
+    return log.join(labels, keys=["request_id", "row"], join_type="inner", use_threads=False)  # threaded: segfaulted once
 
 
 def test_labels_join_their_predictions_and_the_online_auc_is_sklearns(fleet_cluster, base_url):

@@ -25,7 +25,7 @@ from serving.model_config import (
     spec_from_config,
 )
 from serving.registry import ModelRepository
-from unit._scaled import model_bytes
+from _scaled import model_bytes
 
 # Written the way a Triton user writes it (text protobuf, Triton's own defaults left out).
 TRITON_CONFIG = """

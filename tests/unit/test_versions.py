@@ -19,7 +19,7 @@ from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.service import InferenceService
 from serving.workers import LocalWorkerClient, ModelRunner
-from unit._scaled import model_bytes
+from _scaled import model_bytes
 
 MODEL = "m"
 X = np.arange(8, dtype=np.float32).reshape(2, 4)

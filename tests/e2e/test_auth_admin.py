@@ -225,7 +225,8 @@ def test_the_prediction_log_names_the_key_by_its_id_and_no_key_is_written_anywhe
     deadline = time.monotonic() + 15
     rows = None
     while time.monotonic() < deadline:
-        if (data / "traffic" / "fraud").is_dir():
+        # A file appears by rename in a folder made just before it: wait for the first .parquet, not the folder.
+        if any((data / "traffic" / "fraud").rglob("*.parquet")):
             table = ds.dataset(data / "traffic" / "fraud", partitioning="hive").to_table(
                 columns=["request_id", "key_id"])
             rows = [k for r, k in zip(table["request_id"].to_pylist(), table["key_id"].to_pylist()) if r in ids]

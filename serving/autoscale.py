@@ -40,7 +40,7 @@ _PUSH_S = float(METRIC_ENV["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
 
 @dataclass(frozen=True)
 class AutoscalePolicy:
-    """A deployment's replica range and target; validated by `cluster.config.Autoscaling`."""
+    """A deployment's replica range and target, validated here (a field of `cluster.config.FleetSettings`)."""
 
     min_replicas: int = 1
     max_replicas: int = 1

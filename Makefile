@@ -9,10 +9,12 @@ PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 TORCH := torch==2.13.0
 NATIVE_SOURCES := $(wildcard native/src/*.cpp native/src/*.hpp) native/CMakeLists.txt
-PIP_QUIET := -q --disable-pip-version-check
+# --no-compile: no bytecode for the tens of thousands of modules of torch and Ray up front (most of the
+# install's CPU time); Python writes it for the modules that are imported, as they are.
+PIP_QUIET := -q --disable-pip-version-check --no-compile
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-unit test-integration setup triton-env bench wrk prometheus sanitize clean help
+.PHONY: serve test test-deps system-packages test-unit test-integration setup triton-env bench wrk h2load prometheus sanitize clean help
 
 help:
 	@echo "make serve   set up and serve on http://127.0.0.1:8000 (Ctrl-C stops)"
@@ -26,7 +28,7 @@ $(VENV)/.installed: pyproject.toml $(NATIVE_SOURCES)
 	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
 	# torch first: the CPU build on disk, so no CUDA build of several GB is fetched
 	$(PY) -m pip install $(PIP_QUIET) $(TORCH)
-	$(PY) -m pip install $(PIP_QUIET) -e '.[dev]'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install $(PIP_QUIET) -e '.[dev]'
 	@touch $@
 
 triton-env: $(TRITON_VENV)/.installed
@@ -53,14 +55,23 @@ PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tes
   tests/integration/test_limits_live.py tests/integration/test_monitoring_contracts.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed wrk prometheus
+# Everything `make test` needs, at once: the two venvs' installs are CPU-bound and the machine has cores for
+# both; the Debian packages go one after the other (dpkg takes one install at a time).
+test-deps:
+	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(TRITON_VENV)/.installed system-packages
+
+system-packages:
+	@$(MAKE) --no-print-directory wrk
+	@$(MAKE) --no-print-directory prometheus
+
+test: test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_TESTS) $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-test-integration: $(VENV)/.installed $(TRITON_VENV)/.installed wrk prometheus
+test-integration: test-deps
 	$(PY) -m pytest -q tests/integration tests/e2e $(PYTEST_ARGS)
 
 wrk:
@@ -88,8 +99,14 @@ prometheus:
 	  command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	    { echo "make prometheus: promtool or prometheus still missing after the install" >&2; exit 1; }; }
 
-bench: $(VENV)/.installed $(TRITON_VENV)/.installed wrk
+bench: $(VENV)/.installed $(TRITON_VENV)/.installed wrk h2load
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# nghttp2's h2load: the C load generator of the gRPC rows (benchmarks/h2load.py, python -m benchmarks.protocols).
+h2load:
+	@command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nghttp2-client; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq nghttp2-client; fi; }
 
 # The native kernels under AddressSanitizer and UBSan: a wheel built with FLEET_SANITIZE=ON into
 # build/sanitize (the .venv's install is left alone) and unpacked there, first on the path of a Python

@@ -66,11 +66,11 @@ def _env(work: Path, config: str, **extra: str) -> dict:
 def _attached(work: Path, env: dict, fleet_flags: list[str], second: bool = True):
     """Start a cluster and attach fleet; (nodes, port, flags) or raise."""
     for _ in range(3):
-        gcs, dashboard, port = free_ports(3)
+        gcs, dashboard, port, grpc_port = free_ports(4)
         nodes = start_nodes(work, env, gcs, dashboard, second=second)
         if nodes is None:
             continue
-        flags = ["--address", nodes.address, "--host", "node", "--port", str(port),
+        flags = ["--address", nodes.address, "--host", "node", "--port", str(port), "--grpc-port", str(grpc_port),
                  "--state-dir", str(work / "state"), *fleet_flags]
         up = _run(["fleet", "up", *flags], work, env)
         if up.returncode == 0:
@@ -105,8 +105,9 @@ def node_loss_trial(work: Path, seed: int, log=print) -> dict:
 def autoscale_trial(work: Path, seed: int, log=print) -> dict:
     env = _env(work, AUTOSCALE_YAML)
     for _ in range(3):
-        port, dash = free_ports(2)
-        flags = ["--port", str(port), "--dashboard-port", str(dash), "--state-dir", str(work / "state")]
+        port, dash, grpc_port = free_ports(3)
+        flags = ["--port", str(port), "--dashboard-port", str(dash), "--grpc-port", str(grpc_port),
+                 "--state-dir", str(work / "state")]
         up = _run(["fleet", "up", *flags], work, env)
         if up.returncode == 0 or "in use" not in up.stdout + up.stderr:
             break

@@ -59,8 +59,8 @@ def _agent_port(port: int):
 def start_cluster(settings: FleetSettings, attempts: int = 3, log=print) -> tuple[LocalCluster, FleetSettings]:
     """Start a LocalCluster with `settings` on fresh ports; (cluster, the settings it runs with)."""
     for attempt in range(attempts):
-        port, dashboard, agent = free_ports(3)
-        settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard})
+        port, dashboard, agent, grpc_port = free_ports(4)
+        settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard, "grpc_port": grpc_port})
         cluster = LocalCluster(settings)
         try:
             with _agent_port(agent):

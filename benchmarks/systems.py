@@ -21,7 +21,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from cluster.ports import free_port
+from cluster.ports import free_ports
 
 __all__ = ["System", "FleetSystem", "TritonSystem", "BaselineSystem", "fetch_stats", "stats_delta"]
 
@@ -122,9 +122,10 @@ class FleetSystem(System):
         if self._external:
             return self
         self._state_dir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
-        port, dashboard = free_port(), free_port()
+        port, dashboard, grpc_port = free_ports(3)
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
         result = self._fleet("up", "--repository", str(self.repository), "--port", str(port),
+                             "--grpc-port", str(grpc_port),
                              "--dashboard-port", str(dashboard), "--state-dir", self._state_dir, *self.flags,
                              timeout=self._timeout)
         if result.returncode != 0:

@@ -33,6 +33,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="the address the ingress listens on: an address (default 127.0.0.1), 0.0.0.0, "
                    "or node (each replica its node's address)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001; 0: no gRPC)")
     p.add_argument("--dashboard-port", type=int, help="Ray dashboard / job server port (default 8265)")
     p.add_argument("--num-cpus", type=int, help="Ray logical CPUs (default: this machine's)")
     p.add_argument("--ingress-replicas", type=int)
@@ -51,8 +52,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> FleetSettings:
-    keys = ("repository", "host", "port", "dashboard_port", "num_cpus", "ingress_replicas", "worker_replicas",
-            "http_server", "haproxy", "placement", "state_dir", "address", "ingress_per_node")
+    keys = ("repository", "host", "port", "grpc_port", "dashboard_port", "num_cpus", "ingress_replicas",
+            "worker_replicas", "http_server", "haproxy", "placement", "state_dir", "address", "ingress_per_node")
     try:
         return load_settings(**{k: getattr(args, k, None) for k in keys})
     except ValueError as exc:
@@ -124,11 +125,22 @@ def _stop_and_report(state: StateFile, pid: int) -> None:
     print("fleet stopped.")
 
 
+def grpc_line(url: str, grpc_port: int | None) -> list[str]:
+    """The banner's gRPC address (host:port, as tritonclient.grpc takes it), none when gRPC is off."""
+    if not grpc_port:
+        return []
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or "127.0.0.1"
+    return [f"  gRPC:       {host}:{grpc_port} (KServe v2, tritonclient.grpc)"]
+
+
 def _banner(doc: dict) -> str:
     url = doc["url"]
     lines = [
         f"fleet is serving on {url}",
         f"  repository: {doc['repository']}",
+        *grpc_line(url, doc.get("settings", {}).get("grpc_port")),
         f"  metrics:    {url}/metrics",
         f"  dashboard and job server: {doc['dashboard_url']}",
         "    (token authentication is on: the `ray job` CLI needs RAY_AUTH_MODE=token, the token is ~/.ray/auth_token)",

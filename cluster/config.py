@@ -23,6 +23,7 @@ from serving.auth import as_digest
 from serving.monitoring.alerts import audit_dir_for
 from serving.options import ServingOptions
 from serving.storage import check_root, is_uri
+from serving.tracing import check_otlp_endpoint
 
 __all__ = ["FleetSettings", "load_settings", "SECRET_ENV"]
 
@@ -46,6 +47,8 @@ class FleetSettings(BaseSettings):
     ingress_node_labels: dict[str, str] = Field(default_factory=dict, description="with ingress_per_node: only "
                                                 "nodes with these Ray labels take traffic (e.g. {fleet/ingress: 'yes'})")
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="KServe v2 gRPC (inference.GRPCInferenceService), "
+                           "served by every ingress replica on this port (SO_REUSEPORT); 0: no gRPC")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard and job server")
     num_cpus: int | None = Field(None, ge=1, description="Ray logical CPUs (default: the machine's)")
     num_gpus: int | None = Field(None, ge=0)
@@ -87,6 +90,11 @@ class FleetSettings(BaseSettings):
                                       "default_timeout_microseconds: a request still queued past it is answered 504 "
                                       "without being computed; a request's parameters.timeout (µs) may shorten it; "
                                       "0: none")
+    response_cache_bytes: int = Field(0, ge=0, description="the response cache of each ingress replica: answers "
+                                      "of the models whose config.pbtxt says response_cache { enable: true } are "
+                                      "kept by request (model, version, inputs, outputs asked, parameters) up to "
+                                      "this many bytes, least recently used evicted first; an identical request "
+                                      "is answered without being computed. 0: no cache, whatever the models say")
     max_connections: int = Field(4096, ge=1, description="open HTTP connections per ingress replica; one more "
                                  "is answered 503 with Retry-After and closed")
     drain_timeout_s: float = Field(10.0, ge=0, description="a stopping ingress replica answers what it has read "
@@ -163,6 +171,24 @@ class FleetSettings(BaseSettings):
                                           "training.retrain for the model; None: never")
     retrain_cooldown_s: float = Field(6 * 3600.0, ge=0, description="at least this long between two retrains "
                                       "the monitor submits for one model")
+    # Logs and tracing (serving/logs.py, serving/tracing.py).
+    log_format: Literal["text", "json"] = Field("text", description="fleet's log lines in every replica's log "
+                                                "(Ray's logs/serve/ folder) and the monitor's: text, or json (one "
+                                                "object a line with ts, level, logger, message, request_id, "
+                                                "trace_id, model, version, event)")
+    tracing_sample_ratio: float = Field(0.0, ge=0, le=1, description="OpenTelemetry tracing: the share of requests "
+                                        "traced (spans parse, queue, batch, preprocess, compute, encode); a "
+                                        "request with a sampled W3C traceparent is always traced, and every "
+                                        "answer to one carries a traceparent. 0: tracing off (costs nothing)")
+    otlp_endpoint: str | None = Field(None, description="where traced spans go: an OpenTelemetry collector's "
+                                      "OTLP/HTTP endpoint, http(s)://host:4318[/path] (/v1/traces when no path); "
+                                      "None: JSON lines in <state_dir>/traces/<component>-<pid>.jsonl on each "
+                                      "replica's node")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_otlp_endpoint(value)
 
     @field_validator("host")
     @classmethod
@@ -275,6 +301,7 @@ class FleetSettings(BaseSettings):
             max_string_bytes=self.max_string_bytes,
             max_json_depth=self.max_json_depth,
             default_timeout_ms=self.default_timeout_ms,
+            response_cache_bytes=self.response_cache_bytes,
             metrics_push_interval_s=self.metrics_push_interval_s,
             max_connections=self.max_connections,
             drain_timeout_s=self.drain_timeout_s,
@@ -283,6 +310,7 @@ class FleetSettings(BaseSettings):
             startup_timeout_s=self.startup_timeout_s,
             listen_host=self.host,
             listen_port=self.port if self.http_server == "fleet" else None,
+            grpc_port=self.grpc_port or None,
             version_poll_interval_s=self.version_poll_interval_s,
             version_retire_grace_s=self.version_retire_grace_s,
             api_key_digests=tuple(self.api_keys),
@@ -309,6 +337,10 @@ class FleetSettings(BaseSettings):
             retrain_after_s=self.retrain_after_s,
             retrain_cooldown_s=self.retrain_cooldown_s,
             dashboard_url=self.dashboard_url,
+            log_format=self.log_format,
+            tracing_sample_ratio=self.tracing_sample_ratio,
+            otlp_endpoint=self.otlp_endpoint,
+            trace_dir=str(Path(self.state_dir) / "traces") if self.tracing_sample_ratio > 0 else None,
         )
 
     def deployment_options(self, gpus_available: bool) -> DeploymentOptions:

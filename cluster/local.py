@@ -136,6 +136,9 @@ class LocalCluster:
         if s.host != "node" and not port_is_free(s.host, s.port):
             # fleet's listeners share the port with SO_REUSEPORT: check nobody else has it.
             raise RuntimeError(f"port {s.port} on {s.host} is in use; pick another with --port")
+        if s.host != "node" and s.grpc_port and not port_is_free(s.host, s.grpc_port):
+            raise RuntimeError(f"gRPC port {s.grpc_port} on {s.host} is in use; pick another with --grpc-port "
+                               "(0: no gRPC)")
         env = ray_env(s)
         os.environ.update(env)
         if s.http_server == "fleet":

@@ -137,7 +137,7 @@ def build_app(options: ServingOptions, deployment: DeploymentOptions = Deploymen
             )
             .bind(options.repository, name, options.worker_threads,
                   version_poll_interval_s=options.version_poll_interval_s,
-                  version_retire_grace_s=options.version_retire_grace_s)
+                  version_retire_grace_s=options.version_retire_grace_s, telemetry=options.telemetry())
         )
         _log.info("model %s: %s worker replica(s)%s", name, _count(replicas, deployment.worker_autoscaling),
                   " on GPU" if use_gpu else "")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 import numpy as np
 
 from serving.errors import BackendError, FleetError, InvalidInput, ModelUnavailable
+from serving.tracing import batch_traceparent
 
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
@@ -64,10 +65,11 @@ class BatchResult:
 
 
 class _Pending:
-    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta", "flags", "lane")
+    __slots__ = ("inputs", "rows", "signature", "future", "enqueued_ns", "deadline_ns", "meta", "flags", "lane",
+                 "trace")
 
     def __init__(self, inputs: Arrays, rows: int, signature, future, enqueued_ns: int, deadline_ns: int,
-                 meta=None, lane: int = 0):
+                 meta=None, lane: int = 0, trace=None):
         self.inputs = inputs
         self.rows = rows
         self.signature = signature
@@ -77,10 +79,12 @@ class _Pending:
         self.meta = meta  # the caller's, handed to `observe` with the batch (the prediction log's context)
         self.flags = None  # what preprocessing noted of its rows without refusing them (input-contract warnings)
         self.lane = lane  # which of the batcher's lanes (model versions) runs it
+        self.trace = trace  # its request's serving.tracing.Trace when traced (the batcher's tracing on), else None
 
 
 class BatchExecution:
-    """Running the batches a `Batcher` sends (mixed into it; uses its lanes, config, adaptive policy and slots)."""
+    """Running the batches a `Batcher` sends (mixed into it; uses its lanes, config, adaptive policy, tracing and
+    slots)."""
 
     def _dispatch(self, batch: list[_Pending], now: int) -> None:
         live = [p for p in batch if not p.future.done()]
@@ -195,25 +199,41 @@ class BatchExecution:
             for args in observed:
                 self._observe_later(*args)
 
+        traced = error = None  # the batch's span (serving/tracing.py) when one of its requests is traced
+        if self.tracing is not None:
+            traced = self._trace_batch(batch, sent_ns, rows)
         try:
             ready = await self._prepare(groups)
+            if traced is not None:
+                traced.add("preprocess", start)
             if not ready:
                 return  # every request of the batch was refused: nothing to run
             batch_deadline_ns.set(0 if any(not p.deadline_ns for p in batch) else max(p.deadline_ns for p in batch))
-            await self._run_lanes(ready, done)
+            if traced is None:
+                await self._run_lanes(ready, done)
+            else:  # the worker's spans continue `compute` across the Ray call (HandleWorkerClient passes it on)
+                compute_id, parent = traced.child_traceparent()
+                batch_traceparent.set(parent)
+                compute_start = time.monotonic_ns()
+                await self._run_lanes(ready, done)
+                traced.add("compute", compute_start, 0, compute_id)
             if self.adaptive is not None:
                 # Service time, not time in flight: a batch sent while another ran started when that one ended.
                 done_ns = time.monotonic_ns()
                 self.adaptive.on_batch(rows, done_ns - max(start, self._last_done_ns))
                 self._last_done_ns = done_ns
         except asyncio.CancelledError:
+            error = "cancelled: the batcher is shutting down"
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(ModelUnavailable(f"model {self.name} is shutting down"))
             raise
         except Exception as exc:
+            error = exc
             _fail(batch, exc, self.name)
         finally:
+            if traced is not None:
+                traced.finish(error)
             self._inflight -= 1
             if self._queue:
                 self._ensure_loop()
@@ -227,6 +247,19 @@ class BatchExecution:
                 on_batch = self.lanes[index].on_batch
                 if on_batch is not None:
                     on_batch(sum(p.rows for p in part), len(part), elapsed, index in ok)
+
+    def _trace_batch(self, batch: list[_Pending], sent_ns: int, rows: int):
+        """The batch's `batch` span if one of its requests is traced (their `queue` spans end when it was sent),
+        else None. Tracing is on: called once per batch, never per request when it is off."""
+        traces = []
+        for p in batch:
+            if p.trace is not None:
+                p.trace.add("queue", p.enqueued_ns, sent_ns)
+                traces.append(p.trace)
+        batch_traceparent.set(None)  # this task's context may be a copy of a traced batch's
+        if not traces:
+            return None
+        return self.tracing.start_batch(traces, sent_ns, batcher=self.name, rows=rows, requests=len(batch))
 
     def _answers(self, part: list[_Pending], outputs: Mapping[str, np.ndarray], sent_ns: int,
                  compute_ns: int) -> list:

@@ -28,6 +28,10 @@ A request waits at most its timeout: the queue policy's default, or its own
 than the default (Triton's rule; with no default, any timeout of its own).
 Past it, it is answered DeadlineExceeded without being computed. A full queue
 (`max_queue_size`) refuses new requests with Overloaded.
+
+Tracing (serving/tracing.py), when this process traces: a request queued while its task's
+`request_trace` is set gets a `queue` span, and a batch carrying one a `batch` span (linked to
+each traced request) with `preprocess` and `compute` (serving/batch_exec.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from serving.batch_exec import (
     Arrays, BatchExecution, BatchResult, Execute, ExecuteLanes, Lane, Observe, OnBatch, _Pending, batch_deadline_ns,
 )
 from serving.errors import DeadlineExceeded, InvalidInput, ModelUnavailable, Overloaded
+from serving.tracing import active as active_tracing, request_trace
 
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
@@ -114,6 +119,7 @@ class Batcher(BatchExecution):
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
         self._last_done_ns = 0  # when the last batch finished (adaptive mode's service times)
         self._observing = 0  # answered batches whose `observe` has not run yet (close() waits for them)
+        self.tracing = active_tracing()  # this process's (serving/tracing.py), None when off: one check per request
         self.adaptive = (
             AdaptivePolicy(config.latency_target_ms, self._cap, max_utilization=config.adaptive_max_utilization,
                            name=name)
@@ -185,7 +191,8 @@ class Batcher(BatchExecution):
         deadline = now + timeout * 1000 if timeout else 0
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, rows, _signature(inputs, self.preprocess) if cfg.max_batch_size else None,
-                           loop.create_future(), now, deadline, meta, lane)
+                           loop.create_future(), now, deadline, meta, lane,
+                           None if self.tracing is None else request_trace.get())
         if (not self._queue and self._inflight == 0 and not cfg.hold
                 and (self.adaptive is None or self.adaptive.send_at_once(now, rows))):
             # Nothing queued and nothing running: send at once, no hop through the loop.

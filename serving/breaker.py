@@ -14,11 +14,14 @@ the event loop (no locks, no Ray); the clock is injectable for tests.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["BreakerConfig", "CircuitBreaker", "CLOSED", "OPEN", "HALF_OPEN"]
+
+_log = logging.getLogger("fleet.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -57,6 +60,8 @@ class CircuitBreaker:
             return True
         if self.state == OPEN and self._clock() >= self._retry_at:
             self.state = HALF_OPEN
+            _log.info("model %s: circuit breaker half-open, probing the backend", self.name,
+                      extra={"model": self.name, "event": "breaker_half_open"})
         if self.state == HALF_OPEN and not self._probing:
             self._probing = True
             return True
@@ -72,6 +77,9 @@ class CircuitBreaker:
 
     def success(self) -> None:
         """A batch the backend answered: close (a probe that succeeds closes it) and reset the cool-down."""
+        if self.state != CLOSED:
+            _log.info("model %s: circuit breaker closed, the backend answers again", self.name,
+                      extra={"model": self.name, "event": "breaker_closed"})
         self.state = CLOSED
         self.consecutive_failures = 0
         self._cooldown_s = self.config.cooldown_s
@@ -94,6 +102,8 @@ class CircuitBreaker:
         self.opened += 1
         self._probing = False
         self._retry_at = self._clock() + self._cooldown_s
+        _log.warning("model %s: %s; next probe in %.1f s", self.name, self.describe(), self._cooldown_s,
+                     extra={"model": self.name, "event": "breaker_open"})
 
     @property
     def retry_after_s(self) -> float:

@@ -113,14 +113,14 @@ def infer_handler(service: InferenceService, guard: Guard | None = None):
     length_key = HEADER_LENGTH.encode()
     fallback_key = FALLBACK_HEADER.encode()
     routing_key = ROUTING_HEADER.encode()
+    tracing = service.tracing
 
     async def handle(model: str, version: str | None, headers, body: bytes, client=None,
                      key: str | None = None) -> HttpResponse:
         # `key`: the caller's key id when the front end checked the request itself.
+        trace = None
         try:
-            if check is not None:
-                key = check(headers, client)
-            encoding = header_length = routing = None
+            encoding = header_length = routing = traceparent = None
             for name, value in headers:
                 if name == b"inference-header-content-length":
                     header_length = value.decode("latin-1")
@@ -128,15 +128,27 @@ def infer_handler(service: InferenceService, guard: Guard | None = None):
                     encoding = value.decode("latin-1")
                 elif name == routing_key:
                     routing = value.decode("latin-1")
+                elif name == b"traceparent":
+                    traceparent = value
+            if tracing is not None:  # W3C traceparent in, this request's span's out (serving/tracing.py)
+                trace = tracing.start_request(traceparent)
+            if check is not None:
+                key = check(headers, client)
             if encoding is not None:
                 body = decode_body(body, encoding, limit)
             payload, json_length, answered_by = await service.infer(
-                model, version, body, parse_header_length(header_length), key, routing)
+                model, version, body, parse_header_length(header_length), key, routing, trace)
         except Exception as exc:  # noqa: BLE001 - every error leaves through error_response
-            return _answer(error_response(exc))
+            status, out, payload = _answer(error_response(exc))
+            if trace is not None:
+                trace.finish(exc, model=model)  # (a refusal before the service; later calls do nothing)
+                out = [*out, (b"traceparent", trace.traceparent.encode())]
+            return status, out, payload
         headers = [json_type] if json_length is None else [binary_type, (length_key, str(json_length).encode())]
         if answered_by is not None:  # the model's backend is down: its fallback answered (serving/fallback.py)
             headers.append((fallback_key, answered_by.encode()))
+        if trace is not None:
+            headers.append((b"traceparent", trace.traceparent.encode()))
         return 200, headers, payload
 
     return handle

@@ -313,13 +313,19 @@ class HttpListener:
             return
         self.stopping = True
         self._server.close()
-        deadline = self.loop.time() + self.graceful_shutdown_s
+        started = self.loop.time()
+        deadline = started + self.graceful_shutdown_s
+        _log.info("draining %s:%d: %d connections, %d requests in flight (up to %.1f s)", self.host, self.port,
+                  len(self.connections), self.in_flight(), self.graceful_shutdown_s, extra={"event": "drain"})
         while self.connections and self.loop.time() < deadline:
             now = self.loop.time()
             for conn in list(self.connections):
                 if not conn.busy and now - conn.idle_since >= self.drain_idle_close_s:
                     conn._close()
             await asyncio.sleep(0.02)
+        left = len(self.connections)
         for conn in list(self.connections):
             conn._close()
         self._server = None
+        _log.info("drained %s:%d in %.2f s (%d connections closed at the deadline)", self.host, self.port,
+                  self.loop.time() - started, left, extra={"event": "drain"})

@@ -1,4 +1,4 @@
-"""The ingress deployment: HTTP in, batches out to the models, statistics to the monitor.
+"""The ingress deployment: HTTP and gRPC in, batches out to the models, statistics to the monitor.
 
 Serve runs one or more replicas of it. Each replica either runs fleet's own
 HTTP listener on the public port (`serving.http_server`, the default) or is
@@ -31,12 +31,14 @@ from serving.batching import batch_deadline_ns
 from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
 from serving.http_server import HttpListener
+from serving.logs import configure_logging
 from serving.metrics import StatsRecorder
 from serving.monitoring.predlog import PredictionLog
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.rollout.state import Route
 from serving.service import InferenceService
+from serving.tracing import batch_traceparent, setup_tracing, shutdown_tracing
 from serving.workers import LocalWorkerClient, ModelRunner
 
 __all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient", "replica_gone", "retry_budget_s"]
@@ -88,7 +90,10 @@ class HandleWorkerClient:
             raise _unwrap(exc) from exc
 
     async def _call(self, version: int, inputs: dict) -> dict:
-        return await self._infer.remote(version, inputs)
+        traceparent = batch_traceparent.get()  # the batch's `compute` span when it is traced: the worker's parent
+        if traceparent is None:
+            return await self._infer.remote(version, inputs)
+        return await self._infer.remote(version, inputs, traceparent=traceparent)
 
     async def status(self) -> dict:
         try:
@@ -153,13 +158,17 @@ class Ingress:
 
     async def __init__(self, options: dict, workers: dict):
         self.options = ServingOptions(**options)
+        o = self.options
+        # fleet's loggers at INFO in this replica's log (text or JSON lines), and its tracing: before the
+        # service, which takes the tracing it finds (serving/logs.py, serving/tracing.py).
+        configure_logging(o.log_format)
+        setup_tracing(o.tracing_sample_ratio, o.otlp_endpoint, o.trace_dir, component="ingress")
         repository = ModelRepository(self.options.repository)
         clients = await asyncio.gather(*(self._client(name, handle) for name, handle in workers.items()))
         models = {name: (*repository.load_config(name), client) for name, client in zip(workers, clients)}
         self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.recorder = StatsRecorder()
         self._monitor = None
-        o = self.options
         # The prediction log: a bounded buffer and a writer thread of this replica (serving/monitoring/predlog.py).
         self.log = None if not o.data_dir else PredictionLog(
             o.data_dir, uuid.uuid4().hex[:8], flush_rows=o.log_flush_rows, flush_interval_s=o.log_flush_interval_s,
@@ -179,19 +188,27 @@ class Ingress:
         self.service.on_candidate_error = self._push_soon
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
-        self.listener = None
-        if self.options.listen_port:
-            host = self.options.listen_host
-            if host == "node":  # this replica's node's own address (each node of a cluster: its own)
-                import ray
+        self.listener = self.grpc = None
+        host = self.options.listen_host
+        if host == "node":  # this replica's node's own address (each node of a cluster: its own)
+            import ray
 
-                host = ray.util.get_node_ip_address()
+            host = ray.util.get_node_ip_address()
+        if self.options.listen_port:
             self.listener = HttpListener(
                 build_handler(self.service), host, self.options.listen_port,
                 max_body_bytes=self.options.max_request_bytes, graceful_shutdown_s=self.options.drain_timeout_s,
                 max_connections=self.options.max_connections,
             )
             await self.listener.start()
+        if self.options.grpc_port:
+            from serving.grpc.server import GrpcListener
+
+            self.grpc = GrpcListener(self.service, host, self.options.grpc_port,
+                                     max_message_bytes=self.options.max_request_bytes,
+                                     max_concurrent_rpcs=self.options.max_connections,
+                                     graceful_shutdown_s=self.options.drain_timeout_s)
+            await self.grpc.start()
         # Everything alive now (Ray, torch, the models) lives as long as the replica: move it out of
         # the collector's reach, or each full collection walks it all (about 180 ms measured here,
         # a stall of every request in flight).
@@ -215,12 +232,15 @@ class Ingress:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler cannot see the requests on this replica's own sockets: report them
         (serving/autoscale.py; called by Serve only when the deployment autoscales)."""
-        return {LOAD_METRIC: float(self.listener.in_flight() if self.listener is not None else 0)}
+        load = self.listener.in_flight() if self.listener is not None else 0
+        return {LOAD_METRIC: float(load + (self.grpc.in_flight() if self.grpc is not None else 0))}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose listener died is replaced."""
         if self.listener is not None and not self.listener.alive():
             raise RuntimeError("the HTTP listener of this ingress replica has stopped")
+        if self.grpc is not None and not self.grpc.alive():
+            raise RuntimeError("the gRPC listener of this ingress replica has stopped")
 
     async def _wait_for_workers(self) -> None:
         """Wait for the models still loading; one whose backend answered "down" (Triton unreachable) is not
@@ -312,8 +332,9 @@ class Ingress:
 
     async def __del__(self):
         # Drain: stop taking connections, let the requests in flight finish, then stop.
-        if getattr(self, "listener", None) is not None:
-            await self.listener.stop()
+        # Both listeners drain at once: neither waits for the other's calls to finish.
+        await asyncio.gather(*(listener.stop() for listener in (getattr(self, "listener", None),
+                                                                getattr(self, "grpc", None)) if listener is not None))
         for task in getattr(self, "_tasks", []):
             task.cancel()
         if hasattr(self, "service"):
@@ -326,3 +347,4 @@ class Ingress:
                 close = getattr(state.worker, "close", None)
                 if close is not None:
                     await close()
+        await asyncio.to_thread(shutdown_tracing)  # the spans still queued go out

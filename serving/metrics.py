@@ -46,9 +46,19 @@ class ModelStats:
     # Live feature histograms of a model that counts them (serving/preprocess.py): per feature,
     # [underflow, bin 0 .. bin b-1, overflow] against its reference edges; [] until counted.
     feature_counts: list[list[int]] = field(default_factory=list)
+    # The response cache (serving/cache.py): lookups that found / did not find the answer, and the time
+    # they took (a miss's includes storing the computed answer, as Triton counts it). A hit is also a success.
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_hit_ns: int = 0
+    cache_miss_ns: int = 0
 
     def merge(self, other: "ModelStats") -> None:
         self.success += other.success
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.cache_hit_ns += other.cache_hit_ns
+        self.cache_miss_ns += other.cache_miss_ns
         for reason, n in other.failure.items():
             self.failure[reason] = self.failure.get(reason, 0) + n
         self.inference_count += other.inference_count
@@ -91,6 +101,10 @@ class ModelStats:
             "batch_sizes": {str(k): list(v) for k, v in self.batch_sizes.items()},
             "last_inference_ms": self.last_inference_ms,
             "feature_counts": [list(r) for r in self.feature_counts],
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_hit_ns": self.cache_hit_ns,
+            "cache_miss_ns": self.cache_miss_ns,
         }
 
     @classmethod
@@ -125,6 +139,9 @@ class StatsRecorder:
         self._drift: dict[tuple[str, str], dict] = {}
         self._violations: dict[tuple[str, str, str], int] = {}  # (model, feature, rule) -> rows
         self._feedback: dict[str, dict[str, int]] = {}  # model -> {"labels", "duplicates"}
+        self._cache = None  # the response cache whose counts every take pulls (track_cache)
+        # Its latest entries, bytes, capacity_bytes, and the evictions, oversize since the last take_monitoring.
+        self._cache_state: dict[str, int] | None = None
 
     def _get(self, model: str, version: str) -> ModelStats:
         key = (model, version)
@@ -195,17 +212,52 @@ class StatsRecorder:
         entry["labels"] += labels
         entry["duplicates"] += duplicates
 
+    def cache(self, model: str, version: str, hits: int, misses: int, hit_ns: int, miss_ns: int) -> None:
+        """Add response-cache lookups of a model version: hits, misses and the ns each kind took."""
+        s = self._get(model, version)
+        s.cache_hits += hits
+        s.cache_misses += misses
+        s.cache_hit_ns += hit_ns
+        s.cache_miss_ns += miss_ns
+
+    def track_cache(self, cache) -> None:
+        """Pull `cache.take_counts()` (a `serving.cache.ResponseCache`; None: stop) at every take and
+        take_monitoring: its lookups go out with the request statistics, its entries, bytes and
+        evictions with the monitoring deltas. The one call a service with a cache makes."""
+        self._cache = cache
+
+    def cache_counts(self, counts: dict) -> None:
+        """Add one `ResponseCache.take_counts()`: lookups per model version, evictions and answers too big
+        to store since the last one (deltas), entries, bytes and capacity now (gauges)."""
+        for (model, version), (hits, misses, hit_ns, miss_ns) in counts["models"].items():
+            self.cache(model, version, hits, misses, hit_ns, miss_ns)
+        before = self._cache_state or {}
+        self._cache_state = {
+            "entries": counts["entries"], "bytes": counts["bytes"], "capacity_bytes": counts["capacity_bytes"],
+            "evictions": before.get("evictions", 0) + counts["evictions"],
+            "oversize": before.get("oversize", 0) + counts["oversize"],
+        }
+
+    def _pull_cache(self) -> None:
+        if self._cache is not None:
+            self.cache_counts(self._cache.take_counts())
+
     def take_monitoring(self) -> dict:
-        """The monitoring deltas since the last call: {"drift", "violations", "feedback"} (plain lists and ints)."""
+        """The monitoring deltas since the last call: {"drift", "violations", "feedback"} (plain lists and ints),
+        and "cache" ({"entries", "bytes", "capacity_bytes", "evictions", "oversize"}) with a response cache."""
+        self._pull_cache()
         drift, self._drift = self._drift, {}
         violations, self._violations = self._violations, {}
         feedback, self._feedback = self._feedback, {}
-        return {
+        out = {
             "drift": {key: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in entry.items()}
                       for key, entry in drift.items()},
             "violations": violations,
             "feedback": feedback,
         }
+        if self._cache_state is not None:
+            out["cache"], self._cache_state = self._cache_state, None
+        return out
 
     def give_back_monitoring(self, delta: dict) -> None:
         """Return monitoring deltas that could not be handed off; they go out with the next ones."""
@@ -218,6 +270,12 @@ class StatsRecorder:
             self.violations(model, {(feature, rule): n})
         for model, entry in delta.get("feedback", {}).items():
             self.feedback(model, entry["labels"], entry["duplicates"])
+        cache = delta.get("cache")
+        if cache is not None:  # its counts go out again; gauges read since then are newer than its own
+            newer = self._cache_state
+            self._cache_state = dict(cache) if newer is None else {
+                **newer, "evictions": newer["evictions"] + cache["evictions"],
+                "oversize": newer["oversize"] + cache["oversize"]}
 
     def give_back(self, delta: dict[tuple[str, str], ModelStats]) -> None:
         """Return a delta that could not be handed off; it goes out with the next one."""
@@ -225,6 +283,7 @@ class StatsRecorder:
 
     def take(self) -> dict[tuple[str, str], ModelStats]:
         """Everything recorded since the last call, and start afresh."""
+        self._pull_cache()
         features, self._features = self._features, {}
         for (model, version), counts in features.items():
             self._get(model, version).add_feature_counts(counts.tolist())

@@ -131,6 +131,9 @@ class ModelSpec:
     instance_kind: str = "auto"  # "auto" | "cpu" | "gpu"
     default_model_filename: str = "model.pt"
     parameters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # `response_cache { enable: true }`: answers are kept by request (serving/cache.py) when the server has
+    # a cache (response_cache_bytes > 0); without one the model computes every request, as in Triton.
+    response_cache: bool = False
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
@@ -322,6 +325,7 @@ def spec_from_config(config: mc.ModelConfig, *, name: str | None = None, source:
         instance_kind=kind,
         default_model_filename=config.default_model_filename or "model.pt",
         parameters=MappingProxyType(params),
+        response_cache=config.HasField("response_cache") and bool(config.response_cache.enable),
     )
 
 

@@ -20,6 +20,7 @@ __all__ = ["MONITOR_NAME", "MONITOR_NAMESPACE", "MonitorState", "get_monitor", "
 MONITOR_NAME = "fleet-monitor"
 MONITOR_NAMESPACE = "fleet"
 _GAUGE_STALE_S = 10.0
+_CACHE_GAUGES = ("entries", "bytes", "capacity_bytes")
 
 
 class MonitorState:
@@ -29,14 +30,24 @@ class MonitorState:
         self._totals: dict[tuple[str, str], ModelStats] = {}
         self._depths: dict[str, tuple[float, dict[tuple[str, str], int]]] = {}
         self._breakers: dict[str, tuple[float, dict[str, int]]] = {}  # replica -> (when, {model: 1 if not closed})
+        # The response caches (serving/cache.py): replica -> (when, {entries, bytes, capacity_bytes}) ...
+        self._caches: dict[str, tuple[float, dict[str, int]]] = {}
+        self._cache_events: dict[str, int] | None = None  # ... and {evictions, oversize} of them all; None: no cache
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)
 
     def push(self, replica: str, delta: dict, queue_depths: dict | None = None,
-             breakers: dict | None = None) -> None:
-        """Add one replica's delta {(model, version): ModelStats}, its current queue depths and
-        its circuit breakers ({model: 1 when open or probing, 0 when closed})."""
+             breakers: dict | None = None, cache: dict | None = None) -> None:
+        """Add one replica's delta {(model, version): ModelStats}, its current queue depths, its circuit
+        breakers ({model: 1 when open or probing, 0 when closed}) and its response cache (the "cache"
+        of `StatsRecorder.take_monitoring`: evictions and oversize since its last push, entries, bytes and
+        capacity_bytes now)."""
         merge_stats(self._totals, delta)
+        if cache is not None:
+            self._caches[replica] = (time.monotonic(), {k: int(cache.get(k, 0)) for k in _CACHE_GAUGES})
+            events = self._cache_events = self._cache_events or {"evictions": 0, "oversize": 0}
+            for k in events:
+                events[k] += int(cache.get(k, 0))
         if queue_depths is not None:
             self._depths[replica] = (time.monotonic(), dict(queue_depths))
         if breakers is not None:
@@ -45,6 +56,18 @@ class MonitorState:
     def forget(self, replica: str) -> None:
         self._depths.pop(replica, None)
         self._breakers.pop(replica, None)
+        self._caches.pop(replica, None)
+
+    def cache_gauges(self) -> dict[str, int]:
+        """The response caches' entries, bytes and capacity_bytes now, summed over the replicas that reported
+        within the last few seconds; {} when none did."""
+        now = time.monotonic()
+        out: dict[str, int] = {}
+        for stamp, gauges in self._caches.values():
+            if now - stamp <= _GAUGE_STALE_S:
+                for k, n in gauges.items():
+                    out[k] = out.get(k, 0) + n
+        return out
 
     def breakers_open(self) -> dict[str, int]:
         """Per model with a breaker: how many ingress replicas have it open (or probing) now."""
@@ -144,6 +167,48 @@ class MonitorState:
         for m, n in sorted(self.breakers_open().items()):
             breaker.add_metric([m], n)
         yield breaker
+        yield from self._collect_cache(labels)
+
+    def _collect_cache(self, labels: list[str]):
+        """The response cache, named after Triton's nv_cache_* (per model version: only those looked up)."""
+        looked_up = [(key, s) for key, s in sorted(self._totals.items()) if s.cache_hits or s.cache_misses]
+        for name, doc, attr, scale in (
+            ("fleet_cache_hits", "Requests answered from the response cache", "cache_hits", 1),
+            ("fleet_cache_misses", "Response-cache lookups that found no answer (the request was computed)",
+             "cache_misses", 1),
+            ("fleet_cache_hit_time_seconds", "Cumulative time of response-cache lookups that hit, seconds",
+             "cache_hit_ns", 1e-9),
+            ("fleet_cache_miss_time_seconds", "Cumulative time of response-cache lookups that missed and of "
+             "storing the computed answers, seconds", "cache_miss_ns", 1e-9),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=labels)
+            for (m, v), s in looked_up:
+                fam.add_metric([m, v], getattr(s, attr) * scale)
+            yield fam
+        events = self._cache_events
+        for name, doc, key in (
+            ("fleet_cache_evictions", "Answers evicted from the ingress replicas' response caches to make room "
+             "(least recently used first)", "evictions"),
+            ("fleet_cache_oversize", "Answers larger than a whole response cache (response_cache_bytes), not "
+             "stored", "oversize"),
+        ):
+            fam = CounterMetricFamily(name, doc)
+            if events is not None:
+                fam.add_metric([], events[key])
+            yield fam
+        gauges = self.cache_gauges()
+        for name, doc, key in (
+            ("fleet_cache_entries", "Answers held in the response caches now (summed over ingress replicas, "
+             "each of which has its own cache)", "entries"),
+            ("fleet_cache_bytes", "Bytes the response caches hold now, with their per-entry overhead (summed "
+             "over ingress replicas, each with its own cache)", "bytes"),
+            ("fleet_cache_capacity_bytes", "The response caches' size: response_cache_bytes per ingress replica, "
+             "summed (utilisation: fleet_cache_bytes / this)", "capacity_bytes"),
+        ):
+            fam = GaugeMetricFamily(name, doc)
+            if gauges:
+                fam.add_metric([], gauges.get(key, 0))
+            yield fam
 
 
 def triton_model_stats(model: str, version: str, s: ModelStats) -> dict:
@@ -153,6 +218,7 @@ def triton_model_stats(model: str, version: str, s: ModelStats) -> dict:
         return {"count": count, "ns": ns}
 
     failures = sum(s.failure.values())
+    computed = max(0, s.success - s.cache_hits)  # Triton leaves answers from the cache out of queue and compute
     return {
         "name": model,
         "version": version,
@@ -162,12 +228,12 @@ def triton_model_stats(model: str, version: str, s: ModelStats) -> dict:
         "inference_stats": {
             "success": dur(s.success, s.request_ns),
             "fail": dur(failures, s.fail_ns),
-            "queue": dur(s.success, s.queue_ns),
-            "compute_input": dur(s.success, 0),
-            "compute_infer": dur(s.success, s.compute_ns),
-            "compute_output": dur(s.success, 0),
-            "cache_hit": dur(0, 0),
-            "cache_miss": dur(0, 0),
+            "queue": dur(computed, s.queue_ns),
+            "compute_input": dur(computed, 0),
+            "compute_infer": dur(computed, s.compute_ns),
+            "compute_output": dur(computed, 0),
+            "cache_hit": dur(s.cache_hits, s.cache_hit_ns),
+            "cache_miss": dur(s.cache_misses, s.cache_miss_ns),
         },
         "batch_stats": [
             {

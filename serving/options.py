@@ -22,6 +22,8 @@ class ServingOptions:
     max_json_depth: int = 32  # arrays and objects open at once in a request's JSON
     # Queue timeout for models whose config sets no default_timeout_microseconds (0: none).
     default_timeout_ms: float = 0.0
+    # The response cache of each ingress replica (serving/cache.py), for models that enable it; 0: none.
+    response_cache_bytes: int = 0
     metrics_push_interval_s: float = 1.0
     status_refresh_interval_s: float = 2.0
     worker_threads: int = 1
@@ -29,6 +31,7 @@ class ServingOptions:
     # fleet's own HTTP listener in each ingress replica (None: Serve's proxy/HAProxy).
     listen_host: str = "127.0.0.1"
     listen_port: int | None = None
+    grpc_port: int | None = None  # KServe v2 gRPC in each ingress replica (serving/grpc/), None: none
     drain_timeout_s: float = 10.0  # requests in flight get this long at shutdown
     max_connections: int = 4096  # per ingress replica's listener; one more is answered 503
     # A batch whose worker replica died is sent once more, waiting at most this long (and its deadline).
@@ -69,6 +72,16 @@ class ServingOptions:
     retrain_after_s: float | None = None  # None: the monitor never submits a retrain
     retrain_cooldown_s: float = 6 * 3600.0
     dashboard_url: str | None = None  # the job server the monitor submits retrains to
+    # Logs (serving/logs.py) and tracing (serving/tracing.py) of every replica.
+    log_format: str = "text"  # "text" or "json" (JSON lines)
+    tracing_sample_ratio: float = 0.0  # share of requests traced (a client's sampled traceparent always); 0: off
+    otlp_endpoint: str | None = None  # http(s)://: OTLP/HTTP, grpc(s)://: OTLP/gRPC; None: JSON lines in trace_dir
+    trace_dir: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def telemetry(self) -> dict:
+        """The logs and tracing settings alone: what a worker replica is given (`ModelWorker(telemetry=...)`)."""
+        return {"log_format": self.log_format, "tracing_sample_ratio": self.tracing_sample_ratio,
+                "otlp_endpoint": self.otlp_endpoint, "trace_dir": self.trace_dir}

@@ -25,6 +25,8 @@ __all__ = [
     "InputTensor",
     "RequestedOutput",
     "InferRequest",
+    "check_shape",
+    "binary_tensor",
     "decode_request",
     "encode_response",
     "serialize_bytes_tensor",
@@ -70,7 +72,8 @@ class InferRequest:
 # -- decoding ----------------------------------------------------------------
 
 
-def _shape(raw, where: str) -> tuple[int, ...]:
+def check_shape(raw, where: str) -> tuple[int, ...]:
+    """A tensor's declared shape, checked before anything is allocated for it."""
     if not isinstance(raw, list) or len(raw) > _MAX_DIMS:
         raise InvalidInput(f"{where}: 'shape' must be a list of at most {_MAX_DIMS} non-negative integers")
     for d in raw:
@@ -224,8 +227,9 @@ def serialize_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _binary_data(blob: memoryview, datatype: str, shape: tuple[int, ...], where: str,
-                 max_string_bytes: int = 0) -> np.ndarray:
+def binary_tensor(blob: memoryview, datatype: str, shape: tuple[int, ...], where: str,
+                  max_string_bytes: int = 0) -> np.ndarray:
+    """One tensor's raw little-endian bytes (binary extension, gRPC raw contents) as an array of `shape`."""
     count = math.prod(shape)
     if datatype == "BYTES":
         return deserialize_bytes_tensor(blob, count, where, max_string_bytes).reshape(shape)
@@ -318,7 +322,7 @@ def decode_request(body: bytes, header_length: int | None = None,
             check_string(datatype, f"{where} datatype", max_string)
         if datatype not in V2_TO_NUMPY:
             raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
-        shape = _shape(raw.get("shape"), where)
+        shape = check_shape(raw.get("shape"), where)
         count = math.prod(shape)
         if limits.max_tensor_elements and count > limits.max_tensor_elements:
             raise InvalidInput(over_limit(f"{where}: {count} elements (shape {list(shape)})",
@@ -336,7 +340,7 @@ def decode_request(body: bytes, header_length: int | None = None,
                     f"{where}: binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} binary bytes left)"
                 )
-            data = _binary_data(binary[offset : offset + size], datatype, shape, where, max_string)
+            data = binary_tensor(binary[offset : offset + size], datatype, shape, where, max_string)
             offset += size
         elif "data" in raw:
             data = raw["data"]

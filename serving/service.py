@@ -19,9 +19,11 @@ import native
 from serving.adaptive import DEFAULT_MAX_UTILIZATION
 from serving.batching import Batcher, BatcherConfig, BatchResult
 from serving.breaker import CLOSED, CircuitBreaker
+from serving.cache import ResponseCache, cache_key
 from serving.errors import BackendError, FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
 from serving.fallback import Fallback, breaker_config, check_fallbacks, wants_breaker
 from serving.limits import RequestLimits
+from serving.logs import log_fields
 from serving.metrics import StatsRecorder
 from serving.model_config import (
     LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec, is_decimal,
@@ -31,16 +33,18 @@ from serving.monitoring.observe import answered_by_fallback
 from serving.monitoring.replica import ReplicaMonitoring
 from serving.options import ServingOptions
 from serving.preprocess import Preprocessor, make_preprocessor
-from serving.protocol import decode_request, encode_response
+from serving.protocol import InferRequest, decode_request, encode_response
 from serving.registry import ModelRepository, check_model_name
 from serving.rollout.evidence import RolloutEvidence
 from serving.rollout.serving import RolloutRouting
 from serving.rollout.state import Route
+from serving.tracing import Trace, active as active_tracing
 from serving.validation import validate_request
 
 __all__ = ["WorkerClient", "ModelState", "InferenceService", "SERVER_NAME", "SERVER_VERSION", "parse_header_length"]
 
 _log = logging.getLogger("fleet.service")
+_ERROR_LOGS_PER_S = 20
 
 SERVER_NAME = "fleet"
 try:
@@ -107,6 +111,12 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
             if wants_breaker(state.spec):
                 state.breaker = CircuitBreaker(name, breaker_config(state.spec))
         self.recorder = recorder or StatsRecorder()
+        self.tracing = active_tracing()  # this process's tracing (serving/tracing.py), None when off: the front
+        # ends start a request's trace with it
+        # The response cache (serving/cache.py) of the models whose config enables it; None: no cache at all.
+        self.cache = ResponseCache(options.response_cache_bytes) if options.response_cache_bytes > 0 else None
+        if self.cache is not None:
+            self.recorder.track_cache(self.cache)
         self._stats_source = stats_source
         self._metrics_source = metrics_source
         self._monitor_source = monitor_source  # the monitor's drift and quality reports
@@ -124,6 +134,7 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
         self._shadow_batchers: dict[tuple[str, int], Batcher] = {}
         self._joint: dict[str, tuple[tuple[int, int], Batcher]] = {}  # a canary's stable and candidate, one queue
         self.on_candidate_error: Callable[[], None] | None = None  # the replica pushes early: a fast rollback
+        self._error_log_window, self._error_logs, self._error_logs_skipped = 0.0, 0, 0  # `_log_error`'s budget
 
     def _preprocessor(self, state: ModelState, version: int) -> Preprocessor | None:
         """The version's preprocessing (config.pbtxt parameters, statistics from its metadata.json), built once."""
@@ -204,6 +215,8 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
         if joint is not None and any(v in gone for v in joint[0]):
             self._retire_joint(state.spec.name)
         for version in gone:
+            if self.cache is not None:  # its answers can never be asked for again: free them
+                self.cache.invalidate(state.spec.name, version)
             self._preprocessors.pop((state.spec.name, version), None)
             self.monitoring.forget(state.spec.name, version)
             for batcher in (state.batchers.pop(version, None), self._drop_shadow_batcher(state.spec.name, version)):
@@ -377,21 +390,46 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
 
     async def infer(
         self, model: str, version: str | None, body: bytes, header_length: int | None, key_id: str | None = None,
-        routing_header: str | None = None,
+        routing_header: str | None = None, trace: Trace | None = None,
     ) -> tuple[bytes, int | None, str | None]:
-        """Decode, validate, batch, execute, encode.
+        """An HTTP request body in, the answer's body out (see `answer`).
 
         Returns (body, json header length or None, "<model>/<version>" of the fallback that
-        answered, None when the model itself did). `key_id` names the caller's API key in the
-        prediction log (a digest prefix, never the key). During a rollout a request that names
-        no version goes to the candidate or the stable version by its routing key
-        (`routing_header`, serving/rollout/routing.py); one that failed on the candidate is
-        answered by the stable version, so the client sees no error of the candidate's.
+        answered, None when the model itself did).
+        """
+        limits = self._limits
+        (payload, json_length), answered_by = await self.answer(
+            model, version, lambda: decode_request(body, header_length, limits), _encode_http, key_id,
+            routing_header, trace)
+        return payload, json_length, answered_by
+
+    async def answer(self, model: str, version: str | None, decode: Callable[[], InferRequest],
+                     encode: Callable[[str, str, list, str | None], object], key_id: str | None = None,
+                     routing_header: str | None = None, trace: Trace | None = None) -> tuple[object, str | None]:
+        """Decode, validate, batch, execute, encode: every front end's inference (HTTP and gRPC).
+
+        `decode()` reads the request (its front end's format) into an `InferRequest`; it runs only
+        once the model's queue has admitted the request, so overload costs little. `encode(model,
+        version, outputs, request_id)` turns the answer into the front end's format, `outputs` being
+        (name, datatype, array, binary) tuples. Returns (what `encode` returned, "<model>/<version>"
+        of the fallback that answered, None when the model itself did). `key_id` names the
+        caller's API key in the prediction log (a digest prefix, never the key). During a rollout
+        a request that names no version goes to the candidate or the stable version by its routing
+        key (`routing_header`, serving/rollout/routing.py); one that failed on the candidate is
+        answered by the stable version, so the client sees no error of the candidate's. `trace`: the
+        request's trace (`Tracing.start_request`, None: not traced), its parse and encode spans added here.
         """
         start = time.perf_counter_ns()
         start_mono = time.monotonic_ns()
-        state = self._model(model)
-        number = self._version(state, version)
+        tag, request_id, error = (version or ""), None, None
+        try:
+            state = self._model(model)
+            number = self._version(state, version)
+        except FleetError as exc:
+            self._log_error(exc, model, tag, None, trace)
+            if trace is not None:
+                trace.finish(exc, model=model, version=tag)
+            raise
         tag = str(number)
         routed = self._in_rollout(state, version)  # its outcome is evidence for the judge
         try:
@@ -399,9 +437,20 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
             queued = joint[1] if joint is not None else state.batchers.get(number)
             if queued is not None:
                 queued.admit()  # a full queue refuses before the body is parsed: overload costs little
-            request = decode_request(body, header_length, self._limits)
+            request = decode()
+            request_id = request.id
             checked = validate_request(request, state.spec, max_elements=self.options.max_tensor_elements,
                                        max_batch_rows=self.options.max_batch_rows)
+            if trace is not None:
+                trace.add("parse", start_mono)
+            key = None
+            # A request the rollout routes is never answered from the cache: the judge needs real answers.
+            if self.cache is not None and state.spec.response_cache and not routed:
+                key = cache_key(model, number, request, [ospec.name for ospec, _ in checked.outputs])
+                hit = self.cache.get(key, model, number)
+                if hit is not None:
+                    return self._from_cache(state, number, request, checked, hit, encode, key_id, start,
+                                            start_mono), None
             result, answered_by, number, request_id = await self._dispatch(
                 state, number, routed, checked, request, routing_header, key_id, start, start_mono)
             tag = str(number)
@@ -411,20 +460,60 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
                 if arr is None:
                     raise ModelUnavailable(f"model {model!r} returned no output {ospec.name!r}")
                 outputs.append((ospec.name, ospec.datatype, arr, binary))
-            response = encode_response(model, tag, outputs, request_id=request_id)
+            encode_ns = time.monotonic_ns()
+            response = encode(model, tag, outputs, request_id)
+            if trace is not None:
+                trace.add("encode", encode_ns)
+            if key is not None and answered_by is None:  # only the model's own successful answers
+                self.cache.put(key, [o[:3] for o in outputs], model, number)
         except FleetError as exc:
+            error = exc
+            self._log_error(exc, model, tag, request_id, trace)
             self.recorder.failure(model, tag, type(exc).__name__, time.perf_counter_ns() - start)
             if routed and exc.status >= 500:
                 self.evidence.failure(model, int(tag))
             raise
         except asyncio.CancelledError:
+            error = "cancelled"
             self.recorder.failure(model, tag, "Cancelled", time.perf_counter_ns() - start)
             raise
+        finally:
+            if trace is not None:
+                trace.finish(error, model=model, version=tag, request_id=request_id)
         elapsed = time.perf_counter_ns() - start
         self.recorder.success(model, tag, elapsed, result.queue_ns, result.compute_ns)
         if routed and answered_by is None:
             self.evidence.success(model, number, elapsed / 1e9, result.outputs.get(state.spec.outputs[0].name))
-        return (*response, answered_by)
+        return response, answered_by
+
+    def _log_error(self, exc: FleetError, model: str, version: str, request_id: str | None, trace) -> None:
+        """One log line per refused or failed request, with its id, trace id, model and version: at most
+        `_ERROR_LOGS_PER_S` a second per replica (a flood of bad requests must not become a flood of log
+        writes); the next line says how many were left out."""
+        now = time.monotonic()
+        if now - self._error_log_window >= 1.0:
+            self._error_log_window, self._error_logs = now, 0
+        self._error_logs += 1
+        if self._error_logs > _ERROR_LOGS_PER_S:
+            self._error_logs_skipped += 1
+            return
+        skipped, self._error_logs_skipped = self._error_logs_skipped, 0
+        _log.info("request answered %d: %s%s", exc.status, exc.message,
+                  f" ({skipped} more error lines left out before this one)" if skipped else "",
+                  extra=log_fields(request_id=request_id, trace=trace, model=model, version=version or None,
+                                   event="error"))
+
+    def _from_cache(self, state: ModelState, number: int, request: InferRequest, checked, hit, encode,
+                    key_id: str | None, start: int, start_mono: int):
+        """Answer a request from the response cache: counted as a success (with no queue or compute time, as
+        Triton counts a hit) and written to the prediction log flagged `answered_by` "cache"."""
+        stored = {name: arr for name, _, arr in hit}
+        outputs = [(ospec.name, ospec.datatype, stored[ospec.name], binary) for ospec, binary in checked.outputs]
+        request_id, meta = self.monitoring.request_meta(state.spec, number, request.id, key_id, start_mono)
+        response = encode(state.spec.name, str(number), outputs, request_id)
+        self.monitoring.log_cached(state.spec, number, meta, checked.inputs, stored, start_mono)
+        self.recorder.success(state.spec.name, str(number), time.perf_counter_ns() - start, 0, 0)
+        return response
 
     async def _submit(self, state: ModelState, number: int, inputs: dict, rows: int,
                       timeout_us: int | None, meta=None) -> tuple[BatchResult, str | None]:
@@ -480,6 +569,10 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
         batchers += self._shadow_batchers.values()
         batchers += [batcher for _, batcher in self._joint.values()]
         await asyncio.gather(*(b.close(drain_timeout_s=drain_timeout_s) for b in batchers), *self._draining)
+
+
+def _encode_http(model: str, version: str, outputs: list, request_id: str | None) -> tuple[bytes, int | None]:
+    return encode_response(model, version, outputs, request_id=request_id)
 
 
 def parse_header_length(value: str | None) -> int | None:

@@ -109,7 +109,8 @@ class ServedVersions:
                     self._failed[version] = time.monotonic()
                     self.last_error = f"version {version}: {type(result).__name__}: {result}"
                     self.load_errors[version] = f"{type(result).__name__}: {result}"[:500]
-                    _log.error("model %s version %s failed to load and is not served: %s", self.model, version, result)
+                    _log.error("model %s version %s failed to load and is not served: %s", self.model, version, result,
+                               extra={"model": self.model, "version": str(version), "event": "version_load_failed"})
                 else:
                     self.backends[version] = result
                     self._failed.pop(version, None)
@@ -133,7 +134,8 @@ class ServedVersions:
                 self._retiring[version] = asyncio.get_running_loop().create_task(
                     self._retire(version), name=f"retire:{self.model}:{version}")
         _log.info("model %s: serving versions %s -> %s (loaded %s in %.2f s)", self.model, list(old), list(wanted),
-                  loaded or "nothing", time.perf_counter() - started)
+                  loaded or "nothing", time.perf_counter() - started,
+                  extra={"model": self.model, "version": ",".join(map(str, wanted)), "event": "version_switch"})
         return True
 
     def _read_repository(self) -> tuple[list[int], ServingState, RolloutState | None]:

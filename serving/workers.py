@@ -19,7 +19,9 @@ import os
 
 from serving.batch_exec import TOGETHER_S, Done, side_by_side
 from serving.errors import ModelNotFound, ModelUnavailable
+from serving.logs import configure_logging
 from serving.registry import ModelRepository
+from serving.tracing import setup_tracing, shutdown_tracing
 from serving.versions import OnSwitch, ServedVersions
 
 __all__ = ["ModelRunner", "ModelWorker", "LocalWorkerClient"]
@@ -125,15 +127,36 @@ class ModelWorker:
     """Serve deployment class for split mode (wrapped with `serve.deployment` by `serving.app`)."""
 
     async def __init__(self, repository: str, model: str, threads: int | None = None, *,
-                       version_poll_interval_s: float = 0.0, version_retire_grace_s: float = 15.0):
+                       version_poll_interval_s: float = 0.0, version_retire_grace_s: float = 15.0,
+                       telemetry: dict | None = None):
+        # `telemetry`: ServingOptions.telemetry(), this replica's logs and tracing.
+        telemetry = telemetry or {}
+        configure_logging(telemetry.get("log_format", "text"))
+        self.tracing = setup_tracing(telemetry.get("tracing_sample_ratio", 0.0), telemetry.get("otlp_endpoint"),
+                                     telemetry.get("trace_dir"), component=f"worker-{model}")
         self.runner = await ModelRunner.load(repository, model, threads, retire_grace_s=version_retire_grace_s)
         # The ingress learns of a switch from its periodic status refresh (status_refresh_interval_s).
         self.runner.start_polling(version_poll_interval_s)
+        _log.info("model %s: worker replica serving versions %s", model, list(self.runner.versions.served),
+                  extra={"model": model, "event": "worker_ready"})
         gc.collect()
         gc.freeze()  # as in the ingress: what start-up made lives as long as the replica
 
-    async def infer(self, version: int, inputs: dict) -> dict:
-        return await self.runner.infer(version, inputs)
+    async def infer(self, version: int, inputs: dict, traceparent: str | None = None) -> dict:
+        """One batch; `traceparent` (the ingress batch's `compute` span, when traced) parents this side's
+        `execute` span across the Ray call."""
+        if traceparent is None or self.tracing is None:
+            return await self.runner.infer(version, inputs)
+        span = self.tracing.start_remote(traceparent, "execute", model=self.runner.model, version=version)
+        if span is None:
+            return await self.runner.infer(version, inputs)
+        try:
+            outputs = await self.runner.infer(version, inputs)
+        except BaseException as exc:
+            span.finish(exc)
+            raise
+        span.finish()
+        return outputs
 
     async def status(self) -> dict:
         return await self.runner.status()
@@ -142,7 +165,11 @@ class ModelWorker:
         return await self.runner.sync()
 
     async def __del__(self):
+        _log.info("model %s: worker replica stopping", self.runner.model,
+                  extra={"model": self.runner.model, "event": "drain"})
         await self.runner.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(shutdown_tracing)  # the spans still queued go out first
 
 
 class LocalWorkerClient:

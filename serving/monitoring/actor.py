@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from serving.logs import configure_logging, in_ray_actor
 from serving.monitor import MonitorState
 from serving.monitoring.engine import MonitoringEngine
 from serving.monitoring.exposition import MonitoringCollector
@@ -29,6 +30,8 @@ class MonitorActor:
     """What `get_monitor()` runs as the actor (plain Python: usable without Ray in tests)."""
 
     def __init__(self, options: dict | None = None, *, start_thread: bool = True):
+        if in_ray_actor():  # the monitor's own process (get_monitor): its fleet.* logs (serving/logs.py)
+            configure_logging((options or {}).get("log_format", "text"), replica=False)
         self.state = MonitorState()
         self.engine: MonitoringEngine | None = None
         self.rollout: RolloutController | None = None  # progressive delivery (serving/rollout/controller.py)
@@ -87,7 +90,7 @@ class MonitorActor:
              monitoring: dict | None = None) -> dict:
         """Take a replica's statistics; answer with every model's rollout route (how a rollback spreads)."""
         with self._lock:
-            self.state.push(replica, delta, queue_depths, breakers)
+            self.state.push(replica, delta, queue_depths, breakers, (monitoring or {}).get("cache"))
         if self.engine is not None and monitoring:
             self.engine.intake(replica, monitoring)
         if self.rollout is None:

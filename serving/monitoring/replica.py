@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 
 import numpy as np
 
 from serving.errors import ModelUnavailable, RepositoryError
 from serving.monitoring.feedback import LabelSpec, LabelWriter, labels_spec, parse_feedback
-from serving.monitoring.logrows import LogSchema, sampled
+from serving.monitoring.logrows import BatchRecord, LogSchema, concat_rows, sampled
 from serving.monitoring.observe import DriftReference, VersionObserver, request_meta
 from serving.registry import ModelRepository
 
@@ -92,6 +93,19 @@ class ReplicaMonitoring:
         if schema.sample < 1.0 and not sampled(request_id, schema.sample):
             return request_id, None
         return request_id, request_meta(request_id, start_ns, key_id)
+
+    def log_cached(self, spec, version: int, meta: tuple | None, inputs: dict, outputs: dict, start_ns: int) -> None:
+        """Log one request the response cache answered (`meta` from `request_meta`; None: not logged), flagged
+        `answered_by` "cache": one record of its own, as a batch of one would be."""
+        if meta is None or self.log is None:
+            return
+        meta = (meta[0], meta[1], meta[2] if len(meta) > 2 else None, "cache", None, None)
+        images = _image_inputs(spec)
+        rows = len(next(iter(outputs.values()))) if outputs else 0
+        now = time.monotonic_ns()
+        self.log.append(BatchRecord(
+            spec.name, version, rows, [meta], [start_ns], [rows] if rows != 1 else None, now, 0, now,
+            {name: concat_rows([arr], name in images) for name, arr in inputs.items()}, outputs))
 
     def new_request_id(self) -> str:
         """A fresh request id (this replica's prefix and a counter), for a request that came without one."""

@@ -43,6 +43,8 @@ __all__ = ["RolloutController", "ACTIONS"]
 _log = logging.getLogger("fleet.rollout")
 
 ACTIONS = ("start", "pause", "resume", "promote", "abort")
+# Decisions logged as warnings where they are taken; the others are logged at INFO as they are audited.
+_WARNED = frozenset({"start", "promote", "rollback", "abort", "supersede", "alarm"})
 _SAVE_EVERY_S = 5.0
 _SCAN_EVERY_S = 2.0  # the repository is read for new versions at most this often
 
@@ -217,7 +219,7 @@ class RolloutController:
                               f"{config.max_stage_s:.0f} s for lack of evidence: {state.evidence.get('reason')}")
                     self._write(m, state.evolve({"event": "alarm", "reason": reason}, now=now, alarm=reason))
                     self._record(m, "alarm", reason=reason)
-                    _log.warning("model %s: %s", model, reason)
+                    _log.warning("model %s: %s", model, reason, extra=_fields(state, "alarm"))
 
     # -- transitions ----------------------------------------------------------------------------
     def _start(self, m: _Model, version: int, now: float, *, by: str, mode: str | None = None,
@@ -238,7 +240,7 @@ class RolloutController:
         if m.judge is not None:
             self._tick_record(m, {"settings": judge_settings(config).to_dict()})  # what a replay starts from
         _log.warning("model %s: rolling out version %s (%s) next to stable %s", state.model, version, mode,
-                     state.stable)
+                     state.stable, extra=_fields(new, "start"))
 
     def _judge(self, model: str, m: _Model, stable: dict, candidate: dict, paired: dict | None = None) -> None:
         verdict = m.judge.update(stable, candidate, paired)
@@ -287,7 +289,7 @@ class RolloutController:
                   "do not see comparable traffic")
         self._write(m, m.state.evolve({"event": "alarm", "reason": reason}, now=self._clock(), alarm=reason))
         self._record(m, "alarm", reason=reason, evidence=report)
-        _log.warning("model %s: %s", m.state.model, reason)
+        _log.warning("model %s: %s", m.state.model, reason, extra=_fields(m.state, "alarm"))
 
     def _finish(self, m: _Model, outcome: str, now: float, *, reason: str, evidence: dict | None = None,
                 by: str = "judge") -> None:
@@ -315,7 +317,8 @@ class RolloutController:
         except (FleetError, OSError) as exc:
             _log.warning("model %s version %s: could not record the rollout outcome in its metadata: %s",
                          state.model, version, exc)
-        _log.warning("model %s: %s of version %s (%s)", state.model, outcome, version, reason)
+        _log.warning("model %s: %s of version %s (%s)", state.model, outcome, version, reason,
+                     extra={**_fields(state, outcome), "version": str(version)})
 
     # -- administrator actions -----------------------------------------------------------------
     def status(self, model: str) -> dict:
@@ -401,12 +404,22 @@ class RolloutController:
         self.audit.write({"event": event, "model": state.model, "rollout_id": state.rollout_id,
                           "stable": state.stable, "candidate": state.candidate, "stage": state.stage,
                           "epoch": state.epoch, **{k: v for k, v in fields.items() if v is not None}})
+        if event not in _WARNED:
+            _log.info("model %s: rollout %s (stable %s, candidate %s, stage %s, weight %.0f%%)", state.model, event,
+                      state.stable, state.candidate, state.stage, 100 * state.weight, extra=_fields(state, event))
 
     def _tick_record(self, m: _Model, record: dict) -> None:
         if self.data_dir is None or m.state.rollout_id is None:
             return
         AuditLog(self.data_dir, f"rollout-ticks/{m.state.model}-{m.state.rollout_id}.jsonl",
                  audit_dir=self.audit_dir).write(record)
+
+
+def _fields(state: RolloutState, decision: str) -> dict:
+    """A decision's log fields (serving/logs.py): the model, the version it is about, `rollout_<decision>`."""
+    version = state.candidate if state.candidate is not None else state.stable
+    return {"model": state.model, "version": None if version is None else str(version),
+            "event": f"rollout_{decision}"}
 
 
 def _with_evidence(state: RolloutState, evidence: dict) -> RolloutState:

@@ -41,11 +41,11 @@ def user_folder(root: Path, trained: Path) -> dict:
 
 
 def fleet_up(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`fleet up <args> --port P --dashboard-port D` on two ports chosen in one call; chosen again when one was
+    """`fleet up <args> --port P --dashboard-port D --grpc-port G` on three ports chosen in one call; chosen again when one was
     taken between choosing and binding. Returns (the run, the port flags)."""
     for attempt in range(3):
-        port, dash = free_ports(2)
-        flags = ["--port", str(port), "--dashboard-port", str(dash)]
+        port, dash, grpc_port = free_ports(3)
+        flags = ["--port", str(port), "--dashboard-port", str(dash), "--grpc-port", str(grpc_port)]
         up = run(["fleet", "up", *args, *flags], cwd, env)
         if up.returncode == 0 or "in use" not in up.stdout + up.stderr or attempt == 2:
             return up, flags

@@ -102,7 +102,8 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
     env.update(FLEET_PLACEMENT="split", FLEET_WORKER_REPLICAS="2", FLEET_VERSION_POLL_INTERVAL_S="1")
     nodes = None
     for attempt in range(3):
-        gcs, dashboard, port = free_ports(3)  # the head's GCS and dashboard, fleet's port: distinct, in one call
+        # the head's GCS and dashboard, fleet's HTTP and gRPC ports: distinct, in one call
+        gcs, dashboard, port, grpc_port = free_ports(4)
         nodes = start_nodes(tmp_path, env, gcs, dashboard)
         if nodes is not None:
             break
@@ -117,7 +118,8 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
             return json.loads(out.stdout.strip().splitlines()[-1])
 
         assert sentinel("start") == "alive"
-        flags = ["--address", address, "--host", "node", "--port", str(port), "--ingress-per-node", "1",
+        flags = ["--address", address, "--host", "node", "--port", str(port), "--grpc-port", str(grpc_port),
+                 "--ingress-per-node", "1",
                  "--state-dir", str(tmp_path / "state")]
         up = run(["fleet", "up", *flags], tmp_path, env)
         assert up.returncode == 0, up.stdout + up.stderr

@@ -51,11 +51,13 @@ class SecuredCluster:
     workdir: Path
     port: int
     dashboard_port: int
+    grpc_port: int
     repository: ModelRepository
 
     @property
     def flags(self) -> list[str]:
         return ["--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
+                "--grpc-port", str(self.grpc_port),
                 "--state-dir", str(self.workdir / ".fleet")]
 
     def _fleet(self, command: str, **env_extra: str) -> subprocess.CompletedProcess:
@@ -76,7 +78,7 @@ class SecuredCluster:
             if out.returncode == 0 or "in use" not in out.stdout + out.stderr or not new_ports_when_taken:
                 break
             self._fleet("down")
-            self.port, self.dashboard_port = free_ports(2)
+            self.port, self.dashboard_port, self.grpc_port = free_ports(3)
         assert out.returncode == 0 and f"fleet is serving on http://127.0.0.1:{self.port}" in out.stdout, \
             out.stdout + out.stderr
 
@@ -176,7 +178,7 @@ def secured_cluster(tmp_path_factory) -> SecuredCluster:
         "version_poll_interval_s": POLL_S,
         "version_retire_grace_s": 1.0,
     }))
-    cluster = SecuredCluster(workdir, *free_ports(2), repo)
+    cluster = SecuredCluster(workdir, *free_ports(3), repo)
     try:
         cluster.up(new_ports_when_taken=True)
         yield cluster

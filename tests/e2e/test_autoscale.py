@@ -1,5 +1,7 @@
 """Autoscaling on fleet's own load: a load step takes the ingress from 1 to 3 replicas and the model's workers
-from 1 to 2, and both back to 1 after it, with every request answered.
+from 1 to 2, and both back to 1 after it, with every request answered. The same cluster (split: fraud in its
+own worker deployment) traces 1 % of requests and every one that comes with a sampled W3C traceparent, and logs
+JSON lines: a traced request is followed across the Ray call into the worker, and its error line carries its ids.
 
 The requests arrive on the ingress replicas' own sockets, where Serve's autoscaler cannot see them: each replica
 reports them (`record_autoscaling_stats`) and fleet's policy scales on them (serving/autoscale.py); the workers
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -29,7 +33,10 @@ ingress_autoscaling: {min_replicas: 1, max_replicas: 3, target_load: 4, upscale_
                       downscale_delay_s: 3, look_back_s: 2}
 worker_autoscaling: {min_replicas: 1, max_replicas: 2, target_load: 1, upscale_delay_s: 1,
                      downscale_delay_s: 3, look_back_s: 2}
+tracing_sample_ratio: 0.01
+log_format: json
 """
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def _body() -> bytes:
@@ -87,6 +94,66 @@ def test_a_load_step_scales_the_ingress_and_workers_up_and_back_down_without_a_f
         assert sum(errors.values()) == 0, errors
         assert statuses == {"200": requests}, statuses
         assert running() == (1, 1)
+        traced = _traced_requests(port)
     finally:
         down = run(["fleet", "down", "--state-dir", str(tmp_path / "state"), *flags], tmp_path, env)
         assert down.returncode == 0, down.stdout + down.stderr
+    _check_traces(tmp_path / "state" / "traces", traced)
+    _check_json_logs(traced)
+
+
+def _traced_requests(port: int) -> list[str]:
+    """Send two requests with a sampled traceparent (one refused): each answer carries a traceparent of the same
+    trace, its own span. The answered spans' ids."""
+    spans = []
+    for i, (rows, width) in enumerate(((1, 30), (2, 29))):  # the second: a feature short, refused
+        body = orjson.dumps({"id": f"traced-{i}", "inputs": [{"name": "features", "shape": [rows, width],
+                                                             "datatype": "FP32", "data": [0.1] * rows * width}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/fraud/infer", data=body, headers={
+            "Content-Type": "application/json", "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b{i}-01"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status, header = answer.status, answer.headers["traceparent"]
+        except urllib.error.HTTPError as exc:
+            status, header = exc.code, exc.headers["traceparent"]
+        assert status == (200 if i == 0 else 400)
+        version, trace_id, span_id, flags = header.split("-")
+        assert (version, trace_id, flags) == ("00", TRACE_ID, "01") and span_id != f"00f067aa0ba902b{i}"
+        spans.append(span_id)
+    return spans
+
+
+def _check_traces(folder: Path, spans: list[str]) -> None:
+    """The answered request's spans (written as JSON lines at the replicas' stop): parse, queue, encode under its
+    infer span; a batch span linked to it with compute, and the worker's execute span under compute, in the
+    worker replica's own file (the other side of the Ray call)."""
+    records = {}
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            doc = orjson.loads(line)
+            records.setdefault(path.name.split("-")[0], []).append(doc)
+    ingress, workers = records.get("ingress", []), records.get("worker", [])
+    infer = [s for s in ingress if s["trace_id"] == TRACE_ID and s["name"] == "infer"]
+    assert {s["span_id"] for s in infer} == set(spans), infer
+    answered = next(s for s in infer if s["span_id"] == spans[0])
+    children = {s["name"] for s in ingress if s["parent_span_id"] == answered["span_id"]}
+    assert {"parse", "queue", "encode"} <= children, children
+    refused = next(s for s in infer if s["span_id"] == spans[1])
+    assert refused["status"] == "ERROR" and "29" in refused.get("error", ""), refused
+    batch = next(s for s in ingress if s["name"] == "batch"
+                 and {"trace_id": TRACE_ID, "span_id": spans[0]} in s.get("links", []))
+    compute = next(s for s in ingress if s["parent_span_id"] == batch["span_id"] and s["name"] == "compute")
+    execute = [s for s in workers if s["parent_span_id"] == compute["span_id"]]
+    assert [s["name"] for s in execute] == ["execute"] and execute[0]["trace_id"] == batch["trace_id"], workers[:3]
+
+
+def _check_json_logs(spans: list[str]) -> None:
+    """fleet's own lines in the replicas' Serve logs, as JSON: the refused request's, with its ids."""
+    lines = []
+    for path in Path("/tmp/ray/session_latest/logs/serve").glob("replica_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if TRACE_ID in line:
+                lines.append(orjson.loads(line))
+    refused = [doc for doc in lines if doc.get("request_id") == "traced-1"]
+    assert refused and refused[0]["trace_id"] == TRACE_ID and refused[0]["model"] == "fraud", lines
+    assert refused[0]["event"] == "error" and refused[0]["logger"] == "fleet.service" and "29" in refused[0]["message"]

@@ -203,8 +203,9 @@ def test_up_status_curl_job_down(workdir: Path):
 def test_serve_in_foreground_until_ctrl_c(workdir: Path):
     """The other modes: Ray Serve's HAProxy ingress in front, the model in its own worker deployment."""
     env = _env(workdir)
-    port, dash = free_ports(2)
+    port, dash, grpc_port = free_ports(3)
     proc = subprocess.Popen(["fleet", "serve", "--port", str(port), "--dashboard-port", str(dash),
+                             "--grpc-port", str(grpc_port),
                              "--http-server", "serve", "--placement", "split", "--ingress-replicas", "1"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

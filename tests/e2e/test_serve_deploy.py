@@ -46,9 +46,11 @@ def test_a_rendered_serve_config_deploys_fleet_with_serve_deploy_on_a_running_ra
     keys.write_text(f"# the inference keys\n{API_KEY}\n")
     env = {**env, "FLEET_API_KEYS_FILE": str(keys), "FLEET_ADMIN_TOKEN": ADMIN_TOKEN}
     for attempt in range(3):
-        port, dashboard = free_ports(2)  # fleet's port and the cluster's dashboard, distinct, in one call
+        # fleet's HTTP and gRPC ports and the cluster's dashboard, distinct, in one call
+        port, dashboard, grpc_port = free_ports(3)
         config = tmp_path / "fleet-serve.yaml"
-        out = run(["fleet", "render", "serve-config", "--port", str(port), "--ingress-replicas", "1",
+        out = run(["fleet", "render", "serve-config", "--port", str(port), "--grpc-port", str(grpc_port),
+                   "--ingress-replicas", "1",
                     "--state-dir", str(tmp_path / "state"), "-o", str(config)], tmp_path, env)
         assert out.returncode == 0, out.stderr
         text = config.read_text()

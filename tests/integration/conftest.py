@@ -111,6 +111,11 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
         config=make_config("fraud_slowq", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
                            max_queue_delay_us=200_000, parameters={"fleet.placement": "split", **preprocess}),
     )
+    # fraud with the response cache on (test_cache_live.py): new versions published while the cluster serves.
+    cached = make_config("fraud_cached", list(fraud_spec.inputs), list(fraud_spec.outputs), max_batch_size=256,
+                         max_queue_delay_us=1000, parameters={"fleet.rollout": "immediate", **preprocess})
+    cached.response_cache.enable = True
+    repo.publish("fraud_cached", {"model.pt": fraud_file}, {**fraud_metadata, "note": "fraud, cached"}, config=cached)
     # fraud's file again, for test_version_switch.py to publish new versions of while the cluster serves:
     # the latest 2 are served, so version 1 stays reachable by its URL after version 2 arrives; `fraud_roll_one`
     # serves the latest 1 (the default policy), so version 1 leaves and retires.
@@ -126,7 +131,7 @@ def _build_repository(root: Path, triton_url: str, fallback_triton_url: str = ""
                                parameters={"fleet.placement": placement, "fleet.rollout": "immediate", **preprocess}),
         )
     # fraud's file again, for test_training_jobs.py's Ray jobs to publish retrained versions of.
-    for name in ("fraud_jobs", "fraud_tune", "fraud_reject"):
+    for name in ("fraud_jobs", "fraud_tune"):
         repo.publish(
             name,
             {"model.pt": fraud_file},
@@ -247,7 +252,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
 
     triton also holds "webhook": the WebhookReceiver the cluster's alert_webhook_url points at.
     """
-    ports = free_ports(9)  # every port of the session, distinct, in one call
+    ports = free_ports(10)  # every port of the session, distinct, in one call
     triton_ports, fallback_ports = tuple(ports[0:3]), tuple(ports[3:6])  # fallback: test_triton_fallback.py's Triton
     _build_repository(repository, f"127.0.0.1:{triton_ports[0]}", f"127.0.0.1:{fallback_ports[0]}")
     webhook = WebhookReceiver(ports[8])
@@ -272,6 +277,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         repository=str(repository),
         port=ports[6],
         dashboard_port=ports[7],
+        grpc_port=ports[9],
         state_dir=str(tmp_path_factory.mktemp("state")),
         ingress_replicas=2,
         # Five split worker replicas (fraud_failover has 2): 0.1 CPU each leaves one logical CPU free,
@@ -279,6 +285,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
         # 0.5 of the ingress.
         worker_num_cpus=0.1,
         max_request_bytes=1 << 20,
+        response_cache_bytes=1 << 20,  # fraud_cached's answers (the other models do not enable the cache)
         max_batch_rows=200,  # below the models' 256: test_limits_live.py sends a batch between the two
         max_string_bytes=64 << 10,  # below the body limit: test_limits_live.py sends a longer string
         metrics_push_interval_s=0.5,
@@ -308,8 +315,9 @@ def fleet_cluster(repository: Path, tmp_path_factory):
                 # (Ray's dashboard can also miss its start-up deadline on a loaded machine: try once more too.)
                 if attempt == 2 or not (port_taken(exc) or "dashboard" in str(exc).lower()):
                     raise
-                port, dashboard = free_ports(2)
-                settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard})
+                port, dashboard, grpc_port = free_ports(3)
+                settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard,
+                                                       "grpc_port": grpc_port})
                 cluster = LocalCluster(settings)
         starter.join()
         if "proc" in triton:
@@ -337,6 +345,13 @@ def host_port(fleet_cluster) -> str:
     """The address as tritonclient wants it: host:port, no scheme."""
     s = fleet_cluster[0]
     return f"{s.host}:{s.port}"
+
+
+@pytest.fixture(scope="package")
+def grpc_address(fleet_cluster) -> str:
+    """The cluster's KServe v2 gRPC address as tritonclient.grpc wants it: host:port."""
+    s = fleet_cluster[0]
+    return f"{s.host}:{s.grpc_port}"
 
 
 @pytest.fixture(scope="package")

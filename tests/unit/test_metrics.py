@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2
 
 from cluster import prometheus
 from serving import monitor as monitor_module
+from serving.cache import ResponseCache
 from serving.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, ModelStats, StatsRecorder, merge_stats
 from serving.monitor import MonitorState, triton_model_stats
 
@@ -290,8 +291,16 @@ def busy_cluster() -> MonitorState:
                 rec.failure(model, version, reason, 3 * MS)
         rec.features("fraud", "2", rng.integers(0, 1000, (30, 22)))
         rec.features("digits", "1", rng.integers(0, 1000, (64, 12)))
-        state.push(replica, rec.take(), {("fraud", "1"): r, ("fraud", "2"): 3, ("digits", "1"): 0},
-                   {"fraud-triton.eu": int(r > 0), "fraud": 0})
+        cache = ResponseCache(16 * 1024)  # small: it evicts, and refuses the largest answers
+        rec.track_cache(cache)
+        for i in rng.integers(0, 40, 100):
+            for model, version in (("fraud", 1), ("digits", 1)):
+                key = f"{model}/{i}".encode()
+                if cache.get(key, model, version) is None:
+                    cache.put(key, [("y", "FP32", np.zeros(1 + int(i) ** 3 // 15, np.float32))], model, version)
+        stats, monitoring = rec.take(), rec.take_monitoring()
+        state.push(replica, stats, {("fraud", "1"): r, ("fraud", "2"): 3, ("digits", "1"): 0},
+                   {"fraud-triton.eu": int(r > 0), "fraud": 0}, monitoring["cache"])
     return state
 
 
@@ -307,3 +316,85 @@ def test_promtool_check_metrics_does_report_a_bad_name():
     # The check above passes because the names are right, not because promtool stays quiet.
     bad = "# HELP fleet_x_duration_us_total t\n# TYPE fleet_x_duration_us_total counter\nfleet_x_duration_us_total 1\n"
     assert "abbreviated units" in prometheus.check_metrics(bad)
+
+
+# -- the response cache ------------------------------------------------------------------------------------
+
+
+def cached_replica(state: MonitorState, replica: str, hits: int, misses: int, capacity: int = 1 << 20) -> StatsRecorder:
+    """A replica whose cache answered `hits` fraud/1 lookups and computed `misses` (each stored), pushed."""
+    rec, cache = StatsRecorder(), ResponseCache(capacity)
+    rec.track_cache(cache)
+    for i in range(misses):
+        assert cache.get(i.to_bytes(16, "little"), "fraud", 1) is None
+        cache.put(i.to_bytes(16, "little"), [("probability", "FP32", np.zeros((1, 1), np.float32))], "fraud", 1)
+    for _ in range(hits):
+        assert cache.get((misses - 1).to_bytes(16, "little"), "fraud", 1) is not None  # the latest stays
+        rec.success("fraud", "1", 50_000, 0, 0)  # a hit is a success too, neither queued nor computed
+    for _ in range(misses):
+        rec.success("fraud", "1", 2 * MS, 1 * MS, 1 * MS)
+    stats, monitoring = rec.take(), rec.take_monitoring()
+    state.push(replica, stats, {}, {}, monitoring.get("cache"))
+    return rec
+
+
+def test_the_response_cache_families_add_up_over_replicas(monkeypatch):
+    state = MonitorState()
+    cached_replica(state, "a", hits=5, misses=2)
+    cached_replica(state, "b", hits=1, misses=3, capacity=2 * (320 + 336 + 4))  # holds two: one eviction
+    samples = scrape(state)
+    fraud = labels("fraud", "1")
+    assert samples["fleet_cache_hits_total"] == {fraud: 6.0}
+    assert samples["fleet_cache_misses_total"] == {fraud: 5.0}
+    assert samples["fleet_cache_hit_time_seconds_total"][fraud] > 0
+    assert samples["fleet_cache_miss_time_seconds_total"][fraud] > 0
+    assert samples["fleet_cache_evictions_total"] == {(): 1.0}
+    assert samples["fleet_cache_oversize_total"] == {(): 0.0}
+    assert samples["fleet_cache_entries"] == {(): 4.0}  # 2 + 2
+    assert samples["fleet_cache_bytes"] == {(): 4 * (320 + 336 + 4)}
+    assert samples["fleet_cache_capacity_bytes"] == {(): (1 << 20) + 2 * (320 + 336 + 4)}
+    # Triton's statistics: cache hits are successes, but neither queued nor computed.
+    doc = triton_model_stats("fraud", "1", ModelStats.from_dict(state.totals()[("fraud", "1")]))
+    stats = doc["inference_stats"]
+    assert stats["success"]["count"] == 11
+    assert stats["cache_hit"]["count"] == 6 and stats["cache_hit"]["ns"] > 0
+    assert stats["cache_miss"]["count"] == 5 and stats["cache_miss"]["ns"] > 0
+    assert stats["queue"]["count"] == stats["compute_infer"]["count"] == 5
+    parsed = json_format.ParseDict({k: v for k, v in doc.items() if k != "failure_reasons"},
+                                   service_pb2.ModelStatistics())
+    assert parsed.inference_stats.cache_hit.count == 6
+    # A replica gone: its gauges leave with it, the counters stay.
+    state.forget("b")
+    samples = scrape(state)
+    assert samples["fleet_cache_entries"] == {(): 2.0} and samples["fleet_cache_evictions_total"] == {(): 1.0}
+    # Gauges of replicas that stopped reporting are stale, not summed.
+    class LaterClock:
+        @staticmethod
+        def monotonic():
+            return time.monotonic() + 30.0
+
+    monkeypatch.setattr(monitor_module, "time", LaterClock)
+    assert not scrape(state).get("fleet_cache_entries")
+
+
+def test_a_model_without_cache_renders_no_cache_series():
+    samples = scrape(two_replicas())
+    assert not samples.get("fleet_cache_hits_total") and not samples.get("fleet_cache_entries")
+    assert not samples.get("fleet_cache_evictions_total")
+
+
+def test_cache_counts_given_back_go_out_with_the_next_push():
+    rec, cache = StatsRecorder(), ResponseCache(320 + 336 + 4)  # room for one answer
+    rec.track_cache(cache)
+    for i in range(3):
+        cache.get(bytes([i]) * 16, "fraud", 1)
+        cache.put(bytes([i]) * 16, [("p", "FP32", np.zeros(1, np.float32))], "fraud", 1)
+    lost_stats, lost = rec.take(), rec.take_monitoring()
+    assert lost["cache"]["evictions"] == 2 and lost_stats[("fraud", "1")].cache_misses == 3
+    cache.put(b"x" * 16, [("p", "FP32", np.zeros(1, np.float32))], "fraud", 1)  # one more eviction
+    rec.give_back(lost_stats)  # the push failed
+    rec.give_back_monitoring(lost)
+    stats, monitoring = rec.take(), rec.take_monitoring()
+    assert stats[("fraud", "1")].cache_misses == 3
+    assert monitoring["cache"]["evictions"] == 3 and monitoring["cache"]["entries"] == 1
+    assert "cache" not in rec.take_monitoring() or rec.take_monitoring()["cache"]["evictions"] == 0

@@ -15,7 +15,10 @@ the gRPC message is first checked with a real gRPC client and each run's calls a
 with the success count fleet's statistics gained over it.
 
 Goals (issue 17): gRPC throughput at 64 >= 1.0 x HTTP binary; gRPC p50 at 1 connection <= HTTP's.
-Writes report.json and summary.md into --out (default benchmarks/results/protocols/<timestamp>/).
+Then the response cache's and tracing's rows (`benchmarks.protocols_extra`: a cache hit's server-side
+time, hits against computed requests at 64 connections, a cluster tracing every request against one
+tracing none). Writes report.json and summary.md into --out (default
+benchmarks/results/protocols/<timestamp>/).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import httpx
 
 from benchmarks.h2load import run_h2load
 from benchmarks.live_cluster import start_cluster
+from benchmarks.protocols_extra import CACHED, OtlpSink, cache_hit_latency, publish_cached
 from benchmarks.report import git_sha, machine
 from benchmarks.wrk import run_wrk
 
@@ -97,14 +101,18 @@ def run_protocols(work: Path, rounds: int, duration_s: float, log=print) -> dict
 
     log(f"protocols: training {MODEL} into {work / 'repository'} ...")
     bootstrap(str(work / "repository"), rows=8000, epochs=2, log=lambda line: None)
+    publish_cached(str(work / "repository"))
     binary, header_length = request_bodies(str(work / "repository"), MODEL, rows=1)["binary"]
     body = work / "binary.body"
     body.write_bytes(binary)
     message = grpc_message(str(work / "repository"), MODEL, rows=1)
-    settings = FleetSettings(repository=str(work / "repository"), state_dir=str(work / "state"),
-                             log_predictions=False, retrain_after_s=None)
-    cluster, settings = start_cluster(settings, log=log)
-    runs = []
+    log("cache: a hit's and a computed request's server-side time, in this process ...")
+    hit_latency = cache_hit_latency(str(work / "repository"), binary, header_length)
+    log(f"  {hit_latency}")
+    base = FleetSettings(repository=str(work / "repository"), state_dir=str(work / "state"),
+                         log_predictions=False, retrain_after_s=None, response_cache_bytes=64 << 20)
+    cluster, settings = start_cluster(base, log=log)
+    runs, cache_runs = [], []
     try:
         _check_grpc(f"{settings.host}:{settings.grpc_port}", message)
         run_wrk(f"{settings.url}/v2/models/{MODEL}/infer", body, header_length, connections=16, duration_s=3)
@@ -120,9 +128,63 @@ def run_protocols(work: Path, rounds: int, duration_s: float, log=print) -> dict
                         f"p50 {point['latency_ms']['p50']:.3f} ms  p99 {point['latency_ms']['p99']:.2f} ms  "
                         f"(fleet counted {point['fleet_successes']} of {point['requests']})")
                     time.sleep(0.5)
+        for r in range(rounds):
+            for model in ((CACHED, MODEL) if r % 2 == 0 else (MODEL, CACHED)):
+                result = run_wrk(f"{settings.url}/v2/models/{model}/infer", body, header_length, connections=64,
+                                 threads=2, duration_s=duration_s).to_dict()
+                cache_runs.append({"round": r, "model": model, "throughput_rps": round(result["throughput_rps"], 1),
+                                   "statuses": result["statuses"], "p50_ms": result["latency_ms"]["p50"]})
+                log(f"  round {r} {model:12s} c=64: {result['throughput_rps']:8.0f} req/s")
+                time.sleep(0.5)
     finally:
         cluster.stop()
-    return {"runs": runs, "goals": goals(runs)}
+    tracing_runs = _tracing_rounds(base, body, header_length, rounds, duration_s, log)
+    return {"runs": runs, "cache_server_side": hit_latency, "cache_runs": cache_runs, "tracing_runs": tracing_runs,
+            "goals": goals(runs) + extra_goals(hit_latency, cache_runs, tracing_runs)}
+
+
+def _tracing_rounds(base, body: Path, header_length: int, rounds: int, duration_s: float, log) -> list[dict]:
+    """Clusters tracing no request and every request (OTLP to a sink here), off/on/on/off ...; wrk at 64."""
+    sink = OtlpSink()
+    out = []
+    try:
+        for r in range(rounds):
+            for ratio in ((0.0, 1.0) if r % 2 == 0 else (1.0, 0.0)):
+                settings = base.model_copy(update={"tracing_sample_ratio": ratio,
+                                                   "otlp_endpoint": sink.endpoint if ratio else None})
+                cluster, settings = start_cluster(settings, log=log)
+                try:
+                    url = f"{settings.url}/v2/models/{MODEL}/infer"
+                    run_wrk(url, body, header_length, connections=16, duration_s=3)  # warm-up
+                    before = sink.requests
+                    result = run_wrk(url, body, header_length, connections=64, threads=2,
+                                     duration_s=duration_s).to_dict()
+                finally:
+                    cluster.stop()
+                out.append({"round": r, "tracing_sample_ratio": ratio,
+                            "throughput_rps": round(result["throughput_rps"], 1), "statuses": result["statuses"],
+                            "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
+                            "otlp_requests": sink.requests - before})
+                log(f"  round {r} tracing {ratio:.0%}: {result['throughput_rps']:8.0f} req/s "
+                    f"({out[-1]['otlp_requests']} OTLP exports)")
+    finally:
+        sink.stop()
+    return out
+
+
+def extra_goals(hit: dict, cache_runs: list[dict], tracing_runs: list[dict]) -> list[dict]:
+    cached = statistics.median(r["throughput_rps"] for r in cache_runs if r["model"] == CACHED)
+    computed = statistics.median(r["throughput_rps"] for r in cache_runs if r["model"] == MODEL)
+    off = statistics.median(r["throughput_rps"] for r in tracing_runs if r["tracing_sample_ratio"] == 0)
+    on = statistics.median(r["throughput_rps"] for r in tracing_runs if r["tracing_sample_ratio"] == 1)
+    return [
+        {"goal": "cache hit, server side: p50 <= 0.1 ms", "hit_p50_us": hit["hit"]["p50_us"],
+         "computed_p50_us": hit["computed"]["p50_us"], "met": hit["hit"]["p50_us"] <= 100},
+        {"goal": "cache hits at 64 connections >= 2 x misses (fraud computed)", "hits_rps": cached,
+         "computed_rps": computed, "ratio": round(cached / computed, 3), "met": cached >= 2 * computed},
+        {"goal": "tracing every request costs <= 10 % of throughput", "off_rps": off, "on_rps": on,
+         "ratio": round(on / off, 3), "met": on >= 0.9 * off},
+    ]
 
 
 def _median(runs: list[dict], kind: str, connections: int, key) -> float:
@@ -158,6 +220,12 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {name} | {connections} | {_median(runs, kind, connections, lambda r: r['throughput_rps']):,.0f} "
                          f"| {_median(runs, kind, connections, lambda r: r['latency_ms']['p50']):.3f} "
                          f"| {_median(runs, kind, connections, lambda r: r['latency_ms']['p99']):.2f} |")
+    if report.get("cache_runs"):
+        lines += ["", "| response cache and tracing (HTTP binary, wrk, 64 connections) | median req/s |", "|---|---|"]
+        for model, name in ((MODEL, "fraud, computed (no cache)"), (CACHED, "fraud_cached, every request a hit")):
+            lines.append(f"| {name} | {statistics.median(r['throughput_rps'] for r in report['cache_runs'] if r['model'] == model):,.0f} |")
+        for ratio, name in ((0.0, "tracing off"), (1.0, "tracing every request (OTLP/HTTP)")):
+            lines.append(f"| fraud, {name} | {statistics.median(r['throughput_rps'] for r in report['tracing_runs'] if r['tracing_sample_ratio'] == ratio):,.0f} |")
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     for g in report["goals"]:
         facts = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("goal", "met"))

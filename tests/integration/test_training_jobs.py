@@ -95,6 +95,9 @@ def jobs(fleet_cluster, repository):
         if name not in out:
             client.stop_job(job_id)
             out[name] = (job_id, "TIMEOUT", client.get_job_logs(job_id))
+        info = client.get_job_info(job_id)
+        if info.start_time and info.end_time:  # (shown with -s: where the fixture's time goes)
+            print(f"job {name}: {(info.end_time - info.start_time) / 1000:.0f} s")
     return out
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "RequestedOutput",
     "InferRequest",
     "check_shape",
+    "check_input",
     "binary_tensor",
     "decode_request",
     "encode_response",
@@ -82,6 +83,28 @@ def check_shape(raw, where: str) -> tuple[int, ...]:
     if math.prod(d for d in raw if d) > _MAX_SHAPE_ELEMENTS:
         raise InvalidInput(f"{where}: shape {raw!r} is too large (more than {_MAX_SHAPE_ELEMENTS} elements)")
     return tuple(raw)
+
+
+def check_input(i: int, name, datatype, raw_shape, seen: set[str], limits: RequestLimits) -> tuple[str, tuple]:
+    """The checks every front end makes of input `i`'s header, before its data is looked at: a name (new in
+    `seen`, added), a known datatype, a shape within the limits. Returns ("input '<name>'", the shape)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{i}] needs a 'name'")
+    check_string(name, f"inputs[{i}] name", limits.max_string_bytes)
+    where = f"input {name!r}"
+    if name in seen:
+        raise InvalidInput(f"{where} is given twice")
+    seen.add(name)
+    if isinstance(datatype, str):  # checked before a wrong one is quoted back
+        check_string(datatype, f"{where} datatype", limits.max_string_bytes)
+    if datatype not in V2_TO_NUMPY:
+        raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
+    shape = check_shape(raw_shape, where)
+    count = math.prod(shape)
+    if limits.max_tensor_elements and count > limits.max_tensor_elements:
+        raise InvalidInput(over_limit(f"{where}: {count} elements (shape {list(shape)})",
+                                      limits.max_tensor_elements, "max_tensor_elements", " elements"))
+    return where, shape
 
 
 def _parameters(raw, where: str) -> dict:
@@ -309,24 +332,8 @@ def decode_request(body: bytes, header_length: int | None = None,
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
             raise InvalidInput(f"inputs[{i}] must be an object")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"inputs[{i}] needs a 'name'")
-        check_string(name, f"inputs[{i}] name", max_string)
-        where = f"input {name!r}"
-        if name in seen:
-            raise InvalidInput(f"{where} is given twice")
-        seen.add(name)
-        datatype = raw.get("datatype")
-        if isinstance(datatype, str):  # checked before a wrong one is quoted back
-            check_string(datatype, f"{where} datatype", max_string)
-        if datatype not in V2_TO_NUMPY:
-            raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
-        shape = check_shape(raw.get("shape"), where)
-        count = math.prod(shape)
-        if limits.max_tensor_elements and count > limits.max_tensor_elements:
-            raise InvalidInput(over_limit(f"{where}: {count} elements (shape {list(shape)})",
-                                          limits.max_tensor_elements, "max_tensor_elements", " elements"))
+        name, datatype = raw.get("name"), raw.get("datatype")
+        where, shape = check_input(i, name, datatype, raw.get("shape"), seen, limits)
         params = _parameters(raw.get("parameters"), where)
         check_strings(params, f"{where} parameter", max_string)
         size = params.get("binary_data_size")

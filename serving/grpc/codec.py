@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 from serving.datatypes import V2_TO_NUMPY
 from serving.errors import InvalidInput
 from serving.limits import RequestLimits, check_string, over_limit
-from serving.protocol import InferRequest, InputTensor, RequestedOutput, binary_tensor, check_shape, \
+from serving.protocol import InferRequest, InputTensor, RequestedOutput, binary_tensor, check_input, \
     serialize_bytes_tensor
 
 __all__ = ["parse_infer_request", "decode_infer_request", "encode_infer_response", "parameters_from_proto",
@@ -109,23 +109,8 @@ def decode_infer_request(msg: pb.ModelInferRequest, limits: RequestLimits,
         parameters["timeout"] = max(1, min(deadline_us, timeout or deadline_us))
     inputs, seen = [], set()
     for i, tensor in enumerate(msg.inputs):
-        name = tensor.name
-        if not name:
-            raise InvalidInput(f"inputs[{i}] needs a 'name'")
-        check_string(name, f"inputs[{i}] name", max_string)
-        where = f"input {name!r}"
-        if name in seen:
-            raise InvalidInput(f"{where} is given twice")
-        seen.add(name)
-        datatype = tensor.datatype
-        check_string(datatype, f"{where} datatype", max_string)
-        if datatype not in V2_TO_NUMPY:
-            raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
-        shape = check_shape(list(tensor.shape), where)
-        count = math.prod(shape)
-        if limits.max_tensor_elements and count > limits.max_tensor_elements:
-            raise InvalidInput(over_limit(f"{where}: {count} elements (shape {list(shape)})",
-                                          limits.max_tensor_elements, "max_tensor_elements", " elements"))
+        name, datatype = tensor.name, tensor.datatype
+        where, shape = check_input(i, name, datatype, list(tensor.shape), seen, limits)
         parameters_from_proto(tensor.parameters, where, max_string)
         if raw:
             if tensor.HasField("contents"):

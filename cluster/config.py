@@ -23,7 +23,7 @@ from serving.auth import as_digest
 from serving.monitoring.alerts import audit_dir_for
 from serving.options import ServingOptions
 from serving.storage import check_root, is_uri
-from serving.tracing import check_otlp_endpoint
+from serving.telemetry.tracing import check_otlp_endpoint
 
 __all__ = ["FleetSettings", "load_settings", "SECRET_ENV"]
 
@@ -171,7 +171,7 @@ class FleetSettings(BaseSettings):
                                           "training.retrain for the model; None: never")
     retrain_cooldown_s: float = Field(6 * 3600.0, ge=0, description="at least this long between two retrains "
                                       "the monitor submits for one model")
-    # Logs and tracing (serving/logs.py, serving/tracing.py).
+    # Logs and tracing (serving/telemetry/logs.py, serving/telemetry/tracing.py).
     log_format: Literal["text", "json"] = Field("text", description="fleet's log lines in every replica's log "
                                                 "(Ray's logs/serve/ folder) and the monitor's: text, or json (one "
                                                 "object a line with ts, level, logger, message, request_id, "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 import numpy as np
 
 from serving.errors import BackendError, FleetError, InvalidInput, ModelUnavailable
-from serving.tracing import batch_traceparent
+from serving.telemetry.tracing import batch_traceparent
 
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
@@ -79,7 +79,7 @@ class _Pending:
         self.meta = meta  # the caller's, handed to `observe` with the batch (the prediction log's context)
         self.flags = None  # what preprocessing noted of its rows without refusing them (input-contract warnings)
         self.lane = lane  # which of the batcher's lanes (model versions) runs it
-        self.trace = trace  # its request's serving.tracing.Trace when traced (the batcher's tracing on), else None
+        self.trace = trace  # its request's serving.telemetry.tracing.Trace when traced (tracing on), else None
 
 
 class BatchExecution:
@@ -199,7 +199,7 @@ class BatchExecution:
             for args in observed:
                 self._observe_later(*args)
 
-        traced = error = None  # the batch's span (serving/tracing.py) when one of its requests is traced
+        traced = error = None  # the batch's span (serving/telemetry/tracing.py) when one of its requests is traced
         if self.tracing is not None:
             traced = self._trace_batch(batch, sent_ns, rows)
         try:

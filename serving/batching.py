@@ -29,7 +29,7 @@ than the default (Triton's rule; with no default, any timeout of its own).
 Past it, it is answered DeadlineExceeded without being computed. A full queue
 (`max_queue_size`) refuses new requests with Overloaded.
 
-Tracing (serving/tracing.py), when this process traces: a request queued while its task's
+Tracing (serving/telemetry/tracing.py), when this process traces: a request queued while its task's
 `request_trace` is set gets a `queue` span, and a batch carrying one a `batch` span (linked to
 each traced request) with `preprocess` and `compute` (serving/batch_exec.py).
 """
@@ -48,7 +48,7 @@ from serving.batch_exec import (
     Arrays, BatchExecution, BatchResult, Execute, ExecuteLanes, Lane, Observe, OnBatch, _Pending, batch_deadline_ns,
 )
 from serving.errors import DeadlineExceeded, InvalidInput, ModelUnavailable, Overloaded
-from serving.tracing import active as active_tracing, request_trace
+from serving.telemetry.tracing import active as active_tracing, request_trace
 
 if TYPE_CHECKING:
     from serving.preprocess import Preprocessor
@@ -119,7 +119,7 @@ class Batcher(BatchExecution):
         self._cap = config.max_batch_size if config.max_batch_size > 0 else 1
         self._last_done_ns = 0  # when the last batch finished (adaptive mode's service times)
         self._observing = 0  # answered batches whose `observe` has not run yet (close() waits for them)
-        self.tracing = active_tracing()  # this process's (serving/tracing.py), None when off: one check per request
+        self.tracing = active_tracing()  # this process's (serving/telemetry/), None when off: one check per request
         self.adaptive = (
             AdaptivePolicy(config.latency_target_ms, self._cap, max_utilization=config.adaptive_max_utilization,
                            name=name)

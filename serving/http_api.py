@@ -130,7 +130,7 @@ def infer_handler(service: InferenceService, guard: Guard | None = None):
                     routing = value.decode("latin-1")
                 elif name == b"traceparent":
                     traceparent = value
-            if tracing is not None:  # W3C traceparent in, this request's span's out (serving/tracing.py)
+            if tracing is not None:  # W3C traceparent in, this request's span's out (serving/telemetry/tracing.py)
                 trace = tracing.start_request(traceparent)
             if check is not None:
                 key = check(headers, client)

@@ -31,14 +31,14 @@ from serving.batching import batch_deadline_ns
 from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
 from serving.http_server import HttpListener
-from serving.logs import configure_logging
+from serving.telemetry.logs import configure_logging
 from serving.metrics import StatsRecorder
 from serving.monitoring.predlog import PredictionLog
 from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.rollout.state import Route
 from serving.service import InferenceService
-from serving.tracing import batch_traceparent, setup_tracing, shutdown_tracing
+from serving.telemetry.tracing import batch_traceparent, setup_tracing, shutdown_tracing
 from serving.workers import LocalWorkerClient, ModelRunner
 
 __all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient", "replica_gone", "retry_budget_s"]
@@ -160,7 +160,7 @@ class Ingress:
         self.options = ServingOptions(**options)
         o = self.options
         # fleet's loggers at INFO in this replica's log (text or JSON lines), and its tracing: before the
-        # service, which takes the tracing it finds (serving/logs.py, serving/tracing.py).
+        # service, which takes the tracing it finds (serving/telemetry/logs.py, serving/telemetry/tracing.py).
         configure_logging(o.log_format)
         setup_tracing(o.tracing_sample_ratio, o.otlp_endpoint, o.trace_dir, component="ingress")
         repository = ModelRepository(self.options.repository)

@@ -72,7 +72,7 @@ class ServingOptions:
     retrain_after_s: float | None = None  # None: the monitor never submits a retrain
     retrain_cooldown_s: float = 6 * 3600.0
     dashboard_url: str | None = None  # the job server the monitor submits retrains to
-    # Logs (serving/logs.py) and tracing (serving/tracing.py) of every replica.
+    # Logs (serving/telemetry/logs.py) and tracing (serving/telemetry/tracing.py) of every replica.
     log_format: str = "text"  # "text" or "json" (JSON lines)
     tracing_sample_ratio: float = 0.0  # share of requests traced (a client's sampled traceparent always); 0: off
     otlp_endpoint: str | None = None  # http(s)://: OTLP/HTTP, grpc(s)://: OTLP/gRPC; None: JSON lines in trace_dir

@@ -23,7 +23,7 @@ from serving.cache import ResponseCache, cache_key
 from serving.errors import BackendError, FleetError, InvalidInput, ModelNotFound, ModelUnavailable, RepositoryError
 from serving.fallback import Fallback, breaker_config, check_fallbacks, wants_breaker
 from serving.limits import RequestLimits
-from serving.logs import log_fields
+from serving.telemetry.logs import log_fields
 from serving.metrics import StatsRecorder
 from serving.model_config import (
     LATENCY_TARGET_PARAM, MAX_INFLIGHT_PARAM, MAX_UTILIZATION_PARAM, ModelConfig, ModelSpec, is_decimal,
@@ -38,7 +38,7 @@ from serving.registry import ModelRepository, check_model_name
 from serving.rollout.evidence import RolloutEvidence
 from serving.rollout.serving import RolloutRouting
 from serving.rollout.state import Route
-from serving.tracing import Trace, active as active_tracing
+from serving.telemetry.tracing import Trace, active as active_tracing
 from serving.validation import validate_request
 
 __all__ = ["WorkerClient", "ModelState", "InferenceService", "SERVER_NAME", "SERVER_VERSION", "parse_header_length"]
@@ -111,7 +111,7 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
             if wants_breaker(state.spec):
                 state.breaker = CircuitBreaker(name, breaker_config(state.spec))
         self.recorder = recorder or StatsRecorder()
-        self.tracing = active_tracing()  # this process's tracing (serving/tracing.py), None when off: the front
+        self.tracing = active_tracing()  # this process's tracing (serving/telemetry/), None when off: the front
         # ends start a request's trace with it
         # The response cache (serving/cache.py) of the models whose config enables it; None: no cache at all.
         self.cache = ResponseCache(options.response_cache_bytes) if options.response_cache_bytes > 0 else None

@@ -19,9 +19,9 @@ import os
 
 from serving.batch_exec import TOGETHER_S, Done, side_by_side
 from serving.errors import ModelNotFound, ModelUnavailable
-from serving.logs import configure_logging
+from serving.telemetry.logs import configure_logging
 from serving.registry import ModelRepository
-from serving.tracing import setup_tracing, shutdown_tracing
+from serving.telemetry.tracing import setup_tracing, shutdown_tracing
 from serving.versions import OnSwitch, ServedVersions
 
 __all__ = ["ModelRunner", "ModelWorker", "LocalWorkerClient"]

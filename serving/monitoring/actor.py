@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 
-from serving.logs import configure_logging, in_ray_actor
+from serving.telemetry.logs import configure_logging, in_ray_actor
 from serving.monitor import MonitorState
 from serving.monitoring.engine import MonitoringEngine
 from serving.monitoring.exposition import MonitoringCollector
@@ -30,7 +30,7 @@ class MonitorActor:
     """What `get_monitor()` runs as the actor (plain Python: usable without Ray in tests)."""
 
     def __init__(self, options: dict | None = None, *, start_thread: bool = True):
-        if in_ray_actor():  # the monitor's own process (get_monitor): its fleet.* logs (serving/logs.py)
+        if in_ray_actor():  # the monitor's own process (get_monitor): its fleet.* logs (serving/telemetry/logs.py)
             configure_logging((options or {}).get("log_format", "text"), replica=False)
         self.state = MonitorState()
         self.engine: MonitoringEngine | None = None

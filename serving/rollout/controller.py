@@ -416,7 +416,7 @@ class RolloutController:
 
 
 def _fields(state: RolloutState, decision: str) -> dict:
-    """A decision's log fields (serving/logs.py): the model, the version it is about, `rollout_<decision>`."""
+    """A decision's log fields (serving/telemetry/logs.py): the model, the version it is about, `rollout_<decision>`."""
     version = state.candidate if state.candidate is not None else state.stable
     return {"model": state.model, "version": None if version is None else str(version),
             "event": f"rollout_{decision}"}

@@ -1,4 +1,4 @@
-"""fleet's logs (serving/logs.py): JSON lines with the request and model fields, and `fleet.*` INFO records
+"""fleet's logs (serving/telemetry/logs.py): JSON lines with the request and model fields, and `fleet.*` INFO records
 reaching a replica's log file as Ray Serve sets it up (its own `configure_component_logger`, buffered as
 in throughput-optimized mode), where they did not before."""
 
@@ -13,8 +13,8 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from serving.breaker import BreakerConfig, CircuitBreaker
-from serving.logs import JsonFormatter, TextFormatter, configure_logging, log_fields
-from serving.tracing import Tracing
+from serving.telemetry.logs import JsonFormatter, TextFormatter, configure_logging, log_fields
+from serving.telemetry.tracing import Tracing
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Request tracing (serving/tracing.py): W3C traceparent, the spans of a request and its batch, the worker's
+"""Request tracing (serving/telemetry/tracing.py): W3C traceparent, the spans of a request and its batch, the worker's
 spans across the Ray call (a traceparent string handed over, as the DeploymentHandle call carries it), and
 tracing off doing nothing. Spans are read from the SDK's InMemorySpanExporter."""
 
@@ -13,10 +13,10 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from serving import tracing as tracing_module
+from serving.telemetry import tracing as tracing_module
 from serving.batching import Batcher, BatcherConfig
-from serving.otlp import OtlpHttpExporter, encode_traces
-from serving.tracing import (
+from serving.telemetry.otlp import OtlpHttpExporter, encode_traces
+from serving.telemetry.tracing import (
     JsonLinesSpanExporter, Tracing, batch_traceparent, format_traceparent, make_exporter, parse_traceparent,
     request_trace, setup_tracing,
 )

@@ -1,4 +1,4 @@
-"""OTLP/HTTP export of fleet's traces: OTLP protobuf written by hand from `serving.tracing.Trace` records.
+"""OTLP/HTTP export of fleet's traces: OTLP protobuf written by hand from `serving.telemetry.tracing.Trace` records.
 
 Why not the SDK's spans and the opentelemetry-exporter-otlp-proto-http package: its encoder builds
 a protobuf message object per span, field by field (and hashes the span's Resource through a JSON
@@ -10,7 +10,7 @@ opentelemetry-proto's messages and compare it with the SDK spans of the same rec
 
 `OtlpHttpExporter.export_traces` POSTs `application/x-protobuf` to the endpoint (`<url>/v1/traces`
 when the URL has no path) from the tracing thread, one request per call, with a timeout and no
-retry: a batch the collector does not take is dropped and reported (serving/tracing.py counts and
+retry: a batch the collector does not take is dropped and reported (serving/telemetry/tracing.py counts and
 warns).
 """
 
@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
 
 if TYPE_CHECKING:
-    from serving.tracing import Trace
+    from serving.telemetry.tracing import Trace
 
 __all__ = ["OtlpHttpExporter", "encode_traces", "traces_url"]
 
@@ -87,7 +87,7 @@ class _Cache(dict):
 
 
 _NAMES = _Cache(lambda name: _field(b"\x2a", name.encode()))  # Span.name (field 5)
-# Span.attributes (field 9), one (key, value) each, keys as exported: `fleet.<name>` (serving/tracing.py).
+# Span.attributes (field 9), one (key, value) each, keys as exported: `fleet.<name>` (serving/telemetry/tracing.py).
 _ATTRIBUTES = _Cache(lambda item: _key_value(b"\x4a", f"fleet.{item[0]}", item[1]))
 _KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}  # the SDK's INTERNAL is 0, OTLP's 1
 _TIMES = struct.Struct("<BQBQ").pack  # Span.start_time_unix_nano (field 7) and end (8), fixed64 each

@@ -37,7 +37,7 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def log_fields(*, request_id: str | None = None, trace=None, model: str | None = None, version=None,
                event: str | None = None) -> dict[str, Any]:
     """`extra=` of a record about a request or a model: the fields that are set (`trace`: a
-    serving.tracing.Trace or None)."""
+    serving.telemetry.tracing.Trace or None)."""
     doc: dict[str, Any] = {}
     if request_id is not None:
         doc["request_id"] = request_id

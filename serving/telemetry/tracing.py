@@ -16,7 +16,7 @@ an attribute) and once per batch. On, the request path only
 records (name, start, end) in monotonic ns into a slotted `Trace` and appends it to a deque when
 it finishes (under 1 µs a span, where the SDK's `Tracer.start_span` and `end` cost about 25). The
 export thread sends them: to an OTLP/HTTP collector (`otlp_endpoint`) encoded straight from the
-records (serving/otlp.py, about 1.5 µs a span), or, to any SDK `SpanExporter`, as the SDK's
+records (serving/telemetry/otlp.py, about 1.5 µs a span), or, to any SDK `SpanExporter`, as the SDK's
 `ReadableSpan`s (about 2 µs a span to build): with no endpoint a JSON-lines file per process
 under `trace_dir` (`JsonLinesSpanExporter`), in tests the SDK's InMemorySpanExporter. What is
 sampled is decided once per request: a client's sampled flag is followed, otherwise
@@ -45,7 +45,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
-from serving.otlp import OtlpHttpExporter
+from serving.telemetry.otlp import OtlpHttpExporter
 
 __all__ = [
     "Trace", "Tracing", "JsonLinesSpanExporter", "parse_traceparent", "format_traceparent", "make_exporter",
@@ -370,7 +370,7 @@ def check_otlp_endpoint(value: str) -> str:
 def make_exporter(otlp_endpoint: str | None, trace_dir: str | None = None,
                   component: str = "fleet") -> SpanExporter | OtlpHttpExporter:
     """The exporter of `otlp_endpoint`: http(s)://host:4318[/path] OTLP/HTTP (protobuf; /v1/traces when no path
-    is given; serving/otlp.py); None: `<trace_dir>/<component>-<pid>.jsonl` (JSON lines).
+    is given; serving/telemetry/otlp.py); None: `<trace_dir>/<component>-<pid>.jsonl` (JSON lines).
     Raises ValueError naming a bad endpoint."""
     if otlp_endpoint is None:
         if trace_dir is None:

@@ -9,9 +9,9 @@ PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 TORCH := torch==2.13.0
 NATIVE_SOURCES := $(wildcard native/src/*.cpp native/src/*.hpp) native/CMakeLists.txt
-# --no-compile: no bytecode for the tens of thousands of modules of torch and Ray up front (most of the
-# install's CPU time); Python writes it for the modules that are imported, as they are.
-PIP_QUIET := -q --disable-pip-version-check --no-compile
+# (pip compiles every module's bytecode: with PYTHONDONTWRITEBYTECODE set, as on CI, nothing else would, and
+# every process of a test cluster would compile torch and Ray again.)
+PIP_QUIET := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
 .PHONY: serve test test-deps system-packages test-unit test-integration setup triton-env bench wrk h2load prometheus sanitize clean help

@@ -23,6 +23,18 @@ _GAUGE_STALE_S = 10.0
 _CACHE_GAUGES = ("entries", "bytes", "capacity_bytes")
 
 
+def _sum_fresh(reports: dict[str, tuple[float, dict]]) -> dict:
+    """Per key, the sum of the replicas' last reports ({replica: (when, {key: n})}) made within _GAUGE_STALE_S:
+    a gauge of the cluster now, without the replicas that stopped reporting."""
+    now = time.monotonic()
+    out: dict = {}
+    for stamp, values in reports.values():
+        if now - stamp <= _GAUGE_STALE_S:
+            for key, n in values.items():
+                out[key] = out.get(key, 0) + n
+    return out
+
+
 class MonitorState:
     """Cluster-wide totals; the actor's whole state."""
 
@@ -61,35 +73,17 @@ class MonitorState:
     def cache_gauges(self) -> dict[str, int]:
         """The response caches' entries, bytes and capacity_bytes now, summed over the replicas that reported
         within the last few seconds; {} when none did."""
-        now = time.monotonic()
-        out: dict[str, int] = {}
-        for stamp, gauges in self._caches.values():
-            if now - stamp <= _GAUGE_STALE_S:
-                for k, n in gauges.items():
-                    out[k] = out.get(k, 0) + n
-        return out
+        return _sum_fresh(self._caches)
 
     def breakers_open(self) -> dict[str, int]:
         """Per model with a breaker: how many ingress replicas have it open (or probing) now."""
-        now = time.monotonic()
-        out: dict[str, int] = {}
-        for stamp, states in self._breakers.values():
-            if now - stamp <= _GAUGE_STALE_S:
-                for model, n in states.items():
-                    out[model] = out.get(model, 0) + n
-        return out
+        return _sum_fresh(self._breakers)
 
     def totals(self) -> dict:
         return {k: v.to_dict() for k, v in self._totals.items()}
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
-        now = time.monotonic()
-        out: dict[tuple[str, str], int] = {}
-        for stamp, depths in self._depths.values():
-            if now - stamp <= _GAUGE_STALE_S:
-                for key, n in depths.items():
-                    out[key] = out.get(key, 0) + n
-        return out
+        return _sum_fresh(self._depths)
 
     def render(self) -> bytes:
         """Prometheus text exposition of the cluster-wide totals."""

@@ -185,7 +185,7 @@ class _Handlers:
                 trace = self.tracing.start_request(self._metadata(context, "traceparent"))
                 if trace is not None:
                     trailers.append(("traceparent", trace.traceparent))
-            key = None if self._check is None else self._check(_headers(context), _client(context))
+            key = self._access(Access.INFERENCE, context)
             response, answered_by = await self._infer(parse_infer_request(data), context, key,
                                                       self._metadata(context, ROUTING_HEADER), trace)
             if answered_by is not None:

@@ -144,7 +144,10 @@ async def test_a_full_queue_is_unavailable_with_a_retry_hint_and_a_deadline_ends
     async with _serving(max_queue_size=1) as (client, channel, service, worker, _):
         worker.gate.clear()  # batches held: the first one in flight, the next fills the queue of 1
         held = [asyncio.ensure_future(client.infer("m", [_x([[0, i]])])) for i in range(5)]
-        await asyncio.sleep(0.3)
+        deadline = asyncio.get_running_loop().time() + 10  # (a loaded machine: the calls arrive when they do)
+        while service.queue_depths().get(("m", "1"), 0) < 1:
+            assert asyncio.get_running_loop().time() < deadline, "the held requests never filled the queue"
+            await asyncio.sleep(0.02)
         request = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="x", datatype="FP32", shape=[1, 2], contents=pb.InferTensorContents(fp32_contents=[0, 1]))])
         code, details, trailers = await _status(_raw(channel, "ModelInfer")(request.SerializeToString()))

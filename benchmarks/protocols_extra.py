@@ -28,7 +28,8 @@ CACHED = "fraud_cached"
 
 
 def publish_cached(repository: str, model: str = "fraud") -> None:
-    """A copy of `model`'s newest version with the response cache enabled, as `CACHED` (a local repository)."""
+    """A copy of `model`'s newest version (file, metadata) with the response cache enabled, as `CACHED`
+    (as `benchmarks.adaptive.publish_variants` copies it with other batching)."""
     from pathlib import Path
 
     from serving.registry import ModelRepository
@@ -39,7 +40,7 @@ def publish_cached(repository: str, model: str = "fraud") -> None:
     config.name = CACHED
     config.response_cache.enable = True
     latest = max(repo.list_versions(model))
-    files = {"model.pt": (Path(repository) / model / str(latest) / "model.pt").read_bytes()}
+    files = {"model.pt": Path(repo.model_file(model, latest)).read_bytes()}
     repo.publish(CACHED, files, repo.metadata(model, latest), config=config)
 
 

@@ -9,7 +9,7 @@ channels.
 Bounded: at most `max_concurrent_rpcs` calls at once (one more is refused RESOURCE_EXHAUSTED by
 grpc), messages up to `max_message_bytes` (a larger one: RESOURCE_EXHAUSTED, before it is
 handed to fleet), and a stream reads at most MAX_STREAM_PIPELINE requests ahead of its answers.
-On stop the port is closed to new calls and the calls in flight get `grace_s` to finish.
+On stop the port is closed to new calls and the calls in flight get `graceful_shutdown_s` to finish.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ The repository holds:
 Every port the session needs is chosen in one call (distinct), and the cluster is started again on
 new ones when one was taken between choosing and binding it.
 
+Order: the modules that time the cluster (QUIET_FIRST) run first; test_training_jobs.py's three Ray jobs are
+submitted when the first other test starts, train while the rest run, and that module runs last (it waits for
+what is left of them). A run without test_training_jobs.py submits nothing.
+
 `s3_server` is a real S3-compatible server (moto, integration/_s3.py) on loopback, started once per
 session by the object-storage tests that ask for it (no Ray cluster).
 """
@@ -56,6 +60,16 @@ from training.bootstrap import bootstrap
 from training.digits import bootstrap_digits
 
 pytestmark = pytest.mark.integration
+
+# Modules whose assertions time the cluster (latencies, throughput steps, pick-up deadlines, failover), or that
+# start a Ray instance of their own (the Ray Serve baseline, whose start-up times out on a machine the jobs load):
+# they run before the training jobs load the machine.
+QUIET_FIRST = frozenset({
+    "test_batching_live.py", "test_load_tools_live.py", "test_overload.py", "test_replica_failure.py",
+    "test_rolling_update.py", "test_version_switch.py", "test_rollout.py", "test_triton_fallback.py",
+    "test_monitoring_retrain.py", "test_baselines_live.py",
+})
+JOBS_MODULE = "test_training_jobs.py"
 
 LIBTORCH_CONFIG = """
 name: "libtorch"
@@ -239,6 +253,40 @@ class WebhookReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _integration_rank(item: pytest.Item) -> int | None:
+    path = Path(str(item.fspath))
+    if path.parent != Path(__file__).parent:
+        return None
+    return 0 if path.name in QUIET_FIRST else 2 if path.name == JOBS_MODULE else 1
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Within this package's run: QUIET_FIRST, then the rest, then the training jobs' module (stable otherwise)."""
+    places = [i for i, item in enumerate(items) if _integration_rank(item) is not None]
+    ordered = sorted((items[i] for i in places), key=_integration_rank)
+    for i, item in zip(places, ordered):
+        items[i] = item
+    config.stash[_JOBS_WANTED] = any(_integration_rank(item) == 2 for item in ordered)
+
+
+_JOBS_WANTED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _training_jobs_in_the_background(request):
+    """The first test after QUIET_FIRST submits test_training_jobs.py's jobs (when that module is in the run)."""
+    if request.config.stash.get(_JOBS_WANTED, False) and _integration_rank(request.node) != 0:
+        request.getfixturevalue("training_jobs")
+
+
+@pytest.fixture(scope="package")
+def training_jobs(fleet_cluster, repository):
+    """test_training_jobs.py's three Ray jobs, submitted (integration/_training_jobs.py); `.wait()` ends them."""
+    from integration._training_jobs import TrainingJobs
+
+    return TrainingJobs(fleet_cluster[0], repository)
 
 
 @pytest.fixture(scope="package")

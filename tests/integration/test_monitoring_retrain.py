@@ -8,14 +8,13 @@ one-epoch, one-worker job.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from integration._monitoring import fraud_rows, infer_rows, metric_value, wait_until
-from training.datasets import write_fraud_parquet
+from integration._training_jobs import write_example_data
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +24,9 @@ MODEL = "fraud_loop"
 def test_a_held_alarm_submits_one_retrain_whose_version_names_the_traffic_it_used(fleet_cluster, base_url,
                                                                                   repository_models):
     settings = fleet_cluster[0]
-    # The jobs' example data, as test_training_jobs.py writes it (the same file: whichever runs first): a small
+    # The jobs' example data, the file test_training_jobs.py's jobs read (whichever comes first writes it): a small
     # one, so that the job the monitor submits trains in seconds.
-    example = Path(settings.data_dir) / "fraud" / "example.parquet"
-    if not example.exists():
-        write_fraud_parquet(str(example), 5000, seed=3)
+    write_example_data(Path(settings.data_dir))
     x, y = fraud_rows(6000, seed=51, scenario="covariate_shift")
     ids = [f"loop-{i}" for i in range(0, 6000, 50)]
     answers = infer_rows(base_url, MODEL, x, rows_per_request=50, ids=ids, fresh_connections=False)

@@ -1,10 +1,12 @@
 """Training as Ray jobs on the test cluster's real job server: retrain on labelled traffic after a concept shift
 (with a worker killed), tune (its candidate rejected by the gate), and digits on logged images.
 
-The three jobs are submitted at once through `JobSubmissionClient` (the way
-`fleet train` and `ray job submit` do, working dir = this checkout) and run
-side by side; each publishes into its own copy of a served model (fraud_jobs,
-fraud_tune, digits_jobs) so the other tests' models stay as they are. The
+The three jobs (integration/_training_jobs.py) are submitted at once through
+`JobSubmissionClient` (the way `fleet train` and `ray job submit` do, working
+dir = this checkout) and run side by side while the other integration tests
+run (conftest.py submits them; this module runs last and waits). Each
+publishes into its own copy of a served model (fraud_jobs, fraud_tune,
+digits_jobs) so the other tests' models stay as they are. The
 traffic is written by the serving side's prediction-log writer and labelled in
 the feedback layout: fraud_jobs' follows `concept_shift`, so its retrain is
 accepted on the traffic holdout on its merits; digits_jobs' is inverted 16 x 16
@@ -16,7 +18,6 @@ by tests/e2e/test_cli.py).
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -24,81 +25,16 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.jobs import PROJECT_ROOT, auth_env, submit, train_entrypoint
-from training.datasets import load_digits, make_fraud, write_fraud_parquet
-from unit._traffic_helpers import T0, log_digits, log_fraud, write_labels
+from integration._training_jobs import INVERTED_IMAGES, SHIFTED_ROWS
+from training.datasets import load_digits, make_fraud
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the first test waits for the jobs
-
-JOB_TIMEOUT_S = 420
-COMMON = ["--cpus-per-worker", "0.2", "--use-gpu", "auto"]
-JOBS = {
-    "retrain": ("fraud", "fraud_jobs", False, ["--num-workers", "2", "--epochs", "2", "--fail-at-epoch", "2"]),
-    # The tuned candidate is forced out by its gate (--tolerance -1): the same job shows a rejected version.
-    "tune": ("fraud", "fraud_tune", True, ["--num-samples", "4", "--max-epochs", "2", "--grace-period", "1",
-                                           "--num-workers", "1", "--max-concurrent", "1", "--tolerance", "-1"]),
-    "digits": ("digits", "digits_jobs", False, ["--num-workers", "1", "--epochs", "8", "--min-traffic-holdout", "100"]),
-}
-SHIFTED_ROWS = 10_000  # labelled fraud_jobs traffic: a traffic holdout of ~2,000 rows with ~20 frauds
-INVERTED_IMAGES = 700
-
-
-def _write_traffic(data: Path, repository: Path) -> dict:
-    """fraud_jobs' and digits_jobs' logged traffic and labels (and a digits_jobs v1, a copy of digits v1)."""
-    x, y = make_fraud(SHIFTED_ROWS, seed=4, scenario="concept_shift")
-    ids = log_fraud(data, "fraud_jobs", x, prefix="shift")
-    unlabelled = log_fraud(data, "fraud_jobs", x[:300], prefix="unlabelled")
-    hashed = log_fraud(data, "fraud_jobs", x[:50], prefix="hashed", redact="amount=hash")
-    write_labels(data, "fraud_jobs", ids + hashed, np.r_[y, y[:50]])
-    digits = load_digits(seed=5)
-    images = [np.kron(255 - im, np.ones((2, 2), np.uint8)) for im in digits.x_train[:INVERTED_IMAGES]]
-    image_ids = log_digits(data, "digits_jobs", images, prefix="inverted")
-    by_hash = log_digits(data, "digits_jobs", images[:20], prefix="by-hash", full=False)
-    write_labels(data, "digits_jobs", image_ids + by_hash, np.r_[digits.y_train[:INVERTED_IMAGES], digits.y_train[:20]],
-                 at=T0 + timedelta(hours=2))
-    from serving.registry import ModelRepository
-    from training.digits import digits_config
-
-    repo = ModelRepository(str(repository))
-    config = digits_config()
-    config.name = "digits_jobs"
-    repo.publish("digits_jobs", {"model.pt": (repository / "digits" / "1" / "model.pt").read_bytes()},
-                 repo.metadata("digits", 1), config=config)
-    return {"unlabelled": len(unlabelled), "hashed": len(hashed)}
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # the first test waits for what is left of the jobs
 
 
 @pytest.fixture(scope="module")
-def jobs(fleet_cluster, repository):
-    """Write the data, submit the three jobs, wait for them all: {name: (job id, status, logs)}."""
-    settings = fleet_cluster[0]
-    data = Path(settings.data_dir)
-    write_fraud_parquet(str(data / "fraud" / "example.parquet"), 5000, seed=3)
-    _write_traffic(data, repository)
-    auth_env()
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(settings.dashboard_url)
-    submitted = {}
-    for name, (model, target, tune, flags) in JOBS.items():
-        entrypoint = train_entrypoint(model, tune=tune, extra=["--publish-as", target, *COMMON, *flags])
-        submitted[name] = submit(client, attempts=8, entrypoint=entrypoint,  # a busy machine: the agent may lag
-                                 runtime_env={"working_dir": str(PROJECT_ROOT)})
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    out = {}
-    while len(out) < len(submitted) and time.monotonic() < deadline:
-        for name, job_id in submitted.items():
-            status = str(client.get_job_status(job_id).value)
-            if name not in out and status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                out[name] = (job_id, status, client.get_job_logs(job_id))
-        time.sleep(0.5)
-    for name, job_id in submitted.items():
-        if name not in out:
-            client.stop_job(job_id)
-            out[name] = (job_id, "TIMEOUT", client.get_job_logs(job_id))
-        info = client.get_job_info(job_id)
-        if info.start_time and info.end_time:  # (shown with -s: where the fixture's time goes)
-            print(f"job {name}: {(info.end_time - info.start_time) / 1000:.0f} s")
-    return out
+def jobs(training_jobs) -> dict:
+    """{name: (job id, status, logs)} once all three have ended."""
+    return training_jobs.wait()
 
 
 def _succeeded(jobs, name: str) -> str:

@@ -319,14 +319,17 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
     async def server_metadata(request: Request) -> Response:
         return _json(service.server_metadata())
 
+    # Health answers carry the Open Inference Protocol's bodies (inference_rest.md): the KServe SDK reads them,
+    # tritonclient reads only the status, which says the same (503: not ready).
     @_endpoint
     async def live(request: Request) -> Response:
-        return Response(status_code=200)
+        return _json({"live": True})
 
     @_endpoint
     async def ready(request: Request) -> Response:
         await service.refresh_unready()
-        return Response(status_code=200 if service.is_ready() else 503)
+        ok = service.is_ready()
+        return _json({"ready": ok}, 200 if ok else 503)
 
     @_endpoint
     async def healthz(request: Request) -> Response:
@@ -346,7 +349,8 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
     async def model_ready(request: Request) -> Response:
         p = request.path_params
         await service.refresh_unready()
-        return Response(status_code=200 if service.model_ready(p["model"], p.get("version")) else 503)
+        ok = service.model_ready(p["model"], p.get("version"))
+        return _json({"name": p["model"], "ready": ok}, 200 if ok else 503)
 
     @_endpoint
     @inference
@@ -454,6 +458,7 @@ def build_starlette_app(service: InferenceService, guard: Guard | None = None) -
 
     routes = [
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/", server_metadata, methods=["GET"]),  # the path as open_inference_rest.yaml writes it
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/-/healthz", healthz, methods=["GET"]),

@@ -3,7 +3,8 @@
 One `Operation` per route of `serving.http_api.build_starlette_app` (path and
 method), with the statuses it can answer: a route added there is one entry
 added here (tests/unit/test_openapi.py fails until it is). Errors all have one
-shape, `{"error": "..."}` (`serving.http_api.error_response`). The infer routes
+shape, `{"error": "..."}` (`serving.http_api.error_response`); a ready route's 503
+("not ready") carries its ready body, as the Open Inference Protocol defines it. The infer routes
 take the KServe v2 JSON request or the binary tensor extension
 (`application/octet-stream`: a JSON header of `Inference-Header-Content-Length`
 bytes, then the raw tensors).
@@ -80,6 +81,11 @@ SCHEMAS: dict[str, dict] = {
                        "id": {"type": "string"}, "parameters": {"type": "object"},
                        "outputs": {"type": "array", "items": _ref("ResponseOutput")}},
     },
+    # Health bodies as the Open Inference Protocol's prose (inference_rest.md) defines them.
+    "ServerLive": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
+    "ServerReady": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+    "ModelReady": {"type": "object", "required": ["name", "ready"],
+                   "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}},
     "ServerMetadata": {
         "type": "object", "required": ["name", "version", "extensions"],
         "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "extensions": _STRING_ARRAY,
@@ -255,7 +261,13 @@ _INFER_OK = {
     "content": {"application/json": {"schema": _ref("InferenceResponse")},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
-_READY = {200: _ok(why="ready"), 503: {"description": "not ready (no body)"}}
+
+
+def _ready(schema: str) -> dict[int, dict]:
+    """A health route's answers: the same body for ready (200) and not ready (503), `ready` saying which."""
+    return {200: _ok(schema, "ready"), 503: _ok(schema, "not ready")}
+
+
 _REPOSITORY_BODY = {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "additionalProperties": False,
     "properties": {"parameters": {"type": "object", "description": "Triton's; fleet takes none but unload's "
@@ -314,8 +326,12 @@ def _model_routes(suffix: str, op: str, summary: str, responses: dict[int, dict]
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/v2", "server_metadata", "Server metadata", {200: _ok("ServerMetadata")}),
-    Operation("GET", "/v2/health/live", "server_live", "The server is up", {200: _ok(why="live")}, tags=("health",)),
-    Operation("GET", "/v2/health/ready", "server_ready", "Every model is ready", _READY, tags=("health",)),
+    Operation("GET", "/v2/", "server_metadata_slash", "Server metadata (the path as the OIP's OpenAPI document "
+              "writes it)", {200: _ok("ServerMetadata")}),
+    Operation("GET", "/v2/health/live", "server_live", "The server is up", {200: _ok("ServerLive", "live")},
+              tags=("health",)),
+    Operation("GET", "/v2/health/ready", "server_ready", "Every model is ready", _ready("ServerReady"),
+              tags=("health",)),
     Operation("GET", "/-/healthz", "healthz", "Every model is ready, as KubeRay's readiness probe asks",
               {200: {"description": "ready", "content": {"text/plain": {"schema": {"type": "string", "enum": ["success"]}}}},
                503: _error(503)},
@@ -329,7 +345,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *_model_routes("", "model_metadata", "Model metadata", {200: _ok("ModelMetadata"), 404: _error(404)},
                    security=_KEY),
     *_model_routes("/ready", "model_ready", "The model (version) is ready",
-                   {**_READY, 404: _error(404, "invalid model name")}, tags=("health",)),
+                   {**_ready("ModelReady"), 404: _error(404, "invalid model name")}, tags=("health",)),
     Operation("GET", "/v2/models/{model}/config", "model_config", "Model configuration",
               {200: _ok("ModelConfig"), 404: _error(404)}, parameters=(_MODEL,), security=_KEY),
     *_model_routes("/stats", "model_stats", "Model statistics", {200: _ok("ModelStatistics"), 404: _error(404)},

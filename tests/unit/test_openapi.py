@@ -85,6 +85,9 @@ def test_the_document_is_consistent_openapi_3():
                 assert response["description"]
                 content = response.get("content", {})
                 if int(status) >= 400 and content:  # every error body has the one shape
+                    if status == "503" and path.endswith("/ready"):  # but "not ready": the protocol's ready body
+                        assert content == op["responses"]["200"]["content"], (method, path)
+                        continue
                     assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 
 
@@ -114,3 +117,20 @@ def test_the_app_serves_the_document_at_openapi_json():
     assert status == 200 and (b"content-type", b"application/json") in headers
     assert json.loads(body) == json.loads(json.dumps(openapi_document(SERVER_VERSION)))
 
+
+
+def test_health_answers_carry_the_protocol_bodies_the_document_describes():
+    # The Open Inference Protocol's health bodies (inference_rest.md), which the KServe SDK reads.
+    app, doc = _app(), openapi_document(SERVER_VERSION)
+    for path, template, status, body in (
+        ("/v2/health/live", "/v2/health/live", 200, {"live": True}),
+        ("/v2/health/ready", "/v2/health/ready", 200, {"ready": True}),
+        ("/v2/models/m/ready", "/v2/models/{model}/ready", 200, {"name": "m", "ready": True}),
+        ("/v2/models/m/versions/9/ready", "/v2/models/{model}/versions/{version}/ready", 503,
+         {"name": "m", "ready": False}),
+    ):
+        got_status, headers, got = asyncio.run(call_asgi(app, HttpRequest("GET", path, b"", [], b"")))
+        assert (got_status, json.loads(got)) == (status, body), path
+        assert (b"content-type", b"application/json") in headers
+        schema = doc["paths"][template]["get"]["responses"][str(status)]["content"]["application/json"]["schema"]
+        jsonschema.Draft7Validator({**schema, "components": doc["components"]}).validate(body)

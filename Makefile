@@ -5,6 +5,10 @@ PYTHON ?= python3
 TRITON_PYTHON ?= /usr/bin/python3
 VENV := .venv
 TRITON_VENV := .venv-triton
+# The KServe Python SDK, a second v2 client in the tests (tests/integration/test_kserve_client.py): its own venv,
+# as its pins (protobuf 4, httpx 0.27, uvicorn 0.30) would downgrade fleet's.
+KSERVE_VENV := .venv-kserve
+KSERVE := kserve==0.15.2
 PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 TORCH := torch==2.13.0
@@ -14,7 +18,7 @@ NATIVE_SOURCES := $(wildcard native/src/*.cpp native/src/*.hpp) native/CMakeList
 PIP_QUIET := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-deps system-packages test-unit test-integration setup triton-env bench wrk h2load prometheus sanitize clean help
+.PHONY: serve test test-deps system-packages test-unit test-integration setup triton-env kserve-env bench wrk h2load prometheus sanitize clean help
 
 help:
 	@echo "make serve   set up and serve on http://127.0.0.1:8000 (Ctrl-C stops)"
@@ -39,6 +43,15 @@ $(TRITON_VENV)/.installed:
 	$(TRITON_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH) 'numpy<2' 'nvidia-pytriton==0.7.0'
 	@touch $@
 
+kserve-env: $(KSERVE_VENV)/.installed
+
+$(KSERVE_VENV)/.installed:
+	@test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	# (no bytecode compiled: one short process per test run imports the SDK, ~3 s, where compiling all of it
+	# at install, kubernetes' client models included, costs ~20 s of CPU beside the other venvs' installs)
+	$(KSERVE_VENV)/bin/python -m pip install $(PIP_QUIET) --no-compile $(KSERVE)
+	@touch $@
+
 # The example models are trained and published only into an empty repository.
 serve: $(VENV)/.installed
 	$(PY) -m training.bootstrap --repository $(REPOSITORY) --if-empty
@@ -55,10 +68,11 @@ PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tes
   tests/integration/test_limits_live.py tests/integration/test_monitoring_contracts.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 
-# Everything `make test` needs, at once: the two venvs' installs are CPU-bound and the machine has cores for
-# both; the Debian packages go one after the other (dpkg takes one install at a time).
+# Everything `make test` needs, at once: the three venvs' installs side by side; the Debian packages go one
+# after the other (dpkg takes one install at a time).
 test-deps:
-	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(TRITON_VENV)/.installed system-packages
+	@$(MAKE) --no-print-directory -j4 $(VENV)/.installed $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed \
+	  system-packages
 
 system-packages:
 	@$(MAKE) --no-print-directory wrk
@@ -124,4 +138,4 @@ sanitize: $(VENV)/.installed
 	  $(PY) -S -P -m pytest -q -p no:cacheprovider tests/unit/test_native*.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf build $(VENV) $(TRITON_VENV)
+	rm -rf build $(VENV) $(TRITON_VENV) $(KSERVE_VENV)

@@ -317,6 +317,9 @@ async def test_kuberays_probe_gets_success_while_ready_and_a_503_naming_the_mode
     status, payload = await healthz()
     assert status == 503 and json.loads(payload) == {
         "error": f"not ready: model {MODEL!r}: RuntimeError: the worker is restarting"}
-    assert (await call("GET", "/v2/health/ready"))[0] == 503  # the same readiness
+    status, _, body = await call("GET", "/v2/health/ready")  # the same readiness, in the protocol's body
+    assert (status, body) == (503, {"ready": False})
+    status, _, body = await call("GET", f"/v2/models/{MODEL}/ready")
+    assert (status, body) == (503, {"name": MODEL, "ready": False})
     monkeypatch.undo()  # the worker answers again: the probe asks it once more before answering
     assert await healthz() == (200, b"success")

@@ -506,12 +506,16 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
     def _from_cache(self, state: ModelState, number: int, request: InferRequest, checked, hit, encode,
                     key_id: str | None, start: int, start_mono: int):
         """Answer a request from the response cache: counted as a success (with no queue or compute time, as
-        Triton counts a hit) and written to the prediction log flagged `answered_by` "cache"."""
+        Triton counts a hit), written to the prediction log flagged `answered_by` "cache", and counted in the
+        version's drift windows and live feature histograms as its batch would have been."""
         stored = {name: arr for name, _, arr in hit}
         outputs = [(ospec.name, ospec.datatype, stored[ospec.name], binary) for ospec, binary in checked.outputs]
         request_id, meta = self.monitoring.request_meta(state.spec, number, request.id, key_id, start_mono)
         response = encode(state.spec.name, str(number), outputs, request_id)
         self.monitoring.log_cached(state.spec, number, meta, checked.inputs, stored, start_mono)
+        batcher = state.batchers.get(number)  # the one that computed the stored answer
+        if batcher is not None and hasattr(batcher.lanes[0].observe, "count_cached"):  # drift sees hits too
+            batcher.lanes[0].observe.count_cached(checked.inputs, stored, batcher.lanes[0].preprocess)
         self.recorder.success(state.spec.name, str(number), time.perf_counter_ns() - start, 0, 0)
         return response
 

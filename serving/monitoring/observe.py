@@ -109,6 +109,15 @@ def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return counts
 
 
+class _Answered:
+    """A cache hit in the shape `VersionObserver._count` reads a batch's requests in."""
+
+    __slots__ = ("inputs", "rows")
+
+    def __init__(self, inputs: dict, rows: int):
+        self.inputs, self.rows = inputs, rows
+
+
 class VersionObserver:
     """Drift counts and prediction-log records of one model version's answered batches (`Batcher.observe`)."""
 
@@ -135,6 +144,20 @@ class VersionObserver:
             self._count(answered, inputs, outputs, rows)
         if self.log is not None:
             self._log(answered, batch, outputs, rows, sent_ns, compute_ns)
+
+    def count_cached(self, inputs: dict, outputs: Mapping, preprocess=None) -> None:
+        """Keep the rows of a request the response cache answered for the drift counts, as a batch of its own
+        would have been: its features, its stored score and, for the PCA stream, its input as the model sees it
+        (`preprocess` assembles it again, its contract's warnings counted as a batch's are)."""
+        ref = self.reference
+        if ref is None:
+            return
+        model_inputs = inputs
+        if preprocess is not None and preprocess.input_name in inputs:
+            model_inputs = dict(inputs)
+            model_inputs[preprocess.input_name], _ = preprocess.assemble([inputs[preprocess.input_name]])
+        rows = len(next(iter(inputs.values()))) if inputs else 0
+        self._count([_Answered(inputs, rows)], model_inputs, outputs, None)
 
     def _count(self, answered: list, inputs: dict, outputs: Mapping, rows) -> None:
         """Keep the batch's rows for the drift counts: a few list appends, no histogram per batch."""

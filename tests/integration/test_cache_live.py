@@ -1,6 +1,7 @@
 """The response cache on the test cluster: `fraud_cached` enables it (`response_cache { enable: true }`), the cluster
 gives it 1 MiB per ingress replica. Repeated requests over HTTP and gRPC are answered from it, still counted in
-the statistics and /metrics and written to the prediction log flagged `cache`; a new version is served at once,
+the statistics, /metrics and the live feature histograms (the drift counts) and written to the prediction log
+flagged `cache`; a new version is served at once,
 never an old version's stored answer under its number.
 """
 
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 
 from benchmarks.live_cluster import metric_sum
+from integration.test_preprocess_live import _settled
 from integration.test_version_switch import _perturbed
 from training.datasets import make_fraud
 
@@ -56,6 +58,7 @@ def test_repeated_requests_are_answered_from_the_cache_counted_and_logged(base_u
     run = uuid.uuid4().hex[:6]
     x, _ = make_fraud(1, seed=31)
     hits_before, success_before = _cache_stats(base_url)
+    features_before = _settled(f"{base_url}/v2/models/{MODEL}/features")["rows"]
     with httpx.Client(timeout=10) as http:  # one connection: one replica, one cache
         answers = [http.post(f"{base_url}/v2/models/{MODEL}/infer", json=_body(x, f"http-{run}-{i}")).json()
                    for i in range(3)]
@@ -77,6 +80,8 @@ def test_repeated_requests_are_answered_from_the_cache_counted_and_logged(base_u
     assert metric_sum(metrics, "fleet_cache_entries") >= 1 and metric_sum(metrics, "fleet_cache_bytes") > 0
     logged = _logged(Path(fleet_cluster[0].data_dir), {f"{p}-{run}-{i}" for p in ("http", "grpc") for i in range(3)})
     assert sum(a == "cache" for a in logged.values()) >= 4 and logged[f"http-{run}-0"] == "model", logged
+    # The live feature histograms (what the drift windows count) see every answered row, hits included.
+    assert _settled(f"{base_url}/v2/models/{MODEL}/features")["rows"] == features_before + 6
 
 
 def test_a_new_version_never_answers_with_the_old_versions_cached_answer(base_url, repository_models):

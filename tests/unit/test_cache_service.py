@@ -106,3 +106,43 @@ async def test_no_cache_without_both_the_servers_bytes_and_the_models_switch(cac
         await _ask(service, _http([[1, 2]]))
     assert worker.rows == 3
     await service.close()
+
+
+def test_a_hit_is_counted_in_the_drift_windows_as_its_batch_would_be():
+    """A hit's rows reach the drift counts (features, score, PCA) and the live feature histograms exactly as the
+    same rows answered by a batch do: the drift windows see the traffic the cache answers."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from serving.metrics import StatsRecorder
+    from serving.monitoring.observe import DriftReference, VersionObserver
+    from serving.preprocess import FeatureReference, Standardize
+
+    rng = np.random.default_rng(3)
+    edges = np.sort(rng.normal(size=(2, 9)), axis=1).astype(np.float32)
+    monitoring = {"scores": {"output": "y", "edges": [[-1.0, 0.0, 1.0, 2.0]]},
+                  "pca": {"edges": [[0.0, 0.5, 1.0, 4.0]], "mean": [0.1, -0.1], "components": [[0.6, 0.8]]}}
+    x = rng.normal(size=(5, 2)).astype(np.float32)
+    y = rng.normal(size=(5, 1)).astype(np.float32)
+
+    def counted(answer) -> tuple[dict, np.ndarray]:
+        recorder = StatsRecorder()
+        pre = Standardize("x", np.array([0.2, -0.3], np.float32), np.array([1.5, 0.5], np.float32), 5.0,
+                          FeatureReference(("a", "b"), edges))
+        observer = VersionObserver("m", 1, DriftReference("x", ("a", "b"), edges, monitoring, "x"), recorder)
+        answer(observer, pre)
+        observer.flush_counts()
+        return recorder.take_monitoring()["drift"][("m", "1")], recorder._features[("m", "1")]
+
+    def batch(observer, pre) -> None:
+        z, _ = pre.assemble([x])
+        done = Future()
+        done.set_result(None)
+        observer([SimpleNamespace(future=done, inputs={"x": x}, rows=5, meta=None, flags=None)], {"x": z}, {"y": y},
+                 0, 0)
+
+    by_batch, features_by_batch = counted(batch)
+    by_hit, features_by_hit = counted(lambda observer, pre: observer.count_cached({"x": x}, {"y": y}, pre))
+    assert by_hit == by_batch and by_hit["rows"] == 5 and set(by_hit) == {"features", "score", "pca", "rows"}
+    np.testing.assert_array_equal(features_by_hit, features_by_batch)
+    assert features_by_hit.sum() == 10  # 5 rows x 2 features

@@ -223,14 +223,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.jobs import submit_and_follow, train_entrypoint
 
     address = args.address
+    settings = _settings(args)
     if address is None:
-        doc = StateFile(_settings(args).state_dir).running()
+        doc = StateFile(settings.state_dir).running()
         if not doc:
             print("fleet: no cluster is running (start one with `fleet up`, or pass --address)")
             return 1
         address = doc["dashboard_url"]
     entrypoint = train_entrypoint(args.model, tune=args.tune, extra=args.job_args)
-    _, status = submit_and_follow(address, entrypoint, follow=not args.no_follow)
+    _, status = submit_and_follow(address, entrypoint, nice=settings.train_nice, follow=not args.no_follow)
     done = status == "SUCCEEDED" or (args.no_follow and status in ("PENDING", "RUNNING"))
     return 0 if done else 1
 

@@ -171,6 +171,9 @@ class FleetSettings(BaseSettings):
                                           "training.retrain for the model; None: never")
     retrain_cooldown_s: float = Field(6 * 3600.0, ge=0, description="at least this long between two retrains "
                                       "the monitor submits for one model")
+    train_nice: int = Field(10, ge=0, le=19, description="the niceness of every process of the training jobs "
+                            "fleet submits (`fleet train`, the monitor's retrains): below the serving replicas "
+                            "on the nodes they share; 0: as Ray starts them")
     # Logs and tracing (serving/telemetry/logs.py, serving/telemetry/tracing.py).
     log_format: Literal["text", "json"] = Field("text", description="fleet's log lines in every replica's log "
                                                 "(Ray's logs/serve/ folder) and the monitor's: text, or json (one "
@@ -336,6 +339,7 @@ class FleetSettings(BaseSettings):
             alert_webhook_token_file=self.alert_webhook_token_file,
             retrain_after_s=self.retrain_after_s,
             retrain_cooldown_s=self.retrain_cooldown_s,
+            train_nice=self.train_nice,
             dashboard_url=self.dashboard_url,
             log_format=self.log_format,
             tracing_sample_ratio=self.tracing_sample_ratio,

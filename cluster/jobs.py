@@ -15,7 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
-__all__ = ["PROJECT_ROOT", "auth_env", "train_entrypoint", "submit", "submit_and_follow"]
+__all__ = ["PROJECT_ROOT", "auth_env", "train_entrypoint", "job_runtime_env", "submit", "submit_and_follow"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -39,6 +39,16 @@ def train_entrypoint(model: str, *, tune: bool, extra: list[str]) -> str:
     return shlex.join(["python", "-m", module, "--model", model, *extra])
 
 
+def job_runtime_env(working_dir: Path = PROJECT_ROOT, nice: int = 0) -> dict:
+    """A training job's runtime env: its working dir and, with `nice` > 0, every process of the job reniced to it
+    as it starts (training/priority.py): below the serving replicas on the nodes they share."""
+    env: dict = {"working_dir": str(working_dir)}
+    if nice > 0:
+        env["env_vars"] = {"FLEET_TRAIN_NICE": str(nice)}
+        env["worker_process_setup_hook"] = "training.priority.lower_priority"
+    return env
+
+
 def submit(client, *, attempts: int = 4, **job) -> str:
     """`client.submit_job(**job)`, retried while the job server says it has no agent ready (a busy node)."""
     for attempt in range(1, attempts):
@@ -54,9 +64,10 @@ def submit(client, *, attempts: int = 4, **job) -> str:
 _PACKAGE_GONE = "Failed to download runtime_env file package"
 
 
-def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJECT_ROOT, follow: bool = True,
-                      submission_id: str | None = None, print_fn=print) -> tuple[str, str]:
+def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJECT_ROOT, nice: int = 0,
+                      follow: bool = True, submission_id: str | None = None, print_fn=print) -> tuple[str, str]:
     """Submit `entrypoint`, print its logs until it ends (unless not `follow`); return (job id, final status).
+    `nice`: the job's processes' niceness (`job_runtime_env`).
 
     A job whose working-dir package vanished from the cluster before its driver fetched it (Ray drops
     an uploaded package soon after the last job using it ends, while a new submission of the same
@@ -66,17 +77,17 @@ def submit_and_follow(address: str, entrypoint: str, *, working_dir: Path = PROJ
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id, status = _submit_and_follow(client, address, entrypoint, working_dir, follow, submission_id, print_fn)
+    runtime_env = job_runtime_env(working_dir, nice)
+    job_id, status = _submit_and_follow(client, address, entrypoint, runtime_env, follow, submission_id, print_fn)
     if status == "FAILED" and submission_id is None and _PACKAGE_GONE in (client.get_job_info(job_id).message or ""):
         print_fn(f"job {job_id} could not fetch its working dir from the cluster; submitting it again")
-        job_id, status = _submit_and_follow(client, address, entrypoint, working_dir, follow, None, print_fn)
+        job_id, status = _submit_and_follow(client, address, entrypoint, runtime_env, follow, None, print_fn)
     return job_id, status
 
 
-def _submit_and_follow(client, address: str, entrypoint: str, working_dir: Path, follow: bool,
+def _submit_and_follow(client, address: str, entrypoint: str, runtime_env: dict, follow: bool,
                        submission_id: str | None, print_fn) -> tuple[str, str]:
-    job_id = submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)},
-                    submission_id=submission_id)
+    job_id = submit(client, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
     print_fn(f"submitted job {job_id} to {address}: {entrypoint}")
     if not follow:
         return job_id, str(client.get_job_status(job_id).value)

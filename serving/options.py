@@ -71,6 +71,7 @@ class ServingOptions:
     alert_webhook_token_file: str | None = None
     retrain_after_s: float | None = None  # None: the monitor never submits a retrain
     retrain_cooldown_s: float = 6 * 3600.0
+    train_nice: int = 10  # the niceness of the retrain jobs' processes (training/priority.py)
     dashboard_url: str | None = None  # the job server the monitor submits retrains to
     # Logs (serving/telemetry/logs.py) and tracing (serving/telemetry/tracing.py) of every replica.
     log_format: str = "text"  # "text" or "json" (JSON lines)

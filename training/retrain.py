@@ -43,6 +43,7 @@ from training.data import (DEFAULT_TRAFFIC_SHARE, DataSources, SplitRows, check_
                            split_fraud, to_numpy)
 from training.datasets import FRAUD_FEATURES
 from training.preprocess_reference import feature_stats
+from training.priority import lower_priority
 from training.publish import DEFAULT_MIN_TRAFFIC_HOLDOUT, DEFAULT_TOLERANCE, publish_candidate, resolve_repository
 from training.traffic import DEFAULT_LABEL_WINDOW_DAYS, summarize
 
@@ -262,7 +263,8 @@ class JobStart:
 
 
 def start_job(args: argparse.Namespace, kind: str) -> JobStart:
-    """Resolve the repository and the data folder, connect to Ray (the cluster of a submitted job)."""
+    """Resolve the repository and the data folder, connect to Ray (the cluster of a submitted job), take the CPU
+    priority the submitter set (training/priority.py)."""
     import ray
 
     repo = ModelRepository(resolve_repository(args.repository))
@@ -270,6 +272,9 @@ def start_job(args: argparse.Namespace, kind: str) -> JobStart:
     started = time.perf_counter()
     quiet_train_logs()
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    nice = lower_priority()  # the driver; the job's other processes by its setup hook (cluster.jobs)
+    if nice > 0:
+        print(f"CPU priority: nice {nice}, below the serving replicas (train_nice)", flush=True)
     name = f"{kind}-{model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     return JobStart(repo, model, data_dir(args.data_dir), storage_path(args.storage_path), name, started)
 

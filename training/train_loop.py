@@ -164,7 +164,8 @@ def report_epoch(metrics: dict, model: nn.Module, optimizer: torch.optim.Optimiz
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                         "val_loss": metrics["val_loss"]}, Path(folder) / CHECKPOINT_FILE)
             report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-            print(line, flush=True)
+            nice = os.getpriority(os.PRIO_PROCESS, 0)  # the job's CPU priority (training/priority.py)
+            print(f"{line}; nice {nice}" if nice > 0 else line, flush=True)
         ray.train.report(metrics, checkpoint=report_checkpoint)
 
 

@@ -51,7 +51,7 @@ class MonitorActor:
             if options.get("dashboard_url"):  # the client is made when the first retrain is due
                 from serving.monitoring.retrain import jobs_sdk
 
-                submit, status = jobs_sdk(options["dashboard_url"])
+                submit, status = jobs_sdk(options["dashboard_url"], int(options.get("train_nice", 0)))
             self.engine = MonitoringEngine(options, submit=submit, status=status)
             self.state._registry.register(MonitoringCollector(self.engine))
             self.rollout = RolloutController(options, input_alarms=self.engine.input_alarms)

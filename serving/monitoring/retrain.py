@@ -136,9 +136,10 @@ class RetrainTrigger:
         return {**record, "job": job_id}
 
 
-def jobs_sdk(address: str) -> tuple[Callable[[str, dict], str], Callable[[str], str]]:
-    """(submit, status) over the Ray Jobs SDK at `address`, with the cluster's token (cluster.jobs)."""
-    from cluster.jobs import PROJECT_ROOT, auth_env, submit
+def jobs_sdk(address: str, nice: int = 0) -> tuple[Callable[[str, dict], str], Callable[[str], str]]:
+    """(submit, status) over the Ray Jobs SDK at `address`, with the cluster's token (cluster.jobs); the jobs'
+    processes reniced to `nice` (training/priority.py)."""
+    from cluster.jobs import auth_env, job_runtime_env, submit
 
     client: list = []
 
@@ -151,8 +152,7 @@ def jobs_sdk(address: str) -> tuple[Callable[[str, dict], str], Callable[[str], 
         return client[0]
 
     def do_submit(entrypoint: str, metadata: dict) -> str:
-        return submit(_client(), entrypoint=entrypoint, runtime_env={"working_dir": str(PROJECT_ROOT)},
-                      metadata=metadata)
+        return submit(_client(), entrypoint=entrypoint, runtime_env=job_runtime_env(nice=nice), metadata=metadata)
 
     def do_status(job_id: str) -> str:
         return str(_client().get_job_status(job_id).value)

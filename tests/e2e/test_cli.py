@@ -124,6 +124,7 @@ def test_up_status_curl_job_down(workdir: Path):
                       "--num-workers", "1", "--cpus-per-worker", "0.25", "--tolerance", "1"], workdir, env_no_auth)
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr
         assert "epoch 1/1" in train.stdout and "published fraud version 3 (accepted" in train.stdout
+        assert "CPU priority: nice 10" in train.stdout  # train_nice's default: below the serving replicas
         assert "SUCCEEDED" in train.stdout
         body = json.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
                                        "data": [0.0] * 30}]}).encode()

@@ -60,13 +60,14 @@ serve: $(VENV)/.installed
 # The whole suite with the compiled kernels, then again with FLEET_PURE_PYTHON=1 (the NumPy references)
 # over every test whose outcome the kernels decide: the unit tests of the kernels and of the request
 # decoding, validation and preprocessing around them, and the request path of a live cluster.
-PURE_PYTHON_TESTS := tests/unit/test_native*.py tests/unit/test_protocol*.py tests/unit/test_preprocess.py \
+PURE_PYTHON_UNIT := tests/unit/test_native*.py tests/unit/test_protocol*.py tests/unit/test_preprocess.py \
   tests/unit/test_validation.py tests/unit/test_limits.py tests/unit/test_digits.py tests/unit/test_admin.py \
-  tests/unit/test_contracts.py \
-  tests/integration/test_http_api.py tests/integration/test_bad_input.py \
+  tests/unit/test_contracts.py
+PURE_PYTHON_LIVE := tests/integration/test_http_api.py tests/integration/test_bad_input.py \
   tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py \
   tests/integration/test_limits_live.py tests/integration/test_monitoring_contracts.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
+UNIT_LOG := build/unit-tests.log
 
 # Everything `make test` needs, at once: the three venvs' installs side by side; the Debian packages go one
 # after the other (dpkg takes one install at a time).
@@ -78,9 +79,19 @@ system-packages:
 	@$(MAKE) --no-print-directory wrk
 	@$(MAKE) --no-print-directory prometheus
 
+# The unit tests need no cluster and the cluster tests leave a core idle a third of the time: the unit tests
+# (both passes) run beside the e2e and integration tests, their report printed once both have ended (it is in
+# $(UNIT_LOG)); then the live request path again with FLEET_PURE_PYTHON=1, on a cluster of its own.
 test: test-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
-	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_TESTS) $(PYTEST_ARGS)
+	@mkdir -p build
+	@{ $(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS) && \
+	   FLEET_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_PYTHON_UNIT) $(PYTEST_ARGS); } \
+	  > $(UNIT_LOG) 2>&1 & unit=$$!; trap 'kill $$unit 2>/dev/null' INT TERM; \
+	echo "$(PY) -m pytest -q tests/e2e tests/integration $(PYTEST_ARGS)   (the unit tests beside it: $(UNIT_LOG))"; \
+	$(PY) -m pytest -q tests/e2e tests/integration $(PYTEST_ARGS); cluster=$$?; \
+	wait $$unit; units=$$?; echo "== the unit tests, run beside them ($(UNIT_LOG)):"; cat $(UNIT_LOG); \
+	test $$cluster = 0 && test $$units = 0
+	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_LIVE) $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -1,4 +1,6 @@
-"""The e2e tests' shared fixture: one trained user folder per session, copied into each test's own folder."""
+"""The e2e tests' shared fixture: one trained user folder per session, copied into each test's own folder; and
+their order: test_cli.py first (its Ray jobs leave the machine most idle: `make test` runs the unit tests beside
+the cluster tests, and they overlap there)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,17 @@ from pathlib import Path
 import pytest
 
 from e2e._user import train_folder
+
+
+FIRST = "test_cli.py"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    here = Path(__file__).parent
+    places = [i for i, item in enumerate(items) if Path(str(item.fspath)).parent == here]
+    ordered = sorted((items[i] for i in places), key=lambda item: Path(str(item.fspath)).name != FIRST)
+    for i, item in zip(places, ordered):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")

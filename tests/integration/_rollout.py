@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import httpx
-import numpy as np
 
 from integration._monitoring import fraud_rows
 

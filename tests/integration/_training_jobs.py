@@ -1,8 +1,9 @@
 """The three Ray jobs of test_training_jobs.py: their data, their submission, and the wait for their end.
 
 They are submitted once per session by the `training_jobs` fixture of conftest.py, as soon as the tests that
-time the cluster (conftest.QUIET_FIRST) have run, so that they train while the rest of the integration tests
-run; test_training_jobs.py runs last and only waits for what is left of them.
+time the cluster (conftest.QUIET_FIRST) have run, at nice 19 (`train_nice`), so that they train on the CPU the
+rest of the integration tests leave idle; test_training_jobs.py runs last and only waits for what is left of
+them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.jobs import PROJECT_ROOT, auth_env, submit, train_entrypoint
+from cluster.jobs import auth_env, job_runtime_env, submit, train_entrypoint
 from training.datasets import load_digits, make_fraud, write_fraud_parquet
 from unit._traffic_helpers import T0, log_digits, log_fraud, write_labels
 
 JOB_TIMEOUT_S = 900  # from the submission: the jobs share the machine with the other tests
+NICE = 19  # the jobs take the CPU the other tests leave idle (training/priority.py), as beside serving
 COMMON = ["--cpus-per-worker", "0.2", "--use-gpu", "auto"]
 JOBS = {
     "retrain": ("fraud", "fraud_jobs", False, ["--num-workers", "2", "--epochs", "2", "--fail-at-epoch", "2"]),
@@ -77,7 +79,7 @@ class TrainingJobs:
         for name, (model, target, tune, flags) in JOBS.items():
             entrypoint = train_entrypoint(model, tune=tune, extra=["--publish-as", target, *COMMON, *flags])
             self.submitted[name] = submit(self.client, attempts=8, entrypoint=entrypoint,  # a busy machine
-                                          runtime_env={"working_dir": str(PROJECT_ROOT)})
+                                          runtime_env=job_runtime_env(nice=NICE))
         self.deadline = time.monotonic() + JOB_TIMEOUT_S
         self._ended: dict | None = None
 

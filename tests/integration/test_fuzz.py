@@ -192,7 +192,7 @@ async def _fuzz(host: str, port: int, cases: list[tuple[bytes, dict]], connectio
         for body, headers in mine:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
-            head = [f"POST /v2/models/fraud/infer HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+            head = ["POST /v2/models/fraud/infer HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
             head += [f"{k}: {v}" for k, v in headers.items()]
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
             try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 from sklearn.metrics import roc_auc_score

@@ -7,7 +7,6 @@ times what a replica's log buffer holds (log_buffer_rows 20,000 in the test clus
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import httpx

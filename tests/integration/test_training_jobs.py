@@ -17,6 +17,7 @@ by tests/e2e/test_cli.py).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def test_retrain_on_shifted_traffic_survives_a_killed_worker_and_wins_on_the_tra
     assert "[fault injection] worker rank 1 exits hard in epoch 2" in logs
     assert "resuming from the checkpoint of epoch 1" in logs  # not from scratch
     assert "epoch 2/2" in logs and "ETA" in logs
+    # Every process of the job at the niceness it was submitted with: the driver, and the Ray Train worker
+    # that prints the epochs (reniced by the job's setup hook).
+    assert "CPU priority: nice 19" in logs and re.search(r"epoch 2/2: [^\n]*; nice 19", logs), logs[-3000:]
     assert f"joined {SHIFTED_ROWS} labelled row(s)" in logs and "amount redacted" in logs
     assert "published fraud_jobs version 2 (accepted" in logs
     from serving.registry import ModelRepository

@@ -6,7 +6,6 @@ same bad body; the compiled kernel's messages carry the byte offset.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import sys

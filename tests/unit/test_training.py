@@ -7,7 +7,6 @@ standardize`), and these tests feed it through `preprocess_reference.standardize
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import numpy as np

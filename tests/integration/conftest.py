@@ -62,14 +62,15 @@ from training.digits import bootstrap_digits
 pytestmark = pytest.mark.integration
 
 # Modules whose assertions time the cluster (latencies, throughput steps, pick-up deadlines, failover, a
-# Prometheus server's answers), that start a Ray instance of their own (the Ray Serve baseline) or run a Ray Data
-# read (a whole logical CPU, which the jobs' reservations hold): they run before the training jobs (niced, but
-# their processes start at Ray's priority and hold their logical CPUs longer) share the machine.
+# Prometheus server's answers, a Triton server's Python stub, which missed its health checks beside the jobs),
+# that start a Ray instance of their own (the Ray Serve baseline) or run a Ray Data read (a whole logical CPU,
+# which the jobs' reservations hold): they run before the training jobs (niced, but their processes start at
+# Ray's priority and hold their logical CPUs longer) share the machine.
 QUIET_FIRST = frozenset({
     "test_batching_live.py", "test_load_tools_live.py", "test_overload.py", "test_replica_failure.py",
     "test_rolling_update.py", "test_version_switch.py", "test_rollout.py", "test_triton_fallback.py",
     "test_monitoring_retrain.py", "test_baselines_live.py", "test_monitoring_drift.py", "test_prometheus_live.py",
-    "test_prometheus_process.py", "test_monitoring_log.py",
+    "test_prometheus_process.py", "test_monitoring_log.py", "test_triton_backend.py", "test_triton_process.py",
 })
 JOBS_MODULE = "test_training_jobs.py"
 

@@ -142,7 +142,9 @@ def test_each_channel_stays_on_one_ingress_replica_and_every_request_is_logged(g
     x, _ = make_fraud(1, seed=8)
     channels = {}
     for c in range(16):
-        client = tgrpc.InferenceServerClient(grpc_address)
+        # A channel of its own connection: gRPC shares a subchannel (one TCP connection) between channels to the same
+        # target from its global pool, so a new client could reuse the one just closed, and its replica.
+        client = tgrpc.InferenceServerClient(grpc_address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
         try:
             for k in range(5):
                 client.infer("fraud", [_features(x)], request_id=f"chan-{run}-{c}-{k}")

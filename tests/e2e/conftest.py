@@ -8,18 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from _collection_order import order_folder
 from e2e._user import train_folder
-
 
 FIRST = "test_cli.py"
 
 
 def pytest_collection_modifyitems(session, config, items):
-    here = Path(__file__).parent
-    places = [i for i, item in enumerate(items) if Path(str(item.fspath)).parent == here]
-    ordered = sorted((items[i] for i in places), key=lambda item: Path(str(item.fspath)).name != FIRST)
-    for i, item in zip(places, ordered):
-        items[i] = item
+    order_folder(items, Path(__file__).parent, lambda module: module != FIRST)
 
 
 @pytest.fixture(scope="session")

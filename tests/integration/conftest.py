@@ -49,6 +49,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _collection_order import module_name, order_folder
 from benchmarks.fault_models import publish_slow, scripted_bytes
 from benchmarks.triton_process import TritonProcess
 from cluster.config import FleetSettings
@@ -258,20 +259,14 @@ class WebhookReceiver:
         self.server.server_close()
 
 
-def _integration_rank(item: pytest.Item) -> int | None:
-    path = Path(str(item.fspath))
-    if path.parent != Path(__file__).parent:
-        return None
-    return 0 if path.name in QUIET_FIRST else 2 if path.name == JOBS_MODULE else 1
+def _rank(module: str) -> int:
+    return 0 if module in QUIET_FIRST else 2 if module == JOBS_MODULE else 1
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Within this package's run: QUIET_FIRST, then the rest, then the training jobs' module (stable otherwise)."""
-    places = [i for i, item in enumerate(items) if _integration_rank(item) is not None]
-    ordered = sorted((items[i] for i in places), key=_integration_rank)
-    for i, item in zip(places, ordered):
-        items[i] = item
-    config.stash[_JOBS_WANTED] = any(_integration_rank(item) == 2 for item in ordered)
+    ordered = order_folder(items, Path(__file__).parent, _rank)
+    config.stash[_JOBS_WANTED] = any(_rank(module_name(item)) == 2 for item in ordered)
 
 
 _JOBS_WANTED = pytest.StashKey[bool]()
@@ -280,7 +275,7 @@ _JOBS_WANTED = pytest.StashKey[bool]()
 @pytest.fixture(autouse=True)
 def _training_jobs_in_the_background(request):
     """The first test after QUIET_FIRST submits test_training_jobs.py's jobs (when that module is in the run)."""
-    if request.config.stash.get(_JOBS_WANTED, False) and _integration_rank(request.node) != 0:
+    if request.config.stash.get(_JOBS_WANTED, False) and _rank(module_name(request.node)) != 0:
         request.getfixturevalue("training_jobs")
 
 

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once")
     args = parser.parse_args(argv)
     check_common_flags(parser, args)
-    if args.num_samples < 1 or args.max_epochs < 1 or args.num_workers < 1:
-        parser.error("--num-samples, --max-epochs and --num-workers must be >= 1")
+    if min(args.num_samples, args.max_epochs, args.num_workers, args.max_concurrent) < 1:
+        parser.error("--num-samples, --max-epochs, --num-workers and --max-concurrent must be >= 1")
     from ray import tune
     from ray.train import Checkpoint
     from ray.tune.schedulers import ASHAScheduler
@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its trainer; the workers hold the CPUs
         param_space=search_space(),
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=args.num_samples,
-                                    max_concurrent_trials=args.max_concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=args.seed)),  # --seed: same trials
+                                    # Tune ignores max_concurrent_trials when given a search_alg that is not a
+                                    # Searcher (with a warning): the generator itself takes the limit.
+                                    search_alg=BasicVariantGenerator(random_state=args.seed,  # --seed: same trials
+                                                                     max_concurrent=args.max_concurrent)),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
     results = tuner.fit()
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         frame = r.metrics_dataframe
         epochs = 0 if frame is None or frame.empty else int(frame["training_iteration"].max())
         best_loss = None if frame is None or frame.empty else float(frame[METRIC].min())
-        trials.append({"config": r.config, "epochs": epochs, "best_val_loss": best_loss,
+        span = {} if frame is None or frame.empty else {  # Tune's timestamps are whole seconds
+            "started_at": float(frame["timestamp"].iloc[0] - frame["time_total_s"].iloc[0]),
+            "ended_at": float(frame["timestamp"].iloc[-1])}
+        trials.append({"config": r.config, "epochs": epochs, "best_val_loss": best_loss, **span,
                        "stopped_early": epochs < args.max_epochs, "error": None if r.error is None else str(r.error)})
         print(f"  trial {r.path.rsplit('/', 1)[-1] if r.path else '?'}: {epochs} epoch(s), best {METRIC} "
               f"{best_loss if best_loss is None else round(best_loss, 4)}"
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best trial: {best.config} ({METRIC} {row[METRIC]:.4f} at epoch {int(row['training_iteration'])}); "
           f"ASHA stopped {stopped} of {len(trials)} trials early", flush=True)
     record = {"num_workers": args.num_workers, "use_gpu": use_gpu, "tuner": "ray.tune.Tuner + ASHAScheduler",
-              "num_samples": args.num_samples, "max_epochs": args.max_epochs, "stopped_early": stopped,
+              "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+              "max_epochs": args.max_epochs, "stopped_early": stopped,
               "trials": trials, "experiment": f"{storage}/{name}",
               "duration_s": round(time.perf_counter() - started, 1)}
     run_params = {**asdict(params), "seed": args.seed, "optimizer": "adam", "traffic_weight": args.traffic_weight,

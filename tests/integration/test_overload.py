@@ -63,8 +63,12 @@ def test_accepted_requests_keep_their_p99_at_three_times_the_sustainable_rate(fl
     assert set(heavy.statuses) == {"200", "503"}, heavy.statuses
     assert heavy.statuses["503"] >= 0.25 * heavy.requests  # much of 3x the capacity is refused ...
     assert heavy.throughput_rps > 0.7 * rate  # ... while the model keeps doing what it can
-    assert heavy.latency_2xx_ms["p99"] <= 2 * light.latency_2xx_ms["p99"], (light.latency_2xx_ms,
-                                                                               heavy.latency_2xx_ms)
+    # An accepted request waits for at most the batch in flight and then runs in the next (the queue of 2 fits in
+    # one batch of 8): about twice the light p99, where a batch mostly runs alone. At 3x the rate both replicas'
+    # batches and the load generator share the 2 cores, which stretches each batch (2.03x on CI once); hence
+    # 2.5x. A queue without a bound would be seconds behind by the end (the backlog grows by 2x the rate a second).
+    assert heavy.latency_2xx_ms["p99"] <= 2.5 * light.latency_2xx_ms["p99"], (light.latency_2xx_ms,
+                                                                                 heavy.latency_2xx_ms)
     # A refusal is answered at once, not after the queue it could not join.
     refused_ms = np.median(records[records[:, 2] == 503, 3]) * 1000
     assert refused_ms < light.latency_2xx_ms["p50"] / 4, (refused_ms, light.latency_2xx_ms)

@@ -109,6 +109,16 @@ def test_train_entrypoint_is_a_quoted_command_line():
     assert line == "python -m training.tune --model fraud --num-samples 8 --publish-as 'a b'"
 
 
+@pytest.mark.parametrize("flag", ["--num-samples", "--max-epochs", "--max-concurrent"])
+def test_tune_refuses_a_search_of_no_trials_epochs_or_concurrency(flag, capsys):
+    from training import tune
+
+    with pytest.raises(SystemExit) as stop:
+        tune.main(["--model", "fraud", flag, "0"])
+    assert stop.value.code == 2
+    assert "--max-concurrent must be >= 1" in capsys.readouterr().err
+
+
 def test_digits_parquet_holds_the_images_a_client_sends(tmp_path):
     path = write_digits_parquet(str(tmp_path / "digits.parquet"), seed=0)
     table = pq.read_table(path).to_pydict()

@@ -1,6 +1,6 @@
 """Drift and label-error detection, calibrated and timed in-process: seeded trials of `serving.monitoring.drift`.
 
-    python -m benchmarks.drift_trials [--quick] [--out DIR] [--seed N]
+    python -m benchmarks.drift_trials [--quick] [--out DIR] [--seed N] [--labels-only]
 
 No cluster: the detector code runs on replayed traffic of the fraud version `make serve`
 publishes (`benchmarks.drift_world`), binned as the server bins it. Sections (each timed; a
@@ -54,7 +54,7 @@ OTHER_FEATURES = ("amount", "hour", "merchant_risk", "distance_km", "account_age
 PLANS = {
     "full": {"pool_rows": 10_000_000, "v3_trials": 300, "other_trials": 100, "other_features": OTHER_FEATURES,
              "big_shift_trials": 100, "sweep_trials": 100, "sweep": (0.05, 0.1, 0.2), "corr_trials": 100,
-             "label_trials": 300, "label_stable_trials": 200, "river_stable_trials": 4,
+             "label_trials": 300, "label_stable_trials": 400, "river_stable_trials": 4,
              "calibration_target_runs": 12,
              # (F, runs, rows per run, rows per step): 5,000 rows/s, and 20 rows/s (time windows of 6,000 rows)
              "calibration_loose": ((1e6, 10, 20_000_000, 5_000), (1e7, 10, 100_000_000, 5_000),
@@ -76,7 +76,7 @@ _CHI2_WINDOWS = (1_000, 10_000, 150_000)
 _CUSUM_STREAMS = ("V3", "amount", "txn_count_1h", "is_foreign", "pca")
 
 
-def run(quick: bool, out: Path, seed: int = 0) -> dict:
+def run(quick: bool, out: Path, seed: int = 0, labels_only: bool = False) -> dict:
     plan = PLANS["quick" if quick else "full"]
     started = datetime.datetime.now(datetime.timezone.utc)
     report: dict = {"benchmark": "drift_trials", "started": started.isoformat(), "git_sha": git_sha(),
@@ -112,6 +112,9 @@ def run(quick: bool, out: Path, seed: int = 0) -> dict:
                 "holdout_label_error": w.monitoring["label_error"], "pool_rows": pool.rows,
                 "pool_seconds": round(pool.seconds, 1)}
 
+    if labels_only:  # the label streams need no world: a rerun of that section alone takes under a minute
+        section("labels", lambda: _labels(plan, seed))
+        return _finish(report, out)
     section("world", world)
     if "world" not in state:
         return _finish(report, out)
@@ -179,38 +182,41 @@ def run(quick: bool, out: Path, seed: int = 0) -> dict:
                                                          copies=plan["cusum_copies"], rows=plan["cusum_rows"],
                                                          step_rows=STEP_ROWS, seed=seed * 1_000 + 7))
 
-    def labels():
-        lt = plan["label_trials"]
-        out = {"fleet": label_onsets(trials=lt, seed=seed * 1_000 + 8),
-               "fleet_burn_in": label_onsets(trials=lt, seed=seed * 1_000 + 8, burn_in=True)}
-        for key in ("fleet", "fleet_burn_in"):
-            out[key]["summary"] = delay_summary(out[key]["delays"], 1_000)
-        out["stable"] = label_stable(trials=plan["label_stable_trials"], labels=1_500_000, seed=seed * 1_000 + 9)
-        out["looser_targets"] = [label_stable(trials=max(plan["label_stable_trials"] // 10, 1), labels=1_500_000,
-                                              seed=seed * 1_000 + 10, config=LabelConfig(false_alarm_labels=f))
-                                 for f in (1e4, 1e5)]
-        if plan["label_sweep"]:  # the design choice: h = ln(target) and the baseline margin z
-            out["design_sweep"] = []
-            for target in (1e6, 1e7, 1e8):
-                for z in (1.0, 1.645, 2.0):
-                    cfg = LabelConfig(false_alarm_labels=target, baseline_margin_sd=z)
-                    r = label_onsets(trials=lt, seed=seed * 1_000 + 11, config=cfg)
-                    st = label_stable(trials=10, labels=1_500_000, seed=seed * 1_000 + 12, config=cfg)
-                    out["design_sweep"].append({"false_alarm_labels": target, "baseline_margin_sd": z,
-                                                "summary": delay_summary(r["delays"], 1_000),
-                                                "false_alarms_before_onset": r["false_alarms_before_onset"],
-                                                "stable_alarms": st["alarms"], "stable_labels": st["labels"]})
-        out["river"] = {}
-        for name in ("ADWIN", "DDM", "PageHinkley"):
-            r = river_onsets(name, trials=lt, seed=seed * 1_000 + 8)
-            r["summary"] = delay_summary(r["delays"], 1_000)
-            r["stable"] = river_stable(name, trials=plan["river_stable_trials"], labels=1_500_000,
-                                       seed=seed * 1_000 + 9)
-            out["river"][name] = r
-        return out
-
-    section("labels", labels)
+    section("labels", lambda: _labels(plan, seed))
     return _finish(report, out)
+
+
+def _labels(plan: dict, seed: int) -> dict:
+    """Label errors 5 % -> 10 %: fleet's CUSUM (with and without a baseline), its stable false alarms and
+    design sweep, and river's detectors on the same streams."""
+    lt = plan["label_trials"]
+    out = {"fleet": label_onsets(trials=lt, seed=seed * 1_000 + 8),
+           "fleet_burn_in": label_onsets(trials=lt, seed=seed * 1_000 + 8, burn_in=True)}
+    for key in ("fleet", "fleet_burn_in"):
+        out[key]["summary"] = delay_summary(out[key]["delays"], 1_000)
+    out["stable"] = label_stable(trials=plan["label_stable_trials"], labels=1_500_000, seed=seed * 1_000 + 9)
+    out["looser_targets"] = [label_stable(trials=max(plan["label_stable_trials"] // 10, 1), labels=1_500_000,
+                                          seed=seed * 1_000 + 10, config=LabelConfig(false_alarm_labels=f))
+                             for f in (1e4, 1e5)]
+    if plan["label_sweep"]:  # the design choice: h = ln(target) and the baseline margin z
+        out["design_sweep"] = []
+        for target in (1e6, 1e7, 1e8):
+            for z in (1.0, 1.645, 2.0):
+                cfg = LabelConfig(false_alarm_labels=target, baseline_margin_sd=z)
+                r = label_onsets(trials=lt, seed=seed * 1_000 + 11, config=cfg)
+                st = label_stable(trials=10, labels=1_500_000, seed=seed * 1_000 + 12, config=cfg)
+                out["design_sweep"].append({"false_alarm_labels": target, "baseline_margin_sd": z,
+                                            "summary": delay_summary(r["delays"], 1_000),
+                                            "false_alarms_before_onset": r["false_alarms_before_onset"],
+                                            "stable_alarms": st["alarms"], "stable_labels": st["labels"]})
+    out["river"] = {}
+    for name in ("ADWIN", "DDM", "PageHinkley"):
+        r = river_onsets(name, trials=lt, seed=seed * 1_000 + 8)
+        r["summary"] = delay_summary(r["delays"], 1_000)
+        r["stable"] = river_stable(name, trials=plan["river_stable_trials"], labels=1_500_000,
+                                   seed=seed * 1_000 + 9)
+        out["river"][name] = r
+    return out
 
 
 def _jsonable(value):
@@ -244,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer trials and rows: a smoke run under 2 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of every trial")
+    parser.add_argument("--labels-only", action="store_true", help="only the label-error section (under a minute)")
     args = parser.parse_args(argv)
-    report = run(args.quick, args.out, args.seed)
+    report = run(args.quick, args.out, args.seed, labels_only=args.labels_only)
     print(markdown(report))
     print(f"\n{args.out / 'report.json'}")
     return 1 if report["errors"] else 0

@@ -170,7 +170,7 @@ class LabelConfig:
     clear_after_labels: an alarm clears after this many labels with no new crossing.
     """
 
-    false_alarm_labels: float = 1e7
+    false_alarm_labels: float = 1e8
     design_ratio: float = 2.0
     baseline_margin_sd: float = 1.645
     burn_in: int = 2_000

@@ -24,7 +24,7 @@ COMMON = ["--cpus-per-worker", "0.2", "--use-gpu", "auto"]
 JOBS = {
     "retrain": ("fraud", "fraud_jobs", False, ["--num-workers", "2", "--epochs", "2", "--fail-at-epoch", "2"]),
     # The tuned candidate is forced out by its gate (--tolerance -1): the same job shows a rejected version.
-    "tune": ("fraud", "fraud_tune", True, ["--num-samples", "3", "--max-epochs", "2", "--grace-period", "1",
+    "tune": ("fraud", "fraud_tune", True, ["--num-samples", "2", "--max-epochs", "2", "--grace-period", "1",
                                            "--num-workers", "1", "--max-concurrent", "1", "--tolerance", "-1"]),
     "digits": ("digits", "digits_jobs", False, ["--num-workers", "1", "--epochs", "8", "--min-traffic-holdout", "100"]),
 }

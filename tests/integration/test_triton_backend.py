@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import numpy as np
@@ -52,9 +53,21 @@ def test_concurrent_requests_reach_triton_in_batches(base_url, triton):
                 *(client.post(f"{base_url}/v2/models/fraud_triton/infer", json=body) for _ in range(64))
             )
 
-    def triton_counts() -> tuple[int, int]:
+    def read_counts() -> tuple[int, int]:
         stats = tc.InferenceServerClient(triton.http_url).get_inference_statistics("fraud")["model_stats"][0]
         return int(stats["inference_stats"]["success"]["count"]), int(stats.get("inference_count", 0))
+
+    def triton_counts() -> tuple[int, int]:
+        # Triton counts a request a moment after its answer is sent (the previous test's 6 rows sent straight to
+        # it once showed up after this test's "before"): read until two reads 0.3 s apart agree.
+        last, deadline = read_counts(), time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = read_counts()
+            if now == last:
+                break
+            last = now
+        return last
 
     requests_before, rows_before = triton_counts()
     responses = asyncio.run(run())

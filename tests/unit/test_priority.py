@@ -13,14 +13,18 @@ _CHILD = """
 import os, threading, time
 from training.priority import lower_priority
 stop = threading.Event()
-before = threading.Thread(target=stop.wait)  # started before: reniced too
+before = threading.Thread(target=stop.wait, daemon=True)  # started before: reniced too
 before.start()
 nice = lower_priority()
 after = []
 t = threading.Thread(target=lambda: after.append(os.getpriority(os.PRIO_PROCESS, 0)))  # started after: inherits
 t.start(); t.join()
-threads = {int(tid): int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
-           for tid in os.listdir("/proc/self/task")}
+threads = {}
+for tid in os.listdir("/proc/self/task"):  # t's OS thread may still be on its way out: listed, then gone
+    try:
+        threads[int(tid)] = int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+    except FileNotFoundError:
+        pass
 stop.set(); before.join()
 print(nice, after[0], sorted(set(threads.values())), len(threads))
 """

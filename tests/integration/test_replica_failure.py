@@ -97,6 +97,7 @@ class SteadyLoad:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopped = time.monotonic()  # the buckets end here: after it the clients only finish what they sent
         self._stop.set()
         for t in self._threads:
             t.join(timeout=60)
@@ -112,7 +113,9 @@ class SteadyLoad:
         for _, s in records:
             statuses[s] = statuses.get(s, 0) + 1
         warm = self.started + 1.0
-        edges = np.arange(warm, times[-1], _BUCKET_S)
+        # Full buckets only, up to when the load stopped: a last bucket the stop cut short looked like a dip, and
+        # "still low at the end of the run" (recovery None) in two fresh runs.
+        edges = np.arange(warm, min(times[-1], getattr(self, "stopped", times[-1])), _BUCKET_S)
         counts, _ = np.histogram(times[ok], bins=edges)
         rates = counts / _BUCKET_S
         before = rates[edges[1:] <= (baseline_until or killed_at)]

@@ -203,6 +203,8 @@ class _Run:
             if self.status[rid] or self.error[rid]:
                 return  # timed out already
             now = _clock()
+            if not error and now >= self.intended[rid] + self.timeout_s:
+                error = _TIMEOUT  # answered past its deadline, before the sweep's timer ran: late all the same
             if error:
                 self.error[rid] = error
             else:

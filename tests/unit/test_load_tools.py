@@ -235,6 +235,25 @@ def test_parser_rejects_garbage(wire):
         parser.feed(wire)
 
 
+def test_an_answer_that_comes_after_its_deadline_is_a_timeout_even_before_the_sweep_runs():
+    from benchmarks.loadgen import _TIMEOUT, _Run, _clock
+
+    async def classify() -> tuple[list, list]:
+        load = _Run("127.0.0.1", 9, [Target("/", b"{}", {})], max_connections=1, timeout_s=0.2)
+        now = _clock()
+        for intended in (now - 0.25, now - 0.1):  # the first is past its 0.2 s deadline, the second is not
+            for column, value in zip((load.target, load.intended, load.base, load.tag, load.status, load.error,
+                                      load.latency), (0, intended, intended, 0, 0, 0, math.nan)):
+                column.append(value)
+            load.pending += 1
+        load._finish(0, 200, 0)  # both answered now, before any timer ran
+        load._finish(1, 200, 0)
+        return load.status, load.error
+
+    status, error = run(classify())
+    assert status == [0, 200] and error == [_TIMEOUT, 0]
+
+
 def test_run_uses_uvloop_when_installed():
     pytest.importorskip("uvloop")
 

@@ -69,28 +69,38 @@ PURE_PYTHON_LIVE := tests/integration/test_http_api.py tests/integration/test_ba
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 UNIT_LOG := build/unit-tests.log
 
-# Everything `make test` needs, at once: the three venvs' installs side by side; the Debian packages go one
-# after the other (dpkg takes one install at a time).
+# Everything the tests need, at once: the three venvs' installs side by side; the Debian packages go one after
+# the other (dpkg takes one install at a time).
 test-deps:
-	@$(MAKE) --no-print-directory -j4 $(VENV)/.installed $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed \
-	  system-packages
+	@$(MAKE) --no-print-directory -j4 $(VENV)/.installed $(SIDE_VENVS) system-packages
 
 system-packages:
 	@$(MAKE) --no-print-directory wrk
 	@$(MAKE) --no-print-directory prometheus
 
-# The unit tests need no cluster and the cluster tests leave a core idle a third of the time: the unit tests
-# (both passes) run beside the e2e and integration tests, their report printed once both have ended (it is in
-# $(UNIT_LOG)); then the live request path again with FLEET_PURE_PYTHON=1, on a cluster of its own.
-test: test-deps
+# Triton's venv and the KServe SDK's: only the integration tests use them.
+SIDE_VENVS := $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed
+SIDE_LOG := build/side-venvs.log
+
+# The unit tests need no cluster and the e2e tests leave a core idle a third of the time: the unit tests (both
+# passes) run beside the e2e and integration tests, their report printed once all have ended (it is in
+# $(UNIT_LOG)), and the venvs only the integration tests use are built at nice 19 beside the e2e tests (their
+# output in $(SIDE_LOG)); then the live request path again with FLEET_PURE_PYTHON=1, on a cluster of its own.
+test:
+	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed system-packages
 	@mkdir -p build
-	@{ $(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS) && \
+	@nice -n 19 $(MAKE) --no-print-directory -j2 $(SIDE_VENVS) > $(SIDE_LOG) 2>&1 & side=$$!; \
+	{ $(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS) && \
 	   FLEET_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_PYTHON_UNIT) $(PYTEST_ARGS); } \
-	  > $(UNIT_LOG) 2>&1 & unit=$$!; trap 'kill $$unit 2>/dev/null' INT TERM; \
-	echo "$(PY) -m pytest -q tests/e2e tests/integration $(PYTEST_ARGS)   (the unit tests beside it: $(UNIT_LOG))"; \
-	$(PY) -m pytest -q tests/e2e tests/integration $(PYTEST_ARGS); cluster=$$?; \
+	  > $(UNIT_LOG) 2>&1 & unit=$$!; trap 'kill $$unit $$side 2>/dev/null' INT TERM; \
+	echo "$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)   (beside it: the unit tests, $(UNIT_LOG); $(SIDE_VENVS), $(SIDE_LOG))"; \
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS); e2e=$$?; \
+	if ! wait $$side; then cat $(SIDE_LOG); echo "make test: building $(SIDE_VENVS) failed" >&2; \
+	  kill $$unit 2>/dev/null; exit 1; fi; \
+	echo "$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)"; \
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS); integration=$$?; \
 	wait $$unit; units=$$?; echo "== the unit tests, run beside them ($(UNIT_LOG)):"; cat $(UNIT_LOG); \
-	test $$cluster = 0 && test $$units = 0
+	test $$e2e = 0 && test $$integration = 0 && test $$units = 0
 	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_LIVE) $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed prometheus

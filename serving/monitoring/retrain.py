@@ -9,14 +9,19 @@ parameter, "off" for never) makes the monitor submit `python -m training.retrain
 - `<trainer>` is the config's `fleet.retrain.model` parameter, else the model's own name when it
   is an example model training.retrain knows (fraud, digits); a model with neither is reported and
   never submitted; `fleet.retrain.args` adds flags (e.g. "--epochs 3 --num-workers 1");
-- every decision is an audit record (submitted, failed to submit, the job's end) with its evidence.
+- every decision is an audit record (submitted, failed to submit, the job's end) with its evidence;
+- both rules outlive the monitor: a restarted monitor (Ray restarts the actor when it dies) takes each model's
+  latest job back from the audit log's tail and follows it, so it neither submits a second job beside one
+  that runs nor forgets the cooldown.
 The job publishes its candidate through the same gate as any retrain: only an accepted version is
 served, so a retrain on noise cannot replace a good version with a worse one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shlex
 import time
 from typing import Callable
@@ -31,6 +36,8 @@ RETRAIN_ARGS_PARAM = "fleet.retrain.args"
 RETRAIN_AFTER_PARAM = "fleet.retrain.after_s"  # a model's own retrain_after_s ("off": never)
 TRAINERS = ("fraud", "digits")
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_ENDED = (*_TERMINAL, "UNKNOWN")  # UNKNOWN: a job from before a restart that the job server no longer knows
+_RESTORE_BYTES = 8 << 20  # how much of the audit log's tail a restarted monitor reads back
 
 
 class RetrainTrigger:
@@ -47,6 +54,44 @@ class RetrainTrigger:
         self.jobs: dict[str, dict] = {}  # model -> the latest job {id, version, submitted_at, status}
         self.outcomes: dict[tuple[str, str], int] = {}  # (model, outcome) -> count
         self._unsupported_reported: set[str] = set()
+        self._restore()
+
+    def _restore(self) -> None:
+        """Each model's latest job, from the audit log's tail (see the module doc)."""
+        path = getattr(self.audit, "path", None)
+        if not path:
+            return
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - _RESTORE_BYTES))
+                lines = f.read().split(b"\n")
+        except OSError:
+            return  # no log yet (or none readable): nothing to take back
+        if size > _RESTORE_BYTES:
+            lines = lines[1:]  # the first is cut
+        for line in lines:
+            if b'"retrain_' not in line:
+                continue
+            try:
+                record = json.loads(line)
+                event, model = record["event"], record["model"]
+                if event == "retrain_submitted":
+                    self.jobs[model] = {"id": record["job"], "version": record.get("version"), "status": "PENDING",
+                                        "submitted_at": float(record.get("submitted_at", record["time"])),
+                                        "restored": True}
+                elif event == "retrain_submit_failed":
+                    self.jobs[model] = {"id": None, "version": record.get("version"), "status": "FAILED",
+                                        "submitted_at": float(record.get("submitted_at", record["time"]))}
+                elif event.startswith("retrain_") and model in self.jobs \
+                        and self.jobs[model]["id"] == record.get("job") and "status" in record:
+                    self.jobs[model]["status"] = record["status"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash, or not a retrain record
+        running = sorted(m for m, j in self.jobs.items() if j["status"] not in _ENDED)
+        if self.jobs:
+            _log.info("retrain: %d model(s)' latest jobs taken back from %s (%s still running)", len(self.jobs),
+                      path, ", ".join(running) or "none")
 
     @property
     def enabled(self) -> bool:
@@ -78,11 +123,17 @@ class RetrainTrigger:
     def _follow(self, model: str) -> bool:
         """True while the model's latest job runs; records its end once."""
         job = self.jobs.get(model)
-        if job is None or job["status"] in _TERMINAL:
+        if job is None or job["status"] in _ENDED:
             return False
         try:
             status = str(self._status(job["id"])) if self._status else "UNKNOWN"
         except Exception as exc:  # noqa: BLE001 - the job server is busy or restarting: ask again later
+            if job.get("restored"):  # a job from before the restart that this job server does not know: over
+                job["status"] = "UNKNOWN"
+                self.audit.write({"event": "retrain_unknown", "model": model, "job": job["id"],
+                                  "version": job["version"], "status": "UNKNOWN",
+                                  "error": f"{type(exc).__name__}: {exc}"})
+                return False
             _log.warning("retrain of %s: cannot read job %s's status: %s", model, job["id"], exc)
             return True
         job["status"] = status
@@ -125,12 +176,13 @@ class RetrainTrigger:
         except Exception as exc:  # noqa: BLE001 - reported, counted, tried again after the cooldown
             self._count(model, "failed_to_submit")
             self.jobs[model] = {"id": None, "version": version, "submitted_at": now, "status": "FAILED"}
-            self.audit.write({"event": "retrain_submit_failed", **record, "error": f"{type(exc).__name__}: {exc}"})
+            self.audit.write({"event": "retrain_submit_failed", **record, "submitted_at": now,
+                              "error": f"{type(exc).__name__}: {exc}"})
             _log.error("retrain of %s could not be submitted: %s", model, exc)
             return None
         self._count(model, "submitted")
         self.jobs[model] = {"id": job_id, "version": version, "submitted_at": now, "status": "PENDING"}
-        self.audit.write({"event": "retrain_submitted", **record, "job": job_id})
+        self.audit.write({"event": "retrain_submitted", **record, "job": job_id, "submitted_at": now})
         _log.warning("model %s: alarms on version %s held %.0f s: submitted retrain job %s", model, version,
                      evidence["held_s"], job_id)
         return {**record, "job": job_id}

@@ -151,6 +151,44 @@ def test_the_retrain_trigger_submits_once_per_held_alarm_and_respects_one_job_an
     assert events == ["retrain_submitted", "retrain_succeeded", "retrain_submitted", "retrain_unsupported"]
 
 
+def test_a_restarted_monitor_keeps_the_running_job_and_the_cooldown_from_the_audit_log(tmp_path):
+    from serving.monitoring.alerts import AuditLog
+
+    clock = [1000.0]
+    submitted, status = [], {}
+
+    def submit(entrypoint, metadata):
+        submitted.append(entrypoint)
+        status[f"job-{len(submitted)}"] = "RUNNING"
+        return f"job-{len(submitted)}"
+
+    def lookup(job_id):
+        if job_id not in status:
+            raise RuntimeError(f"Job {job_id} does not exist")
+        return status[job_id]
+
+    def restarted():  # a new monitor process: only the audit log is left of the last one
+        return RetrainTrigger(60.0, 600.0, submit, lookup, AuditLog(str(tmp_path)), clock=lambda: clock[0])
+
+    alarm = [{"stream": "f0", "since": 900.0, "version": 3}]
+    assert restarted().check("fraud", {}, 3, alarm)["job"] == "job-1"
+    clock[0] = 2000.0  # past the cooldown, the job still running: the new monitor follows it, submits nothing
+    trigger = restarted()
+    assert trigger.jobs["fraud"]["id"] == "job-1" and trigger.check("fraud", {}, 3, alarm) is None
+    status["job-1"] = "SUCCEEDED"
+    clock[0] = 2100.0  # it ended while no monitor watched: recorded once, by the one that sees it
+    assert restarted().check("fraud", {}, 3, alarm)["job"] == "job-2"
+    clock[0] = 2200.0
+    assert restarted().check("fraud", {}, 3, alarm) is None  # job-2 runs (and is within its cooldown)
+    clock[0] = 2800.0  # a job the job server no longer knows (a new cluster) does not block the model forever
+    status.clear()
+    assert restarted().check("fraud", {}, 3, alarm)["job"] == "job-3"
+    events = [json.loads(line) for line in (tmp_path / "audit" / "monitor.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("job")) for e in events] == [
+        ("retrain_submitted", "job-1"), ("retrain_succeeded", "job-1"), ("retrain_submitted", "job-2"),
+        ("retrain_unknown", "job-2"), ("retrain_submitted", "job-3")]
+
+
 def test_a_replaced_versions_alarms_clear_once_the_new_version_serves(engine_setup):
     from serving.monitoring.engine import MonitoringEngine
 

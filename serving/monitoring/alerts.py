@@ -83,6 +83,28 @@ class AuditLog:
             self.failures += 1
             _log.warning("could not append to the audit log %s: %s", self.path, exc)
 
+    def tail(self, max_bytes: int) -> list[dict]:
+        """The records of the log's last `max_bytes`, oldest first: a line cut there or by a crash is skipped;
+        no log (or none readable): none."""
+        if self.path is None:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - max_bytes))
+                lines = f.read().split(b"\n")
+        except OSError:
+            return []
+        records = []
+        for line in lines[1:] if size > max_bytes else lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
 
 class WebhookSender:
     """POSTs alarm events to a URL from a thread of its own; bounded queue, counted outcomes."""

@@ -19,9 +19,7 @@ served, so a retrain on noise cannot replace a good version with a worse one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shlex
 import time
 from typing import Callable
@@ -58,24 +56,11 @@ class RetrainTrigger:
 
     def _restore(self) -> None:
         """Each model's latest job, from the audit log's tail (see the module doc)."""
-        path = getattr(self.audit, "path", None)
-        if not path:
-            return
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - _RESTORE_BYTES))
-                lines = f.read().split(b"\n")
-        except OSError:
-            return  # no log yet (or none readable): nothing to take back
-        if size > _RESTORE_BYTES:
-            lines = lines[1:]  # the first is cut
-        for line in lines:
-            if b'"retrain_' not in line:
+        for record in self.audit.tail(_RESTORE_BYTES):
+            event, model = str(record.get("event", "")), record.get("model")
+            if not event.startswith("retrain_") or model is None:
                 continue
             try:
-                record = json.loads(line)
-                event, model = record["event"], record["model"]
                 if event == "retrain_submitted":
                     self.jobs[model] = {"id": record["job"], "version": record.get("version"), "status": "PENDING",
                                         "submitted_at": float(record.get("submitted_at", record["time"])),
@@ -83,15 +68,14 @@ class RetrainTrigger:
                 elif event == "retrain_submit_failed":
                     self.jobs[model] = {"id": None, "version": record.get("version"), "status": "FAILED",
                                         "submitted_at": float(record.get("submitted_at", record["time"]))}
-                elif event.startswith("retrain_") and model in self.jobs \
-                        and self.jobs[model]["id"] == record.get("job") and "status" in record:
+                elif model in self.jobs and self.jobs[model]["id"] == record.get("job") and "status" in record:
                     self.jobs[model]["status"] = record["status"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a crash, or not a retrain record
-        running = sorted(m for m, j in self.jobs.items() if j["status"] not in _ENDED)
+            except (KeyError, TypeError, ValueError):
+                continue  # not a record this monitor wrote
         if self.jobs:
-            _log.info("retrain: %d model(s)' latest jobs taken back from %s (%s still running)", len(self.jobs),
-                      path, ", ".join(running) or "none")
+            running = sorted(m for m, j in self.jobs.items() if j["status"] not in _ENDED)
+            _log.info("retrain: %d model(s)' latest jobs taken back from the audit log (%s still running)",
+                      len(self.jobs), ", ".join(running) or "none")
 
     @property
     def enabled(self) -> bool:

@@ -151,6 +151,21 @@ def test_the_retrain_trigger_submits_once_per_held_alarm_and_respects_one_job_an
     assert events == ["retrain_submitted", "retrain_succeeded", "retrain_submitted", "retrain_unsupported"]
 
 
+def test_the_audit_logs_tail_reads_back_whole_records_only(tmp_path):
+    from serving.monitoring.alerts import AuditLog
+
+    audit = AuditLog(str(tmp_path))
+    assert audit.tail(1 << 20) == []  # nothing written yet
+    for n in range(3):
+        audit.write({"event": "e", "n": n})
+    with open(audit.path, "ab") as f:
+        f.write(b'{"event": "cut by a cra')  # a crash in the middle of a line
+    assert [r["n"] for r in audit.tail(1 << 20)] == [0, 1, 2]
+    last_two = sum(len(line) + 1 for line in open(audit.path, "rb").read().split(b"\n")[1:])
+    assert [r["n"] for r in audit.tail(last_two - 5)] == [2]  # the window starts inside record 1: it is skipped
+    assert AuditLog(None).tail(1 << 20) == []
+
+
 def test_a_restarted_monitor_keeps_the_running_job_and_the_cooldown_from_the_audit_log(tmp_path):
     from serving.monitoring.alerts import AuditLog
 

@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     trials = []
     for r in results:
         frame = r.metrics_dataframe
-        epochs = 0 if frame is None or frame.empty else int(frame["training_iteration"].max())
-        best_loss = None if frame is None or frame.empty else float(frame[METRIC].min())
-        span = {} if frame is None or frame.empty else {  # Tune's timestamps are whole seconds
-            "started_at": float(frame["timestamp"].iloc[0] - frame["time_total_s"].iloc[0]),
-            "ended_at": float(frame["timestamp"].iloc[-1])}
+        epochs, best_loss, span = 0, None, {}
+        if frame is not None and not frame.empty:
+            epochs, best_loss = int(frame["training_iteration"].max()), float(frame[METRIC].min())
+            span = {"started_at": float(frame["timestamp"].iloc[0] - frame["time_total_s"].iloc[0]),
+                    "ended_at": float(frame["timestamp"].iloc[-1])}  # Tune's timestamps are whole seconds
         trials.append({"config": r.config, "epochs": epochs, "best_val_loss": best_loss, **span,
                        "stopped_early": epochs < args.max_epochs, "error": None if r.error is None else str(r.error)})
         print(f"  trial {r.path.rsplit('/', 1)[-1] if r.path else '?'}: {epochs} epoch(s), best {METRIC} "

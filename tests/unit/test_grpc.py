@@ -142,12 +142,17 @@ async def test_errors_carry_the_http_message_and_the_matching_status_code():
 
 async def test_a_full_queue_is_unavailable_with_a_retry_hint_and_a_deadline_ends_a_held_request():
     async with _serving(max_queue_size=1) as (client, channel, service, worker, _):
-        worker.gate.clear()  # batches held: the first one in flight, the next fills the queue of 1
-        held = [asyncio.ensure_future(client.infer("m", [_x([[0, i]])])) for i in range(5)]
-        deadline = asyncio.get_running_loop().time() + 10  # (a loaded machine: the calls arrive when they do)
+        worker.gate.clear()  # batches held: 4 in flight (fleet.max_inflight_batches), the next fills the queue of 1
+        # One held call at a time until one waits in the queue: calls that arrive together on a loaded machine
+        # can find the queue full before the batcher took the first of them (refused, not held), so a fixed
+        # number of calls may leave every held one in flight and the queue empty.
+        held = []
+        deadline = asyncio.get_running_loop().time() + 10
         while service.queue_depths().get(("m", "1"), 0) < 1:
             assert asyncio.get_running_loop().time() < deadline, "the held requests never filled the queue"
-            await asyncio.sleep(0.02)
+            if sum(not h.done() for h in held) < 5:
+                held.append(asyncio.ensure_future(client.infer("m", [_x([[0, len(held)]])])))
+            await asyncio.sleep(0.05)
         request = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="x", datatype="FP32", shape=[1, 2], contents=pb.InferTensorContents(fp32_contents=[0, 1]))])
         code, details, trailers = await _status(_raw(channel, "ModelInfer")(request.SerializeToString()))

@@ -68,6 +68,7 @@ PURE_PYTHON_LIVE := tests/integration/test_http_api.py tests/integration/test_ba
   tests/integration/test_limits_live.py tests/integration/test_monitoring_contracts.py \
   tests/integration/test_fuzz.py::test_byte_level_fuzz_of_infer_gets_no_5xx_and_leaves_the_cluster_healthy
 UNIT_LOG := build/unit-tests.log
+PURE_LOG := build/pure-python-live.log
 
 # Everything the tests need, at once: the three venvs' installs side by side; the Debian packages go one after
 # the other (dpkg takes one install at a time).
@@ -83,25 +84,33 @@ SIDE_VENVS := $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed
 SIDE_LOG := build/side-venvs.log
 
 # The unit tests need no cluster and the e2e tests leave a core idle a third of the time: the unit tests (both
-# passes) run beside the e2e and integration tests, their report printed once all have ended (it is in
-# $(UNIT_LOG)), and the venvs only the integration tests use are built at nice 19 beside the e2e tests (their
-# output in $(SIDE_LOG)); then the live request path again with FLEET_PURE_PYTHON=1, on a cluster of its own.
+# passes) run beside the e2e tests, the venvs only the integration tests use are built at nice 19 beside them
+# (output in $(SIDE_LOG)), and once both are done the live request path again with FLEET_PURE_PYTHON=1, on a
+# cluster of its own, still beside the e2e tests ($(PURE_LOG), printed when they end). The integration tests
+# start when all of that has ended: nothing runs beside the cluster they time. The unit tests' report ($(UNIT_LOG))
+# is printed at the end.
 test:
 	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed system-packages
-	@mkdir -p build
-	@nice -n 19 $(MAKE) --no-print-directory -j2 $(SIDE_VENVS) > $(SIDE_LOG) 2>&1 & side=$$!; \
-	{ $(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS) && \
-	   FLEET_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_PYTHON_UNIT) $(PYTEST_ARGS); } \
-	  > $(UNIT_LOG) 2>&1 & unit=$$!; trap 'kill $$unit $$side 2>/dev/null' INT TERM; \
-	echo "$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)   (beside it: the unit tests, $(UNIT_LOG); $(SIDE_VENVS), $(SIDE_LOG))"; \
+	@mkdir -p build && rm -f build/.side-done build/.unit-done
+	@{ nice -n 19 $(MAKE) --no-print-directory -j2 $(SIDE_VENVS) > $(SIDE_LOG) 2>&1; rc=$$?; \
+	   touch build/.side-done; exit $$rc; } & side=$$!; \
+	{ { $(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS) && \
+	    FLEET_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_PYTHON_UNIT) $(PYTEST_ARGS); } \
+	  > $(UNIT_LOG) 2>&1; rc=$$?; touch build/.unit-done; exit $$rc; } & unit=$$!; \
+	{ until test -e build/.side-done && test -e build/.unit-done; do sleep 1; done; \
+	  FLEET_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_PYTHON_LIVE) $(PYTEST_ARGS); } \
+	  > $(PURE_LOG) 2>&1 & pure=$$!; trap 'kill $$unit $$side $$pure 2>/dev/null' INT TERM; \
+	echo "$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)   (beside it: the unit tests, $(UNIT_LOG); $(SIDE_VENVS), \
+	$(SIDE_LOG); then FLEET_PURE_PYTHON=1 over $(PURE_PYTHON_LIVE), $(PURE_LOG))"; \
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS); e2e=$$?; \
 	if ! wait $$side; then cat $(SIDE_LOG); echo "make test: building $(SIDE_VENVS) failed" >&2; \
-	  kill $$unit 2>/dev/null; exit 1; fi; \
+	  kill $$unit $$pure 2>/dev/null; exit 1; fi; \
+	wait $$pure; purepy=$$?; echo "== FLEET_PURE_PYTHON=1 over the live request path, run beside them ($(PURE_LOG)):"; \
+	cat $(PURE_LOG); \
 	echo "$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)"; \
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS); integration=$$?; \
 	wait $$unit; units=$$?; echo "== the unit tests, run beside them ($(UNIT_LOG)):"; cat $(UNIT_LOG); \
-	test $$e2e = 0 && test $$integration = 0 && test $$units = 0
-	FLEET_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_PYTHON_LIVE) $(PYTEST_ARGS)
+	test $$e2e = 0 && test $$purepy = 0 && test $$integration = 0 && test $$units = 0
 
 test-unit: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

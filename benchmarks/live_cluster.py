@@ -2,7 +2,7 @@
 
 - `start_cluster`: `cluster.local.LocalCluster` on free ports (tried again on new ones when a port
   was taken between choosing and binding it, as the integration tests do), its Ray dashboard
-  agent on a free port too (`_agent_port`); stop it with `stop()`.
+  agent on a free port too (`cluster.ports.ray_agent_port`); stop it with `stop()`.
 - `metric_values` / `metric_sum`: samples of Prometheus text, by name and labels.
 - `ClusterCpu`: the CPU time (user + system, from `/proc/<pid>/stat`) of every process this
   process started, directly or not (Ray's GCS, raylet, dashboard, workers, replicas, the monitor
@@ -12,48 +12,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import urllib.request
 from dataclasses import dataclass
 
 from cluster.config import FleetSettings
 from cluster.local import LocalCluster
-from cluster.ports import free_ports, port_taken
+from cluster.ports import free_ports, port_taken, ray_agent_port
 
 __all__ = ["start_cluster", "metric_values", "metric_sum", "fetch_text", "ClusterCpu", "CpuReading",
            "descendants", "cpu_seconds"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _EXCLUDED_NAMES = ("wrk",)
-
-
-@contextlib.contextmanager
-def _agent_port(port: int):
-    """Ray nodes started in this block run their dashboard agent's HTTP server on `port`.
-
-    Ray starts it on 52365 whatever the cluster, and `ray.init` has no parameter for it: on a machine
-    where another Ray cluster (a test session) holds 52365, the agent of a second one "stays alive but
-    the HTTP service will be disabled", and every job submission fails with "No available agent" (the
-    lifecycle's retrain). This sets the default of `RayParams` (how `ray.init` passes its settings on)
-    for the block: a private Ray interface, so any failure to find it leaves Ray's default.
-    """
-    try:
-        from ray._private.parameter import RayParams
-    except ImportError:
-        yield
-        return
-    original = RayParams.__init__
-
-    def init(self, *args, **kwargs):
-        kwargs.setdefault("dashboard_agent_listen_port", port)
-        original(self, *args, **kwargs)
-
-    RayParams.__init__ = init
-    try:
-        yield
-    finally:
-        RayParams.__init__ = original
 
 
 def start_cluster(settings: FleetSettings, attempts: int = 3, log=print) -> tuple[LocalCluster, FleetSettings]:
@@ -63,7 +34,7 @@ def start_cluster(settings: FleetSettings, attempts: int = 3, log=print) -> tupl
         settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard, "grpc_port": grpc_port})
         cluster = LocalCluster(settings)
         try:
-            with _agent_port(agent):
+            with ray_agent_port(agent):
                 cluster.start()
             return cluster, settings
         except Exception as exc:  # a port taken meanwhile, or Ray's dashboard late on a loaded machine

@@ -9,10 +9,11 @@ clear of Serve's direct-ingress ports (30000-31000).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 
-__all__ = ["free_ports", "free_port", "port_taken", "with_free_ports"]
+__all__ = ["free_ports", "free_port", "port_taken", "with_free_ports", "ray_agent_port"]
 
 _LOW, _HIGH = 20000, 29999
 
@@ -69,3 +70,31 @@ def with_free_ports(count: int, start, *, attempts: int = 3, taken=port_taken):
         except Exception as exc:
             if attempt == attempts or not taken(exc):
                 raise
+
+
+@contextlib.contextmanager
+def ray_agent_port(port: int):
+    """Ray nodes started in this block run their dashboard agent's HTTP server on `port`.
+
+    Ray starts it on 52365 whatever the cluster, and `ray.init` has no parameter for it: on a machine
+    where another Ray cluster (a test session) holds 52365, the agent of a second one "stays alive but
+    the HTTP service will be disabled", and every job submission fails with "No available agent" (the
+    lifecycle's retrain). This sets the default of `RayParams` (how `ray.init` passes its settings on)
+    for the block: a private Ray interface, so any failure to find it leaves Ray's default.
+    """
+    try:
+        from ray._private.parameter import RayParams
+    except ImportError:
+        yield
+        return
+    original = RayParams.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original

@@ -54,7 +54,7 @@ from benchmarks.fault_models import publish_slow, scripted_bytes
 from benchmarks.triton_process import TritonProcess
 from cluster.config import FleetSettings
 from cluster.local import LocalCluster
-from cluster.ports import free_ports, port_taken
+from cluster.ports import free_ports, port_taken, ray_agent_port
 from serving.model_config import make_config
 from serving.registry import ModelRepository
 from training.bootstrap import bootstrap
@@ -298,7 +298,7 @@ def fleet_cluster(repository: Path, tmp_path_factory):
 
     triton also holds "webhook": the WebhookReceiver the cluster's alert_webhook_url points at.
     """
-    ports = free_ports(10)  # every port of the session, distinct, in one call
+    ports = free_ports(11)  # every port of the session, distinct, in one call
     triton_ports, fallback_ports = tuple(ports[0:3]), tuple(ports[3:6])  # fallback: test_triton_fallback.py's Triton
     _build_repository(repository, f"127.0.0.1:{triton_ports[0]}", f"127.0.0.1:{fallback_ports[0]}")
     webhook = WebhookReceiver(ports[8])
@@ -351,17 +351,21 @@ def fleet_cluster(repository: Path, tmp_path_factory):
     )
     saved_env = dict(os.environ)
     cluster = LocalCluster(settings)
+    agent = ports[10]
     try:
         for attempt in range(3):
             try:
-                cluster.start()
+                # Ray's dashboard agent on a port of its own too: beside another Ray cluster on this machine (make
+                # test's pure-Python pass runs beside the e2e tests) its default, 52365, may be the other's.
+                with ray_agent_port(agent):
+                    cluster.start()
                 break
             except Exception as exc:  # a port taken between choosing it and binding it: new ones, again
                 cluster.stop()
                 # (Ray's dashboard can also miss its start-up deadline on a loaded machine: try once more too.)
                 if attempt == 2 or not (port_taken(exc) or "dashboard" in str(exc).lower()):
                     raise
-                port, dashboard, grpc_port = free_ports(3)
+                port, dashboard, grpc_port, agent = free_ports(4)
                 settings = settings.model_copy(update={"port": port, "dashboard_port": dashboard,
                                                        "grpc_port": grpc_port})
                 cluster = LocalCluster(settings)

@@ -73,8 +73,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lifecycle", action="store_true",
                    help="also run the monitoring lifecycle scenario (benchmarks.lifecycle; --quick: its short plan)")
     p.add_argument("--logging-cost", action="store_true",
-                   help="also measure the prediction log's cost (benchmarks.logging_cost: peak with the log on vs "
-                        "off, then --logging-minutes at 80 %% of the logged peak)")
+                   help="also measure the prediction log's cost (benchmarks.logging_cost: peak of a logged model against "
+                        "an unlogged copy, back to back on one cluster, then --logging-minutes at 80 %% of the logged peak)")
     p.add_argument("--logging-minutes", type=float, default=None,
                    help="the logging cost's sustained run (default 10; --quick 1)")
     p.add_argument("--triton-instances", type=int, default=2)
@@ -227,9 +227,9 @@ def monitoring_scenarios(args, out_dir: Path) -> tuple[dict | None, dict | None]
 
         print("prediction-log cost ...", flush=True)
         minutes = args.logging_minutes if args.logging_minutes is not None else (1.0 if args.quick else 10.0)
-        cost_args = argparse.Namespace(pairs=2 if args.quick else 3, repeats=2 if args.quick else 3,
-                                       duration=4.0 if args.quick else 8.0, connections=64, minutes=minutes,
-                                       sustained_share=0.8, quick=args.quick)
+        cost_args = argparse.Namespace(clusters=1 if args.quick else 2, alternations=6 if args.quick else 16,
+                                       duration=3.0 if args.quick else 5.0, rounds=0, repeats=3, connections=64,
+                                       minutes=minutes, sustained_share=0.8, quick=args.quick)
         logging_cost = run_logging_cost(cost_args)
         folder = out_dir / "logging_cost"
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,25 @@
 """`python -m benchmarks.logging_cost`: what logging every prediction costs fleet, and whether it loses any.
 
-    python -m benchmarks.logging_cost                 # 3 alternating pairs, then 10 minutes at 80 % (about 22 min)
-    python -m benchmarks.logging_cost --quick         # 2 pairs, 1 minute at 80 % (about 6 min)
-    python -m benchmarks.logging_cost --minutes 30 --pairs 4
+    python -m benchmarks.logging_cost                 # 2 clusters of 16 alternations, then 10 minutes at 80 % (about 25 min)
+    python -m benchmarks.logging_cost --quick         # 1 cluster of 6 short alternations, 1 minute at 80 % (about 5 min)
+    python -m benchmarks.logging_cost --clusters 3 --alternations 24 --minutes 30
+    python -m benchmarks.logging_cost --rounds 3      # also the older design: clusters with the log on and off
 
-1. Peak throughput with the prediction log on (`log_predictions=True`, the fraud model's
-   `fleet.log.sample` 1: every answered row written) and off (`log_predictions=False`), measured
-   as `python -m benchmarks` measures fleet's peak: Debian's wrk, closed loop, one-row JSON
-   bodies (`benchmarks.bodies`), 64 connections (`benchmarks.wrk.run_wrk`), after a warm-up.
-   A cluster (`cluster.local.LocalCluster`, this process; the cluster's defaults otherwise) is
-   started per setting and round, on then off, then off then on (ABBA), `--repeats` runs each:
-   the ratio of each round's medians shows the spread that restarts and a shared machine bring.
-   Goal: the log costs <= 3 % of peak throughput.
+1. Peak throughput with every row logged against none, back to back on one cluster. The repository
+   holds the fraud model twice: `fraud` (`fleet.log.sample` 1, every answered row written) and
+   `fraud_unlogged` (the same TorchScript and config with `fleet.log.sample` 0: nothing logged, no
+   request id made). A cluster (`cluster.local.LocalCluster`, this process, the log on, every other
+   setting the cluster's default) is warmed up on both, then `--alternations` times wrk (Debian's,
+   closed loop, 64 connections, one-row JSON bodies, `benchmarks.wrk.run_wrk`) loads one model, then
+   the other, in ABBA order. Each measured run follows 2 s of the same load (the writer thread in its
+   steady state: the rows it writes during the run are about as many as the run brings), and after
+   a logged run the next waits until the replicas' buffers are empty (what the writer still owed
+   then is the backlog the run inherited from its lead-in). The ratio of each pair's throughputs
+   cancels what changes between clusters and slowly within one (where the kernel puts wrk's
+   connections, a shared machine's load); their mean, with a 95 % bootstrap interval, is the cost.
+   Goal: the log costs <= 3 % of peak throughput. `--rounds N` adds the older design (N ABBA rounds
+   of clusters with the log on and off, `--repeats` runs each), whose spread between clusters is
+   larger than the cost.
 2. During those runs: the drift computation's share of the cluster's CPU, the increase of
    `fleet_monitor_cpu_seconds_total` over the CPU time of every process of the cluster
    (`/proc/<pid>/stat`, `benchmarks.live_cluster.ClusterCpu`). Goal: <= 1 %.
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -44,12 +53,14 @@ import time
 from pathlib import Path
 
 from benchmarks.live_cluster import ClusterCpu, fetch_text, metric_sum, start_cluster
-from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, pair_ratios
+from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, pair_ratios, paired_ratios
 from benchmarks.report import git_sha, machine
 
 __all__ = ["main", "run_logging_cost"]
 
 MODEL = "fraud"
+UNLOGGED = "fraud_unlogged"  # MODEL again with fleet.log.sample 0
+_LEAD_IN_S = 2.0  # load before each measured run of the paired design
 RESULTS = Path("benchmarks/results/logging_cost")
 _MONITOR_PROCESS = "ray::MonitorAc"  # the monitor actor's process (comm is cut at 15 characters)
 
@@ -109,14 +120,9 @@ def peak_round(work: Path, body: Path, name: str, logging: bool, repeats: int, d
         for _ in range(repeats):
             result, extra = _measured(cpu, settings.url, lambda: run_wrk(url, body, connections=connections,
                                                                           threads=2, duration_s=duration_s))
-            doc = result.to_dict()
-            runs.append({"throughput_rps": round(doc["throughput_rps"], 1), "requests": doc["requests"],
-                         "statuses": doc["statuses"], "errors": doc["errors"],
-                         "latency_ms": {k: doc["latency_ms"][k] for k in ("p50", "p99")},
-                         "cluster_cpu_us_per_request": round(1e6 * extra["cluster_cpu_s"] / max(doc["requests"], 1), 1),
-                         **extra})
-            log(f"  {name:10s} log {'on ' if logging else 'off'}: {doc['throughput_rps']:8.0f} req/s  "
-                f"p99 {doc['latency_ms']['p99']:.1f} ms  "
+            runs.append(_run_doc(result, extra))
+            log(f"  {name:10s} log {'on ' if logging else 'off'}: {runs[-1]['throughput_rps']:8.0f} req/s  "
+                f"p99 {runs[-1]['latency_ms']['p99']:.1f} ms  "
                 f"cluster CPU {runs[-1]['cluster_cpu_us_per_request']} us/request  "
                 f"monitor CPU share {extra['monitor_share']}  "
                 f"(monitor process {extra['monitor_process_share']})")
@@ -125,6 +131,60 @@ def peak_round(work: Path, body: Path, name: str, logging: bool, repeats: int, d
         cluster.stop()
     return {"name": name, "logging": logging, "runs": runs,
             "median_rps": statistics.median(r["throughput_rps"] for r in runs)}
+
+
+def unlogged_copy(repository: Path) -> None:
+    """MODEL again as UNLOGGED: the same versions and config.pbtxt, with `fleet.log.sample` 0."""
+    target = repository / UNLOGGED
+    shutil.copytree(repository / MODEL, target)
+    config = (target / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', f'name: "{UNLOGGED}"', 1)
+    if f'name: "{UNLOGGED}"' not in config:
+        raise RuntimeError(f"{MODEL}/config.pbtxt names no model {MODEL!r}")
+    (target / "config.pbtxt").write_text(
+        config + 'parameters {\n  key: "fleet.log.sample"\n  value {\n    string_value: "0"\n  }\n}\n')
+
+
+def _run_doc(result, extra: dict) -> dict:
+    doc = result.to_dict()
+    return {"throughput_rps": round(doc["throughput_rps"], 1), "requests": doc["requests"],
+            "statuses": doc["statuses"], "errors": doc["errors"],
+            "latency_ms": {k: doc["latency_ms"][k] for k in ("p50", "p99")},
+            "cluster_cpu_us_per_request": round(1e6 * extra["cluster_cpu_s"] / max(doc["requests"], 1), 1), **extra}
+
+
+def paired_cluster(work: Path, body: Path, name: str, alternations: int, duration_s: float, connections: int,
+                   log=print) -> dict:
+    """One cluster with the log on: `alternations` pairs of measured runs, logged MODEL and UNLOGGED, ABBA."""
+    from benchmarks.wrk import run_wrk
+
+    cluster, settings = start_cluster(_settings(work, name, True), log=log)
+    cpu = ClusterCpu()
+    urls = {True: f"{settings.url}/v2/models/{MODEL}/infer", False: f"{settings.url}/v2/models/{UNLOGGED}/infer"}
+    runs, ratios = [], []
+    try:
+        for url in urls.values():  # warm-up: connections, the JIT's first batches, both batchers
+            run_wrk(url, body, connections=16, duration_s=3)
+        _wait_flushed(settings.url)
+        for a in range(alternations):
+            pair = {}
+            for logging in ((True, False) if a % 2 == 0 else (False, True)):
+                url = urls[logging]
+                run_wrk(url, body, connections=connections, threads=2, duration_s=_LEAD_IN_S)
+                result, extra = _measured(cpu, settings.url, lambda: run_wrk(url, body, connections=connections,
+                                                                              threads=2, duration_s=duration_s))
+                runs.append({"alternation": a, "logging": logging, "model": MODEL if logging else UNLOGGED,
+                             **_run_doc(result, extra)})
+                pair[logging] = runs[-1]["throughput_rps"]
+                if logging:
+                    _wait_flushed(settings.url, timeout_s=60)
+            ratios.append(round(pair[True] / pair[False], 4) if pair[False] else None)
+            log(f"  {name} alternation {a + 1}: logged {pair[True]:8.0f} req/s, unlogged {pair[False]:8.0f} "
+                f"req/s, ratio {ratios[-1]}")
+    finally:
+        cluster.stop()
+    kept = [r for r in ratios if r is not None]
+    return {"name": name, "runs": runs, "ratios": ratios,
+            "median_ratio": round(statistics.median(kept), 4) if kept else None}
 
 
 def _log_rows_on_disk(data_dir: str) -> int:
@@ -236,10 +296,20 @@ def run_logging_cost(args, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fleet-logcost-"))
     log(f"logging cost: training fraud into {work / 'repository'} ...")
     bootstrap(str(work / "repository"), rows=8000, epochs=2, log=lambda line: None)
+    unlogged_copy(work / "repository")
     body = work / "fraud-json.body"
     body.write_bytes(request_bodies(str(work / "repository"), MODEL, rows=1)["json"][0])
+    clusters = [paired_cluster(work, body, f"c{c + 1}", args.alternations, args.duration, args.connections, log)
+                for c in range(args.clusters)]
+    pairs = []
+    for c in clusters:
+        for a in range(args.alternations):
+            on = [r["throughput_rps"] for r in c["runs"] if r["alternation"] == a and r["logging"]]
+            off = [r["throughput_rps"] for r in c["runs"] if r["alternation"] == a and not r["logging"]]
+            if on and off:
+                pairs.append((on[0], off[0]))
     rounds = []
-    for r in range(args.pairs):
+    for r in range(args.rounds):
         order = (True, False) if r % 2 == 0 else (False, True)  # ABBA: a trend over the run cancels out
         for logging in order:
             name = f"r{r + 1}-{'on' if logging else 'off'}"
@@ -247,16 +317,19 @@ def run_logging_cost(args, log=print) -> dict:
                                                           args.connections, log)})
     report = {"git_sha": git_sha(), "machine": machine(),
               "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "config": vars(args), "model": MODEL, "rounds": rounds, "ratio": pair_ratios(rounds)}
-    on_runs = [run for rd in rounds if rd["logging"] for run in rd["runs"]]
+              "config": vars(args), "model": MODEL, "unlogged_model": UNLOGGED, "clusters": clusters,
+              "paired": paired_ratios(pairs), "rounds": rounds, "ratio": pair_ratios(rounds) if rounds else {}}
+    on_runs = [run for c in clusters for run in c["runs"] if run["logging"]] + [
+        run for rd in rounds if rd["logging"] for run in rd["runs"]]
+    off_runs = [run for c in clusters for run in c["runs"] if not run["logging"]] + [
+        run for rd in rounds if not rd["logging"] for run in rd["runs"]]
     report["peak_logged_rps"] = statistics.median(run["throughput_rps"] for run in on_runs)
     report["cpu"] = {
         "monitor_share_on": [run["monitor_share"] for run in on_runs],
-        "monitor_share_off": [run["monitor_share"] for rd in rounds if not rd["logging"] for run in rd["runs"]],
+        "monitor_share_off": [run["monitor_share"] for run in off_runs],
         "monitor_process_share_on": [run["monitor_process_share"] for run in on_runs],
         "cluster_cpu_us_per_request_on": statistics.median(run["cluster_cpu_us_per_request"] for run in on_runs),
-        "cluster_cpu_us_per_request_off": statistics.median(run["cluster_cpu_us_per_request"] for rd in rounds
-                                                            if not rd["logging"] for run in rd["runs"]),
+        "cluster_cpu_us_per_request_off": statistics.median(run["cluster_cpu_us_per_request"] for run in off_runs),
         "peak_dropped_rows": sum(run["log_dropped"] or 0 for run in on_runs)}
     if args.minutes > 0:
         rate = args.sustained_share * report["peak_logged_rps"]
@@ -269,10 +342,13 @@ def run_logging_cost(args, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.logging_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 pairs of 2 runs of 4 s; 1 minute at 80 %%")
-    p.add_argument("--pairs", type=int, default=3, help="rounds of (log on, log off) clusters, ABBA order")
-    p.add_argument("--repeats", type=int, default=3, help="wrk runs per cluster")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    p.add_argument("--quick", action="store_true", help="1 cluster of 6 alternations of 3 s; 1 minute at 80 %%")
+    p.add_argument("--clusters", type=int, default=2, help="clusters of the paired design (each started anew)")
+    p.add_argument("--alternations", type=int, default=16, help="pairs of runs (logged, unlogged) per cluster")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
+    p.add_argument("--rounds", type=int, default=0, help="also the older design: ABBA rounds of clusters with "
+                   "the log on and off")
+    p.add_argument("--repeats", type=int, default=3, help="wrk runs per cluster of --rounds")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (the peak point of make bench)")
     p.add_argument("--minutes", type=float, default=None, help="the sustained run at 80 %% of the logged peak "
                    "(default 10; --quick 1; 0 skips it)")
@@ -280,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
-        args.pairs, args.repeats, args.duration = min(args.pairs, 2), min(args.repeats, 2), min(args.duration, 4.0)
+        args.clusters, args.alternations = min(args.clusters, 1), min(args.alternations, 6)
+        args.duration = min(args.duration, 3.0)
+    if min(args.clusters, args.alternations) < 1 or args.duration <= 0:
+        p.error("--clusters and --alternations must be >= 1 and --duration > 0")
     if args.minutes is None:
         args.minutes = 1.0 if args.quick else 10.0
     from benchmarks.wrk import wrk_available

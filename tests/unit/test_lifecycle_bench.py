@@ -11,7 +11,7 @@ from benchmarks.lifecycle_report import auc_checks, detector_delays, lifecycle_g
     stable_false_alarms, window_auc
 from benchmarks.lifecycle_traffic import compact_drift, compact_quality
 from benchmarks.live_cluster import ClusterCpu, CpuReading, metric_sum, metric_values
-from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, pair_ratios
+from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, pair_ratios, paired_ratios
 
 SEND = np.arange(1000) / 100.0  # 100 requests/s for 10 s
 
@@ -149,6 +149,38 @@ def test_pair_ratios_divide_each_rounds_medians_and_show_their_spread():
     assert ratio["pooled"] == round(975 / 1000, 4)  # medians of every run: 975 and 1000
     assert ratio["cost"] == pytest.approx(1 - ratio["median"], abs=1e-9)
     assert ratio["on_spread"] == {"median": 975.0, "min": 950.0, "max": 1000.0, "range_pct": 5.1}
+
+
+def test_paired_ratios_average_each_pairs_ratio_with_a_seeded_bootstrap_interval():
+    rng = np.random.default_rng(7)
+    off = rng.uniform(9_000, 14_000, 40)  # the spread between runs the ratio of a pair cancels
+    on = off * rng.normal(0.97, 0.02, 40)
+    paired = paired_ratios(list(zip(on, off)))
+    ratios = on / off
+    assert paired["n"] == 40 and paired["mean"] == pytest.approx(ratios.mean(), abs=1e-4)
+    assert paired["cost"] == pytest.approx(1 - ratios.mean(), abs=1e-4)
+    low, high = paired["ci95"]
+    half = 1.96 * ratios.std(ddof=1) / np.sqrt(40)  # the bootstrap interval is about the normal one
+    assert low == pytest.approx(ratios.mean() - half, abs=0.002) and high == pytest.approx(ratios.mean() + half, abs=0.002)
+    assert paired["cost_ci95"] == [pytest.approx(1 - high, abs=1e-4), pytest.approx(1 - low, abs=1e-4)]
+    assert paired_ratios(list(zip(on, off))) == paired  # seeded
+    assert paired_ratios([(1.0, 0.0)])["mean"] is None  # no usable pair
+
+
+def test_the_paired_cost_is_the_first_goal_and_its_table_shows_each_cluster():
+    runs = [{"alternation": a, "logging": logging, "throughput_rps": rps, "latency_ms": {"p50": 1.0, "p99": p99},
+             "cluster_cpu_us_per_request": cpu, "monitor_share": 0.002, "monitor_process_share": 0.01}
+            for a in range(2) for logging, rps, p99, cpu in ((True, 970.0, 6.0, 101.0), (False, 1000.0, 5.0, 98.0))]
+    report = {"paired": paired_ratios([(970.0, 1000.0), (970.0, 1000.0)]), "model": "fraud",
+              "unlogged_model": "fraud_unlogged", "clusters": [{"name": "c1", "runs": runs, "median_ratio": 0.97}],
+              "config": {"alternations": 2, "connections": 64, "duration": 5.0},
+              "cpu": {"monitor_share_on": [0.002]}}
+    goals = cost_goals(report)
+    assert goals[0]["value"] == 3.0 and goals[0]["met"] and "2 back-to-back pairs" in goals[0]["goal"]
+    assert len(goals) == 2  # no rounds of clusters: no second cost goal
+    text = cost_markdown({**report, "goals": goals})
+    assert "| c1 | 970 (970-970) | 1000 (1000-1000) | 0.9700 | 6.00 / 5.00 | 101 / 98.00 |" in text
+    assert "the log costs 3.00 % of peak throughput" in text
 
 
 def test_cost_goals_judge_the_ratio_the_cpu_share_drops_and_missing_rows():

@@ -79,9 +79,11 @@ def cost_goals(report: dict) -> list[dict]:
         cost, ci = paired.get("cost"), paired.get("cost_ci95")
         pct = None if cost is None else round(100 * cost, 2)
         bounds = "" if not ci else f", 95 % interval {100 * ci[0]:.1f} to {100 * ci[1]:.1f} %"
+        # Met only when the interval's upper end is within the target: a point estimate under it is not enough.
+        met = None if pct is None else (ci[1] if ci else cost) <= COST_TARGET
         goals.append(_goal(f"prediction log: cost in peak throughput (1 - mean logged/unlogged over {paired['n']} "
-                           f"back-to-back pairs of runs on one cluster{bounds})", pct, 100 * COST_TARGET,
-                           None if pct is None else pct <= 100 * COST_TARGET, "%"))
+                           f"back-to-back pairs of runs on one cluster{bounds}; met when the interval's upper end "
+                           "is)", pct, 100 * COST_TARGET, met, "%"))
     ratio = report.get("ratio") or {}
     if ratio.get("per_round"):
         cost = ratio.get("cost")

@@ -178,6 +178,8 @@ def test_the_paired_cost_is_the_first_goal_and_its_table_shows_each_cluster():
     goals = cost_goals(report)
     assert goals[0]["value"] == 3.0 and goals[0]["met"] and "2 back-to-back pairs" in goals[0]["goal"]
     assert len(goals) == 2  # no rounds of clusters: no second cost goal
+    wide = cost_goals({"paired": paired_ratios([(990.0, 1000.0), (930.0, 1000.0), (1010.0, 1000.0)])})
+    assert wide[0]["value"] < 3.0 and wide[0]["met"] is False  # under the target, but not its interval
     text = cost_markdown({**report, "goals": goals})
     assert "| c1 | 970 (970-970) | 1000 (1000-1000) | 0.9700 | 6.00 / 5.00 | 101 / 98.00 |" in text
     assert "the log costs 3.00 % of peak throughput" in text

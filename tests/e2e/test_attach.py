@@ -47,7 +47,9 @@ if sys.argv[2] == "start":
 else:
     from ray.util.state import list_actors
     alive = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
-    actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)]
+    # (the address given: make test runs another Ray cluster beside the e2e tests, and without it the state API
+    # finds both and refuses to choose)
+    actors = [a.class_name for a in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=1000)]
     print(json.dumps({"nodes": alive, "sentinel": ray.get(ray.get_actor("sentinel").ping.remote()),
                       "actors": actors}))
 """

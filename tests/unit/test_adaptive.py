@@ -216,9 +216,18 @@ async def test_adaptive_batcher_waiting_for_rows_after_a_full_pipeline_still_ans
     # Regression: with every batch slot busy the loop sleeps until a batch ends; when the
     # batches ended with nothing queued, a later arrival that the policy holds for company
     # must still wake it (it used to wait forever).
+    gate = asyncio.Event()  # the bursts' batches end when it is set: on a loaded machine 1 ms of sleep may be 10
+
     async def execute(inputs):
+        await gate.wait()
         await asyncio.sleep(0.004)
         return {"y": inputs["x"] * 2}
+
+    async def until_inflight(n: int) -> None:
+        deadline = time.monotonic() + 5.0
+        while batcher.inflight != n:
+            assert time.monotonic() < deadline, f"{batcher.inflight} batches in flight, not {n}"
+            await asyncio.sleep(0.001)
 
     batcher = Batcher("m:1", execute, BatcherConfig(max_batch_size=64, latency_target_ms=40, max_inflight_batches=2))
     policy = batcher.adaptive
@@ -227,7 +236,7 @@ async def test_adaptive_batcher_waiting_for_rows_after_a_full_pipeline_still_ans
     _arrivals(policy, 2_000, seconds=0.2, start_ns=time.monotonic_ns() - 200_000_000)
 
     async def one(i: int) -> float:
-        result = await asyncio.wait_for(batcher.submit({"x": np.full((1, 3), i, np.float32)}, 1), 1.0)
+        result = await asyncio.wait_for(batcher.submit({"x": np.full((1, 3), i, np.float32)}, 1), 10.0)
         return float(result.outputs["y"][0, 0])
 
     policy.replan(time.monotonic_ns())
@@ -235,11 +244,10 @@ async def test_adaptive_batcher_waiting_for_rows_after_a_full_pipeline_still_ans
     assert need > 1, policy.describe()
     # two bursts of a batch each fill both slots; they end with nothing queued
     first = [asyncio.ensure_future(one(i)) for i in range(need)]
-    await asyncio.sleep(0.001)
-    assert batcher.inflight == 1
+    await until_inflight(1)
     second = [asyncio.ensure_future(one(need + i)) for i in range(need)]
-    await asyncio.sleep(0.001)
-    assert batcher.inflight == 2
+    await until_inflight(2)
+    gate.set()
     answers = await asyncio.gather(*first, *second)
     assert answers == [2.0 * i for i in range(2 * need)]
     # a lone arrival, held for company, is still sent once its wait is over

@@ -154,13 +154,14 @@ def _run_doc(result, extra: dict) -> dict:
 
 def paired_cluster(work: Path, body: Path, name: str, alternations: int, duration_s: float, connections: int,
                    log=print) -> dict:
-    """One cluster with the log on: `alternations` pairs of measured runs, logged MODEL and UNLOGGED, ABBA."""
+    """One cluster with the log on: `alternations` pairs of measured runs, logged MODEL and UNLOGGED, ABBA;
+    "pairs" holds each pair's (logged, unlogged) throughput."""
     from benchmarks.wrk import run_wrk
 
     cluster, settings = start_cluster(_settings(work, name, True), log=log)
     cpu = ClusterCpu()
     urls = {True: f"{settings.url}/v2/models/{MODEL}/infer", False: f"{settings.url}/v2/models/{UNLOGGED}/infer"}
-    runs, ratios = [], []
+    runs, pairs, ratios = [], [], []
     try:
         for url in urls.values():  # warm-up: connections, the JIT's first batches, both batchers
             run_wrk(url, body, connections=16, duration_s=3)
@@ -177,13 +178,14 @@ def paired_cluster(work: Path, body: Path, name: str, alternations: int, duratio
                 pair[logging] = runs[-1]["throughput_rps"]
                 if logging:
                     _wait_flushed(settings.url, timeout_s=60)
+            pairs.append((pair[True], pair[False]))
             ratios.append(round(pair[True] / pair[False], 4) if pair[False] else None)
             log(f"  {name} alternation {a + 1}: logged {pair[True]:8.0f} req/s, unlogged {pair[False]:8.0f} "
                 f"req/s, ratio {ratios[-1]}")
     finally:
         cluster.stop()
     kept = [r for r in ratios if r is not None]
-    return {"name": name, "runs": runs, "ratios": ratios,
+    return {"name": name, "runs": runs, "pairs": pairs, "ratios": ratios,
             "median_ratio": round(statistics.median(kept), 4) if kept else None}
 
 
@@ -301,13 +303,6 @@ def run_logging_cost(args, log=print) -> dict:
     body.write_bytes(request_bodies(str(work / "repository"), MODEL, rows=1)["json"][0])
     clusters = [paired_cluster(work, body, f"c{c + 1}", args.alternations, args.duration, args.connections, log)
                 for c in range(args.clusters)]
-    pairs = []
-    for c in clusters:
-        for a in range(args.alternations):
-            on = [r["throughput_rps"] for r in c["runs"] if r["alternation"] == a and r["logging"]]
-            off = [r["throughput_rps"] for r in c["runs"] if r["alternation"] == a and not r["logging"]]
-            if on and off:
-                pairs.append((on[0], off[0]))
     rounds = []
     for r in range(args.rounds):
         order = (True, False) if r % 2 == 0 else (False, True)  # ABBA: a trend over the run cancels out
@@ -318,7 +313,7 @@ def run_logging_cost(args, log=print) -> dict:
     report = {"git_sha": git_sha(), "machine": machine(),
               "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "config": vars(args), "model": MODEL, "unlogged_model": UNLOGGED, "clusters": clusters,
-              "paired": paired_ratios(pairs), "rounds": rounds, "ratio": pair_ratios(rounds) if rounds else {}}
+              "paired": paired_ratios([p for c in clusters for p in c["pairs"]]), "rounds": rounds, "ratio": pair_ratios(rounds) if rounds else {}}
     on_runs = [run for c in clusters for run in c["runs"] if run["logging"]] + [
         run for rd in rounds if rd["logging"] for run in rd["runs"]]
     off_runs = [run for c in clusters for run in c["runs"] if not run["logging"]] + [

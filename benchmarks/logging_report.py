@@ -124,18 +124,17 @@ def _paired_markdown(report: dict) -> list[str]:
              "| cluster | logged req/s (median, min-max) | unlogged req/s (median, min-max) | ratio per pair (median) | "
              "p99 ms logged / unlogged (median run) | cluster CPU µs / request logged / unlogged (median) |",
              "|---|---|---|---:|---|---|"]
+    def med(runs, key):
+        values = [key(r) for r in runs if key(r) is not None]
+        return statistics.median(values) if values else None
+
+    def span(runs):
+        rps = [r["throughput_rps"] for r in runs]
+        return f"{statistics.median(rps):.0f} ({min(rps):.0f}-{max(rps):.0f})" if rps else "-"
+
     for c in clusters:
         on = [r for r in c["runs"] if r["logging"]]
         off = [r for r in c["runs"] if not r["logging"]]
-
-        def med(runs, key):
-            values = [key(r) for r in runs if key(r) is not None]
-            return statistics.median(values) if values else None
-
-        def span(runs):
-            rps = [r["throughput_rps"] for r in runs]
-            return f"{med(runs, lambda r: r['throughput_rps']):.0f} ({min(rps):.0f}-{max(rps):.0f})" if rps else "-"
-
         lines.append(f"| {c['name']} | {span(on)} | {span(off)} | {_fmt(c.get('median_ratio'))} | "
                      f"{_fmt(med(on, lambda r: r['latency_ms']['p99']))} / {_fmt(med(off, lambda r: r['latency_ms']['p99']))} | "
                      f"{_fmt(med(on, lambda r: r.get('cluster_cpu_us_per_request')))} / "

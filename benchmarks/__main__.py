@@ -227,8 +227,8 @@ def monitoring_scenarios(args, out_dir: Path) -> tuple[dict | None, dict | None]
 
         print("prediction-log cost ...", flush=True)
         minutes = args.logging_minutes if args.logging_minutes is not None else (1.0 if args.quick else 10.0)
-        cost_args = argparse.Namespace(clusters=1 if args.quick else 2, alternations=6 if args.quick else 16,
-                                       duration=3.0 if args.quick else 5.0, rounds=0, repeats=3, connections=64,
+        cost_args = argparse.Namespace(clusters=1 if args.quick else 2, seconds=60.0 if args.quick else 300.0,
+                                       phase=2.0, duration=5.0, rounds=0, repeats=3, connections=64,
                                        minutes=minutes, sustained_share=0.8, quick=args.quick)
         logging_cost = run_logging_cost(cost_args)
         folder = out_dir / "logging_cost"

@@ -1,25 +1,32 @@
 """`python -m benchmarks.logging_cost`: what logging every prediction costs fleet, and whether it loses any.
 
-    python -m benchmarks.logging_cost                 # 2 clusters of 16 alternations, then 10 minutes at 80 % (about 25 min)
-    python -m benchmarks.logging_cost --quick         # 1 cluster of 6 short alternations, 1 minute at 80 % (about 5 min)
-    python -m benchmarks.logging_cost --clusters 3 --alternations 24 --minutes 30
+    python -m benchmarks.logging_cost                 # 2 clusters alternating 5 min each, then 10 minutes at 80 % (about 25 min)
+    python -m benchmarks.logging_cost --quick         # 1 cluster alternating 60 s, 1 minute at 80 % (about 5 min)
+    python -m benchmarks.logging_cost --clusters 3 --seconds 600 --minutes 30
     python -m benchmarks.logging_cost --rounds 3      # also the older design: clusters with the log on and off
 
-1. Peak throughput with every row logged against none, back to back on one cluster. The repository
-   holds the fraud model twice: `fraud` (`fleet.log.sample` 1, every answered row written) and
-   `fraud_unlogged` (the same TorchScript and config with `fleet.log.sample` 0: nothing logged, no
-   request id made). A cluster (`cluster.local.LocalCluster`, this process, the log on, every other
-   setting the cluster's default) is warmed up on both, then `--alternations` times wrk (Debian's,
-   closed loop, 64 connections, one-row JSON bodies, `benchmarks.wrk.run_wrk`) loads one model, then
-   the other, in ABBA order. Each measured run follows 2 s of the same load (the writer thread in its
-   steady state: the rows it writes during the run are about as many as the run brings), and after
-   a logged run the next waits until the replicas' buffers are empty (what the writer still owed
-   then is the backlog the run inherited from its lead-in). The ratio of each pair's throughputs
-   cancels what changes between clusters and slowly within one (where the kernel puts wrk's
-   connections, a shared machine's load); their mean, with a 95 % bootstrap interval, is the cost.
-   Goal: the log costs <= 3 % of peak throughput. `--rounds N` adds the older design (N ABBA rounds
-   of clusters with the log on and off, `--repeats` runs each), whose spread between clusters is
-   larger than the cost.
+1. Peak throughput with every row logged against none, alternating on the same connections of one
+   cluster. The repository holds the fraud model twice: `fraud` (`fleet.log.sample` 1, every answered
+   row written) and `fraud_unlogged` (the same TorchScript and config with `fleet.log.sample` 0:
+   nothing logged, no request id made). A cluster (`cluster.local.LocalCluster`, this process, the
+   log on and written every 0.5 s, every other setting the cluster's default) is warmed up on both;
+   then one wrk run (Debian's, closed loop, 64 connections, one-row JSON bodies,
+   `benchmarks.wrk.run_alternating` with `lua/alternate.lua`) loads them for `--seconds` in phases of
+   `--phase` seconds, A B B A A B B A ..., and counts each phase's answers. Each pair of phases gives
+   one ratio, logged over unlogged; their mean, with a 95 % bootstrap interval, is the cost. Goal: the
+   log costs <= 3 % of peak throughput, met when the interval's upper end is.
+   Why this design: the machine's throughput moves by 10-20 % between seconds whatever fleet does
+   (an A/A run of this design, both paths unlogged, gave pairs with a standard deviation of 14 %),
+   and separate runs add where the kernel places the connections among the replicas. Phases of the
+   same connections cancel the latter and slow drifts; many short pairs average the former. The
+   0.5 s flush puts the writer's work in the phases that brought its rows (its default, 5 s, would
+   move much of it into the unlogged phases after them; smaller files cost a little more per row, so
+   this errs toward a higher cost). During the run the log's own time is read as well
+   (`fleet_prediction_log_cpu_seconds_total`: the writer threads' CPU and the request path's hand-over)
+   and reported as a share of the cluster's CPU spent on logged requests: what the log's code costs
+   directly, a lower bound of its cost (it leaves out the request ids and anything indirect).
+   `--rounds N` adds the older design (N ABBA rounds of clusters with the log on and off, `--repeats`
+   runs each), whose spread between clusters is larger than the cost.
 2. During those runs: the drift computation's share of the cluster's CPU, the increase of
    `fleet_monitor_cpu_seconds_total` over the CPU time of every process of the cluster
    (`/proc/<pid>/stat`, `benchmarks.live_cluster.ClusterCpu`). Goal: <= 1 %.
@@ -53,7 +60,8 @@ import time
 from pathlib import Path
 
 from benchmarks.live_cluster import ClusterCpu, fetch_text, metric_sum, start_cluster
-from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, pair_ratios, paired_ratios
+from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, log_cpu_summary, pair_ratios, \
+    paired_ratios
 from benchmarks.report import git_sha, machine
 
 __all__ = ["main", "run_logging_cost"]
@@ -152,41 +160,51 @@ def _run_doc(result, extra: dict) -> dict:
             "cluster_cpu_us_per_request": round(1e6 * extra["cluster_cpu_s"] / max(doc["requests"], 1), 1), **extra}
 
 
-def paired_cluster(work: Path, body: Path, name: str, alternations: int, duration_s: float, connections: int,
-                   log=print) -> dict:
-    """One cluster with the log on: `alternations` pairs of measured runs, logged MODEL and UNLOGGED, ABBA;
-    "pairs" holds each pair's (logged, unlogged) throughput."""
-    from benchmarks.wrk import run_wrk
+def alternating_cluster(work: Path, body: Path, name: str, seconds: float, phase_s: float, connections: int,
+                        log=print) -> dict:
+    """One cluster with the log on (files every 0.5 s, so the writer's work lands in the phases that brought its
+    rows): wrk alternates between MODEL and UNLOGGED by phases of `phase_s` over the same connections for
+    `seconds`; "pairs" holds each pair of phases' (logged, unlogged) answers, "log_cpu_s" the time the log
+    counted for itself (`fleet_prediction_log_cpu_seconds_total`) and "cluster_cpu_s" the cluster's."""
+    from benchmarks.wrk import phase_pairs, run_alternating, run_wrk
 
-    cluster, settings = start_cluster(_settings(work, name, True), log=log)
+    settings = _settings(work, name, True).model_copy(update={"log_flush_interval_s": 0.5})
+    cluster, settings = start_cluster(settings, log=log)
     cpu = ClusterCpu()
-    urls = {True: f"{settings.url}/v2/models/{MODEL}/infer", False: f"{settings.url}/v2/models/{UNLOGGED}/infer"}
-    runs, pairs, ratios = [], [], []
+    paths = [f"/v2/models/{m}/infer" for m in (MODEL, UNLOGGED)]
     try:
-        for url in urls.values():  # warm-up: connections, the JIT's first batches, both batchers
-            run_wrk(url, body, connections=16, duration_s=3)
+        for path in paths:  # warm-up: connections, the JIT's first batches, both batchers
+            run_wrk(settings.url + path, body, connections=16, duration_s=3)
         _wait_flushed(settings.url)
-        for a in range(alternations):
-            pair = {}
-            for logging in ((True, False) if a % 2 == 0 else (False, True)):
-                url = urls[logging]
-                run_wrk(url, body, connections=connections, threads=2, duration_s=_LEAD_IN_S)
-                result, extra = _measured(cpu, settings.url, lambda: run_wrk(url, body, connections=connections,
-                                                                              threads=2, duration_s=duration_s))
-                runs.append({"alternation": a, "logging": logging, "model": MODEL if logging else UNLOGGED,
-                             **_run_doc(result, extra)})
-                pair[logging] = runs[-1]["throughput_rps"]
-                if logging:
-                    _wait_flushed(settings.url, timeout_s=60)
-            pairs.append((pair[True], pair[False]))
-            ratios.append(round(pair[True] / pair[False], 4) if pair[False] else None)
-            log(f"  {name} alternation {a + 1}: logged {pair[True]:8.0f} req/s, unlogged {pair[False]:8.0f} "
-                f"req/s, ratio {ratios[-1]}")
+        text0, c0 = fetch_text(f"{settings.url}/metrics"), cpu.read()
+        result = run_alternating(settings.url, body, paths[0], paths[1], seconds, phase_s, connections)
+        _wait_flushed(settings.url, timeout_s=60)
+        text1, c1 = fetch_text(f"{settings.url}/metrics"), cpu.read()
     finally:
         cluster.stop()
-    kept = [r for r in ratios if r is not None]
-    return {"name": name, "runs": runs, "pairs": pairs, "ratios": ratios,
-            "median_ratio": round(statistics.median(kept), 4) if kept else None}
+    pairs = phase_pairs(result["phases"])
+
+    def grew(name: str, **labels: str) -> float:
+        return (metric_sum(text1, name, **labels) or 0.0) - (metric_sum(text0, name, **labels) or 0.0)
+
+    log_cpu = {part: round(grew("fleet_prediction_log_cpu_seconds_total", model=MODEL, part=part), 3)
+               for part in ("writer", "request_path")}
+    logged = sum(a for a, _ in pairs)
+    unlogged = sum(b for _, b in pairs)
+    used = ClusterCpu.used(c0, c1)
+    # The log's time over the CPU the cluster spent on logged requests (about their share of every answer).
+    share = cpu_share(sum(log_cpu.values()), used * logged / (logged + unlogged)) if logged + unlogged else None
+    monitor_s = grew("fleet_monitor_cpu_seconds_total")
+    out = {"name": name, "seconds": seconds, "phase_s": phase_s, "pairs": pairs, "errors": result["errors"],
+           "non_2xx": sum(p["other"] for p in result["phases"].values()),
+           "log_cpu_s": log_cpu, "cluster_cpu_s": round(used, 2), "log_cpu_share": share,
+           "monitor_share": cpu_share(monitor_s, used), "logged_answers": logged, "unlogged_answers": unlogged,
+           "log_rows": grew("fleet_prediction_log_rows_total", model=MODEL)}
+    ratios = [a / b for a, b in pairs]
+    log(f"  {name}: {len(pairs)} pairs of {phase_s:g} s phases, logged/unlogged mean "
+        f"{statistics.mean(ratios) if ratios else float('nan'):.4f}; the log's own time {log_cpu} s = "
+        f"{share} of the logged requests' cluster CPU")
+    return out
 
 
 def _log_rows_on_disk(data_dir: str) -> int:
@@ -301,7 +319,7 @@ def run_logging_cost(args, log=print) -> dict:
     unlogged_copy(work / "repository")
     body = work / "fraud-json.body"
     body.write_bytes(request_bodies(str(work / "repository"), MODEL, rows=1)["json"][0])
-    clusters = [paired_cluster(work, body, f"c{c + 1}", args.alternations, args.duration, args.connections, log)
+    clusters = [alternating_cluster(work, body, f"c{c + 1}", args.seconds, args.phase, args.connections, log)
                 for c in range(args.clusters)]
     rounds = []
     for r in range(args.rounds):
@@ -313,19 +331,20 @@ def run_logging_cost(args, log=print) -> dict:
     report = {"git_sha": git_sha(), "machine": machine(),
               "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "config": vars(args), "model": MODEL, "unlogged_model": UNLOGGED, "clusters": clusters,
-              "paired": paired_ratios([p for c in clusters for p in c["pairs"]]), "rounds": rounds, "ratio": pair_ratios(rounds) if rounds else {}}
-    on_runs = [run for c in clusters for run in c["runs"] if run["logging"]] + [
-        run for rd in rounds if rd["logging"] for run in rd["runs"]]
-    off_runs = [run for c in clusters for run in c["runs"] if not run["logging"]] + [
-        run for rd in rounds if not rd["logging"] for run in rd["runs"]]
-    report["peak_logged_rps"] = statistics.median(run["throughput_rps"] for run in on_runs)
+              "paired": paired_ratios([p for c in clusters for p in c["pairs"]]), "rounds": rounds,
+              "ratio": pair_ratios(rounds) if rounds else {}, "log_cpu": log_cpu_summary(clusters)}
+    on_runs = [run for rd in rounds if rd["logging"] for run in rd["runs"]]
+    off_runs = [run for rd in rounds if not rd["logging"] for run in rd["runs"]]
+    # The logged peak: answers per second of the logged phases (or of the rounds' logged runs).
+    peaks = [a / c["phase_s"] for c in clusters for a, _ in c["pairs"]] + [run["throughput_rps"] for run in on_runs]
+    report["peak_logged_rps"] = statistics.median(peaks)
     report["cpu"] = {
-        "monitor_share_on": [run["monitor_share"] for run in on_runs],
+        "monitor_share_on": [run["monitor_share"] for run in on_runs] + [c["monitor_share"] for c in clusters],
         "monitor_share_off": [run["monitor_share"] for run in off_runs],
-        "monitor_process_share_on": [run["monitor_process_share"] for run in on_runs],
-        "cluster_cpu_us_per_request_on": statistics.median(run["cluster_cpu_us_per_request"] for run in on_runs),
-        "cluster_cpu_us_per_request_off": statistics.median(run["cluster_cpu_us_per_request"] for run in off_runs),
-        "peak_dropped_rows": sum(run["log_dropped"] or 0 for run in on_runs)}
+        "cluster_cpu_us_per_request_on": statistics.median(run["cluster_cpu_us_per_request"] for run in on_runs)
+        if on_runs else None,
+        "cluster_cpu_us_per_request_off": statistics.median(run["cluster_cpu_us_per_request"] for run in off_runs)
+        if off_runs else None}
     if args.minutes > 0:
         rate = args.sustained_share * report["peak_logged_rps"]
         log(f"sustained: {rate:.0f} req/s ({args.sustained_share:.0%} of the logged peak) for {args.minutes:g} min ...")
@@ -337,10 +356,11 @@ def run_logging_cost(args, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.logging_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 cluster of 6 alternations of 3 s; 1 minute at 80 %%")
-    p.add_argument("--clusters", type=int, default=2, help="clusters of the paired design (each started anew)")
-    p.add_argument("--alternations", type=int, default=16, help="pairs of runs (logged, unlogged) per cluster")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
+    p.add_argument("--quick", action="store_true", help="1 cluster alternating for 60 s; 1 minute at 80 %%")
+    p.add_argument("--clusters", type=int, default=2, help="clusters of the alternating design (each started anew)")
+    p.add_argument("--seconds", type=float, default=300.0, help="seconds of alternating load per cluster")
+    p.add_argument("--phase", type=float, default=2.0, help="seconds per phase of the alternation")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run of --rounds")
     p.add_argument("--rounds", type=int, default=0, help="also the older design: ABBA rounds of clusters with "
                    "the log on and off")
     p.add_argument("--repeats", type=int, default=3, help="wrk runs per cluster of --rounds")
@@ -351,10 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
-        args.clusters, args.alternations = min(args.clusters, 1), min(args.alternations, 6)
-        args.duration = min(args.duration, 3.0)
-    if min(args.clusters, args.alternations) < 1 or args.duration <= 0:
-        p.error("--clusters and --alternations must be >= 1 and --duration > 0")
+        args.clusters, args.seconds = min(args.clusters, 1), min(args.seconds, 60.0)
+    if args.clusters < 1 or args.duration <= 0 or args.phase <= 0 or args.seconds < 3.0 + 8 * args.phase:
+        p.error("--clusters must be >= 1, --duration and --phase > 0, --seconds at least 3 + 8 phases")
     if args.minutes is None:
         args.minutes = 1.0 if args.quick else 10.0
     from benchmarks.wrk import wrk_available

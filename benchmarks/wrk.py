@@ -22,14 +22,18 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from benchmarks.load import LoadResult, count_2xx
 
-__all__ = ["REPORT_SCRIPT", "WrkError", "parse_report", "run_wrk", "wrk_available", "wrk_command"]
+__all__ = ["REPORT_SCRIPT", "ALTERNATE_SCRIPT", "WrkError", "parse_report", "run_wrk", "wrk_available",
+           "wrk_command", "run_alternating", "parse_phases", "phase_pairs"]
 
 REPORT_SCRIPT = Path(__file__).resolve().parent / "lua" / "report.lua"
+ALTERNATE_SCRIPT = Path(__file__).resolve().parent / "lua" / "alternate.lua"
 _MARKER = "WRK_JSON "
+_PHASES = "WRK_PHASES "
 _TRANSPORT_ERRORS = ("connect", "read", "write", "timeout")
 
 
@@ -141,3 +145,53 @@ def run_wrk(
 
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"
+
+
+def parse_phases(output: str) -> dict:
+    """{"phases": {k: {"2xx": n, "other": n}}, "errors": n} from `lua/alternate.lua`'s WRK_PHASES line."""
+    lines = [line for line in output.splitlines() if line.startswith(_PHASES)]
+    if not lines:
+        raise WrkError("wrk printed no WRK_PHASES line")
+    doc = json.loads(lines[-1][len(_PHASES):])
+    return {"phases": {int(k): {"2xx": int(v["2xx"]), "other": int(v["other"])} for k, v in doc["phases"].items()},
+            "errors": int(doc["errors"])}
+
+
+def phase_pairs(phases: dict[int, dict]) -> list[tuple[int, int]]:
+    """[(answers to path A, answers to path B)] of each complete pair of phases (2j, 2j + 1): phase k went to A
+    when k % 4 is 0 or 3 (A B B A ...). The last phase wrk ran is cut short by its end and left out, as is the
+    lead-in (k < 0); so is a pair with a phase that saw no answer at all (the server stalled or stopped)."""
+    last = max((k for k in phases if k >= 0), default=-1)
+    pairs = []
+    for j in range(0, last - 1, 2):  # phases j and j + 1, both before the last one
+        first, second = (phases.get(k, {}).get("2xx", 0) for k in (j, j + 1))
+        if first and second:
+            pairs.append((first, second) if j % 4 == 0 else (second, first))
+    return pairs
+
+
+def run_alternating(base_url: str, body_file: str | Path, path_a: str, path_b: str, duration_s: float,
+                    phase_s: float, connections: int = 64, threads: int = 2, lead_s: float = 3.0,
+                    timeout_s: float = 10.0) -> dict:
+    """POST `body_file` (JSON) to `path_a` and `path_b` of `base_url` in turn over the same `connections`, by
+    wall-clock phases of `phase_s` (A B B A A B B A ...; `path_b` during the first `lead_s`), for `duration_s`;
+    `parse_phases`'s answer counts per phase. One wrk run: the connections, and so where the kernel placed them
+    among the server's processes, are the same for both paths."""
+    if not wrk_available():
+        raise WrkError("wrk is not installed (not on PATH): run `make wrk`")
+    if phase_s <= 0 or duration_s <= lead_s + 4 * phase_s:
+        raise ValueError(f"phase_s must be > 0 and duration_s longer than lead_s + 4 phases, got {duration_s}")
+    start = time.monotonic() + lead_s  # CLOCK_MONOTONIC: the Lua script reads the same clock
+    argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+            "--timeout", f"{max(1, math.ceil(timeout_s))}s", "-s", str(ALTERNATE_SCRIPT), base_url + path_a, "--",
+            str(body_file), path_a, path_b, repr(start), repr(float(phase_s))]
+    budget_s = max(1, round(duration_s)) + max(1, math.ceil(timeout_s)) + 30
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise WrkError(f"wrk did not finish within {budget_s} s: {' '.join(argv)}") from exc
+    try:
+        return parse_phases(proc.stdout)
+    except (WrkError, ValueError, KeyError) as exc:
+        raise WrkError(f"wrk exited with {proc.returncode} and no usable WRK_PHASES report ({exc}); command: "
+                       f"{' '.join(argv)}\nstderr tail:\n{_tail(proc.stderr)}") from exc

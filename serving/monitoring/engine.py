@@ -94,7 +94,7 @@ class MonitoringEngine:
         self.joins: dict[str, ModelJoin] = {}
         self.tasks: dict[str, object] = {}  # model -> LabelSpec
         self.alarms: dict[tuple[str, int, str], dict] = {}  # active alarms
-        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "feedback_labels": {},
+        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "log_cpu": {}, "feedback_labels": {},
                                           "feedback_duplicates": {}, "violations": {}}
         self.log_buffered: dict[str, int] = {}  # replica -> rows buffered now
         self.rollout_labels: dict[tuple[str, int], list[int]] = {}  # joined since taken: [labelled, wrong]
@@ -138,6 +138,8 @@ class MonitoringEngine:
                 # Both counters of a model start together (at 0): Prometheus's increase() sees its first drop.
                 self._bump("log_written", model, int(entry.get("written", 0)))
                 self._bump("log_dropped", model, int(entry.get("dropped", 0)))
+                for part in ("writer", "request_path"):
+                    self._bump("log_cpu", (model, part), int(entry.get(f"{part}_ns", 0)))
             for model, entry in delta.get("feedback", {}).items():
                 self._bump("feedback_labels", model, int(entry.get("labels", 0)))
                 self._bump("feedback_duplicates", model, int(entry.get("duplicates", 0)))

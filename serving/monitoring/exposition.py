@@ -18,6 +18,7 @@ prediction log, feedback, input contracts and retrains. Names, as the shipped al
     fleet_quality_label_cusum{model,version}, fleet_quality_label_cusum_threshold{model,version}
     fleet_prediction_log_rows_total{model}, fleet_prediction_log_dropped_total{model}
     fleet_prediction_log_buffered_rows                      rows the replicas hold, not yet written
+    fleet_prediction_log_cpu_seconds_total{model,part}      the log's own time: part writer, request_path
     fleet_feedback_labels_total{model}, fleet_feedback_duplicates_total{model},
     fleet_feedback_joined_total{model}, fleet_feedback_unmatched_total{model}, fleet_feedback_pending_labels{model}
     fleet_input_violations_total{model,feature,rule}
@@ -156,6 +157,13 @@ class MonitoringCollector:
         yield per_model("fleet_prediction_log_rows", "Prediction-log rows written to Parquet", c["log_written"])
         yield per_model("fleet_prediction_log_dropped", "Prediction-log rows dropped (the sink was too slow or "
                         "failing and the replica's buffer was full)", c["log_dropped"])
+        cpu = CounterMetricFamily("fleet_prediction_log_cpu_seconds", "Time the prediction log took: part "
+                                  "\"writer\", the writer threads' CPU time building and writing Parquet; part "
+                                  "\"request_path\", the request path handing answered batches over",
+                                  labels=["model", "part"])
+        for (model, part), ns in sorted(c["log_cpu"].items()):
+            cpu.add_metric([model, part], ns / 1e9)
+        yield cpu
         buffered = GaugeMetricFamily("fleet_prediction_log_buffered_rows", "Prediction-log rows the ingress "
                                      "replicas hold, not yet written")
         buffered.add_metric([], sum(engine.log_buffered.values()))

@@ -200,6 +200,11 @@ class VersionObserver:
         logged = [p for p in answered if p.meta is not None]
         if not logged:
             return
+        start = time.perf_counter_ns()
+        self._log_logged(logged, batch, outputs, rows, sent_ns, compute_ns)
+        self.log.add_request_path_ns(self.model, time.perf_counter_ns() - start)
+
+    def _log_logged(self, logged: list, batch: list, outputs: Mapping, rows, sent_ns: int, compute_ns: int) -> None:
         if len(logged) != len(batch):  # refused or not sampled requests: their rows leave the record
             rows = _rows_of(batch, {id(p) for p in logged})
         done_ns = time.monotonic_ns()

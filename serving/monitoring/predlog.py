@@ -19,6 +19,11 @@ and reported once in the log (then once a minute while it goes on). Rows whose w
 stay buffered and are written again once the sink recovers. `close` (a graceful stop: `fleet
 down`, a rolling update, a replica drain) writes every buffered row before it returns; what
 cannot be written by then is counted as dropped, never silently lost.
+
+What the log costs is counted per model (`take_counts`, then `fleet_prediction_log_cpu_seconds_total
+{model,part}`): `writer`, the writer thread's CPU time (`time.thread_time`) building and writing the
+tables, shared among the models of a flush by their rows; `request_path`, the time the request path
+spends handing batches over (`VersionObserver` adds it with `add_request_path_ns`).
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class PredictionLog:
         self._seq = 0
         self._written: dict[str, int] = collections.Counter()  # since the last take_counts()
         self._dropped: dict[str, int] = collections.Counter()
+        self._writer_ns: dict[str, int] = collections.Counter()  # the writer thread's CPU time, since take_counts()
+        self._path_ns: dict[str, int] = collections.Counter()  # the request path's hand-over time (its own thread)
         self.written_total: dict[str, int] = collections.Counter()
         self.dropped_total: dict[str, int] = collections.Counter()
         self._last_report: dict[str, float] = {}
@@ -108,13 +115,21 @@ class PredictionLog:
     def buffered_rows(self) -> int:
         return self._rows
 
+    def add_request_path_ns(self, model: str, ns: int) -> None:
+        """Time the request path spent handing `model`'s rows over (called from the event loop's thread only)."""
+        self._path_ns[model] += ns
+
     def take_counts(self) -> dict[str, dict[str, int]]:
-        """{model: {"written": n, "dropped": n}} since the last call (the monitor adds them up)."""
+        """{model: {"written": rows, "dropped": rows, "writer_ns": ns, "request_path_ns": ns}} since the last call
+        (the monitor adds them up). Call it from the thread that calls `add_request_path_ns`."""
+        path, self._path_ns = self._path_ns, collections.Counter()
         with self._cond:
-            models = set(self._written) | set(self._dropped)
-            out = {m: {"written": self._written.get(m, 0), "dropped": self._dropped.get(m, 0)} for m in models}
+            models = set(self._written) | set(self._dropped) | set(self._writer_ns) | set(path)
+            out = {m: {"written": self._written.get(m, 0), "dropped": self._dropped.get(m, 0),
+                       "writer_ns": self._writer_ns.get(m, 0), "request_path_ns": path.get(m, 0)} for m in models}
             self._written.clear()
             self._dropped.clear()
+            self._writer_ns.clear()
         return out
 
     def give_back_counts(self, counts: dict[str, dict[str, int]]) -> None:
@@ -123,6 +138,9 @@ class PredictionLog:
             for model, entry in counts.items():
                 self._written[model] += entry.get("written", 0)
                 self._dropped[model] += entry.get("dropped", 0)
+                self._writer_ns[model] += entry.get("writer_ns", 0)
+        for model, entry in counts.items():
+            self._path_ns[model] += entry.get("request_path_ns", 0)
 
     def _drop(self, model: str, rows: int, why: str) -> None:  # under the lock
         self._dropped[model] += rows
@@ -147,7 +165,7 @@ class PredictionLog:
                 self._flush_now = False
                 batch = list(self._pending)
                 self._pending.clear()
-            failed = self._write(batch) if batch else []
+            failed = self._timed_write(batch) if batch else []
             with self._cond:
                 for record in reversed(failed):  # the oldest first again
                     self._pending.appendleft(record)
@@ -162,6 +180,20 @@ class PredictionLog:
             else:
                 self._retry_s = _RETRY_MIN_S
                 next_flush = self._clock() + self.flush_interval_s
+
+    def _timed_write(self, records: list) -> list:
+        """`_write`, its CPU time counted per model (shared by rows)."""
+        start = time.thread_time_ns()
+        failed = self._write(records)
+        spent = time.thread_time_ns() - start
+        rows: dict[str, int] = collections.Counter()
+        for r in records:
+            rows[r.model] += r.rows
+        total = sum(rows.values())
+        with self._cond:
+            for model, n in rows.items():
+                self._writer_ns[model] += spent * n // total if total else 0
+        return failed
 
     def _write(self, records: list[LogRecord]) -> list[LogRecord]:
         """Write the records, one file per (model, version, date); return those that failed."""

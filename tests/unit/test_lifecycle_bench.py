@@ -11,7 +11,9 @@ from benchmarks.lifecycle_report import auc_checks, detector_delays, lifecycle_g
     stable_false_alarms, window_auc
 from benchmarks.lifecycle_traffic import compact_drift, compact_quality
 from benchmarks.live_cluster import ClusterCpu, CpuReading, metric_sum, metric_values
-from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, pair_ratios, paired_ratios
+from benchmarks.logging_report import cost_goals, cost_markdown, cpu_share, log_cpu_summary, pair_ratios, \
+    paired_ratios
+from benchmarks.wrk import WrkError, parse_phases, phase_pairs
 
 SEND = np.arange(1000) / 100.0  # 100 requests/s for 10 s
 
@@ -167,22 +169,35 @@ def test_paired_ratios_average_each_pairs_ratio_with_a_seeded_bootstrap_interval
     assert paired_ratios([(1.0, 0.0)])["mean"] is None  # no usable pair
 
 
+def _alternating(name: str, pairs: list, writer: float, path: float, cpu: float) -> dict:
+    return {"name": name, "phase_s": 2.0, "pairs": pairs, "non_2xx": 0, "log_cpu_s": {"writer": writer,
+            "request_path": path}, "cluster_cpu_s": cpu, "logged_answers": sum(a for a, _ in pairs),
+            "unlogged_answers": sum(b for _, b in pairs), "log_rows": sum(a for a, _ in pairs),
+            "log_cpu_share": None, "monitor_share": 0.002}
+
+
+def test_the_log_cpu_summary_is_its_time_over_the_cpu_of_the_logged_requests():
+    clusters = [_alternating("c1", [(1000, 1000)], 0.3, 0.1, 40.0), _alternating("c2", [(3000, 1000)], 0.6, 0.2, 80.0)]
+    own = log_cpu_summary(clusters)
+    assert own["seconds"] == {"writer": 0.9, "request_path": 0.3}
+    assert own["share"] == pytest.approx(1.2 / (40.0 * 0.5 + 80.0 * 0.75), abs=1e-5)  # 1.2 s of 80 s
+    assert own["us_per_logged_row"] == 300.0 and own["logged_answers"] == 4000 and own["answers"] == 6000
+
+
 def test_the_paired_cost_is_the_first_goal_and_its_table_shows_each_cluster():
-    runs = [{"alternation": a, "logging": logging, "throughput_rps": rps, "latency_ms": {"p50": 1.0, "p99": p99},
-             "cluster_cpu_us_per_request": cpu, "monitor_share": 0.002, "monitor_process_share": 0.01}
-            for a in range(2) for logging, rps, p99, cpu in ((True, 970.0, 6.0, 101.0), (False, 1000.0, 5.0, 98.0))]
+    clusters = [_alternating("c1", [(1940, 2000), (1940, 2000)], 0.5, 0.1, 20.0)]
     report = {"paired": paired_ratios([(970.0, 1000.0), (970.0, 1000.0)]), "model": "fraud",
-              "unlogged_model": "fraud_unlogged", "clusters": [{"name": "c1", "runs": runs, "median_ratio": 0.97}],
-              "config": {"alternations": 2, "connections": 64, "duration": 5.0},
-              "cpu": {"monitor_share_on": [0.002]}}
+              "unlogged_model": "fraud_unlogged", "clusters": clusters, "log_cpu": log_cpu_summary(clusters),
+              "config": {"seconds": 60.0, "phase": 2.0, "connections": 64}, "cpu": {"monitor_share_on": [0.002]}}
     goals = cost_goals(report)
-    assert goals[0]["value"] == 3.0 and goals[0]["met"] and "2 back-to-back pairs" in goals[0]["goal"]
+    assert goals[0]["value"] == 3.0 and goals[0]["met"] and "2 pairs of alternating phases" in goals[0]["goal"]
     assert len(goals) == 2  # no rounds of clusters: no second cost goal
     wide = cost_goals({"paired": paired_ratios([(990.0, 1000.0), (930.0, 1000.0), (1010.0, 1000.0)])})
     assert wide[0]["value"] < 3.0 and wide[0]["met"] is False  # under the target, but not its interval
     text = cost_markdown({**report, "goals": goals})
-    assert "| c1 | 970 (970-970) | 1000 (1000-1000) | 0.9700 | 6.00 / 5.00 | 101 / 98.00 |" in text
+    assert "| c1 | 2 | 970 | 1,000 | 0.9700 | 0 | 0.5000 / 0.1000 | - |" in text
     assert "the log costs 3.00 % of peak throughput" in text
+    assert "6.09 % of the cluster CPU spent on logged requests" in text  # 0.6 s of 20 s * 3880 / 7880
 
 
 def test_cost_goals_judge_the_ratio_the_cpu_share_drops_and_missing_rows():
@@ -231,3 +246,16 @@ def test_compact_snapshots_keep_ratios_to_the_thresholds():
     q = compact_quality(quality)
     assert q["labels"] == {"joined": 7} and q["versions"]["1"]["cusum_ratio"] == 0.25
     assert q["versions"]["1"]["auc"] == 0.9 and compact_drift(None) == {} and compact_quality(None)["versions"] == {}
+
+
+def test_phase_pairs_follow_the_abba_pattern_and_leave_out_the_lead_in_and_the_cut_last_phase():
+    phases = {-1: {"2xx": 500, "other": 0}, **{k: {"2xx": 1000 + k, "other": 0} for k in range(9)}}
+    # phases 0..7 make 4 pairs; phase 8, the last, is cut short by wrk's end; -1 is the lead-in
+    assert phase_pairs(phases) == [(1000, 1001), (1003, 1002), (1004, 1005), (1007, 1006)]
+    phases[5] = {"2xx": 0, "other": 40}  # a phase with no answer at all: its pair is left out
+    assert phase_pairs(phases) == [(1000, 1001), (1003, 1002), (1007, 1006)]
+    assert phase_pairs({}) == [] and phase_pairs({0: {"2xx": 5, "other": 0}}) == []
+    out = 'x\nWRK_PHASES {"errors":2,"phases":{"0":{"2xx":7,"other":1},"-1":{"2xx":3,"other":0}}}\n'
+    assert parse_phases(out) == {"phases": {0: {"2xx": 7, "other": 1}, -1: {"2xx": 3, "other": 0}}, "errors": 2}
+    with pytest.raises(WrkError):
+        parse_phases("no report")

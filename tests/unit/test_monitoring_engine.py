@@ -55,7 +55,7 @@ def step(rng, rows: int, shift: float = 0.0) -> dict:
         counts.append([0, *inner.tolist(), 0])
     score = [0, *rng.multinomial(rows, np.full(10, 0.1)).tolist(), 0]
     return {"drift": {("m", "1"): {"features": counts, "score": [score], "rows": rows}},
-            "log": {"m": {"written": rows, "dropped": 0}}}
+            "log": {"m": {"written": rows, "dropped": 0, "writer_ns": 1_000_000, "request_path_ns": 250_000}}}
 
 
 def test_stable_steps_stay_quiet_and_a_shift_raises_an_alarm_with_its_evidence(engine_setup):
@@ -79,6 +79,8 @@ def test_stable_steps_stay_quiet_and_a_shift_raises_an_alarm_with_its_evidence(e
     text = actor.render().decode()
     assert 'fleet_drift_alarm{model="m",stream="f0",version="1"} 1.0' in text
     assert 'fleet_prediction_log_rows_total{model="m"} 20000.0' in text
+    assert 'fleet_prediction_log_cpu_seconds_total{model="m",part="writer"} 0.04' in text  # 40 pushes of 1 ms
+    assert 'fleet_prediction_log_cpu_seconds_total{model="m",part="request_path"} 0.01' in text
     assert check_metrics(text) == ""  # promtool check metrics reports nothing
 
 

@@ -22,9 +22,9 @@ class Spec:
     outputs = (TensorSpec("probability", "FP32", (1,)),)
 
 
-def record(n: int, tag: str, version: int = 1, date: str = "2026-12-05") -> LogRecord:
+def record(n: int, tag: str, version: int = 1, date: str = "2026-12-05", model: str = "m") -> LogRecord:
     x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
-    return LogRecord(model="m", version=version, date=date, rows=n, request_ids=[f"{tag}-{i}" for i in range(n)],
+    return LogRecord(model=model, version=version, date=date, rows=n, request_ids=[f"{tag}-{i}" for i in range(n)],
                      request_rows=None, arrival_us=np.full(n, 1_700_000_000_000_000, np.int64),
                      latency_us=np.full(n, 900, np.int64), queue_us=np.full(n, 100, np.int64), compute_us=500,
                      answered_by="model", key_ids=None, inputs={"features": x},
@@ -35,6 +35,7 @@ def make_log(tmp_path: Path, **kw) -> PredictionLog:
     log = PredictionLog(str(tmp_path), "r1", **kw)
     log.register("m", 1, LogSchema(Spec, {"feature_names": ["a", "b", "c"]}))
     log.register("m", 2, LogSchema(Spec, {"feature_names": ["a", "b", "c"]}))
+    log.register("n", 1, LogSchema(Spec, {"feature_names": ["a", "b", "c"]}))
     return log
 
 
@@ -54,7 +55,7 @@ def test_rows_land_in_hive_partitions_as_whole_files_read_back_as_one_table(tmp_
     assert table.num_rows == 12 and sorted(set(table["version"].to_pylist())) == [1, 2]
     rows = dict(zip(zip(table["request_id"].to_pylist(), table["version"].to_pylist()), table["b"].to_pylist()))
     assert rows[("a-1", 1)] == 4.0 and rows[("b-5", 2)] == 16.0  # each row's features, as appended
-    assert log.take_counts() == {"m": {"written": 12, "dropped": 0}} and log.take_counts() == {}
+    assert _rows(log.take_counts()) == {"m": {"written": 12, "dropped": 0}} and log.take_counts() == {}
     log.close()
 
 
@@ -86,14 +87,14 @@ def test_a_stalled_sink_bounds_the_buffer_counts_drops_and_writes_everything_onc
     assert accepted == 5  # 50 rows held, the other 150 dropped
     assert log.buffered_rows == 50
     counts = log.take_counts()
-    assert counts == {"m": {"written": 0, "dropped": 150}}
+    assert _rows(counts) == {"m": {"written": 0, "dropped": 150}}
     blocker.unlink()
     deadline = time.monotonic() + 10  # the writer retries with a growing pause (from 0.5 s)
     while time.monotonic() < deadline and log.buffered_rows:
         time.sleep(0.05)
     assert log.buffered_rows == 0
     table = ds.dataset(tmp_path / "traffic" / "m", partitioning="hive").to_table()
-    assert table.num_rows == 50 and log.take_counts() == {"m": {"written": 50, "dropped": 0}}
+    assert table.num_rows == 50 and _rows(log.take_counts()) == {"m": {"written": 50, "dropped": 0}}
     log.close()
 
 
@@ -118,10 +119,30 @@ def test_counts_handed_back_after_a_failed_push_go_out_with_the_next(tmp_path):
     log = make_log(tmp_path, flush_rows=1, flush_interval_s=60)
     log.append(record(2, "a"))
     assert log.flush(5)
+    log.add_request_path_ns("m", 700)
     counts = log.take_counts()
     log.give_back_counts(counts)
-    assert log.take_counts() == {"m": {"written": 2, "dropped": 0}}
+    assert log.take_counts() == counts and _rows(counts) == {"m": {"written": 2, "dropped": 0}}
+    assert counts["m"]["request_path_ns"] == 700 and counts["m"]["writer_ns"] > 0
     log.close()
+
+
+def test_the_writers_cpu_time_is_counted_per_model_by_rows(tmp_path):
+    log = make_log(tmp_path, flush_rows=10_000, flush_interval_s=60)
+    log.append(record(300, "a"))
+    log.append(record(100, "b", model="n"))
+    assert log.flush(10)
+    counts = log.take_counts()
+    writer = {m: counts[m]["writer_ns"] for m in ("m", "n")}
+    assert writer["m"] > 0 and writer["n"] > 0
+    assert 2.9 <= writer["m"] / writer["n"] <= 3.1  # one flush's CPU time, shared 300 : 100 rows
+    assert log.take_counts() == {}  # taken once
+    log.close()
+
+
+def _rows(counts: dict) -> dict:
+    """take_counts() without the CPU times."""
+    return {m: {k: c[k] for k in ("written", "dropped")} for m, c in counts.items()}
 
 
 def test_bad_sizes_are_refused():

@@ -1,7 +1,7 @@
 """`python -m benchmarks.protocols`: gRPC against HTTP on the same cluster, in the same run.
 
-    python -m benchmarks.protocols             # 4 rounds of 8 s per point (about 4 minutes)
-    python -m benchmarks.protocols --quick     # 2 rounds of 4 s
+    python -m benchmarks.protocols             # 4 rounds of 8 s per point, 2 alternating runs of 120 s (about 8 minutes)
+    python -m benchmarks.protocols --quick     # 2 rounds of 4 s, alternating runs of 30 s
 
 One fleet cluster (the defaults: fleet's HTTP listener and the gRPC listener in each ingress
 replica, fraud colocated) serves the `fraud` model trained into a fresh repository. Each round
@@ -16,8 +16,8 @@ with the success count fleet's statistics gained over it.
 
 Goals (issue 17): gRPC throughput at 64 >= 1.0 x HTTP binary; gRPC p50 at 1 connection <= HTTP's.
 Then the response cache's and tracing's rows (`benchmarks.protocols_extra`: a cache hit's server-side
-time, hits against computed requests at 64 connections, a cluster tracing every request against one
-tracing none). Writes report.json and summary.md into --out (default
+time; hits against computed requests, and traced against untraced requests, each alternating by
+phases on the same 64 connections). Writes report.json and summary.md into --out (default
 benchmarks/results/protocols/<timestamp>/).
 """
 
@@ -36,7 +36,8 @@ import httpx
 
 from benchmarks.h2load import run_h2load
 from benchmarks.live_cluster import start_cluster
-from benchmarks.protocols_extra import CACHED, OtlpSink, cache_hit_latency, publish_cached
+from benchmarks.protocols_extra import CACHED, cache_alternating, cache_hit_latency, publish_cached, \
+    tracing_alternating
 from benchmarks.report import git_sha, machine
 from benchmarks.wrk import run_wrk
 
@@ -94,7 +95,8 @@ def _point(kind: str, settings, body: Path, header_length: int, message: bytes, 
             "latency_ms": {k: doc["latency_ms"][k] for k in ("p50", "p90", "p99")}, "fleet_successes": counted}
 
 
-def run_protocols(work: Path, rounds: int, duration_s: float, log=print) -> dict:
+def run_protocols(work: Path, rounds: int, duration_s: float, alt_seconds: float = 60.0, phase_s: float = 2.0,
+                  log=print) -> dict:
     from benchmarks.bodies import request_bodies
     from cluster.config import FleetSettings
     from training.bootstrap import bootstrap
@@ -112,7 +114,7 @@ def run_protocols(work: Path, rounds: int, duration_s: float, log=print) -> dict
     base = FleetSettings(repository=str(work / "repository"), state_dir=str(work / "state"),
                          log_predictions=False, retrain_after_s=None, response_cache_bytes=64 << 20)
     cluster, settings = start_cluster(base, log=log)
-    runs, cache_runs = [], []
+    runs = []
     try:
         _check_grpc(f"{settings.host}:{settings.grpc_port}", message)
         run_wrk(f"{settings.url}/v2/models/{MODEL}/infer", body, header_length, connections=16, duration_s=3)
@@ -128,62 +130,33 @@ def run_protocols(work: Path, rounds: int, duration_s: float, log=print) -> dict
                         f"p50 {point['latency_ms']['p50']:.3f} ms  p99 {point['latency_ms']['p99']:.2f} ms  "
                         f"(fleet counted {point['fleet_successes']} of {point['requests']})")
                     time.sleep(0.5)
-        for r in range(rounds):
-            for model in ((CACHED, MODEL) if r % 2 == 0 else (MODEL, CACHED)):
-                result = run_wrk(f"{settings.url}/v2/models/{model}/infer", body, header_length, connections=64,
-                                 threads=2, duration_s=duration_s).to_dict()
-                cache_runs.append({"round": r, "model": model, "throughput_rps": round(result["throughput_rps"], 1),
-                                   "statuses": result["statuses"], "p50_ms": result["latency_ms"]["p50"]})
-                log(f"  round {r} {model:12s} c=64: {result['throughput_rps']:8.0f} req/s")
-                time.sleep(0.5)
+        log(f"cache: {CACHED} against {MODEL}, alternating by {phase_s:g} s phases for {alt_seconds:g} s ...")
+        cache = cache_alternating(settings, body, header_length, alt_seconds, phase_s)
+        log(f"  hits / computed: mean {cache['mean']} (95 % interval {cache['ci95']}) over {cache['n']} pairs")
     finally:
         cluster.stop()
-    tracing_runs = _tracing_rounds(base, body, header_length, rounds, duration_s, log)
-    return {"runs": runs, "cache_server_side": hit_latency, "cache_runs": cache_runs, "tracing_runs": tracing_runs,
-            "goals": goals(runs) + extra_goals(hit_latency, cache_runs, tracing_runs)}
+    log(f"tracing: traced against untraced requests, alternating for {alt_seconds:g} s ...")
+    tracing = tracing_alternating(base, body, header_length, alt_seconds, phase_s, log)
+    log(f"  traced / untraced: mean {tracing['mean']} (95 % interval {tracing['ci95']}) over {tracing['n']} pairs, "
+        f"{tracing['otlp_requests']} OTLP exports")
+    return {"runs": runs, "cache_server_side": hit_latency, "cache": cache, "tracing": tracing,
+            "goals": goals(runs) + extra_goals(hit_latency, cache, tracing)}
 
 
-def _tracing_rounds(base, body: Path, header_length: int, rounds: int, duration_s: float, log) -> list[dict]:
-    """Clusters tracing no request and every request (OTLP to a sink here), off/on/on/off ...; wrk at 64."""
-    sink = OtlpSink()
-    out = []
-    try:
-        for r in range(rounds):
-            for ratio in ((0.0, 1.0) if r % 2 == 0 else (1.0, 0.0)):
-                settings = base.model_copy(update={"tracing_sample_ratio": ratio,
-                                                   "otlp_endpoint": sink.endpoint if ratio else None})
-                cluster, settings = start_cluster(settings, log=log)
-                try:
-                    url = f"{settings.url}/v2/models/{MODEL}/infer"
-                    run_wrk(url, body, header_length, connections=16, duration_s=3)  # warm-up
-                    before = sink.requests
-                    result = run_wrk(url, body, header_length, connections=64, threads=2,
-                                     duration_s=duration_s).to_dict()
-                finally:
-                    cluster.stop()
-                out.append({"round": r, "tracing_sample_ratio": ratio,
-                            "throughput_rps": round(result["throughput_rps"], 1), "statuses": result["statuses"],
-                            "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
-                            "otlp_requests": sink.requests - before})
-                log(f"  round {r} tracing {ratio:.0%}: {result['throughput_rps']:8.0f} req/s "
-                    f"({out[-1]['otlp_requests']} OTLP exports)")
-    finally:
-        sink.stop()
-    return out
+def extra_goals(hit: dict, cache: dict, tracing: dict) -> list[dict]:
+    """The cache's and tracing's goals; a ratio's goal is met when its whole 95 % interval meets it."""
+    def low(doc):
+        return (doc.get("ci95") or [None])[0]
 
-
-def extra_goals(hit: dict, cache_runs: list[dict], tracing_runs: list[dict]) -> list[dict]:
-    cached = statistics.median(r["throughput_rps"] for r in cache_runs if r["model"] == CACHED)
-    computed = statistics.median(r["throughput_rps"] for r in cache_runs if r["model"] == MODEL)
-    off = statistics.median(r["throughput_rps"] for r in tracing_runs if r["tracing_sample_ratio"] == 0)
-    on = statistics.median(r["throughput_rps"] for r in tracing_runs if r["tracing_sample_ratio"] == 1)
     return [
         {"goal": "cache hit, server side: p50 <= 0.1 ms", "hit_p50_us": hit["hit"]["p50_us"],
          "computed_p50_us": hit["computed"]["p50_us"], "met": hit["hit"]["p50_us"] <= 100},
-        {"goal": "cache hits at 64 connections >= 2 x misses (fraud computed)", "hits_rps": cached,
-         "computed_rps": computed, "ratio": round(cached / computed, 3), "met": cached >= 2 * computed},
-        {"goal": "tracing every request costs <= 10 % of throughput", "off_rps": off, "on_rps": on,
-         "ratio": round(on / off, 3), "met": on >= 0.9 * off},
+        {"goal": "cache hits at 64 connections >= 2 x misses (fraud computed; alternating phases)",
+         "hits_rps": cache["a_rps"], "computed_rps": cache["b_rps"], "ratio": cache["mean"], "ci95": cache["ci95"],
+         "pairs": cache["n"], "met": low(cache) is not None and low(cache) >= 2.0},
+        {"goal": "tracing every request costs <= 10 % of throughput (traced / untraced, alternating phases)",
+         "traced_rps": tracing["a_rps"], "untraced_rps": tracing["b_rps"], "ratio": tracing["mean"],
+         "ci95": tracing["ci95"], "pairs": tracing["n"], "met": low(tracing) is not None and low(tracing) >= 0.9},
     ]
 
 
@@ -220,12 +193,14 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {name} | {connections} | {_median(runs, kind, connections, lambda r: r['throughput_rps']):,.0f} "
                          f"| {_median(runs, kind, connections, lambda r: r['latency_ms']['p50']):.3f} "
                          f"| {_median(runs, kind, connections, lambda r: r['latency_ms']['p99']):.2f} |")
-    if report.get("cache_runs"):
-        lines += ["", "| response cache and tracing (HTTP binary, wrk, 64 connections) | median req/s |", "|---|---|"]
-        for model, name in ((MODEL, "fraud, computed (no cache)"), (CACHED, "fraud_cached, every request a hit")):
-            lines.append(f"| {name} | {statistics.median(r['throughput_rps'] for r in report['cache_runs'] if r['model'] == model):,.0f} |")
-        for ratio, name in ((0.0, "tracing off"), (1.0, "tracing every request (OTLP/HTTP)")):
-            lines.append(f"| fraud, {name} | {statistics.median(r['throughput_rps'] for r in report['tracing_runs'] if r['tracing_sample_ratio'] == ratio):,.0f} |")
+    if report.get("cache"):
+        lines += ["", "| HTTP binary, wrk, 64 connections, alternating phases | A req/s | B req/s | A / B: mean (95 % "
+                  "interval), pairs |", "|---|---:|---:|---|"]
+        for doc, name in ((report["cache"], "A `fraud_cached`, every request a hit; B `fraud` computed"),
+                          (report["tracing"], "A every request traced (OTLP/HTTP); B none")):
+            ci = doc.get("ci95") or [None, None]
+            lines.append(f"| {name} | {doc['a_rps']:,.0f} | {doc['b_rps']:,.0f} | {doc['mean']} ({ci[0]} to {ci[1]}), "
+                         f"{doc['n']} |")
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     for g in report["goals"]:
         facts = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("goal", "met"))
@@ -238,14 +213,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per point")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 s")
+    parser.add_argument("--alternate", type=float, default=120.0, help="seconds of each alternating run (cache, "
+                        "tracing)")
+    parser.add_argument("--phase", type=float, default=2.0, help="seconds per phase of the alternating runs")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 s, alternating runs of 30 s")
     parser.add_argument("--out", type=Path, help=f"default {RESULTS}/<timestamp>/")
     args = parser.parse_args(argv)
     rounds, duration = (2, 4.0) if args.quick else (args.rounds, args.duration)
+    alt_seconds = 30.0 if args.quick else args.alternate
     out = args.out or RESULTS / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="fleet-protocols-") as tmp:
-        report = run_protocols(Path(tmp), rounds, duration)
-    report.update(git_sha=git_sha(), machine=machine(), rounds=rounds, duration_s=duration)
+        report = run_protocols(Path(tmp), rounds, duration, alt_seconds, args.phase)
+    report.update(git_sha=git_sha(), machine=machine(), rounds=rounds, duration_s=duration, alternate_s=alt_seconds,
+                  phase_s=args.phase)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "summary.md").write_text(summary_markdown(report))

@@ -4,13 +4,18 @@
   `ModelRunner`, the colocated path), the binary request of the throughput runs, timed per call
   (decode, validate, key, lookup, encode: everything but the socket) over `calls` calls of a hit and
   of a computed request. Goal: p50 of a hit <= 0.1 ms.
-- Cache, cluster: wrk at 64 connections on `fraud_cached` (the same file, `response_cache { enable:
-  true }`; one body, so every request after each replica's first is a hit) against `fraud` (every
-  request computed: what a miss costs, less the key and store, about 10 µs), ABBA in one cluster.
-  Goal: hits >= 2 x misses.
-- Tracing: clusters started with `tracing_sample_ratio` 0 (off) and 1 (every request traced, spans
-  sent as OTLP/HTTP to a sink in this process that reads and discards them), off/on/on/off, wrk at
-  64 connections on `fraud`. Goals: on >= 0.9 x off.
+- Cache, cluster: one wrk run at 64 connections alternating by phases of a few seconds (A B B A ...,
+  `benchmarks.wrk.run_alternating`) between `fraud_cached` (the same file, `response_cache { enable:
+  true }`; one body, so every request after each replica's first is a hit) and `fraud` (every
+  request computed: what a miss costs, less the key and store, about 10 µs). Each pair of phases
+  gives a ratio; their mean with a 95 % bootstrap interval. Goal: hits >= 2 x misses.
+- Tracing: a cluster tracing every request that carries a sampled W3C `traceparent` (and, at
+  `tracing_sample_ratio` 1e-6, practically no other), spans sent as OTLP/HTTP to a sink in this
+  process that reads and discards them; one wrk run alternating between requests with that header
+  (traced) and without (not traced) on the same connections, as above. Goal: the traced phases
+  answer >= 0.9 x the untraced ones, met when the interval's lower end is. A client's traceparent
+  is parsed on top of what a new trace costs, so this errs toward a higher cost. (The clusters
+  started with tracing off and on that this replaced differed by 10-20 % from one start to the next.)
 """
 
 from __future__ import annotations
@@ -22,9 +27,64 @@ import time
 
 import numpy as np
 
-__all__ = ["publish_cached", "cache_hit_latency", "OtlpSink"]
+__all__ = ["publish_cached", "cache_hit_latency", "OtlpSink", "cache_alternating", "tracing_alternating",
+           "TRACEPARENT"]
 
 CACHED = "fraud_cached"
+# A sampled W3C traceparent (the spec's example): every request carrying it is traced.
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+_BINARY = "application/octet-stream"
+
+
+def _alternating(settings, path_a: str, path_b: str, body, header_length: int, seconds: float, phase_s: float,
+                 header_a=None) -> dict:
+    """One alternating wrk run of binary-tensor bodies; its pairs (A, B) and their ratios' statistics."""
+    from benchmarks.logging_report import paired_ratios
+    from benchmarks.wrk import phase_pairs, run_alternating
+
+    result = run_alternating(settings.url, body, path_a, path_b, seconds, phase_s, header_a=header_a,
+                             headers={"Content-Type": _BINARY, "Inference-Header-Content-Length": str(header_length)})
+    pairs = phase_pairs(result["phases"])
+    stats = paired_ratios(pairs)
+    return {"seconds": seconds, "phase_s": phase_s, "pairs": pairs, "errors": result["errors"],
+            "non_2xx": sum(p["other"] for p in result["phases"].values()),
+            "a_rps": round(sum(a for a, _ in pairs) / (phase_s * len(pairs)), 1) if pairs else None,
+            "b_rps": round(sum(b for _, b in pairs) / (phase_s * len(pairs)), 1) if pairs else None,
+            **{k: stats[k] for k in ("n", "mean", "median", "sd", "ci95")}}
+
+
+def cache_alternating(settings, body, header_length: int, seconds: float, phase_s: float, model: str = "fraud") -> dict:
+    """Hits (`CACHED`) against computed requests (`model`) alternating on the same connections of a running
+    cluster: `mean` is hits / computed."""
+    return _alternating(settings, f"/v2/models/{CACHED}/infer", f"/v2/models/{model}/infer", body, header_length,
+                        seconds, phase_s)
+
+
+def tracing_alternating(base, body, header_length: int, seconds: float, phase_s: float, log=print,
+                        model: str = "fraud") -> dict:
+    """A cluster of `base` settings tracing the requests that carry TRACEPARENT (to an OtlpSink), alternating
+    traced and untraced requests on the same connections: `mean` is traced / untraced."""
+    from benchmarks.live_cluster import start_cluster
+    from benchmarks.wrk import run_wrk
+
+    sink = OtlpSink()
+    try:
+        settings = base.model_copy(update={"tracing_sample_ratio": 1e-6, "otlp_endpoint": sink.endpoint})
+        cluster, settings = start_cluster(settings, log=log)
+        try:
+            path = f"/v2/models/{model}/infer"
+            run_wrk(settings.url + path, body, header_length, connections=16, duration_s=3,
+                    headers={"traceparent": TRACEPARENT})  # warm-up, the export path too
+            before = (sink.requests, sink.bytes)
+            out = _alternating(settings, path, path, body, header_length, seconds, phase_s,
+                               header_a=("traceparent", TRACEPARENT))
+            time.sleep(1.5)  # the replicas' last exports (every 0.5 s)
+        finally:
+            cluster.stop()
+        out.update(otlp_requests=sink.requests - before[0], otlp_bytes=sink.bytes - before[1])
+    finally:
+        sink.stop()
+    return out
 
 
 def publish_cached(repository: str, model: str = "fraud") -> None:

@@ -172,19 +172,26 @@ def phase_pairs(phases: dict[int, dict]) -> list[tuple[int, int]]:
 
 def run_alternating(base_url: str, body_file: str | Path, path_a: str, path_b: str, duration_s: float,
                     phase_s: float, connections: int = 64, threads: int = 2, lead_s: float = 3.0,
-                    timeout_s: float = 10.0) -> dict:
+                    timeout_s: float = 10.0, header_a: tuple[str, str] | None = None,
+                    headers: dict[str, str] | None = None) -> dict:
     """POST `body_file` (JSON) to `path_a` and `path_b` of `base_url` in turn over the same `connections`, by
     wall-clock phases of `phase_s` (A B B A A B B A ...; `path_b` during the first `lead_s`), for `duration_s`;
     `parse_phases`'s answer counts per phase. One wrk run: the connections, and so where the kernel placed them
-    among the server's processes, are the same for both paths."""
+    among the server's processes, are the same for both paths. `header_a` (name, value): a header only the
+    requests to `path_a` carry (the paths may then be equal); `headers`: on every request (a Content-Type and
+    Inference-Header-Content-Length here send binary-tensor bodies)."""
     if not wrk_available():
         raise WrkError("wrk is not installed (not on PATH): run `make wrk`")
     if phase_s <= 0 or duration_s <= lead_s + 4 * phase_s:
         raise ValueError(f"phase_s must be > 0 and duration_s longer than lead_s + 4 phases, got {duration_s}")
     start = time.monotonic() + lead_s  # CLOCK_MONOTONIC: the Lua script reads the same clock
     argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-            "--timeout", f"{max(1, math.ceil(timeout_s))}s", "-s", str(ALTERNATE_SCRIPT), base_url + path_a, "--",
-            str(body_file), path_a, path_b, repr(start), repr(float(phase_s))]
+            "--timeout", f"{max(1, math.ceil(timeout_s))}s", "-s", str(ALTERNATE_SCRIPT)]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv += [base_url + path_a, "--", str(body_file), path_a, path_b, repr(start), repr(float(phase_s))]
+    if header_a is not None:
+        argv.append(f"{header_a[0]}: {header_a[1]}")
     budget_s = max(1, round(duration_s)) + max(1, math.ceil(timeout_s)) + 30
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False)

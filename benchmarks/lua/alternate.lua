@@ -1,8 +1,10 @@
 -- POST one body to two paths in turn, by wall-clock phase, over the same connections, and count the
 -- answers of each phase. Print ONE machine-readable line at the end:
 --   WRK_PHASES {"errors":n,"phases":{"<k>":{"2xx":n,"other":n},..}}
--- wrk -t2 -c64 -d60s -s benchmarks/lua/alternate.lua URL -- BODY_FILE PATH_A PATH_B START PHASE_S
--- START: CLOCK_MONOTONIC seconds (Python's time.monotonic()) at which phase 0 begins; PHASE_S: its length.
+-- wrk -t2 -c64 -d60s -s benchmarks/lua/alternate.lua URL -- BODY_FILE PATH_A PATH_B START PHASE_S [HEADER_A]
+-- START: CLOCK_MONOTONIC seconds (Python's time.monotonic()) at which phase 0 begins; PHASE_S: its length;
+-- HEADER_A ("Name: value"): a header only the requests to PATH_A carry (the paths may then be the same).
+-- The body is JSON unless -H set a Content-Type (and Inference-Header-Content-Length for binary tensors).
 -- Phase k (k >= 0) goes to PATH_A when k % 4 is 0 or 3 and to PATH_B otherwise (A B B A A B B A ...: each
 -- pair of phases (2j, 2j+1) is AB or BA, so a trend over the run cancels in the pairs); before START, PATH_B.
 -- An answer counts in the phase it arrives in (a request in flight at a switch is answered in the next phase:
@@ -34,8 +36,12 @@ function init(args)
   local headers = {}
   for k, v in pairs(wrk.headers) do headers[k] = v end
   headers["Content-Type"] = headers["Content-Type"] or "application/json"
-  req_a = wrk.format("POST", args[2], headers, body)
   req_b = wrk.format("POST", args[3], headers, body)
+  if args[6] ~= nil and args[6] ~= "" then
+    local name, value = string.match(args[6], "^([^:]+):%s*(.*)$")
+    headers[name] = value
+  end
+  req_a = wrk.format("POST", args[2], headers, body)
   start = tonumber(args[4])
   phase_s = tonumber(args[5])
 end

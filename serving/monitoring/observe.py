@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 
 import native
-from serving.monitoring.logrows import BatchRecord, concat_rows
+from serving.monitoring.logrows import BatchRecord, concat_rows, request_bytes
 from serving.monitoring.reference import pca_arrays, row_scores
 
 __all__ = ["request_meta", "answered_by_fallback", "VersionObserver", "DriftReference"]
@@ -122,7 +122,7 @@ class VersionObserver:
     """Drift counts and prediction-log records of one model version's answered batches (`Batcher.observe`)."""
 
     def __init__(self, model: str, version: int, reference: DriftReference | None, recorder, log=None,
-                 image_inputs: tuple[str, ...] = ()):
+                 image_inputs: tuple[str, ...] = (), *, fixed_rows: bool = False):
         self.model = model
         self.version = version
         self.tag = str(version)
@@ -130,6 +130,9 @@ class VersionObserver:
         self.recorder = recorder
         self.log = log
         self.image_inputs = image_inputs
+        self._input_names: tuple[str, ...] | None = None  # learnt from the first logged request
+        self._fixed_rows = fixed_rows  # every input of a fixed shape: each row of them the same bytes
+        self._row_bytes: int | None = None  # those bytes; None: each record counts its arrays
         self._pending: dict[str, list] = {"features": [], "score": [], "pca": []}  # rows not yet counted
         self._pending_rows = 0
 
@@ -197,22 +200,57 @@ class VersionObserver:
         self.recorder.drift(self.model, self.tag, counts, n)
 
     def _log(self, answered: list, batch: list, outputs: Mapping, rows, sent_ns: int, compute_ns: int) -> None:
-        logged = [p for p in answered if p.meta is not None]
+        """Hand the logged requests of an answered batch to the prediction log: one pass over them, no copy of
+        their inputs (the writer thread concatenates them), the time it took counted as the log's own. At peak
+        most batches hold a request or two: this runs about once per request, so every step counts."""
+        start = time.perf_counter_ns()
+        logged, metas, enqueued = [], [], []
+        plain, flagged, total = True, False, 0
+        for p in answered:
+            meta = p.meta
+            if meta is None:
+                continue
+            logged.append(p)
+            metas.append(meta)
+            enqueued.append(p.enqueued_ns)
+            total += p.rows
+            if len(meta) != 2:
+                plain = False
+            if p.flags is not None:
+                flagged = True
         if not logged:
             return
-        start = time.perf_counter_ns()
-        self._log_logged(logged, batch, outputs, rows, sent_ns, compute_ns)
-        self.log.add_request_path_ns(self.model, time.perf_counter_ns() - start)
-
-    def _log_logged(self, logged: list, batch: list, outputs: Mapping, rows, sent_ns: int, compute_ns: int) -> None:
         if len(logged) != len(batch):  # refused or not sampled requests: their rows leave the record
             rows = _rows_of(batch, {id(p) for p in logged})
         done_ns = time.monotonic_ns()
-        selected = {name: (arr if rows is None else np.asarray(arr)[rows]) for name, arr in outputs.items()}
-        if all(len(p.meta) == 2 for p in logged):  # the common case: no key, answered by the model itself
-            self.log.append(self._record(self.model, self.version, logged, selected, sent_ns, compute_ns, done_ns))
-            return
-        # Keys, or a fallback's batch mixing its own requests with another model's: one record per model asked.
+        selected = outputs if rows is None else {name: np.asarray(arr)[rows] for name, arr in outputs.items()}
+        if plain:  # the common case: no key, answered by the model itself
+            names = self._input_names
+            if names is None:
+                names = self._learn_inputs(logged[0])
+            n = len(logged)
+            if len(names) == 1:
+                inputs = {names[0]: [p.inputs[names[0]] for p in logged]}
+            else:
+                inputs = {name: [p.inputs[name] for p in logged] for name in names}
+            self.log.append(BatchRecord(
+                self.model, self.version, total, metas, enqueued, [p.rows for p in logged] if total != n else None,
+                sent_ns, compute_ns, done_ns, inputs, selected, self._violations(logged) if flagged else None,
+                self.image_inputs, None if self._row_bytes is None else request_bytes(len(names), n, total,
+                                                                                       self._row_bytes)))
+        else:
+            self._log_by_model(logged, selected, sent_ns, compute_ns, done_ns)
+        self.log.add_request_path_ns(self.model, time.perf_counter_ns() - start)
+
+    def _learn_inputs(self, p) -> tuple[str, ...]:
+        """The version's input names (in the requests' order) and, for fixed shapes, the bytes of a row of them."""
+        names = self._input_names = tuple(p.inputs)
+        if self._fixed_rows and p.rows > 0:
+            self._row_bytes = sum(np.asarray(p.inputs[name]).nbytes for name in names) // p.rows
+        return names
+
+    def _log_by_model(self, logged: list, selected: dict, sent_ns: int, compute_ns: int, done_ns: int) -> None:
+        """Keys, or a fallback's batch mixing its own requests with another model's: one record per model asked."""
         by_model: dict[tuple[str, int], list] = {}
         spans: dict[tuple[str, int], list] = {}
         offset = 0
@@ -227,21 +265,21 @@ class VersionObserver:
                 name: np.asarray(arr)[np.concatenate(spans[key])] for name, arr in selected.items()}
             self.log.append(self._record(key[0], key[1], requests, part, sent_ns, compute_ns, done_ns))
 
+    @staticmethod
+    def _violations(requests: list) -> np.ndarray:
+        return np.concatenate([p.flags.rows if p.flags is not None else np.full(p.rows, None, object)
+                               for p in requests])
+
     def _record(self, model: str, version: int, requests: list, outputs: dict, sent_ns: int, compute_ns: int,
                 done_ns: int) -> BatchRecord:
-        """The batch as the writer thread takes it: the requests' context tuples and enqueue times, one compact
-        array per input (the requests' own arrays are freed with the batch), the outputs. The writer derives
-        every per-row column from these."""
-        violations = None
-        if any(p.flags is not None for p in requests):
-            violations = np.concatenate([p.flags.rows if p.flags is not None else np.full(p.rows, None, object)
-                                         for p in requests])
+        """The batch as the writer thread takes it: the requests' context tuples and enqueue times, their input
+        arrays as they are, the outputs. The writer derives every per-row column from these."""
+        violations = self._violations(requests) if any(p.flags is not None for p in requests) else None
         rows = sum(p.rows for p in requests)
         return BatchRecord(
             model, version, rows, [p.meta for p in requests], [p.enqueued_ns for p in requests],
             [p.rows for p in requests] if rows != len(requests) else None, sent_ns, compute_ns, done_ns,
-            {name: concat_rows([p.inputs[name] for p in requests], name in self.image_inputs)
-             for name in requests[0].inputs},
-            outputs, violations)
+            {name: [p.inputs[name] for p in requests] for name in requests[0].inputs}, outputs, violations,
+            self.image_inputs)
 
 

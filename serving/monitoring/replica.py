@@ -17,7 +17,7 @@ import numpy as np
 
 from serving.errors import ModelUnavailable, RepositoryError
 from serving.monitoring.feedback import LabelSpec, LabelWriter, labels_spec, parse_feedback
-from serving.monitoring.logrows import BatchRecord, LogSchema, concat_rows, sampled
+from serving.monitoring.logrows import BatchRecord, LogSchema, sampled
 from serving.monitoring.observe import DriftReference, VersionObserver, request_meta
 from serving.registry import ModelRepository
 
@@ -103,9 +103,8 @@ class ReplicaMonitoring:
         images = _image_inputs(spec)
         rows = len(next(iter(outputs.values()))) if outputs else 0
         now = time.monotonic_ns()
-        self.log.append(BatchRecord(
-            spec.name, version, rows, [meta], [start_ns], [rows] if rows != 1 else None, now, 0, now,
-            {name: concat_rows([arr], name in images) for name, arr in inputs.items()}, outputs))
+        self.log.append(BatchRecord(spec.name, version, rows, [meta], [start_ns], [rows] if rows != 1 else None, now,
+                                    0, now, {name: [arr] for name, arr in inputs.items()}, outputs, images=images))
 
     def new_request_id(self) -> str:
         """A fresh request id (this replica's prefix and a counter), for a request that came without one."""
@@ -124,7 +123,9 @@ class ReplicaMonitoring:
             model_input=getattr(preprocessor, "input_name", None) if reference is not None else None,
         )
         self.schema(spec, version)  # registered with the log before its first record
-        observer = VersionObserver(spec.name, version, drift, self.recorder, self.log, _image_inputs(spec))
+        images = _image_inputs(spec)
+        observer = VersionObserver(spec.name, version, drift, self.recorder, self.log, images,
+                                   fixed_rows=not images and all(-1 not in t.dims for t in spec.inputs))
         self._observers.append(observer)
         return observer
 

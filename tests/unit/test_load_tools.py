@@ -319,3 +319,21 @@ def test_plots_survive_empty_inputs(tmp_path):
     _assert_png(plot_batch_sizes({}, tmp_path / "b.png"))
     _assert_png(plot_step_load({}, None, tmp_path / "c.png"))
     _assert_png(plot_step_load({"p": [{"rate_rps": 10, "throughput_rps": None, "latency_ms": None}]}, 20, tmp_path / "d.png"))
+
+
+def test_the_cache_and_tracing_goals_are_met_only_when_their_whole_interval_is():
+    from benchmarks.protocols import extra_goals
+
+    hit = {"hit": {"p50_us": 38.0}, "computed": {"p50_us": 550.0}}
+
+    def alt(mean, low, high):
+        return {"a_rps": 2000.0 * mean, "b_rps": 2000.0, "mean": mean, "ci95": [low, high], "n": 30}
+
+    goals = extra_goals(hit, alt(2.1, 2.02, 2.2), alt(0.93, 0.91, 0.95))
+    assert [g["met"] for g in goals] == [True, True, True]
+    goals = extra_goals(hit, alt(2.1, 1.98, 2.2), alt(0.93, 0.89, 0.97))  # means pass, intervals do not
+    assert [g["met"] for g in goals] == [True, False, False]
+    assert goals[1]["ratio"] == 2.1 and goals[2]["ci95"] == [0.89, 0.97]
+    empty = {"a_rps": None, "b_rps": None, "mean": None, "ci95": None, "n": 0}
+    assert [g["met"] for g in extra_goals({"hit": {"p50_us": 200.0}, "computed": {"p50_us": 1.0}}, empty, empty)] \
+        == [False, False, False]

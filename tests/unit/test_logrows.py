@@ -98,8 +98,9 @@ def _batch(model, version, metas, x, out, *, request_rows=None, violations=None,
     from serving.monitoring.logrows import BatchRecord
 
     n = len(metas)
+    parts = np.split(x, np.cumsum(request_rows or [1] * n)[:-1])  # each request's own array, as the batcher has them
     return BatchRecord(model, version, len(x), metas, [start_ns + 10_000 * i for i in range(n)], request_rows,
-                       start_ns + 900_000, 250_000 + n * 1_000, start_ns + 1_400_000, {"features": x},
+                       start_ns + 900_000, 250_000 + n * 1_000, start_ns + 1_400_000, {"features": parts},
                        {"probability": out}, violations)
 
 
@@ -152,3 +153,16 @@ def test_a_flush_across_midnight_keeps_each_batch_in_its_own_days_partition():
                       start_ns=5_001_000_000)]
     records = records_of(batches, offset)
     assert [(r.date, r.request_ids) for r in records] == [("2025-12-01", ["late"]), ("2025-12-02", ["early"])]
+
+
+def test_request_bytes_counts_what_a_batch_record_counts_of_its_arrays():
+    from serving.monitoring.logrows import BatchRecord, request_bytes
+
+    parts = [np.zeros((2, 30), np.float32), np.zeros((1, 30), np.float32)]
+    counted = BatchRecord("m", 1, 3, [("a", 0), ("b", 0)], [0, 0], [2, 1], 0, 0, 0, {"features": parts},
+                          {"probability": np.zeros((3, 1), np.float32)})
+    assert counted.nbytes == request_bytes(1, 2, 3, 30 * 4)  # the observer's shortcut for fixed shapes
+    images = BatchRecord("m", 1, 2, [("a", 0)], [0], [2], 0, 0, 0, {"image": [[np.zeros((8, 8), np.uint8),
+                                                                              np.zeros((3, 5), np.uint8)]]},
+                         {"probability": np.zeros((2, 10), np.float32)}, images=("image",))
+    assert images.nbytes == 64 + 15 + 96 + 112

@@ -148,3 +148,40 @@ def _rows(counts: dict) -> dict:
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError):
         PredictionLog("/tmp", "r", flush_rows=0)
+
+
+def test_the_request_paths_hand_over_is_timed_on_one_batch_in_16_and_scaled(tmp_path):
+    import asyncio
+
+    from serving.batch_exec import _Pending
+    from serving.monitoring.observe import VersionObserver, request_meta
+
+    class Log:
+        def __init__(self):
+            self.records, self.times = [], []
+
+        def append(self, record):
+            self.records.append(record)
+            return True
+
+        def add_request_path_ns(self, model, ns):
+            self.times.append((model, ns))
+
+    loop = asyncio.new_event_loop()
+    log = Log()
+    observer = VersionObserver("m", 1, None, None, log, fixed_rows=True)
+    for i in range(40):
+        batch = []
+        for k in range(3):
+            future = loop.create_future()
+            future.set_result(None)
+            batch.append(_Pending({"features": np.full((1, 3), k, np.float32)}, 1, None, future, 0, 0,
+                                  meta=request_meta(f"r{i}-{k}", 0)))
+        observer(batch, {}, {"probability": np.zeros((3, 1), np.float32)}, 0, 0)
+    loop.close()
+    assert len(log.records) == 40 and [r.rows for r in log.records[:1]] == [3]
+    assert [m for m, _ in log.times] == ["m", "m"]  # batches 16 and 32
+    assert all(ns > 0 and ns % 16 == 0 for _, ns in log.times)  # 16 x the timed batch's CPU time
+    record = log.records[0]
+    assert record.nbytes == 3 * 12 + 3 * (96 + 112)  # from the row size: 3 float32 a row
+    np.testing.assert_array_equal(np.concatenate(record.inputs["features"])[:, 0], [0, 1, 2])

@@ -6,6 +6,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -142,6 +143,13 @@ Stream *stream_of(nghttp2_session *session, int32_t id) {
   return static_cast<Stream *>(nghttp2_session_get_stream_user_data(session, id));
 }
 
+// Metadata names go out lower-case (HTTP/2 refuses upper-case names).
+void lower_names(Metadata &md) {
+  for (auto &kv : md)
+    for (char &ch : kv.first)
+      if (ch >= 'A' && ch <= 'Z') ch = static_cast<char>(ch - 'A' + 'a');
+}
+
 void submit_trailers(nghttp2_session *session, Stream *st) {
   const std::string status_name = "grpc-status", message_name = "grpc-message";
   const std::string status = std::to_string(st->status), message = percent_encode(st->details);
@@ -240,7 +248,11 @@ int on_data_chunk(nghttp2_session *session, uint8_t, int32_t stream_id, const ui
   return 0;
 }
 
-int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *) {
+int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user) {
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR) {
+    static_cast<Conn *>(user)->server->stats.connections_failed++;  // the client broke the protocol
+    return 0;
+  }
   // An answer that ended before the request did: reset the rest of the request (NO_ERROR), as grpc-core does.
   if ((frame->hd.type == NGHTTP2_HEADERS || frame->hd.type == NGHTTP2_DATA) &&
       (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0) {
@@ -417,6 +429,7 @@ void Server::set_out_interest(Conn *c, bool on) {
 }
 
 void Server::run() {
+  pthread_setname_np(pthread_self(), "fleet-grpc-io");
   std::vector<epoll_event> evs(128);
   std::vector<Reply> replies;
   std::vector<uint32_t> dirty_list;
@@ -772,6 +785,7 @@ void Server::answer(Conn *c, Stream *st, Reply &r) {
     st->status = r.status;
     st->details = std::move(r.details);
     st->trailers = std::move(r.trailers);
+    lower_names(st->trailers);
   }
   if (!st->headers_sent) {
     st->headers_sent = true;

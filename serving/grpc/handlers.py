@@ -167,6 +167,13 @@ class _Handlers:
     # -- inference -------------------------------------------------------------
     @staticmethod
     def _metadata(context, name: str) -> str | None:
+        raw = getattr(context, "raw_metadata", None)  # the native transport's: (bytes, bytes), no decoding
+        if raw is not None:
+            key = name.encode()
+            for k, value in raw:
+                if k == key:
+                    return value.decode("latin-1")
+            return None
         for key, value in context.invocation_metadata() or ():
             if key == name:
                 return value if isinstance(value, str) else value.decode("latin-1")

@@ -213,7 +213,9 @@ class NativeGrpcListener:
                 if requests is not None:
                     requests.put(None)
             elif kind == 4:  # CANCEL: the client reset the call or its connection went
-                entry = calls.get(event[1])
+                # (popped here: a task cancelled before its first step never runs its `finally`)
+                entry = calls.pop(event[1], None)
+                self._streams.pop(event[1], None)
                 if entry is not None:
                     entry[1].cancelled = True
                     entry[0].cancel()
@@ -234,42 +236,51 @@ class NativeGrpcListener:
         out, self._out = self._out, []
         self._server.send_many(out)
 
-    async def _run(self, rpc, ctx: _Context, call: int):
-        """`rpc()` under the call's deadline; the status of how it ended, for `_reply`."""
-        try:
-            if ctx._deadline is None:
-                result = await rpc()
-            else:
-                when = self._loop.time() + (ctx._deadline - time.monotonic())
-                try:
-                    async with asyncio.timeout_at(when):
-                        result = await rpc()
-                except TimeoutError:
-                    return None, _DEADLINE, "Deadline Exceeded", ctx.trailers
-            return result, _OK, None, ctx.trailers
-        except _Abort as exc:
-            return None, _CODE[exc.code], exc.details, ctx.trailers
-        except asyncio.CancelledError:
-            if ctx.cancelled:  # by the client: nobody to answer
-                return None, _CANCELLED, None, None
-            raise
-        except Exception as exc:  # noqa: BLE001 - logged with an id, answered INTERNAL with that id
-            code, details, trailers = error_status(exc)
-            return None, _CODE[code], details, trailers
+    @staticmethod
+    def _failed(exc: Exception, ctx: _Context) -> tuple[int, str, tuple]:
+        """(status, details, trailers) of an RPC that raised: `context.abort`'s status, anything else logged with
+        an id and answered INTERNAL with that id (serving/grpc/status.py)."""
+        if isinstance(exc, _Abort):
+            return _CODE[exc.code], exc.details, ctx.trailers
+        code, details, trailers = error_status(exc)
+        return _CODE[code], details, trailers
+
+    def _when(self, ctx: _Context) -> float:
+        return self._loop.time() + (ctx._deadline - time.monotonic())
 
     async def _unary_call(self, fn, ctx: _Context, call: int, message: bytes) -> None:
         try:
-            result, status, details, trailers = await self._run(lambda: fn(message, ctx), ctx, call)
-            if not ctx.cancelled:
-                self._reply(call, result if status == _OK else None, True, status, details, trailers)
+            if ctx._deadline is None:
+                result = await fn(message, ctx)
+            else:
+                async with asyncio.timeout_at(self._when(ctx)):
+                    result = await fn(message, ctx)
+            self._reply(call, result, True, _OK, None, ctx.trailers)
+        except TimeoutError:
+            self._reply(call, None, True, _DEADLINE, "Deadline Exceeded", ctx.trailers)
+        except asyncio.CancelledError:
+            if not ctx.cancelled:  # by the client: nobody to answer; else the listener is stopping
+                raise
+        except Exception as exc:  # noqa: BLE001 - every failure is a status
+            self._reply(call, None, True, *self._failed(exc, ctx))
         finally:
             self._calls.pop(call, None)
 
     async def _stream_call(self, ctx: _Context, call: int, requests: _Requests) -> None:
         try:
-            _, status, details, trailers = await self._run(lambda: self._stream_rpc(requests, ctx), ctx, call)
+            if ctx._deadline is None:
+                await self._stream_rpc(requests, ctx)
+            else:
+                async with asyncio.timeout_at(self._when(ctx)):
+                    await self._stream_rpc(requests, ctx)
+            self._reply(call, None, True, _OK, None, ctx.trailers)
+        except TimeoutError:
+            self._reply(call, None, True, _DEADLINE, "Deadline Exceeded", ctx.trailers)
+        except asyncio.CancelledError:
             if not ctx.cancelled:
-                self._reply(call, None, True, status, details, trailers)
+                raise
+        except Exception as exc:  # noqa: BLE001
+            self._reply(call, None, True, *self._failed(exc, ctx))
         finally:
             self._calls.pop(call, None)
             self._streams.pop(call, None)

@@ -281,6 +281,29 @@ int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t, void 
   return 0;
 }
 
+// Moves `items` onto the shared queue `to` under `mu`; the eventfd is written only when `to` was empty (its
+// reader takes the whole queue, so one wake-up per batch).
+template <typename T>
+void hand_over(std::mutex &mu, std::vector<T> &to, std::vector<T> &items, int fd) {
+  if (items.empty()) return;
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    wake = to.empty();
+    if (wake) {
+      to.swap(items);
+    } else {
+      for (auto &item : items) to.push_back(std::move(item));
+    }
+  }
+  items.clear();
+  if (wake) {
+    const uint64_t one = 1;
+    ssize_t ignored = ::write(fd, &one, sizeof one);
+    (void)ignored;
+  }
+}
+
 }  // namespace
 
 Server::Server(Config config) : config_(std::move(config)) {}
@@ -364,24 +387,7 @@ std::vector<Event> Server::take() {
   return out;
 }
 
-void Server::submit(std::vector<Reply> &&replies) {
-  if (replies.empty()) return;
-  bool wake;
-  {
-    std::lock_guard<std::mutex> lock(replies_mu_);
-    wake = replies_.empty();
-    if (wake) {
-      replies_.swap(replies);
-    } else {
-      for (auto &r : replies) replies_.push_back(std::move(r));
-    }
-  }
-  if (wake) {
-    const uint64_t one = 1;
-    ssize_t ignored = ::write(wake_fd_, &one, sizeof one);
-    (void)ignored;
-  }
-}
+void Server::submit(std::vector<Reply> &&replies) { hand_over(replies_mu_, replies_, replies, wake_fd_); }
 
 void Server::stop(double grace_s) {
   if (!started_) return;
@@ -399,25 +405,7 @@ void Server::join() {
 
 void Server::push(Event &&event) { local_events_.push_back(std::move(event)); }
 
-void Server::publish() {
-  if (local_events_.empty()) return;
-  bool wake;
-  {
-    std::lock_guard<std::mutex> lock(events_mu_);
-    wake = events_.empty();
-    if (wake) {
-      events_.swap(local_events_);
-    } else {
-      for (auto &e : local_events_) events_.push_back(std::move(e));
-    }
-  }
-  local_events_.clear();
-  if (wake) {
-    const uint64_t one = 1;
-    ssize_t ignored = ::write(events_fd_, &one, sizeof one);
-    (void)ignored;
-  }
-}
+void Server::publish() { hand_over(events_mu_, events_, local_events_, events_fd_); }
 
 void Server::set_out_interest(Conn *c, bool on) {
   if (c->out_interest == on) return;
@@ -642,17 +630,20 @@ void Server::request_headers(Conn *c, Stream *st) {
     st->deadline = monotonic_s() + t;
   }
   st->streaming = config_.stream_paths.count(st->path) != 0;
-  if (st->streaming) {
-    Event e;
-    e.kind = kStreamStart;
-    e.call = c->call(st->id);
-    e.path = std::move(st->path);
-    e.metadata = std::move(st->metadata);
-    e.peer = c->peer;
-    e.deadline = st->deadline;
-    push(std::move(e));
-    st->delivered = true;
-  }
+  if (st->streaming) deliver(c, st, kStreamStart);
+}
+
+void Server::deliver(Conn *c, Stream *st, int kind) {
+  Event e;
+  e.kind = kind;
+  e.call = c->call(st->id);
+  e.path = std::move(st->path);
+  e.metadata = std::move(st->metadata);
+  e.message = std::move(st->unary_message);
+  e.peer = c->peer;
+  e.deadline = st->deadline;
+  push(std::move(e));
+  st->delivered = true;
 }
 
 void Server::request_data(Conn *c, Stream *st, const uint8_t *data, size_t len) {
@@ -716,10 +707,10 @@ void Server::request_end(Conn *c, Stream *st) {
     fail(c, st, kInvalidArgument, "the request ended inside a message");
     return;
   }
-  Event e;
-  e.call = c->call(st->id);
   if (st->streaming) {
+    Event e;
     e.kind = kStreamEnd;
+    e.call = c->call(st->id);
     push(std::move(e));
     return;
   }
@@ -727,14 +718,7 @@ void Server::request_end(Conn *c, Stream *st) {
     fail(c, st, kInvalidArgument, "a unary call takes one request message; the client sent none");
     return;
   }
-  e.kind = kUnary;
-  e.path = std::move(st->path);
-  e.metadata = std::move(st->metadata);
-  e.message = std::move(st->unary_message);
-  e.peer = c->peer;
-  e.deadline = st->deadline;
-  push(std::move(e));
-  st->delivered = true;
+  deliver(c, st, kUnary);
 }
 
 void Server::respond_http(Conn *c, Stream *st, int http_status) {

@@ -109,6 +109,7 @@ class Server {
   void request_data(Conn *c, Stream *st, const uint8_t *data, size_t len);
 
  private:
+  void deliver(Conn *c, Stream *st, int kind);  // the call's headers (and a unary call's message) to Python
   void run();
   void accept_all();
   void read_conn(Conn *c);

@@ -65,6 +65,20 @@ class _Worker:
         return {"versions": [1]}
 
 
+async def _listening(listener_type, service: InferenceService, host: str = "127.0.0.1", **options):
+    """A started listener of `listener_type` on a free port (`.port`)."""
+    for attempt in range(3):  # a port taken between choosing and binding: another
+        (port,) = free_ports(1)
+        listener = listener_type(service, host, port, **options)
+        try:
+            await listener.start()
+            return listener
+        except OSError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextlib.asynccontextmanager
 async def _serving(listener_type=GrpcListener, **options):
     """(tritonclient.grpc.aio client, raw channel, service, worker, http handler) over a listener on a free port."""
@@ -74,16 +88,9 @@ async def _serving(listener_type=GrpcListener, **options):
     service = InferenceService({"m": (spec_from_config(cfg), cfg, worker)},
                                ServingOptions(repository="/nonexistent", **options))
     await service.refresh()
-    for attempt in range(3):  # a port taken between choosing and binding: another
-        (port,) = free_ports(1)
-        listener = listener_type(service, "127.0.0.1", port, max_message_bytes=1 << 16, max_concurrent_rpcs=64,
+    listener = await _listening(listener_type, service, max_message_bytes=1 << 16, max_concurrent_rpcs=64,
                                 graceful_shutdown_s=1.0)
-        try:
-            await listener.start()
-            break
-        except OSError:
-            if attempt == 2:
-                raise
+    port = listener.port
     client = tgrpc.InferenceServerClient(f"127.0.0.1:{port}")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -23,14 +23,13 @@ import pytest
 import tritonclient.grpc.aio as tgrpc
 from tritonclient.grpc import service_pb2 as pb
 
-from cluster.ports import free_ports
 from serving.grpc.handlers import SERVICE
 from serving.grpc.native_server import NativeGrpcListener, native_transport_available
 from serving.grpc.server import GrpcListener, make_grpc_listener
 from serving.model_config import TensorSpec, make_config, spec_from_config
 from serving.options import ServingOptions
 from serving.service import InferenceService
-from test_grpc import _Worker
+from test_grpc import _listening, _Worker
 
 needs_native = pytest.mark.skipif(not native_transport_available(), reason="native._h2 unavailable or FLEET_PURE_PYTHON")
 MAX_MESSAGE = 1 << 16
@@ -44,16 +43,9 @@ async def _native(max_concurrent_rpcs: int = 64, graceful_shutdown_s: float = 1.
                       parameters={"fleet.max_inflight_batches": "8"})
     service = InferenceService({"m": (spec_from_config(cfg), cfg, worker)}, ServingOptions(repository="/nonexistent"))
     await service.refresh()
-    for attempt in range(3):
-        (port,) = free_ports(1)
-        listener = NativeGrpcListener(service, host, port, max_message_bytes=MAX_MESSAGE,
-                                      max_concurrent_rpcs=max_concurrent_rpcs, graceful_shutdown_s=graceful_shutdown_s)
-        try:
-            await listener.start()
-            break
-        except OSError:
-            if attempt == 2:
-                raise
+    listener = await _listening(NativeGrpcListener, service, host, max_message_bytes=MAX_MESSAGE,
+                                max_concurrent_rpcs=max_concurrent_rpcs, graceful_shutdown_s=graceful_shutdown_s)
+    port = listener.port
     try:
         yield listener, service, worker, port
     finally:

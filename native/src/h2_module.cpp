@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <cstring>
 #include <memory>
 
 #include "h2_server.hpp"
@@ -31,7 +32,7 @@ PyObject *event_tuple(Event &e) {
         PyList_SET_ITEM(md, i, Py_BuildValue("(NN)", bytes_of(e.metadata[i].first), bytes_of(e.metadata[i].second)));
       PyObject *message = e.kind == fleet::h2::kUnary ? bytes_of(e.message) : Py_NewRef(Py_None);
       PyObject *deadline = e.deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(e.deadline);
-      return Py_BuildValue("(iNNNNNN)", e.kind, call, str_of(e.path), md, message, str_of(e.peer), deadline);
+      return Py_BuildValue("(iNNNNNN)", e.kind, call, str_of(e.path), md, message, str_of(*e.peer), deadline);
     }
     case fleet::h2::kStreamMessage:
       return Py_BuildValue("(iNNn)", e.kind, call, bytes_of(e.message), static_cast<Py_ssize_t>(e.wire_bytes));
@@ -51,8 +52,17 @@ Reply reply_of(nb::handle call, nb::handle data, bool end, int status, nb::handl
     char *buf;
     Py_ssize_t len;
     if (PyBytes_AsStringAndSize(data.ptr(), &buf, &len) != 0) throw nb::python_error();
+    if (static_cast<uint64_t>(len) > 0xffffffffu) throw nb::value_error("a gRPC message is at most 4 GiB");
+    // framed here, in one allocation: the compressed flag (0) and the big-endian length, then the message
+    const uint32_t size = static_cast<uint32_t>(len);
     r.has_data = true;
-    r.data.assign(buf, static_cast<size_t>(len));
+    r.data.resize(5 + static_cast<size_t>(len));
+    r.data[0] = 0;
+    r.data[1] = static_cast<char>(size >> 24);
+    r.data[2] = static_cast<char>(size >> 16);
+    r.data[3] = static_cast<char>(size >> 8);
+    r.data[4] = static_cast<char>(size);
+    std::memcpy(&r.data[5], buf, static_cast<size_t>(len));
   }
   r.end = end;
   r.status = status;

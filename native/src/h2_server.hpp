@@ -10,6 +10,7 @@
 #include <nghttp2/nghttp2.h>
 
 #include <atomic>
+#include <memory>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -38,7 +39,7 @@ struct Event {
   std::string path;
   Metadata metadata;
   std::string message;
-  std::string peer;
+  std::shared_ptr<const std::string> peer;  // the connection's, shared by its calls
   double deadline = -1.0;  // CLOCK_MONOTONIC seconds (Python's time.monotonic()); < 0: none
   size_t wire_bytes = 0;
 };
@@ -48,7 +49,7 @@ struct Reply {
   enum Op : int { kSend, kConsume, kStop } op = kSend;
   uint64_t call = 0;
   bool has_data = false;
-  std::string data;
+  std::string data;  // the message framed: a 0 flag byte, its 4-byte big-endian length, the message
   bool end = false;
   int status = 0;
   std::string details;

@@ -26,6 +26,8 @@ constexpr size_t kMaxMetadataBytes = 64 << 10;   // a call's request metadata
 constexpr size_t kWriteChunk = 256 << 10;        // bytes gathered from nghttp2 before a send()
 constexpr int kReadsPerWakeup = 16;              // reads of one connection before the others get a turn
 constexpr uint64_t kListenKey = 0, kWakeKey = 1;
+// Answers of one stream held for a client that does not read them: past this the stream is reset.
+constexpr size_t kMaxStreamBacklog = 64 << 20;
 
 // gRPC status codes the transport answers itself.
 constexpr int kInvalidArgument = 3, kResourceExhausted = 8, kUnimplemented = 12;
@@ -763,6 +765,18 @@ void Server::answer(Conn *c, Stream *st, Reply &r) {
       st->out_off = 0;
     } else {
       st->out.append(r.data);
+    }
+    if (st->streaming && st->out.size() - st->out_off > kMaxStreamBacklog) {
+      nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_ENHANCE_YOUR_CALM);
+      st->out.clear();
+      st->out_off = 0;
+      st->finished = st->errored = true;
+      stats.calls_refused++;
+      Event e;
+      e.kind = kCancel;
+      e.call = c->call(st->id);
+      push(std::move(e));
+      return;
     }
   }
   if (r.end) {

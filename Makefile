@@ -160,7 +160,7 @@ h2load:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nghttp2-client; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq nghttp2-client; fi; }
 
-# The native kernels under AddressSanitizer and UBSan: a wheel built with FLEET_SANITIZE=ON into
+# The native kernels and the native gRPC transport under AddressSanitizer and UBSan: a wheel built with FLEET_SANITIZE=ON into
 # build/sanitize (the .venv's install is left alone) and unpacked there, first on the path of a Python
 # started without site (-S: no editable-install finder) nor the working directory (-P: not the source
 # tree), which runs the native parity and fuzz tests against it. libstdc++ is preloaded with libasan so
@@ -173,7 +173,7 @@ sanitize: $(VENV)/.installed
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  PYTHONPATH="build/sanitize/site:$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-	  $(PY) -S -P -m pytest -q -p no:cacheprovider tests/unit/test_native*.py $(PYTEST_ARGS)
+	  $(PY) -S -P -m pytest -q -p no:cacheprovider tests/unit/test_native*.py tests/unit/test_grpc_transport.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(VENV) $(TRITON_VENV) $(KSERVE_VENV)

@@ -13,6 +13,7 @@ PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 TORCH := torch==2.13.0
 NATIVE_SOURCES := $(wildcard native/src/*.cpp native/src/*.hpp) native/CMakeLists.txt
+NGHTTP2_HEADER := /usr/include/nghttp2/nghttp2.h
 # (pip compiles every module's bytecode: with PYTHONDONTWRITEBYTECODE set, as on CI, nothing else would, and
 # every process of a test cluster would compile torch and Ray again.)
 PIP_QUIET := -q --disable-pip-version-check
@@ -27,7 +28,8 @@ help:
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(NATIVE_SOURCES)
+# (the native gRPC transport, native._h2, links libnghttp2: its headers are installed before the build)
+$(VENV)/.installed: pyproject.toml $(NATIVE_SOURCES) | $(NGHTTP2_HEADER)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
 	# torch first: the CPU build on disk, so no CUDA build of several GB is fetched
@@ -62,7 +64,7 @@ serve: $(VENV)/.installed
 # decoding, validation and preprocessing around them, and the request path of a live cluster.
 PURE_PYTHON_UNIT := tests/unit/test_native*.py tests/unit/test_protocol*.py tests/unit/test_preprocess.py \
   tests/unit/test_validation.py tests/unit/test_limits.py tests/unit/test_digits.py tests/unit/test_admin.py \
-  tests/unit/test_contracts.py
+  tests/unit/test_contracts.py tests/unit/test_grpc_transport.py
 PURE_PYTHON_LIVE := tests/integration/test_http_api.py tests/integration/test_bad_input.py \
   tests/integration/test_preprocess_live.py tests/integration/test_batching_live.py \
   tests/integration/test_limits_live.py tests/integration/test_monitoring_contracts.py \
@@ -118,6 +120,12 @@ test-unit: $(VENV)/.installed prometheus
 test-integration: test-deps
 	$(PY) -m pytest -q tests/integration tests/e2e $(PYTEST_ARGS)
 
+# Debian's libnghttp2-dev: the headers and pkg-config file native._h2 builds against, installed only when the
+# header is missing. `make test` builds the venv beside system-packages' installs: apt waits for dpkg's lock.
+$(NGHTTP2_HEADER):
+	@if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; apt="apt-get -o DPkg::Lock::Timeout=600"; \
+	$$sudo $$apt update -qq && $$sudo $$apt install -y -qq libnghttp2-dev pkg-config
+
 wrk:
 	@command -v wrk >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
@@ -152,7 +160,7 @@ h2load:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nghttp2-client; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq nghttp2-client; fi; }
 
-# The native kernels under AddressSanitizer and UBSan: a wheel built with FLEET_SANITIZE=ON into
+# The native kernels and the native gRPC transport under AddressSanitizer and UBSan: a wheel built with FLEET_SANITIZE=ON into
 # build/sanitize (the .venv's install is left alone) and unpacked there, first on the path of a Python
 # started without site (-S: no editable-install finder) nor the working directory (-P: not the source
 # tree), which runs the native parity and fuzz tests against it. libstdc++ is preloaded with libasan so
@@ -165,7 +173,7 @@ sanitize: $(VENV)/.installed
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  PYTHONPATH="build/sanitize/site:$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-	  $(PY) -S -P -m pytest -q -p no:cacheprovider tests/unit/test_native*.py $(PYTEST_ARGS)
+	  $(PY) -S -P -m pytest -q -p no:cacheprovider tests/unit/test_native*.py tests/unit/test_grpc_transport.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(VENV) $(TRITON_VENV) $(KSERVE_VENV)

@@ -49,6 +49,9 @@ class FleetSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=0, le=65535, description="KServe v2 gRPC (inference.GRPCInferenceService), "
                            "served by every ingress replica on this port (SO_REUSEPORT); 0: no gRPC")
+    grpc_transport: Literal["native", "grpcio"] = Field(
+        "native", description="native: HTTP/2 and gRPC framing in fleet's C++ transport (native._h2, libnghttp2; "
+        "grpc.aio when it is not built or FLEET_PURE_PYTHON=1); grpcio: grpc.aio")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard and job server")
     num_cpus: int | None = Field(None, ge=1, description="Ray logical CPUs (default: the machine's)")
     num_gpus: int | None = Field(None, ge=0)
@@ -314,6 +317,7 @@ class FleetSettings(BaseSettings):
             listen_host=self.host,
             listen_port=self.port if self.http_server == "fleet" else None,
             grpc_port=self.grpc_port or None,
+            grpc_transport=self.grpc_transport,
             version_poll_interval_s=self.version_poll_interval_s,
             version_retire_grace_s=self.version_retire_grace_s,
             api_key_digests=tuple(self.api_keys),

@@ -13,6 +13,9 @@ the reference (the test suite runs both ways). The kernels and their contracts:
   bilinear resize and normalisation of uint8 images into a float32 batch.
 
 Each docstring in `native._reference` is the contract of both implementations.
+
+`H2` is the native gRPC transport (`native._h2`: HTTP/2 on libnghttp2, serving/grpc/native_server.py),
+or None when it is not built or `FLEET_PURE_PYTHON=1` (gRPC is then served by grpc.aio).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 
 from native import _reference
 
-__all__ = ["BACKEND", "standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json"]
+__all__ = ["BACKEND", "H2", "standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json"]
 
 _log = logging.getLogger("fleet.native")
 
@@ -38,7 +41,19 @@ def _load():
     return _core, "native"
 
 
+def _load_h2():
+    if os.environ.get("FLEET_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from native import _h2
+    except ImportError as exc:  # built without libnghttp2, or a source checkout without the build
+        _log.warning("native gRPC transport unavailable (%s); gRPC is served by grpc.aio", exc)
+        return None
+    return _h2
+
+
 _impl, BACKEND = _load()
+H2 = _load_h2()
 _log.info("native kernels: %s", BACKEND)
 
 standardize = _impl.standardize

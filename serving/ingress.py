@@ -202,12 +202,13 @@ class Ingress:
             )
             await self.listener.start()
         if self.options.grpc_port:
-            from serving.grpc.server import GrpcListener
+            from serving.grpc.server import make_grpc_listener
 
-            self.grpc = GrpcListener(self.service, host, self.options.grpc_port,
-                                     max_message_bytes=self.options.max_request_bytes,
-                                     max_concurrent_rpcs=self.options.max_connections,
-                                     graceful_shutdown_s=self.options.drain_timeout_s)
+            self.grpc = make_grpc_listener(self.service, host, self.options.grpc_port,
+                                           transport=self.options.grpc_transport,
+                                           max_message_bytes=self.options.max_request_bytes,
+                                           max_concurrent_rpcs=self.options.max_connections,
+                                           graceful_shutdown_s=self.options.drain_timeout_s)
             await self.grpc.start()
         # Everything alive now (Ray, torch, the models) lives as long as the replica: move it out of
         # the collector's reach, or each full collection walks it all (about 180 ms measured here,

@@ -32,6 +32,7 @@ class ServingOptions:
     listen_host: str = "127.0.0.1"
     listen_port: int | None = None
     grpc_port: int | None = None  # KServe v2 gRPC in each ingress replica (serving/grpc/), None: none
+    grpc_transport: str = "native"  # "native": native._h2 when built (else grpc.aio); "grpcio": grpc.aio
     drain_timeout_s: float = 10.0  # requests in flight get this long at shutdown
     max_connections: int = 4096  # per ingress replica's listener; one more is answered 503
     # A batch whose worker replica died is sent once more, waiting at most this long (and its deadline).

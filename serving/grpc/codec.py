@@ -44,6 +44,8 @@ def parse_infer_request(data: bytes) -> pb.ModelInferRequest:
 
 def parameters_from_proto(params, where: str, max_string: int = 0) -> dict:
     """A `map<string, InferParameter>` as plain values (bool, int, str or float)."""
+    if not params:  # the usual case, without walking an empty map
+        return {}
     out = {}
     for key, value in params.items():
         kind = value.WhichOneof("parameter_choice")

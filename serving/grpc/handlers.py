@@ -31,7 +31,7 @@ from serving.limits import RequestLimits
 from serving.rollout.routing import ROUTING_HEADER
 from serving.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
 
-__all__ = ["SERVICE", "build_handlers", "MAX_STREAM_PIPELINE"]
+__all__ = ["SERVICE", "build_handlers", "rpc_functions", "MAX_STREAM_PIPELINE"]
 
 SERVICE = "inference.GRPCInferenceService"
 MAX_STREAM_PIPELINE = 16  # requests of one stream read ahead of the answer being written
@@ -46,6 +46,9 @@ _UNSUPPORTED = {
 
 def _headers(context) -> list[tuple[bytes, bytes]]:
     """The call's metadata as the HTTP guard reads headers: (lower-case name, value) bytes."""
+    raw = getattr(context, "raw_metadata", None)  # the native transport's context has them so already
+    if raw is not None:
+        return raw
     out = []
     for key, value in context.invocation_metadata() or ():
         out.append((key.encode("latin-1"), value if isinstance(value, bytes) else value.encode("latin-1")))
@@ -164,6 +167,13 @@ class _Handlers:
     # -- inference -------------------------------------------------------------
     @staticmethod
     def _metadata(context, name: str) -> str | None:
+        raw = getattr(context, "raw_metadata", None)  # the native transport's: (bytes, bytes), no decoding
+        if raw is not None:
+            key = name.encode()
+            for k, value in raw:
+                if k == key:
+                    return value.decode("latin-1")
+            return None
         for key, value in context.invocation_metadata() or ():
             if key == name:
                 return value if isinstance(value, str) else value.decode("latin-1")
@@ -267,8 +277,10 @@ class _Handlers:
         return call
 
 
-def build_handlers(service: InferenceService, guard: Guard | None = None) -> tuple[grpc.GenericRpcHandler, _Handlers]:
-    """The service's generic handler (every RPC) and the object that counts calls in flight."""
+def rpc_functions(service: InferenceService, guard: Guard | None = None) -> tuple[dict[str, Callable], Callable, _Handlers]:
+    """Every RPC of the service for any transport: the unary ones by method name (`async (request bytes,
+    context) -> response bytes`), ModelStreamInfer (`async (request bytes iterator, context)`, answers through
+    `context.write`), and the object that counts calls in flight."""
     h = _Handlers(service, guard or Guard.from_options(service.options))
     O, I = Access.OPEN, Access.INFERENCE  # noqa: E741
     unary = {
@@ -286,6 +298,12 @@ def build_handlers(service: InferenceService, guard: Guard | None = None) -> tup
         "ModelInfer": h.model_infer,
         **{name: h.unsupported(name) for name in _UNSUPPORTED},
     }
+    return unary, h.model_stream_infer, h
+
+
+def build_handlers(service: InferenceService, guard: Guard | None = None) -> tuple[grpc.GenericRpcHandler, _Handlers]:
+    """The service's generic handler for grpc.aio (every RPC) and the object that counts calls in flight."""
+    unary, stream, h = rpc_functions(service, guard)
     methods = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in unary.items()}
-    methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(h.model_stream_infer)
+    methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(stream)
     return grpc.method_handlers_generic_handler(SERVICE, methods), h

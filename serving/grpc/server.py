@@ -22,9 +22,27 @@ from serving.auth import Guard
 from serving.grpc.handlers import build_handlers
 from serving.service import InferenceService
 
-__all__ = ["GrpcListener"]
+__all__ = ["GrpcListener", "make_grpc_listener", "TRANSPORTS"]
 
 _log = logging.getLogger("fleet.grpc")
+
+TRANSPORTS = ("native", "grpcio")
+
+
+def make_grpc_listener(service: InferenceService, host: str, port: int, *, transport: str = "native",
+                       **options):
+    """The replica's gRPC listener: the native transport (serving/grpc/native_server.py) when asked for and
+    built (and FLEET_PURE_PYTHON is not set), else grpc.aio. `options`: GrpcListener's keyword arguments."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"grpc transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    from serving.grpc.native_server import NativeGrpcListener, native_transport_available
+
+    if transport == "native" and native_transport_available():
+        _log.info("gRPC transport: native (native._h2, HTTP/2 on libnghttp2)")
+        return NativeGrpcListener(service, host, port, **options)
+    _log.info("gRPC transport: grpc.aio (%s)", "configured" if transport == "grpcio" else
+              "native._h2 unavailable or FLEET_PURE_PYTHON set")
+    return GrpcListener(service, host, port, **options)
 
 
 class GrpcListener:

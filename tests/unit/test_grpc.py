@@ -1,5 +1,6 @@
-"""fleet's gRPC front end in this process: a real grpc.aio server on loopback, `tritonclient.grpc.aio` as the
-client, the same `InferenceService` as HTTP over a scripted worker (a live cluster: tests/integration/test_grpc.py).
+"""fleet's gRPC front end in this process: both listeners (the native transport, native._h2, and grpc.aio) on
+loopback, `tritonclient.grpc.aio` as the client, the same `InferenceService` as HTTP over a scripted worker (a live
+cluster: tests/integration/test_grpc.py). The native transport's own edge cases: tests/unit/test_grpc_transport.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cluster.ports import free_ports
 from serving.auth import key_digest
 from serving.grpc.codec import decode_infer_request, encode_infer_response
 from serving.grpc.handlers import SERVICE
+from serving.grpc.native_server import NativeGrpcListener, native_transport_available
 from serving.grpc.server import GrpcListener
 from serving.http_api import build_handler
 from serving.http_server import HttpRequest
@@ -29,6 +31,17 @@ from serving.protocol import decode_request
 from serving.service import InferenceService
 
 KEY, ADMIN = "grpc-key-1", "grpc-admin-token"
+# Every test that serves runs on both listeners (the native one only where native._h2 is built and allowed).
+LISTENERS = [pytest.param(GrpcListener, id="grpcio"), pytest.param(
+    NativeGrpcListener, id="native",
+    marks=pytest.mark.skipif(not native_transport_available(), reason="native._h2 unavailable or FLEET_PURE_PYTHON"))]
+
+
+@pytest.fixture(params=LISTENERS)
+def listener_type(request):
+    return request.param
+
+
 LIMITS = RequestLimits(max_tensor_elements=1000, max_string_bytes=64, max_json_depth=0, max_batch_rows=0)
 
 
@@ -52,8 +65,22 @@ class _Worker:
         return {"versions": [1]}
 
 
+async def _listening(listener_type, service: InferenceService, host: str = "127.0.0.1", **options):
+    """A started listener of `listener_type` on a free port (`.port`)."""
+    for attempt in range(3):  # a port taken between choosing and binding: another
+        (port,) = free_ports(1)
+        listener = listener_type(service, host, port, **options)
+        try:
+            await listener.start()
+            return listener
+        except OSError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextlib.asynccontextmanager
-async def _serving(**options):
+async def _serving(listener_type=GrpcListener, **options):
     """(tritonclient.grpc.aio client, raw channel, service, worker, http handler) over a listener on a free port."""
     worker = _Worker()
     cfg = make_config("m", [TensorSpec("x", "FP32", (2,))], [TensorSpec("y", "FP32", (2,))], max_batch_size=8,
@@ -61,16 +88,9 @@ async def _serving(**options):
     service = InferenceService({"m": (spec_from_config(cfg), cfg, worker)},
                                ServingOptions(repository="/nonexistent", **options))
     await service.refresh()
-    for attempt in range(3):  # a port taken between choosing and binding: another
-        (port,) = free_ports(1)
-        listener = GrpcListener(service, "127.0.0.1", port, max_message_bytes=1 << 16, max_concurrent_rpcs=64,
+    listener = await _listening(listener_type, service, max_message_bytes=1 << 16, max_concurrent_rpcs=64,
                                 graceful_shutdown_s=1.0)
-        try:
-            await listener.start()
-            break
-        except OSError:
-            if attempt == 2:
-                raise
+    port = listener.port
     client = tgrpc.InferenceServerClient(f"127.0.0.1:{port}")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -100,8 +120,8 @@ def _raw(channel, method: str):
     return channel.unary_unary(f"/{SERVICE}/{method}")
 
 
-async def test_health_metadata_config_statistics_index_and_inference_through_tritonclient():
-    async with _serving() as (client, _, _, _, _):
+async def test_health_metadata_config_statistics_index_and_inference_through_tritonclient(listener_type):
+    async with _serving(listener_type) as (client, _, _, _, _):
         assert await client.is_server_live() and await client.is_server_ready()
         assert await client.is_model_ready("m") and not await client.is_model_ready("m", "7")
         meta = await client.get_server_metadata(as_json=True)
@@ -120,8 +140,8 @@ async def test_health_metadata_config_statistics_index_and_inference_through_tri
         assert stats["model_stats"][0]["name"] == "m"
 
 
-async def test_errors_carry_the_http_message_and_the_matching_status_code():
-    async with _serving() as (client, _, _, _, handler):
+async def test_errors_carry_the_http_message_and_the_matching_status_code(listener_type):
+    async with _serving(listener_type) as (client, _, _, _, handler):
         cases = [
             ("nope", [_x([[0, 0]])], grpc.StatusCode.NOT_FOUND, "/v2/models/nope/infer"),
             ("m", [_x([[0, 0, 0]])], grpc.StatusCode.INVALID_ARGUMENT, "/v2/models/m/infer"),
@@ -140,8 +160,8 @@ async def test_errors_carry_the_http_message_and_the_matching_status_code():
         assert info.value.status() == "StatusCode.NOT_FOUND" and "no version 9" in info.value.message()
 
 
-async def test_a_full_queue_is_unavailable_with_a_retry_hint_and_a_deadline_ends_a_held_request():
-    async with _serving(max_queue_size=1) as (client, channel, service, worker, _):
+async def test_a_full_queue_is_unavailable_with_a_retry_hint_and_a_deadline_ends_a_held_request(listener_type):
+    async with _serving(listener_type, max_queue_size=1) as (client, channel, service, worker, _):
         worker.gate.clear()  # batches held: 4 in flight (fleet.max_inflight_batches), the next fills the queue of 1
         # One held call at a time until one waits in the queue: calls that arrive together on a loaded machine
         # can find the queue full before the batcher took the first of them (refused, not held), so a fixed
@@ -160,7 +180,7 @@ async def test_a_full_queue_is_unavailable_with_a_retry_hint_and_a_deadline_ends
         worker.gate.set()
         done = await asyncio.gather(*held, return_exceptions=True)
         assert any(not isinstance(d, Exception) for d in done)
-    async with _serving() as (client, _, _, worker, _):
+    async with _serving(listener_type) as (client, _, _, worker, _):
         worker.gate.clear()
         with pytest.raises(InferenceServerException) as info:
             await client.infer("m", [_x([[0, 0]])], client_timeout=0.3)
@@ -168,9 +188,9 @@ async def test_a_full_queue_is_unavailable_with_a_retry_hint_and_a_deadline_ends
         worker.gate.set()
 
 
-async def test_keys_travel_as_authorization_metadata_and_admin_rpcs_need_the_token():
+async def test_keys_travel_as_authorization_metadata_and_admin_rpcs_need_the_token(listener_type):
     options = dict(api_key_digests=(key_digest(KEY),), admin_token_digest=key_digest(ADMIN))
-    async with _serving(**options) as (client, channel, _, _, _):
+    async with _serving(listener_type, **options) as (client, channel, _, _, _):
         assert await client.is_server_live()  # health stays open
         for headers in (None, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
             with pytest.raises(InferenceServerException) as info:
@@ -189,8 +209,8 @@ async def test_keys_travel_as_authorization_metadata_and_admin_rpcs_need_the_tok
         assert code == grpc.StatusCode.UNAUTHENTICATED and trailers["www-authenticate"].startswith("Bearer")
 
 
-async def test_the_rate_limit_is_resource_exhausted_with_a_retry_hint():
-    async with _serving(rate_limit_rps=1.0, rate_limit_burst=1) as (_, channel, _, _, _):
+async def test_the_rate_limit_is_resource_exhausted_with_a_retry_hint(listener_type):
+    async with _serving(listener_type, rate_limit_rps=1.0, rate_limit_burst=1) as (_, channel, _, _, _):
         request = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="x", datatype="FP32", shape=[1, 2], contents=pb.InferTensorContents(fp32_contents=[0, 1]))])
         await _raw(channel, "ModelInfer")(request.SerializeToString())
@@ -198,8 +218,8 @@ async def test_the_rate_limit_is_resource_exhausted_with_a_retry_hint():
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate" in details and "grpc-retry-pushback-ms" in trailers
 
 
-async def test_triton_features_fleet_lacks_are_unimplemented_and_malformed_protobuf_is_invalid_argument():
-    async with _serving() as (_, channel, _, _, _):
+async def test_triton_features_fleet_lacks_are_unimplemented_and_malformed_protobuf_is_invalid_argument(listener_type):
+    async with _serving(listener_type) as (_, channel, _, _, _):
         for method in ("SystemSharedMemoryStatus", "CudaSharedMemoryRegister", "TraceSetting", "LogSettings"):
             code, details, _ = await _status(_raw(channel, method)(b""))
             assert code == grpc.StatusCode.UNIMPLEMENTED and "fleet does not support" in details
@@ -212,8 +232,8 @@ async def test_triton_features_fleet_lacks_are_unimplemented_and_malformed_proto
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_a_stream_answers_in_request_order_with_the_empty_final_response_when_asked():
-    async with _serving() as (_, channel, _, _, _):
+async def test_a_stream_answers_in_request_order_with_the_empty_final_response_when_asked(listener_type):
+    async with _serving(listener_type) as (_, channel, _, _, _):
         # The first request's batch takes 150 ms, the later ones none: their answers still come after it.
         requests = []
         for i, delay in enumerate([150, 0, 0, 0]):

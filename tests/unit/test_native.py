@@ -225,7 +225,14 @@ def test_backend_is_native_unless_pure_python_is_forced():
     assert native.BACKEND == ("numpy" if forced else "native")
     for name in KERNELS:
         assert getattr(native, name) is getattr(_reference if forced else _core, name)
-    assert set(native.__all__) == {"BACKEND", *KERNELS}
+    assert set(native.__all__) == {"BACKEND", "H2", *KERNELS}
+    # the native gRPC transport follows the same switch (serving/grpc/native_server.py; grpc.aio without it)
+    if forced:
+        assert native.H2 is None
+    else:
+        from native import _h2
+
+        assert native.H2 is _h2
     assert _backend_in_subprocess(None) == "native _core"
     assert _backend_in_subprocess("0") == "native _core"
     assert _backend_in_subprocess("1") == "numpy _reference"

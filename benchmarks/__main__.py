@@ -74,7 +74,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run the monitoring lifecycle scenario (benchmarks.lifecycle; --quick: its short plan)")
     p.add_argument("--logging-cost", action="store_true",
                    help="also measure the prediction log's cost (benchmarks.logging_cost: peak of a logged model against "
-                        "an unlogged copy, back to back on one cluster, then --logging-minutes at 80 %% of the logged peak)")
+                        "an unlogged copy, alternating by 2 s phases on the same connections, then --logging-minutes at "
+                        "80 %% of the logged peak)")
     p.add_argument("--logging-minutes", type=float, default=None,
                    help="the logging cost's sustained run (default 10; --quick 1)")
     p.add_argument("--triton-instances", type=int, default=2)

@@ -46,6 +46,9 @@ __all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient", "replica_gone"
 _log = logging.getLogger("fleet.ingress")
 
 _EARLY_PUSH_S = 0.05  # at most one early push (a candidate's failure) per this long
+# The native gRPC transport's counters (`NativeGrpcListener.stats`) the monitor adds up and exports.
+GRPC_TRANSPORT_COUNTERS = ("connections_refused", "connections_failed", "calls_refused", "calls_cancelled",
+                           "replies_dropped")
 
 
 class HandleWorkerClient:
@@ -189,6 +192,7 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._refresh_loop())]
         self.listener = self.grpc = None
+        self._grpc_pushed: dict[str, int] = {}  # the transport's counters as of the last push that arrived
         host = self.options.listen_host
         if host == "node":  # this replica's node's own address (each node of a cluster: its own)
             import ray
@@ -273,6 +277,9 @@ class Ingress:
         monitoring["log"] = log_counts
         monitoring["log_buffered"] = self.log.buffered_rows if self.log is not None else 0
         evidence = monitoring["rollout"] = self.service.evidence.take()
+        grpc_now = self.grpc.stats() if self.grpc is not None and hasattr(self.grpc, "stats") else None
+        if grpc_now:  # what grew since the last push that arrived
+            monitoring["grpc"] = {k: grpc_now[k] - self._grpc_pushed.get(k, 0) for k in GRPC_TRANSPORT_COUNTERS}
         try:
             routes = await self._monitor_actor().push.remote(self.replica_id, delta, self.service.queue_depths(),
                                                              self.service.breaker_states(), monitoring)
@@ -285,6 +292,8 @@ class Ingress:
             self._monitor = None
             _log.warning("could not push statistics to the monitor: %s", exc)
             return
+        if grpc_now:
+            self._grpc_pushed = grpc_now
         # The rollout controller answers with every model's route: a rollback reaches this replica here.
         for model, route in (routes or {}).items():
             self.service.apply_route(model, Route.from_dict(route))

@@ -94,7 +94,7 @@ class MonitoringEngine:
         self.joins: dict[str, ModelJoin] = {}
         self.tasks: dict[str, object] = {}  # model -> LabelSpec
         self.alarms: dict[tuple[str, int, str], dict] = {}  # active alarms
-        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "log_cpu": {}, "feedback_labels": {},
+        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "log_cpu": {}, "grpc_transport": {}, "feedback_labels": {},
                                           "feedback_duplicates": {}, "violations": {}}
         self.log_buffered: dict[str, int] = {}  # replica -> rows buffered now
         self.rollout_labels: dict[tuple[str, int], list[int]] = {}  # joined since taken: [labelled, wrong]
@@ -140,6 +140,8 @@ class MonitoringEngine:
                 self._bump("log_dropped", model, int(entry.get("dropped", 0)))
                 for part in ("writer", "request_path"):
                     self._bump("log_cpu", (model, part), int(entry.get(f"{part}_ns", 0)))
+            for event, n in (delta.get("grpc") or {}).items():
+                self._bump("grpc_transport", event, int(n))
             for model, entry in delta.get("feedback", {}).items():
                 self._bump("feedback_labels", model, int(entry.get("labels", 0)))
                 self._bump("feedback_duplicates", model, int(entry.get("duplicates", 0)))

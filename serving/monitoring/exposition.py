@@ -19,6 +19,7 @@ prediction log, feedback, input contracts and retrains. Names, as the shipped al
     fleet_prediction_log_rows_total{model}, fleet_prediction_log_dropped_total{model}
     fleet_prediction_log_buffered_rows                      rows the replicas hold, not yet written
     fleet_prediction_log_cpu_seconds_total{model,part}      the log's own time: part writer, request_path
+    fleet_grpc_transport_events_total{event}                the native gRPC transport's refusals and losses
     fleet_feedback_labels_total{model}, fleet_feedback_duplicates_total{model},
     fleet_feedback_joined_total{model}, fleet_feedback_unmatched_total{model}, fleet_feedback_pending_labels{model}
     fleet_input_violations_total{model,feature,rule}
@@ -157,6 +158,13 @@ class MonitoringCollector:
         yield per_model("fleet_prediction_log_rows", "Prediction-log rows written to Parquet", c["log_written"])
         yield per_model("fleet_prediction_log_dropped", "Prediction-log rows dropped (the sink was too slow or "
                         "failing and the replica's buffer was full)", c["log_dropped"])
+        grpc_events = CounterMetricFamily("fleet_grpc_transport_events", "What the native gRPC transport refused or "
+                                          "lost: connections refused (over max_connections) or failed (protocol "
+                                          "errors), calls refused, calls the client cancelled, answers to calls "
+                                          "already gone", labels=["event"])
+        for event, n in sorted(c["grpc_transport"].items()):
+            grpc_events.add_metric([event], n)
+        yield grpc_events
         cpu = CounterMetricFamily("fleet_prediction_log_cpu_seconds", "Time the prediction log took: part "
                                   "\"writer\", the writer threads' CPU time building and writing Parquet; part "
                                   "\"request_path\", the request path handing answered batches over",

@@ -19,6 +19,7 @@ import tritonclient.grpc as tgrpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from integration._monitoring import metric_value, wait_until
 from training.datasets import make_fraud
 
 pytestmark = pytest.mark.integration
@@ -259,6 +260,10 @@ def test_a_hostile_grpc_corpus_gets_errors_never_internal_and_the_cluster_stays_
     finally:
         client.close()
     assert httpx.get(f"{base_url}/v2/health/ready", timeout=10).status_code == 200
+    # the native transport refused the oversized message before reading it, and says so in /metrics
+    wait_until(lambda: (metric_value(httpx.get(f"{base_url}/metrics", timeout=30).text,
+                                     "fleet_grpc_transport_events_total", event="calls_refused") or 0) >= 1,
+               timeout_s=15, what="the transport's refused call in /metrics")
 
 
 def test_the_readme_grpc_example_runs_as_written(grpc_address, capsys):

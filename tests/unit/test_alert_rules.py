@@ -25,6 +25,7 @@ MONITORING_METRICS = {
     "fleet_quality_calibration_error", "fleet_quality_labelled_rows", "fleet_quality_reference_roc_auc",
     "fleet_quality_reference_label_error_rate",
     "fleet_prediction_log_rows_total", "fleet_prediction_log_dropped_total", "fleet_prediction_log_cpu_seconds_total",
+    "fleet_grpc_transport_events_total",
     "fleet_feedback_labels_total", "fleet_feedback_duplicates_total", "fleet_feedback_joined_total",
     "fleet_feedback_unmatched_total",
     "fleet_input_violations_total", "fleet_retrain_jobs_total",

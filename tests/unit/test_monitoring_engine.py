@@ -55,7 +55,8 @@ def step(rng, rows: int, shift: float = 0.0) -> dict:
         counts.append([0, *inner.tolist(), 0])
     score = [0, *rng.multinomial(rows, np.full(10, 0.1)).tolist(), 0]
     return {"drift": {("m", "1"): {"features": counts, "score": [score], "rows": rows}},
-            "log": {"m": {"written": rows, "dropped": 0, "writer_ns": 1_000_000, "request_path_ns": 250_000}}}
+            "log": {"m": {"written": rows, "dropped": 0, "writer_ns": 1_000_000, "request_path_ns": 250_000}},
+            "grpc": {"calls_refused": 2, "replies_dropped": 0}}
 
 
 def test_stable_steps_stay_quiet_and_a_shift_raises_an_alarm_with_its_evidence(engine_setup):
@@ -81,6 +82,8 @@ def test_stable_steps_stay_quiet_and_a_shift_raises_an_alarm_with_its_evidence(e
     assert 'fleet_prediction_log_rows_total{model="m"} 20000.0' in text
     assert 'fleet_prediction_log_cpu_seconds_total{model="m",part="writer"} 0.04' in text  # 40 pushes of 1 ms
     assert 'fleet_prediction_log_cpu_seconds_total{model="m",part="request_path"} 0.01' in text
+    assert 'fleet_grpc_transport_events_total{event="calls_refused"} 80.0' in text  # 40 pushes of 2
+    assert 'fleet_grpc_transport_events_total{event="replies_dropped"} 0.0' in text
     assert check_metrics(text) == ""  # promtool check metrics reports nothing
 
 

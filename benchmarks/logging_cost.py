@@ -68,7 +68,6 @@ __all__ = ["main", "run_logging_cost"]
 
 MODEL = "fraud"
 UNLOGGED = "fraud_unlogged"  # MODEL again with fleet.log.sample 0
-_LEAD_IN_S = 2.0  # load before each measured run of the paired design
 RESULTS = Path("benchmarks/results/logging_cost")
 _MONITOR_PROCESS = "ray::MonitorAc"  # the monitor actor's process (comm is cut at 15 characters)
 

@@ -128,17 +128,23 @@ def run_wrk(
     if not Path(body_file).is_file():
         raise FileNotFoundError(f"body file {body_file} does not exist")
     argv = wrk_command(url, body_file, header_length, connections, threads, duration_s, timeout_s, headers)
+    env = {**os.environ, "WRK_COUNT_VERSIONS": "1"} if count_versions else None
+    return _run(argv, duration_s, timeout_s, lambda out: parse_report(out, connections), "WRK_JSON", env)
+
+
+def _run(argv: list[str], duration_s: float, timeout_s: float, parse, report: str, env=None):
+    """Run wrk and `parse` its stdout; WrkError (with the command and the output's tails) when it overruns its
+    duration and timeout by 30 s, or prints no usable `report` line."""
     budget_s = max(1, round(duration_s)) + max(1, math.ceil(timeout_s)) + 30
     try:
-        env = {**os.environ, "WRK_COUNT_VERSIONS": "1"} if count_versions else None
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False, env=env)
     except subprocess.TimeoutExpired as exc:
         raise WrkError(f"wrk did not finish within {budget_s} s: {' '.join(argv)}") from exc
     try:
-        return parse_report(proc.stdout, connections)
+        return parse(proc.stdout)
     except (WrkError, ValueError, KeyError) as exc:
         raise WrkError(
-            f"wrk exited with {proc.returncode} and no usable WRK_JSON report ({exc}); command: {' '.join(argv)}\n"
+            f"wrk exited with {proc.returncode} and no usable {report} report ({exc}); command: {' '.join(argv)}\n"
             f"stderr tail:\n{_tail(proc.stderr)}\nstdout tail:\n{_tail(proc.stdout)}"
         ) from exc
 
@@ -192,13 +198,4 @@ def run_alternating(base_url: str, body_file: str | Path, path_a: str, path_b: s
     argv += [base_url + path_a, "--", str(body_file), path_a, path_b, repr(start), repr(float(phase_s))]
     if header_a is not None:
         argv.append(f"{header_a[0]}: {header_a[1]}")
-    budget_s = max(1, round(duration_s)) + max(1, math.ceil(timeout_s)) + 30
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise WrkError(f"wrk did not finish within {budget_s} s: {' '.join(argv)}") from exc
-    try:
-        return parse_phases(proc.stdout)
-    except (WrkError, ValueError, KeyError) as exc:
-        raise WrkError(f"wrk exited with {proc.returncode} and no usable WRK_PHASES report ({exc}); command: "
-                       f"{' '.join(argv)}\nstderr tail:\n{_tail(proc.stderr)}") from exc
+    return _run(argv, duration_s, timeout_s, parse_phases, "WRK_PHASES")

@@ -94,8 +94,8 @@ class MonitoringEngine:
         self.joins: dict[str, ModelJoin] = {}
         self.tasks: dict[str, object] = {}  # model -> LabelSpec
         self.alarms: dict[tuple[str, int, str], dict] = {}  # active alarms
-        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "log_cpu": {}, "grpc_transport": {}, "feedback_labels": {},
-                                          "feedback_duplicates": {}, "violations": {}}
+        self.counters: dict[str, dict] = {"log_written": {}, "log_dropped": {}, "log_cpu": {}, "grpc_transport": {},
+                                          "feedback_labels": {}, "feedback_duplicates": {}, "violations": {}}
         self.log_buffered: dict[str, int] = {}  # replica -> rows buffered now
         self.rollout_labels: dict[tuple[str, int], list[int]] = {}  # joined since taken: [labelled, wrong]
         self.rollout_pairs: dict[tuple[str, int, int], list[int]] = {}  # see take_rollout_labels

@@ -140,7 +140,7 @@ def records_of(batches: list[BatchRecord], wall_offset_ns: int) -> list[LogRecor
         metas: list[tuple] = []
         enqueued_ns: list[int] = []
         per_batch, batch_ns, rows, nbytes = [], [], 0, 0
-        counted = flagged = plain = False
+        counted = flagged = False
         for b in group:
             metas += b.metas
             enqueued_ns += b.enqueued

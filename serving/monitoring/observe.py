@@ -229,19 +229,8 @@ class VersionObserver:
         done_ns = time.monotonic_ns()
         selected = outputs if rows is None else {name: np.asarray(arr)[rows] for name, arr in outputs.items()}
         if plain:  # the common case: no key, answered by the model itself
-            names = self._input_names
-            if names is None:
-                names = self._learn_inputs(logged[0])
-            n = len(logged)
-            if len(names) == 1:
-                inputs = {names[0]: [p.inputs[names[0]] for p in logged]}
-            else:
-                inputs = {name: [p.inputs[name] for p in logged] for name in names}
-            self.log.append(BatchRecord(
-                self.model, self.version, total, metas, enqueued, [p.rows for p in logged] if total != n else None,
-                sent_ns, compute_ns, done_ns, inputs, selected, self._violations(logged) if flagged else None,
-                self.image_inputs, None if self._row_bytes is None else request_bytes(len(names), n, total,
-                                                                                       self._row_bytes)))
+            self.log.append(self._record(self.model, self.version, logged, selected, sent_ns, compute_ns, done_ns,
+                                         metas, enqueued, total, flagged))
         else:
             self._log_by_model(logged, selected, sent_ns, compute_ns, done_ns)
         if timed:  # scaled: an estimate of every batch's time, unbiased
@@ -268,7 +257,10 @@ class VersionObserver:
         for key, requests in by_model.items():
             part = selected if len(by_model) == 1 else {
                 name: np.asarray(arr)[np.concatenate(spans[key])] for name, arr in selected.items()}
-            self.log.append(self._record(key[0], key[1], requests, part, sent_ns, compute_ns, done_ns))
+            self.log.append(self._record(
+                key[0], key[1], requests, part, sent_ns, compute_ns, done_ns, [p.meta for p in requests],
+                [p.enqueued_ns for p in requests], sum(p.rows for p in requests),
+                any(p.flags is not None for p in requests)))
 
     @staticmethod
     def _violations(requests: list) -> np.ndarray:
@@ -276,15 +268,19 @@ class VersionObserver:
                                for p in requests])
 
     def _record(self, model: str, version: int, requests: list, outputs: dict, sent_ns: int, compute_ns: int,
-                done_ns: int) -> BatchRecord:
-        """The batch as the writer thread takes it: the requests' context tuples and enqueue times, their input
-        arrays as they are, the outputs. The writer derives every per-row column from these."""
-        violations = self._violations(requests) if any(p.flags is not None for p in requests) else None
-        rows = sum(p.rows for p in requests)
+                done_ns: int, metas: list, enqueued: list, total: int, flagged: bool) -> BatchRecord:
+        """The batch as the writer thread takes it: the requests' context tuples (`metas`) and enqueue times, their
+        `total` rows, their input arrays as they are, the outputs. The writer derives every per-row column from
+        these; the byte count comes from the row size when the inputs' shapes are fixed."""
+        names = self._input_names or self._learn_inputs(requests[0])
+        n = len(requests)
+        if len(names) == 1:
+            inputs = {names[0]: [p.inputs[names[0]] for p in requests]}
+        else:
+            inputs = {name: [p.inputs[name] for p in requests] for name in names}
         return BatchRecord(
-            model, version, rows, [p.meta for p in requests], [p.enqueued_ns for p in requests],
-            [p.rows for p in requests] if rows != len(requests) else None, sent_ns, compute_ns, done_ns,
-            {name: [p.inputs[name] for p in requests] for name in requests[0].inputs}, outputs, violations,
-            self.image_inputs)
+            model, version, total, metas, enqueued, [p.rows for p in requests] if total != n else None, sent_ns,
+            compute_ns, done_ns, inputs, outputs, self._violations(requests) if flagged else None, self.image_inputs,
+            None if self._row_bytes is None else request_bytes(len(names), n, total, self._row_bytes))
 
 

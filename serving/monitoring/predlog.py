@@ -1,6 +1,6 @@
 """The prediction log sink of one ingress replica: a bounded buffer and a writer thread writing Parquet.
 
-    <data>/traffic/<model>/version=<v>/date=<YYYY-MM-DD>/<UTC time>-<replica>-<seq>.parquet   (zstd)
+    <data>/traffic/<model>/version=<v>/date=<YYYY-MM-DD>/<UTC time>-<replica>-<seq>.parquet   (zstd; floats plain)
 
 Hive-partitioned, so `pyarrow.dataset.dataset(<data>/traffic/<model>, partitioning="hive")`,
 Ray Data and DuckDB (`read_parquet('<data>/traffic/fraud/**/*.parquet', hive_partitioning=1)`)
@@ -35,21 +35,36 @@ import threading
 import time
 from typing import Callable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from serving.monitoring.logrows import BatchRecord, LogRecord, LogSchema, records_of
 from serving.storage import join_uri, locate, write_whole
 
-__all__ = ["PredictionLog", "traffic_dir"]
+__all__ = ["PredictionLog", "traffic_dir", "column_compression"]
 
 _log = logging.getLogger("fleet.predlog")
 # Parquet options: dictionary encoding only where values repeat (the rest would try it, then fall back), and
-# column statistics where readers filter or join (pyarrow.dataset, DuckDB push them down); zstd, level 1.
-_WRITE_OPTIONS = {"compression": "zstd", "compression_level": 1,
-                  "use_dictionary": ["model", "answered_by", "key_id", "violations"],
+# column statistics where readers filter or join (pyarrow.dataset, DuckDB push them down). Compression per column
+# (`column_compression`): zstd (Arrow's default level, 1) for every column but floating-point values, which are stored
+# plain: zstd took a third of the writer's time and saved 6 % of a fraud row's bytes (random mantissas do not
+# compress).
+_WRITE_OPTIONS = {"use_dictionary": ["model", "answered_by", "key_id", "violations"],
                   "write_statistics": ["request_id", "row", "timestamp"]}
 _REPORT_EVERY_S = 60.0
 _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
+
+
+def column_compression(schema: pa.Schema) -> dict[str, str]:
+    """Each Parquet leaf column's codec: "none" for floating-point values (a column's, or a list's elements),
+    "zstd" for the rest."""
+    codecs = {}
+    for f in schema:
+        t = f.type
+        nested = pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)
+        value = t.value_type if nested else t
+        codecs[f"{f.name}.list.element" if nested else f.name] = "none" if pa.types.is_floating(value) else "zstd"
+    return codecs
 
 
 def traffic_dir(data_dir: str, model: str) -> str:
@@ -74,6 +89,7 @@ class PredictionLog:
         location = locate(data_dir)
         self._fs, self._root = location.fs, location.path
         self._schemas: dict[tuple[str, int], LogSchema] = {}
+        self._compression: dict = {}  # Arrow schema -> its columns' codecs
         self._pending: collections.deque[LogRecord] = collections.deque()
         self._rows = 0  # buffered rows, those being written included
         self._bytes = 0
@@ -234,8 +250,11 @@ class PredictionLog:
         folder = f"{self._root.rstrip('/')}/traffic/{model}/version={version}/date={date}"
         self._seq += 1
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{self.replica}-{self._seq:06d}.parquet"
-        write_whole(self._fs, f"{folder}/{name}",
-                    lambda target: pq.write_table(table, target, filesystem=self._fs, **_WRITE_OPTIONS))
+        compression = self._compression.get(table.schema)
+        if compression is None:
+            compression = self._compression[table.schema] = column_compression(table.schema)
+        write_whole(self._fs, f"{folder}/{name}", lambda target: pq.write_table(
+            table, target, filesystem=self._fs, compression=compression, **_WRITE_OPTIONS))
 
     # -- stopping ---------------------------------------------------------------------
     def flush(self, timeout_s: float = 30.0) -> bool:

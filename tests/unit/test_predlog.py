@@ -59,6 +59,31 @@ def test_rows_land_in_hive_partitions_as_whole_files_read_back_as_one_table(tmp_
     log.close()
 
 
+def test_floating_point_columns_are_stored_plain_and_every_other_column_zstd(tmp_path):
+    import pyarrow.parquet as pq
+
+    log = make_log(tmp_path, flush_rows=10, flush_interval_s=60)
+    assert log.append(record(4, "a")) and log.flush(10)
+    log.close()
+    (path,) = [p for p in files(tmp_path) if p.is_file()]
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
+    plain = {"a", "b", "c", "probability"}
+    assert {c for c, codec in codecs.items() if codec == "UNCOMPRESSED"} == plain
+    assert {codec for c, codec in codecs.items() if c not in plain} == {"ZSTD"} and "request_id" in codecs
+
+
+def test_list_columns_are_named_by_their_leaf_path():
+    import pyarrow as pa
+
+    from serving.monitoring.predlog import column_compression
+
+    schema = pa.schema([("x", pa.list_(pa.float32(), 3)), ("shape", pa.list_(pa.int32())), ("h", pa.uint64()),
+                        ("d", pa.float64())])
+    assert column_compression(schema) == {"x.list.element": "none", "shape.list.element": "zstd", "h": "zstd",
+                                          "d": "none"}
+
+
 def test_a_file_is_written_every_flush_rows_or_every_interval(tmp_path):
     log = make_log(tmp_path, flush_rows=100, flush_interval_s=0.3)
     log.append(record(5, "a"))

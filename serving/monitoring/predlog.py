@@ -181,8 +181,7 @@ class PredictionLog:
                     self._cond.wait(timeout=max(0.0, next_flush - self._clock()))
                 closing = self._closing
                 self._flush_now = False
-                batch = list(self._pending)
-                self._pending.clear()
+                batch, self._pending = self._pending, collections.deque()  # no copy of what was buffered
             failed = self._timed_write(batch) if batch else []
             with self._cond:
                 for record in reversed(failed):  # the oldest first again
@@ -199,7 +198,7 @@ class PredictionLog:
                 self._retry_s = _RETRY_MIN_S
                 next_flush = self._clock() + self.flush_interval_s
 
-    def _timed_write(self, records: list) -> list:
+    def _timed_write(self, records) -> list:
         """`_write`, its CPU time counted per model (shared by rows)."""
         start = time.thread_time_ns()
         failed = self._write(records)

@@ -14,6 +14,9 @@ the reference (the test suite runs both ways). The kernels and their contracts:
 
 Each docstring in `native._reference` is the contract of both implementations.
 
+`otlp_spans(traces, offset_ns)`: OTLP protobuf of finished traces (serving/telemetry/otlp.py, whose Python
+encoder is its reference), None when the kernels are the NumPy reference.
+
 `H2` is the native gRPC transport (`native._h2`: HTTP/2 on libnghttp2, serving/grpc/native_server.py),
 or None when it is not built or `FLEET_PURE_PYTHON=1` (gRPC is then served by grpc.aio).
 """
@@ -25,7 +28,8 @@ import os
 
 from native import _reference
 
-__all__ = ["BACKEND", "H2", "standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json"]
+__all__ = ["BACKEND", "H2", "standardize", "histogram", "check_bounds", "resize_normalize", "parse_v2_json",
+           "otlp_spans"]
 
 _log = logging.getLogger("fleet.native")
 
@@ -61,3 +65,5 @@ histogram = _impl.histogram
 check_bounds = _impl.check_bounds
 resize_normalize = _impl.resize_normalize
 parse_v2_json = _impl.parse_v2_json
+# The OTLP span encoder (serving/telemetry/otlp.py's `_spans` in C++), None with the reference: its Python twin is there.
+otlp_spans = getattr(_impl, "otlp_spans", None)

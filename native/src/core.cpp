@@ -43,4 +43,8 @@ NB_MODULE(_core, m) {
   m.def("parse_v2_json", &fleet::parse_v2_json, nb::arg("body").none(),
         "orjson.loads(body), except that each inputs[i]['data'] is a NumPy array of the input's datatype "
         "and shape; ValueError with the byte offset for anything malformed.");
+  m.def("otlp_spans", &fleet::otlp_spans, nb::arg("traces").none(), nb::arg("offset_ns").none(),
+        "The OTLP ScopeSpans.spans fields (protobuf bytes) of finished Trace records "
+        "(serving/telemetry/tracing.py) and their children, times plus offset_ns: the bytes of "
+        "serving/telemetry/otlp.py's Python encoder.");
 }

@@ -12,5 +12,7 @@ nb::object resize_normalize(nb::handle images, nb::handle out_h, nb::handle out_
                             nb::handle std, nb::handle out, nb::handle threads);
 nb::object parse_v2_json(nb::handle body);
 nb::object check_bounds(nb::handle x, nb::handle lo, nb::handle hi, nb::handle first, nb::handle counts);
+// Not a kernel with a NumPy twin: its reference is serving/telemetry/otlp.py's `_spans` (otlp.cpp).
+nb::bytes otlp_spans(nb::handle traces, nb::handle offset_ns);
 
 }  // namespace fleet

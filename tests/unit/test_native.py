@@ -225,7 +225,9 @@ def test_backend_is_native_unless_pure_python_is_forced():
     assert native.BACKEND == ("numpy" if forced else "native")
     for name in KERNELS:
         assert getattr(native, name) is getattr(_reference if forced else _core, name)
-    assert set(native.__all__) == {"BACKEND", "H2", *KERNELS}
+    assert set(native.__all__) == {"BACKEND", "H2", "otlp_spans", *KERNELS}
+    # the OTLP encoder: compiled, or None (serving/telemetry/otlp.py encodes in Python then)
+    assert native.otlp_spans is (None if forced else _core.otlp_spans)
     # the native gRPC transport follows the same switch (serving/grpc/native_server.py; grpc.aio without it)
     if forced:
         assert native.H2 is None

@@ -5,6 +5,7 @@ tracing off doing nothing. Spans are read from the SDK's InMemorySpanExporter.""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import numpy as np
@@ -415,3 +416,84 @@ def test_flush_sends_records_to_an_otlp_exporter_and_counts_failures():
     collector.ok = False
     tracing.start_request().finish()
     assert tracing.flush() == 1 and tracing.failed == 1
+
+
+class _Collector:
+    """A real OTLP/HTTP endpoint on loopback (http.server, HTTP/1.1 keep-alive): counts connections and bodies,
+    answers `status`, closes the connection after each answer while `close` is set."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        collector = self
+        self.connections, self.bodies, self.status, self.close, self.sockets = 0, [], 200, False, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                collector.connections += 1
+                collector.sockets.append(self.request)
+                super().setup()
+
+            def do_POST(self):  # noqa: N802 - http.server's name
+                collector.bodies.append((self.path, self.headers["Content-Type"],
+                                         self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(collector.status)
+                self.send_header("Content-Length", "0")
+                if collector.close:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: never taken
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_otlp_exporter_keeps_its_connection_and_opens_a_new_one_when_the_collector_closed_it():
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    collector = _Collector()
+    exporter = OtlpHttpExporter(collector.endpoint, timeout_s=5.0)
+    tracing = Tracing(exporter, 1.0, start_thread=False)
+    try:
+        for _ in range(3):
+            trace = tracing.start_request(VALID)
+            trace.add("parse", trace.start_ns)
+            trace.finish(model="fraud")
+            assert tracing.flush() == 2
+        assert collector.connections == 1 and len(collector.bodies) == 3  # one kept-alive connection
+        path, content_type, body = collector.bodies[0]
+        assert path == "/v1/traces" and content_type == "application/x-protobuf"
+        spans = ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans
+        assert [s.name for s in spans] == ["infer", "parse"] and spans[0].trace_id.hex() == TRACE
+
+        collector.close = True  # the collector says it closes after its answer: the next export connects anew
+        tracing.start_request().finish()
+        assert tracing.flush() == 1
+        tracing.start_request().finish()
+        assert tracing.flush() == 1 and tracing.failed == 0 and collector.connections == 2
+
+        collector.close = False
+        tracing.start_request().finish()
+        assert tracing.flush() == 1 and collector.connections == 3  # kept again
+        collector.sockets[-1].shutdown(socket.SHUT_RDWR)  # the collector drops it without a word (an idle timeout)
+        tracing.start_request().finish()
+        assert tracing.flush() == 1 and tracing.failed == 0 and collector.connections == 4
+
+        collector.close, collector.status = False, 503  # refused: counted as failed, not retried
+        tracing.start_request().finish()
+        assert tracing.flush() == 1 and tracing.failed == 1 and len(collector.bodies) == 8
+    finally:
+        collector.stop()
+    tracing.start_request().finish()  # the collector is gone: a failure, never an exception
+    assert tracing.flush() == 1 and tracing.failed == 2
+    exporter.shutdown()

@@ -34,7 +34,7 @@ import native
 if TYPE_CHECKING:
     from serving.telemetry.tracing import Trace
 
-__all__ = ["OtlpHttpExporter", "encode_traces", "encode_request", "encode_spans", "python_spans", "traces_url"]
+__all__ = ["OtlpHttpExporter", "encode_traces", "python_spans", "traces_url"]
 
 _Q = struct.Struct("<Q").pack  # fixed64
 _I = struct.Struct("<I").pack  # fixed32
@@ -160,20 +160,15 @@ def python_spans(traces: Sequence["Trace"], offset_ns: int) -> bytes:
 def encode_traces(traces: Sequence["Trace"], offset_ns: int, resource: Resource, scope: str = "fleet") -> bytes:
     """An OTLP ExportTraceServiceRequest (protobuf bytes) of finished traces and their children;
     `offset_ns` turns their monotonic instants into unix ns. The spans are encoded by `native.otlp_spans` when
-    the native kernels are built (a sixth of the time), else in Python."""
-    return encode_request(encode_spans(traces if isinstance(traces, list) else list(traces), offset_ns), resource,
-                          scope)
-
-
-def encode_request(spans: bytes, resource: Resource, scope: str = "fleet") -> bytes:
-    """The ExportTraceServiceRequest of already encoded spans (`encode_spans` of one or more lists of traces)."""
+    the native kernels are built (a tenth of the time), else in Python."""
+    spans = _encode_spans(traces if isinstance(traces, list) else list(traces), offset_ns)
     resource_field = _field(b"\x0a", b"".join(_key_value(b"\x0a", k, v) for k, v in resource.attributes.items()))
     scope_spans = _field(b"\x12", _field(b"\x0a", _field(b"\x0a", scope.encode())) + spans)
     schema = _field(b"\x1a", resource.schema_url.encode()) if resource.schema_url else b""
     return _field(b"\x0a", resource_field + scope_spans + schema)  # ExportTraceServiceRequest.resource_spans
 
 
-encode_spans = native.otlp_spans or python_spans  # (traces: list, offset_ns) -> the spans' fields, bytes
+_encode_spans = native.otlp_spans or python_spans
 
 
 def traces_url(endpoint: str) -> str:
@@ -204,13 +199,7 @@ class OtlpHttpExporter:
 
     def export_traces(self, traces: Sequence["Trace"], offset_ns: int, resource: Resource) -> bool:
         """Send them; False when the collector did not take them (unreachable, an error status)."""
-        return self._send(encode_traces(traces, offset_ns, resource))
-
-    def export_encoded(self, spans: bytes, resource: Resource) -> bool:
-        """Send spans encoded already (`encode_spans`, as `Tracing` does when a trace finishes); as `export_traces`."""
-        return self._send(encode_request(spans, resource))
-
-    def _send(self, body: bytes) -> bool:
+        body = encode_traces(traces, offset_ns, resource)
         for attempt in range(2):
             reused = self._connection is not None
             connection = self._connection or self._connect()

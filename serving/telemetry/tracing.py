@@ -14,13 +14,11 @@ Cost. Off (`tracing_sample_ratio` 0, the default) nothing here runs: `active()` 
 front end checks that once per request, the batcher once per request it queues (`self.tracing`,
 an attribute) and once per batch. On, the request path only
 records (name, start, end) in monotonic ns into a slotted `Trace` and appends it to a deque when
-it finishes (under 1 µs a span, where the SDK's `Tracer.start_span` and `end` cost about 25). For
-an OTLP/HTTP collector (`otlp_endpoint`) a finished trace is encoded at once into OTLP protobuf
-(serving/telemetry/otlp.py; `native.otlp_spans`, about 0.2 µs a span) and only its bytes wait for the
-export thread, which sends them joined: a record kept until the next export would be a dozen
-objects that the garbage collector traverses again and again. For any SDK `SpanExporter` the export
-thread builds the SDK's `ReadableSpan`s (about 2 µs a span): with no endpoint a JSON-lines file per
-process under `trace_dir` (`JsonLinesSpanExporter`), in tests the SDK's InMemorySpanExporter. What is
+it finishes (under 1 µs a span, where the SDK's `Tracer.start_span` and `end` cost about 25). The
+export thread sends them: to an OTLP/HTTP collector (`otlp_endpoint`) encoded straight from the
+records (serving/telemetry/otlp.py, about 1.5 µs a span), or, to any SDK `SpanExporter`, as the SDK's
+`ReadableSpan`s (about 2 µs a span to build): with no endpoint a JSON-lines file per process
+under `trace_dir` (`JsonLinesSpanExporter`), in tests the SDK's InMemorySpanExporter. What is
 sampled is decided once per request: a client's sampled flag is followed, otherwise
 `sample_ratio` of new traces are kept.
 """
@@ -47,7 +45,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
-from serving.telemetry.otlp import OtlpHttpExporter, encode_spans
+from serving.telemetry.otlp import OtlpHttpExporter
 
 __all__ = [
     "Trace", "Tracing", "JsonLinesSpanExporter", "parse_traceparent", "format_traceparent", "make_exporter",
@@ -191,18 +189,13 @@ class Tracing:
         self.sample_ratio = sample_ratio
         self.max_queue = max_queue
         self.max_export_traces = max_export_traces  # per export call (an OTLP request)
-        self.dropped = 0  # finished traces not exported: the queue was full (or one could not be encoded)
+        self.dropped = 0  # finished traces not exported: the queue was full
         self.exported = 0  # spans handed to the exporter
         self.failed = 0  # of those, spans the exporter could not deliver
         self.resource = Resource.create({"service.name": "fleet", "fleet.component": component,
                                          "service.instance.id": f"{component}-{os.getpid()}"})
         self._scope = InstrumentationScope("fleet")
-        # Finished traces: the records, or with an OTLP exporter their encoded spans (bytes, span count), encoded
-        # when they finish (`_finished`): a record kept until the next export would be a dozen objects that the
-        # garbage collector traverses in every generation (measured: +2.8 µs of collection per traced request).
-        self._done: collections.deque = collections.deque()
-        self._encode = encode_spans if hasattr(exporter, "export_encoded") else None
-        self._offset_ns = time.time_ns() - time.monotonic_ns()  # monotonic -> unix ns, refreshed by each flush
+        self._done: collections.deque[Trace] = collections.deque()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._warned_at = 0.0
@@ -253,14 +246,7 @@ class Tracing:
         if len(self._done) >= self.max_queue:
             self.dropped += 1
             return
-        if self._encode is None:
-            self._done.append(trace)
-            return
-        try:
-            self._done.append((self._encode([trace], self._offset_ns), 1 + len(trace.children)))
-        except Exception as exc:  # noqa: BLE001 - tracing must never take serving down
-            self.dropped += 1
-            self._warn(f"encoding a finished trace raised {type(exc).__name__}: {exc}")
+        self._done.append(trace)
 
     # -- the export thread -------------------------------------------------------------
     def _run(self, interval_s: float) -> None:
@@ -274,19 +260,15 @@ class Tracing:
             traces = [done.popleft() for _ in range(len(done))]
             if not traces:
                 return 0
-            self._offset_ns = offset = time.time_ns() - time.monotonic_ns()
             export_traces = getattr(self.exporter, "export_traces", None)  # OTLP: straight from the records
             step = self.max_export_traces
             spans = 0
             for i in range(0, len(traces), step):
                 chunk = traces[i:i + step]
-                encoded = self._encode is not None  # chunk: (encoded spans, their count), joined into one request
-                count = sum(n for _, n in chunk) if encoded else sum(1 + len(t.children) for t in chunk)
+                count = sum(1 + len(t.children) for t in chunk)
                 try:
-                    if encoded:
-                        ok = self.exporter.export_encoded(b"".join([b for b, _ in chunk]), self.resource)
-                    elif export_traces is not None:
-                        ok = export_traces(chunk, offset, self.resource)
+                    if export_traces is not None:
+                        ok = export_traces(chunk, time.time_ns() - time.monotonic_ns(), self.resource)
                     else:
                         ok = self.exporter.export(self._spans(chunk)) is SpanExportResult.SUCCESS
                 except Exception as exc:  # noqa: BLE001 - tracing must never take serving down
@@ -298,8 +280,7 @@ class Tracing:
                 spans += count
             self.exported += spans
             if self.dropped:
-                self._warn(f"{self.dropped} traces dropped so far: the export queue ({self.max_queue}) was full, or "
-                           "a trace could not be encoded")
+                self._warn(f"{self.dropped} traces dropped so far: the export queue ({self.max_queue}) was full")
             return spans
 
     def _warn(self, message: str) -> None:

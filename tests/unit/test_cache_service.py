@@ -146,3 +146,12 @@ def test_a_hit_is_counted_in_the_drift_windows_as_its_batch_would_be():
     assert by_hit == by_batch and by_hit["rows"] == 5 and set(by_hit) == {"features", "score", "pca", "rows"}
     np.testing.assert_array_equal(features_by_hit, features_by_batch)
     assert features_by_hit.sum() == 10  # 5 rows x 2 features
+
+    def hits(observer, pre) -> None:  # five hits of a row each: kept, then counted together
+        for i in range(5):
+            observer.count_cached({"x": x[i:i + 1]}, {"y": y[i:i + 1]}, pre)
+        assert observer._cached and observer._pending_rows == 5  # nothing counted per hit
+
+    by_hits, features_by_hits = counted(hits)
+    assert by_hits == by_batch
+    np.testing.assert_array_equal(features_by_hits, features_by_batch)

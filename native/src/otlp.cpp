@@ -93,9 +93,14 @@ uint64_t u64_attr(PyObject *trace, PyObject *name, const char *what) {
 void trace_id_field(std::string &out, PyObject *trace_id) {
   if (!PyLong_Check(trace_id)) throw nb::type_error("otlp_spans: trace_id must be an int");
   unsigned char bytes[16];
-  if (_PyLong_AsByteArray(reinterpret_cast<PyLongObject *>(trace_id), bytes, 16, /*little_endian=*/0,
-                          /*is_signed=*/0) < 0)
-    throw nb::python_error();
+#if PY_VERSION_HEX >= 0x030D0000
+  const int failed = _PyLong_AsByteArray(reinterpret_cast<PyLongObject *>(trace_id), bytes, 16, /*little_endian=*/0,
+                                         /*is_signed=*/0, /*with_exceptions=*/1);
+#else
+  const int failed = _PyLong_AsByteArray(reinterpret_cast<PyLongObject *>(trace_id), bytes, 16, /*little_endian=*/0,
+                                         /*is_signed=*/0);
+#endif
+  if (failed < 0) throw nb::python_error();
   out.append("\x0a\x10", 2);
   out.append(reinterpret_cast<const char *>(bytes), 16);
 }

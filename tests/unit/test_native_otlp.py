@@ -69,3 +69,12 @@ def test_a_malformed_child_is_a_type_error():
     traces[0].children.append(("parse", 1))
     with pytest.raises(TypeError, match="a child must be"):
         _core.otlp_spans(traces, 0)
+
+
+def test_an_id_too_large_is_an_overflow_error_in_both_encoders():
+    traces = finished_traces()
+    traces[0].trace_id = 2**128
+    with pytest.raises(OverflowError):
+        _core.otlp_spans(traces, 0)
+    with pytest.raises(OverflowError):
+        python_spans(traces, 0)

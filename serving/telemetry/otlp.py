@@ -5,9 +5,10 @@ a protobuf message object per span, field by field (and hashes the span's Resour
 dump per span), about 25 µs a span measured here, and building the SDK's `ReadableSpan` first
 costs 2 more: with 4-5 spans a request that is twice what the traced request itself costs. Written
 straight from the records (a request's children share its ids' bytes, names and attribute
-encodings are cached) it is about 1.5 µs a span in Python, and `native.otlp_spans` (native/src/otlp.cpp)
-writes the same bytes in C++ in a fraction of that; the Python encoder (`python_spans`) stays as its
-reference and serves when the native kernels are not built. The unit tests decode this output with
+encodings are cached) it is about 1.5 µs a span in Python, and `native.otlp_spans`
+(native/src/otlp.cpp) writes the same bytes in C++ in about a sixth of that (7.0 -> 1.2 µs for a
+traced request's spans); the Python encoder (`python_spans`) stays as its reference and serves when
+the native kernels are not built. The unit tests decode this output with
 opentelemetry-proto's messages and compare it with the SDK spans of the same records, and compare the
 two encoders byte for byte.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from serving.autoscale import LOAD_METRIC
 from serving.batching import batch_deadline_ns
 from serving.errors import DeadlineExceeded, FleetError, ModelUnavailable
 from serving.http_api import build_handler, build_http_app
+from serving import heap
 from serving.http_server import HttpListener
 from serving.telemetry.logs import configure_logging
 from serving.metrics import StatsRecorder
@@ -214,11 +214,7 @@ class Ingress:
                                            max_concurrent_rpcs=self.options.max_connections,
                                            graceful_shutdown_s=self.options.drain_timeout_s)
             await self.grpc.start()
-        # Everything alive now (Ray, torch, the models) lives as long as the replica: move it out of
-        # the collector's reach, or each full collection walks it all (about 180 ms measured here,
-        # a stall of every request in flight).
-        gc.collect()
-        gc.freeze()
+        heap.settle()  # what start-up made out of the collector's reach; young collections less often
 
     async def _client(self, name: str, handle):
         if handle is not None:

@@ -13,10 +13,10 @@ call per batch) or, in colocated mode, in the ingress replica itself
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 
+from serving import heap
 from serving.batch_exec import TOGETHER_S, Done, side_by_side
 from serving.errors import ModelNotFound, ModelUnavailable
 from serving.telemetry.logs import configure_logging
@@ -139,8 +139,7 @@ class ModelWorker:
         self.runner.start_polling(version_poll_interval_s)
         _log.info("model %s: worker replica serving versions %s", model, list(self.runner.versions.served),
                   extra={"model": model, "event": "worker_ready"})
-        gc.collect()
-        gc.freeze()  # as in the ingress: what start-up made lives as long as the replica
+        heap.settle()  # as in the ingress: what start-up made lives as long as the replica
 
     async def infer(self, version: int, inputs: dict, traceparent: str | None = None) -> dict:
         """One batch; `traceparent` (the ingress batch's `compute` span, when traced) parents this side's

@@ -212,11 +212,11 @@ class BatchExecution:
             if traced is None:
                 await self._run_lanes(ready, done)
             else:  # the worker's spans continue `compute` across the Ray call (HandleWorkerClient passes it on)
-                compute_id, parent = traced.child_traceparent()
-                batch_traceparent.set(parent)
+                ids = traced.child_ids()
+                batch_traceparent.set(ids)
                 compute_start = time.monotonic_ns()
                 await self._run_lanes(ready, done)
-                traced.add("compute", compute_start, 0, compute_id)
+                traced.add("compute", compute_start, 0, ids[1])
             if self.adaptive is not None:
                 # Service time, not time in flight: a batch sent while another ran started when that one ended.
                 done_ns = time.monotonic_ns()

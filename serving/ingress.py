@@ -38,7 +38,7 @@ from serving.options import ServingOptions
 from serving.registry import ModelRepository
 from serving.rollout.state import Route
 from serving.service import InferenceService
-from serving.telemetry.tracing import batch_traceparent, setup_tracing, shutdown_tracing
+from serving.telemetry.tracing import compute_traceparent, setup_tracing, shutdown_tracing
 from serving.workers import LocalWorkerClient, ModelRunner
 
 __all__ = ["Ingress", "HandleWorkerClient", "FailedWorkerClient", "replica_gone", "retry_budget_s"]
@@ -93,7 +93,7 @@ class HandleWorkerClient:
             raise _unwrap(exc) from exc
 
     async def _call(self, version: int, inputs: dict) -> dict:
-        traceparent = batch_traceparent.get()  # the batch's `compute` span when it is traced: the worker's parent
+        traceparent = compute_traceparent()  # the batch's `compute` span when it is traced: the worker's parent
         if traceparent is None:
             return await self._infer.remote(version, inputs)
         return await self._infer.remote(version, inputs, traceparent=traceparent)

@@ -7,8 +7,9 @@ Spans (names as exported):
   traced request it carries), with children `preprocess` and `compute` (the model call; across
   the Ray call in split mode);
 - in split mode the worker's `execute` span, the child of `compute` on the other side of the Ray
-  call: the batch task holds `compute`'s traceparent in `batch_traceparent` and the ingress passes
-  it as the keyword `traceparent` of the worker's `infer` (serving/workers.py).
+  call: the batch task holds `compute`'s (trace id, span id) in `batch_traceparent` and the ingress
+  passes its `compute_traceparent()` as the keyword `traceparent` of the worker's `infer`
+  (serving/workers.py); formatted there, as a colocated model never needs it.
 
 Cost. Off (`tracing_sample_ratio` 0, the default) nothing here runs: `active()` is None, the
 front end checks that once per request, the batcher once per request it queues (`self.tracing`,
@@ -49,7 +50,8 @@ from serving.telemetry.otlp import OtlpHttpExporter
 
 __all__ = [
     "Trace", "Tracing", "JsonLinesSpanExporter", "parse_traceparent", "format_traceparent", "make_exporter",
-    "setup_tracing", "active", "shutdown_tracing", "request_trace", "batch_traceparent", "check_otlp_endpoint",
+    "setup_tracing", "active", "shutdown_tracing", "request_trace", "batch_traceparent", "compute_traceparent",
+    "check_otlp_endpoint",
     "OTLP_SCHEMES",
 ]
 
@@ -58,10 +60,11 @@ _log = logging.getLogger("fleet.tracing")
 OTLP_SCHEMES = ("http", "https")
 
 # The request being answered by this task (set by `Tracing.start_request`; the batcher reads it when a request
-# joins a queue), and, while a batch executes, the traceparent of its `compute` span (the worker call's parent).
+# joins a queue), and, while a batch executes, (trace id, span id) of its `compute` span (the worker call's
+# parent; `compute_traceparent` formats it).
 request_trace: contextvars.ContextVar["Trace | None"] = contextvars.ContextVar("fleet_request_trace", default=None)
-batch_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar("fleet_batch_traceparent",
-                                                                               default=None)
+batch_traceparent: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "fleet_batch_traceparent", default=None)
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
 _V00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # exactly: 0.95 µs where the general form takes 1.15
@@ -103,6 +106,12 @@ def parse_traceparent(value: bytes | str | None) -> tuple[int, int, int] | None:
 def format_traceparent(trace_id: int, span_id: int, flags: int = 1) -> str:
     """A version-00 `traceparent` value."""
     return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+
+
+def compute_traceparent() -> str | None:
+    """The traceparent of the executing batch's `compute` span (`batch_traceparent`), None when it is not traced."""
+    ids = batch_traceparent.get()
+    return None if ids is None else format_traceparent(ids[0], ids[1], 1)
 
 
 def _new_id(bits: int) -> int:
@@ -157,6 +166,10 @@ class Trace:
         """(span id, its traceparent) for a child span still to be `add`ed: the parent of a remote call's spans."""
         span_id = _new_id(64)
         return span_id, format_traceparent(self.trace_id, span_id, 1)
+
+    def child_ids(self) -> tuple[int, int]:
+        """(trace id, span id) for a child span still to be `add`ed: `child_traceparent` unformatted."""
+        return self.trace_id, _new_id(64)
 
     def finish(self, error: BaseException | str | None = None, **attributes) -> None:
         """End the span now, with `error` (its status) and `attributes` (exported as `fleet.<name>`: model,

@@ -18,7 +18,7 @@ from serving.telemetry import tracing as tracing_module
 from serving.batching import Batcher, BatcherConfig
 from serving.telemetry.otlp import OtlpHttpExporter, encode_traces
 from serving.telemetry.tracing import (
-    JsonLinesSpanExporter, Tracing, batch_traceparent, format_traceparent, make_exporter, parse_traceparent,
+    JsonLinesSpanExporter, Tracing, compute_traceparent, format_traceparent, make_exporter, parse_traceparent,
     request_trace, setup_tracing,
 )
 from serving.workers import ModelWorker
@@ -177,7 +177,7 @@ class _Worker:
         self.seen: list[str | None] = []
 
     async def execute(self, inputs: dict) -> dict:  # the ingress's HandleWorkerClient, as the lead wires it
-        traceparent = batch_traceparent.get()
+        traceparent = compute_traceparent()
         self.seen.append(traceparent)
         wire = orjson.loads(orjson.dumps({"traceparent": traceparent}))  # crosses a process boundary as text
         if wire["traceparent"] is None:

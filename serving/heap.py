@@ -8,7 +8,9 @@
   about 100,000 objects a second that reference counting frees a few milliseconds later. At 700, about
   140 collections a second promoted them and pushed a full collection every second or so; the collector
   took about 4.5 % of a replica's time under load. At 7,000 it takes about 1 % (a scratch `gc.callbacks`
-  probe, 2 replicas under 64-connection load), each young collection about 2 ms.
+  probe, 2 replicas under 64-connection load), each young collection about 2 ms. With the two thresholds
+  taking turns inside the same replicas (4 s each, 20 pairs), 7,000 served 1.073 x the requests of 700
+  (95 % interval 1.013 to 1.134).
 """
 
 from __future__ import annotations

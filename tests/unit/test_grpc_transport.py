@@ -18,6 +18,7 @@ import time
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 import tritonclient.grpc.aio as tgrpc
@@ -36,10 +37,11 @@ MAX_MESSAGE = 1 << 16
 
 
 @contextlib.asynccontextmanager
-async def _native(max_concurrent_rpcs: int = 64, graceful_shutdown_s: float = 1.0, host: str = "127.0.0.1"):
+async def _native(max_concurrent_rpcs: int = 64, graceful_shutdown_s: float = 1.0, host: str = "127.0.0.1",
+                  dims: tuple = (2,)):
     """(listener, service, worker, port): the native listener over a scripted model `m` on a free port."""
     worker = _Worker()
-    cfg = make_config("m", [TensorSpec("x", "FP32", (2,))], [TensorSpec("y", "FP32", (2,))], max_batch_size=8,
+    cfg = make_config("m", [TensorSpec("x", "FP32", dims)], [TensorSpec("y", "FP32", dims)], max_batch_size=8,
                       parameters={"fleet.max_inflight_batches": "8"})
     service = InferenceService({"m": (spec_from_config(cfg), cfg, worker)}, ServingOptions(repository="/nonexistent"))
     await service.refresh()
@@ -224,6 +226,69 @@ async def test_streams_per_connection_and_calls_per_replica_are_bounded():
             worker.gate.set()
             answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
             assert len(answers) == 6 and all(pb.ModelInferResponse.FromString(a).model_name == "m" for a in answers)
+
+
+def _stream_without_reading(port: int, message: bytes, most: int, timeout_s: float = 60.0) -> dict:
+    """Send `message` on one ModelStreamInfer stream up to `most` times while never acknowledging the answers
+    (no WINDOW_UPDATE: the server's backlog grows), until the server resets the stream (blocking).
+    {"sent": messages sent, "reset": the reset's error code or None, "received": answer bytes received}."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/ModelStreamInfer"),
+                            (":authority", "fleet"), ("content-type", "application/grpc"), ("te", "trailers")])
+    sock.sendall(conn.data_to_send())
+    frame = _frame(message)
+    out = {"sent": 0, "reset": None, "received": 0}
+    deadline = time.monotonic() + timeout_s
+    pending = b""
+    try:
+        while out["reset"] is None and time.monotonic() < deadline:
+            if not pending and out["sent"] < most:
+                pending, out["sent"] = frame, out["sent"] + 1
+            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size) if pending else 0
+            if room > 0:
+                conn.send_data(sid, pending[:room])
+                pending = pending[room:]
+                sock.sendall(conn.data_to_send())
+                continue
+            data = sock.recv(65536)  # the server's window updates, its answers (never acknowledged), its reset
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    out["received"] += len(event.data)
+                elif isinstance(event, h2.events.StreamReset):
+                    out["reset"] = event.error_code
+            sock.sendall(conn.data_to_send())
+    finally:
+        sock.close()
+    return out
+
+
+@needs_native
+async def test_a_stream_whose_client_stops_reading_is_reset_once_64_mib_of_answers_wait():
+    rows = 16_000  # 64,000 bytes a message and an answer, under MAX_MESSAGE
+    message = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="x", datatype="FP32", shape=[1, rows])], raw_input_contents=[bytes(4 * rows)]).SerializeToString()
+    async with _native(dims=(-1,)) as (listener, _, worker, port):
+        refused = listener.stats()["calls_refused"]
+        got = await asyncio.to_thread(_stream_without_reading, port, message, 1_400)
+        assert got["reset"] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, got
+        # The answers the client never took: about 64 MiB held (1,049 answers of 64,000 bytes), then the reset.
+        assert 1_050 <= got["sent"] < 1_400 and got["received"] <= 65_535, got
+        assert listener.stats()["calls_refused"] == refused + 1 and listener.in_flight() == 0
+        answer = pb.ModelInferResponse.FromString(await asyncio.to_thread(_h2_unary_infer, port))
+        assert answer.model_name == "m" and listener.alive()
+
+
+def _h2_unary_infer(port: int) -> bytes:
+    got = _h2_call(port, _frame(pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="x", datatype="FP32", shape=[1, 2])], raw_input_contents=[bytes(8)]).SerializeToString()),
+        method="ModelInfer")
+    assert _grpc_status(got) == (0, ""), got
+    return got["data"][5:]
 
 
 @needs_native

@@ -167,16 +167,11 @@ class _Handlers:
     # -- inference -------------------------------------------------------------
     @staticmethod
     def _metadata(context, name: str) -> str | None:
-        raw = getattr(context, "raw_metadata", None)  # the native transport's: (bytes, bytes), no decoding
-        if raw is not None:
-            key = name.encode()
-            for k, value in raw:
-                if k == key:
-                    return value.decode("latin-1")
-            return None
-        for key, value in context.invocation_metadata() or ():
-            if key == name:
-                return value if isinstance(value, str) else value.decode("latin-1")
+        """One metadata value by its lower-case name (the first), None when the call has none."""
+        key = name.encode()
+        for k, value in _headers(context):
+            if k == key:
+                return value.decode("latin-1")
         return None
 
     async def _infer(self, msg: pb.ModelInferRequest, context, key: str | None, routing: str | None, trace=None):

@@ -366,7 +366,12 @@ async def side_by_side(calls: list[Awaitable], done: Done, together_s: float = T
 
 
 def _fail(batch: list[_Pending], exc: BaseException, name: str) -> None:
-    """Answer the batch's waiting requests with `exc` (a backend's own exception as a BackendError)."""
+    """Answer the batch's waiting requests with `exc` (a backend's own exception as a BackendError).
+
+    Without its traceback: the futures hold the exception, and a traceback through the batch's frames would
+    hold the batch and its futures again, a cycle that kept every failed request (its body) alive until the
+    collector ran (serving/heap.py). Each request's own traceback starts where it awaits its answer."""
+    exc = exc.with_traceback(None)
     error = exc
     if not isinstance(exc, FleetError):
         error = BackendError(f"model {name} failed: {type(exc).__name__}: {exc}")

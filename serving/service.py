@@ -480,6 +480,9 @@ class InferenceService(RolloutRouting, MonitoringAnswers):
         finally:
             if trace is not None:
                 trace.finish(error, model=model, version=tag, request_id=request_id)
+            # The exception's traceback holds this frame: a reference back to it from here would make a cycle
+            # that keeps the request (its body) alive until the collector finds it (serving/heap.py).
+            error = None
         elapsed = time.perf_counter_ns() - start
         self.recorder.success(model, tag, elapsed, result.queue_ns, result.compute_ns)
         if routed and answered_by is None:

@@ -91,24 +91,25 @@ def test_lone_request_does_not_wait_for_the_queue_delay(base_url):
 
 
 def test_request_timing_out_in_the_queue_gets_504(base_url):
-    """`slow_deep` runs one ~100 ms request at a time per ingress replica. Twelve busy requests on
-    twelve connections keep every replica busy (the kernel spreads connections over the replicas
-    at random: all twelve on one of two replicas has odds of 1 in 2048), so a request with a 20 ms
-    timeout queues behind them and expires."""
+    """`slow_deep` runs one request of 50-100 ms at a time per ingress replica. Twenty-four busy
+    requests on as many connections keep every replica busy for over half a second (the kernel spreads
+    connections over the replicas at random: all on one of two replicas has odds of 1 in 8 million),
+    so a request with a 20 ms timeout sent 0.25 s later (time for every busy request to arrive, on a
+    loaded machine too: 0.05 s once was not) queues behind them and expires."""
     x = np.ones((1, 1), np.float32)
 
     async def run():
-        limits = httpx.Limits(max_connections=16, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             busy = [asyncio.create_task(client.post(f"{base_url}/v2/models/slow_deep/infer", json=_body(x, "x")))
-                    for _ in range(12)]
-            await asyncio.sleep(0.05)
+                    for _ in range(24)]
+            await asyncio.sleep(0.25)
             started = time.perf_counter()
             late = await client.post(f"{base_url}/v2/models/slow_deep/infer", json=_body(x, "x", timeout_us=20_000))
             return await asyncio.gather(*busy), late, time.perf_counter() - started
 
     busy, late, waited = asyncio.run(run())
-    assert [r.status_code for r in busy] == [200] * 12
+    assert [r.status_code for r in busy] == [200] * 24
     assert late.status_code == 504, late.text
     assert "timed out" in late.json()["error"]
     assert waited < 5.0

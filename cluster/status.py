@@ -39,8 +39,8 @@ def _replicas(dashboard_url: str) -> tuple[dict[str, int], dict[str, dict[str, i
     from the Ray dashboard's Serve API."""
     from serving.app import APP_NAME
 
-    try:
-        doc = _get(f"{dashboard_url}/api/serve/applications/", token=ray_token())
+    try:  # the dashboard's Serve API can take over 5 s on a loaded machine
+        doc = _get(f"{dashboard_url}/api/serve/applications/", token=ray_token(), timeout_s=20.0)
     except (urllib.error.URLError, OSError, ValueError):
         return {}, {}
     out: dict[str, int] = {}

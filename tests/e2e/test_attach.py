@@ -129,7 +129,12 @@ def test_fleet_up_address_serves_on_every_node_survives_losing_one_and_down_leav
         body = {"inputs": [{"name": "features", "shape": [2, 30], "datatype": "FP32", "data": rows.ravel().tolist()}]}
         answers = []
         for host in (HEAD, NODE):  # each node's own ingress answers on its own address
-            probe = _get(f"http://{host}:{port}/-/healthz")
+            deadline = time.monotonic() + 30  # (once, on a loaded machine, the node did not answer within 5 s)
+            while True:
+                probe = _get(f"http://{host}:{port}/-/healthz")
+                if (probe is not None and probe.status_code == 200) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             assert probe is not None and probe.status_code == 200 and probe.text == "success", host
             answer = httpx.post(f"http://{host}:{port}/v2/models/fraud/infer", json=body, timeout=30)
             assert answer.status_code == 200, answer.text

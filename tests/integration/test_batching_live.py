@@ -91,25 +91,26 @@ def test_lone_request_does_not_wait_for_the_queue_delay(base_url):
 
 
 def test_request_timing_out_in_the_queue_gets_504(base_url):
-    """`slow_deep` runs one request of 50-100 ms at a time per ingress replica. Twenty-four busy
-    requests on as many connections keep every replica busy for over half a second (the kernel spreads
-    connections over the replicas at random: all on one of two replicas has odds of 1 in 8 million),
-    so a request with a 20 ms timeout sent 0.25 s later (time for every busy request to arrive, on a
-    loaded machine too: 0.05 s once was not) queues behind them and expires."""
+    """`slow_deep` runs one request at a time per ingress replica (25-100 ms each here). Sixty-four busy
+    requests on as many connections give each replica about 32 to run, most of a second at least (the
+    kernel spreads connections over the replicas at random), so a request with a 20 ms timeout sent
+    0.3 s after them finds its replica busy and queues behind them, and expires. (With 12 busy requests
+    and 0.05 s, then 24 and 0.25 s, a loaded machine twice let the late request find a replica idle.)"""
     x = np.ones((1, 1), np.float32)
 
     async def run():
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=72, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             busy = [asyncio.create_task(client.post(f"{base_url}/v2/models/slow_deep/infer", json=_body(x, "x")))
-                    for _ in range(24)]
-            await asyncio.sleep(0.25)
+                    for _ in range(64)]
+            await asyncio.sleep(0.3)
             started = time.perf_counter()
             late = await client.post(f"{base_url}/v2/models/slow_deep/infer", json=_body(x, "x", timeout_us=20_000))
-            return await asyncio.gather(*busy), late, time.perf_counter() - started
+            waited = time.perf_counter() - started
+            return await asyncio.gather(*busy), late, waited
 
     busy, late, waited = asyncio.run(run())
-    assert [r.status_code for r in busy] == [200] * 24
+    assert [r.status_code for r in busy] == [200] * 64
     assert late.status_code == 504, late.text
     assert "timed out" in late.json()["error"]
     assert waited < 5.0

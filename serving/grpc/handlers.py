@@ -55,6 +55,15 @@ def _headers(context) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _metadata(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    """One metadata value of a call's `_headers` by its lower-case name (the first), None when it has none."""
+    key = name.encode()
+    for k, value in headers:
+        if k == key:
+            return value.decode("latin-1")
+    return None
+
+
 def _client(context) -> tuple[str, int] | None:
     """The peer's (host, port) from `ipv4:1.2.3.4:5` / `ipv6:[::1]:5`, for per-address rate limits."""
     peer = context.peer() or ""
@@ -87,12 +96,15 @@ class _Handlers:
             context.set_trailing_metadata(tuple(extra) + trailers)
         await context.abort(code, details)
 
-    def _access(self, access: Access, context) -> str | None:
-        """The guard's check of a call; the caller's key id for inference."""
+    def _access(self, access: Access, context, headers: list[tuple[bytes, bytes]] | None = None) -> str | None:
+        """The guard's check of a call (`headers`: its `_headers`, when the caller has them); the caller's key id
+        for inference."""
         if access is Access.INFERENCE:
-            return None if self._check is None else self._check(_headers(context), _client(context))
+            if self._check is None:
+                return None
+            return self._check(_headers(context) if headers is None else headers, _client(context))
         if access is Access.ADMIN:
-            self.guard.admin(_headers(context))
+            self.guard.admin(_headers(context) if headers is None else headers)
         return None
 
     def unary(self, parse: Callable[[bytes], object], access: Access, answer) -> Callable:
@@ -165,15 +177,6 @@ class _Handlers:
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------
-    @staticmethod
-    def _metadata(context, name: str) -> str | None:
-        """One metadata value by its lower-case name (the first), None when the call has none."""
-        key = name.encode()
-        for k, value in _headers(context):
-            if k == key:
-                return value.decode("latin-1")
-        return None
-
     async def _infer(self, msg: pb.ModelInferRequest, context, key: str | None, routing: str | None, trace=None):
         """(response message, fallback that answered or None) of one ModelInferRequest."""
         limits, deadline = self.limits, _deadline_us(context)
@@ -186,13 +189,14 @@ class _Handlers:
         trailers: list[tuple[str, str]] = []
         trace = None
         try:
+            headers = _headers(context)
             if self.tracing is not None:  # W3C traceparent in the metadata; this call's span's in the trailers
-                trace = self.tracing.start_request(self._metadata(context, "traceparent"))
+                trace = self.tracing.start_request(_metadata(headers, "traceparent"))
                 if trace is not None:
                     trailers.append(("traceparent", trace.traceparent))
-            key = self._access(Access.INFERENCE, context)
+            key = self._access(Access.INFERENCE, context, headers)
             response, answered_by = await self._infer(parse_infer_request(data), context, key,
-                                                      self._metadata(context, ROUTING_HEADER), trace)
+                                                      _metadata(headers, ROUTING_HEADER), trace)
             if answered_by is not None:
                 trailers.append((FALLBACK_HEADER, answered_by))
             if trailers:
@@ -232,7 +236,8 @@ class _Handlers:
     async def model_stream_infer(self, requests, context):
         """Requests of one stream run concurrently (at most MAX_STREAM_PIPELINE read ahead); their answers
         leave in the order the requests came. The guard checks every request (its rate limit counts each)."""
-        headers, client, routing = _headers(context), _client(context), self._metadata(context, ROUTING_HEADER)
+        headers, client = _headers(context), _client(context)
+        routing = _metadata(headers, ROUTING_HEADER)
         pending: asyncio.Queue = asyncio.Queue(MAX_STREAM_PIPELINE)
         loop = asyncio.get_running_loop()
 

@@ -158,17 +158,13 @@ class Trace:
 
     def add(self, name: str, start_ns: int, end_ns: int = 0, span_id: int = 0) -> None:
         """A finished child span from `start_ns` to `end_ns` (0: now); `span_id` when one was handed out
-        (`child_traceparent`)."""
+        (`child_ids`)."""
         if self.recording:
             self.children.append((name, start_ns, end_ns or time.monotonic_ns(), span_id))
 
-    def child_traceparent(self) -> tuple[int, str]:
-        """(span id, its traceparent) for a child span still to be `add`ed: the parent of a remote call's spans."""
-        span_id = _new_id(64)
-        return span_id, format_traceparent(self.trace_id, span_id, 1)
-
     def child_ids(self) -> tuple[int, int]:
-        """(trace id, span id) for a child span still to be `add`ed: `child_traceparent` unformatted."""
+        """(trace id, span id) for a child span still to be `add`ed: the parent of a remote call's spans
+        (`format_traceparent` of them is its traceparent)."""
         return self.trace_id, _new_id(64)
 
     def finish(self, error: BaseException | str | None = None, **attributes) -> None:

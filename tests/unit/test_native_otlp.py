@@ -26,7 +26,7 @@ def finished_traces() -> list:
     local.add("encodé" * 30, local.start_ns, 0, 7)  # a long, non-ASCII name: a 2-byte length
     batch = tracing.start_batch([request, local], time.monotonic_ns(), batcher="m:1", rows=3, ratio=0.5, held=True,
                                 big=2**70 + 5, negative=-7, listed=[1, "a"], nothing=None)
-    compute_id, _ = batch.child_traceparent()
+    _, compute_id = batch.child_ids()
     batch.add("compute", batch.start_ns, 0, compute_id)
     batch.finish(RuntimeError("worker gone ü"))
     request.finish(model="fraud", version="3", request_id="r-1")

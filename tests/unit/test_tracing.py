@@ -344,7 +344,7 @@ def test_otlp_encoding_decodes_as_the_collector_reads_it():
     request.add("parse", request.start_ns)
     local = tracing.start_request()  # a root: no parent
     batch = tracing.start_batch([request, local], time.monotonic_ns(), batcher="m:1", rows=3, ratio=0.5, held=True)
-    compute_id, _ = batch.child_traceparent()
+    _, compute_id = batch.child_ids()
     batch.add("compute", batch.start_ns, 0, compute_id)
     batch.finish(RuntimeError("worker gone ü"))
     request.finish(model="fraud", version="3", offset=-7, request_id=None)

@@ -1,12 +1,14 @@
-"""fleet's native gRPC transport: HTTP/2 (libnghttp2, h2c with prior knowledge) and gRPC's message framing on an
-I/O thread of its own (epoll) that never touches a Python object. Events are tuples:
+"""fleet's native gRPC transport: HTTP/2 (libnghttp2, h2c with prior knowledge) and gRPC's message framing, driven by
+the caller's event loop: `fileno()` is an epoll descriptor to watch (`loop.add_reader`); when it is readable, `poll()`
+reads, accepts and writes what is ready and returns the events; `send`/`send_many` write answers at once. Call it from
+one thread (the loop's). Events are tuples:
 
 - (UNARY, call, path, metadata, message, peer, deadline): a whole unary call (headers, its one message, the end);
 - (STREAM_START, call, path, metadata, None, peer, deadline): a streaming call's headers;
 - (STREAM_MESSAGE, call, message, wire_bytes): one message of a stream (`consume(call, wire_bytes)` once read);
 - (STREAM_END, call): the client half-closed its stream;
 - (CANCEL, call): the client reset the call or its connection went: it takes no answer;
-- (STOPPED,): the I/O thread has ended.
+- (STOPPED,): the server has stopped (after `stop`), every connection closed.
 
 metadata: [(name, value)] as bytes; peer: "ipv4:1.2.3.4:5" or "ipv6:[::1]:5"; deadline: time.monotonic()
 seconds from grpc-timeout, or None.
@@ -32,7 +34,6 @@ class Server:
     def send_many(self, items: list[tuple]) -> None: ...
     def consume(self, call: int, nbytes: int) -> None: ...
     def stop(self, grace_s: float) -> None: ...
-    def join(self) -> None: ...
     @property
     def running(self) -> bool: ...
     def stats(self) -> dict[str, int]: ...

@@ -1,6 +1,6 @@
 // The calls of fleet's native gRPC transport: nghttp2's callbacks read each request (headers, gRPC's 5-byte
 // framed messages, its end) into events for Python, and Python's replies become response headers, framed
-// messages and trailers. Runs on the I/O thread only (h2_server.cpp); nothing here touches Python.
+// messages and trailers. Runs inside Server's pump and submit (h2_server.cpp); nothing here touches Python.
 #include "h2_call.hpp"
 
 #include <algorithm>

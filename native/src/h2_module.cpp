@@ -85,7 +85,7 @@ Reply reply_of(nb::handle call, nb::handle data, bool end, int status, nb::handl
 }  // namespace
 
 NB_MODULE(_h2, m) {
-  m.doc() = "fleet's native gRPC transport: HTTP/2 (libnghttp2) and gRPC framing on an I/O thread of its own";
+  m.doc() = "fleet's native gRPC transport: HTTP/2 (libnghttp2) and gRPC framing, driven by the caller's event loop";
   m.attr("UNARY") = static_cast<int>(fleet::h2::kUnary);
   m.attr("STREAM_START") = static_cast<int>(fleet::h2::kStreamStart);
   m.attr("STREAM_MESSAGE") = static_cast<int>(fleet::h2::kStreamMessage);
@@ -120,15 +120,15 @@ NB_MODULE(_h2, m) {
                throw nb::python_error();
              }
            },
-           "Binds (SO_REUSEPORT), listens and starts the I/O thread; OSError when the address cannot be bound.")
+           "Binds (SO_REUSEPORT) and listens; OSError when the address cannot be bound.")
       .def_prop_ro("port", &Server::bound_port)
-      .def("fileno", &Server::events_fd, "The eventfd that is readable while events are pending.")
+      .def("fileno", &Server::poll_fd, "The epoll descriptor that is readable while `poll` has work to do.")
       .def("poll",
            [](Server &s) {
              std::vector<Event> events;
              {
                nb::gil_scoped_release release;
-               events = s.take();
+               events = s.pump();
              }
              PyObject *out = PyList_New(static_cast<Py_ssize_t>(events.size()));
              if (out == nullptr) throw nb::python_error();
@@ -142,7 +142,8 @@ NB_MODULE(_h2, m) {
              }
              return nb::steal<nb::list>(out);
            },
-           "Every pending event, as tuples (kind, call, ...); see the module's .pyi.")
+           "Serves what is ready (reads, writes, accepts) without waiting; every event since the last call, as tuples "
+           "(kind, call, ...); see the module's .pyi.")
       .def("send",
            [](Server &s, nb::handle call, nb::handle data, bool end, int status, nb::handle details,
               nb::handle trailers) {
@@ -153,7 +154,7 @@ NB_MODULE(_h2, m) {
            },
            nb::arg("call"), nb::arg("data").none(), nb::arg("end"), nb::arg("status") = 0,
            nb::arg("details").none() = nb::none(), nb::arg("trailers").none() = nb::none(),
-           "Queues an answer of `call`: a message (`data`), and with `end` its status, details and trailers.")
+           "Answers `call` now: a message (`data`), and with `end` its status, details and trailers.")
       .def("send_many",
            [](Server &s, nb::iterable items) {
              std::vector<Reply> replies;
@@ -165,7 +166,7 @@ NB_MODULE(_h2, m) {
              nb::gil_scoped_release release;
              s.submit(std::move(replies));
            },
-           nb::arg("items"), "`send` of each (call, data, end, status, details, trailers), with one wake-up.")
+           nb::arg("items"), "`send` of each (call, data, end, status, details, trailers), one write per connection.")
       .def("consume",
            [](Server &s, uint64_t call, size_t nbytes) {
              Reply r;
@@ -184,14 +185,8 @@ NB_MODULE(_h2, m) {
              s.stop(grace_s);
            },
            nb::arg("grace_s"),
-           "Stops accepting and sends GOAWAY; the I/O thread ends when the calls in flight have (or after grace_s) "
-           "and then posts a STOPPED event.")
-      .def("join",
-           [](Server &s) {
-             nb::gil_scoped_release release;
-             s.join();
-           },
-           "Waits for the I/O thread to end.")
+           "Stops accepting and sends GOAWAY; a later `poll` posts a STOPPED event once the calls in flight have ended "
+           "(or grace_s has passed), every connection closed.")
       .def_prop_ro("running", &Server::running)
       .def("stats", [](Server &s) {
         nb::dict d;

@@ -1,12 +1,11 @@
-// The I/O thread of fleet's native gRPC transport (see h2_server.hpp): the listening socket, connections,
-// epoll, and the queues to and from Python (the calls themselves: h2_call.cpp). Nothing here touches Python.
+// fleet's native gRPC transport (see h2_server.hpp): the listening socket, connections, epoll, and the
+// events for Python and its replies (the calls themselves: h2_call.cpp). Nothing here touches Python.
 #include "h2_server.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -42,30 +41,6 @@ std::string format_peer(const sockaddr_storage &addr) {
   return "unknown";
 }
 
-// Moves `items` onto the shared queue `to` under `mu`; the eventfd is written only when `to` was empty (its
-// reader takes the whole queue, so one wake-up per batch).
-template <typename T>
-void hand_over(std::mutex &mu, std::vector<T> &to, std::vector<T> &items, int fd) {
-  if (items.empty()) return;
-  bool wake;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    wake = to.empty();
-    if (wake) {
-      to.swap(items);
-    } else {
-      for (auto &item : items) to.push_back(std::move(item));
-    }
-  }
-  items.clear();
-  items.reserve(64);  // (a swap left it the reader's empty vector)
-  if (wake) {
-    const uint64_t one = 1;
-    ssize_t ignored = ::write(fd, &one, sizeof one);
-    (void)ignored;
-  }
-}
-
 }  // namespace
 
 double monotonic_s() {
@@ -77,11 +52,8 @@ double monotonic_s() {
 Server::Server(Config config) : config_(std::move(config)) {}
 
 Server::~Server() {
-  if (thread_.joinable()) {
-    stop(0.0);
-    thread_.join();
-  }
-  for (int fd : {listen_fd_, epoll_fd_, events_fd_, wake_fd_})
+  if (running_) finish();
+  for (int fd : {listen_fd_, epoll_fd_, wake_fd_})
     if (fd >= 0) ::close(fd);
   if (callbacks_ != nullptr) nghttp2_session_callbacks_del(callbacks_);
   if (option_ != nullptr) nghttp2_option_del(option_);
@@ -119,15 +91,14 @@ std::string Server::start() {
                                             : reinterpret_cast<sockaddr_in *>(&bound)->sin_port);
   listen_fd_ = fd;
   epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
-  events_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (epoll_fd_ < 0 || events_fd_ < 0 || wake_fd_ < 0) return std::string("epoll/eventfd: ") + std::strerror(errno);
+  if (epoll_fd_ < 0 || wake_fd_ < 0) return std::string("epoll/eventfd: ") + std::strerror(errno);
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = kListenKey;
   epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
-  // Edge-triggered: every write of the wake eventfd is an edge, so it is never read (a syscall saved per wake-up;
-  // its counter would take 2^64 writes to fill).
+  // Edge-triggered: every write of the wake eventfd is an edge, so it is never read (its counter would take 2^64
+  // writes to fill). It is written when events wait for a pump that no socket would cause.
   ev.events = EPOLLIN | EPOLLET;
   ev.data.u64 = kWakeKey;
   epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev);
@@ -138,39 +109,48 @@ std::string Server::start() {
 
   started_ = true;
   running_ = true;
-  thread_ = std::thread([this] { run(); });
   return "";
 }
 
-std::vector<Event> Server::take() {
-  uint64_t count;
-  ssize_t ignored = ::read(events_fd_, &count, sizeof count);  // EAGAIN when nothing is pending
-  (void)ignored;
+std::vector<Event> Server::pump() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (running_) {
+    const bool ok = step();
+    if (!ok || (stopping_ && (conns_.empty() || monotonic_s() >= stop_deadline_))) finish();
+  }
   std::vector<Event> out;
-  std::lock_guard<std::mutex> lock(events_mu_);
   out.swap(events_);
   return out;
 }
 
-void Server::submit(std::vector<Reply> &&replies) { hand_over(replies_mu_, replies_, replies, wake_fd_); }
+void Server::submit(std::vector<Reply> &&replies) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!running_) {
+    for (auto &r : replies)
+      if (r.op == Reply::kSend) stats.replies_dropped++;
+    return;
+  }
+  apply(replies);
+  flush_dirty();
+  // a connection closed by these answers cancelled its other calls; a stopping server may be done
+  if (!events_.empty() || stopping_) nudge();
+}
 
 void Server::stop(double grace_s) {
-  if (!started_) return;
-  Reply r;
-  r.op = Reply::kStop;
-  r.grace_s = grace_s;
-  std::vector<Reply> v;
-  v.push_back(std::move(r));
-  submit(std::move(v));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!running_) return;
+  begin_stop(grace_s);
+  flush_dirty();
+  nudge();
 }
 
-void Server::join() {
-  if (thread_.joinable()) thread_.join();
+void Server::nudge() {
+  const uint64_t one = 1;
+  ssize_t ignored = ::write(wake_fd_, &one, sizeof one);
+  (void)ignored;
 }
 
-void Server::push(Event &&event) { local_events_.push_back(std::move(event)); }
-
-void Server::publish() { hand_over(events_mu_, events_, local_events_, events_fd_); }
+void Server::push(Event &&event) { events_.push_back(std::move(event)); }
 
 void Server::set_out_interest(Conn *c, bool on) {
   if (c->out_interest == on) return;
@@ -181,58 +161,47 @@ void Server::set_out_interest(Conn *c, bool on) {
   epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
-void Server::run() {
-  pthread_setname_np(pthread_self(), "fleet-grpc-io");
-  std::vector<epoll_event> evs(128);
-  std::vector<Reply> replies;
-  std::vector<uint32_t> dirty_list;
-  for (;;) {
-    int timeout_ms = -1;
-    if (stopping_) {
-      if (conns_.empty()) break;
-      const double left = stop_deadline_ - monotonic_s();
-      if (left <= 0) break;
-      timeout_ms = static_cast<int>(left * 1000) + 1;
-    }
-    const int n = epoll_wait(epoll_fd_, evs.data(), static_cast<int>(evs.size()), timeout_ms);
-    if (n < 0 && errno != EINTR) break;
-    for (int i = 0; i < n; ++i) {
-      const uint64_t key = evs[i].data.u64;
-      if (key == kListenKey) {
-        if (!stopping_) accept_all();
-      } else if (key == kWakeKey) {
-        {
-          std::lock_guard<std::mutex> lock(replies_mu_);
-          replies.swap(replies_);
-        }
-        apply(replies);
-        replies.clear();
-      } else {
-        auto it = conns_.find(static_cast<uint32_t>(key));
-        if (it == conns_.end()) continue;
-        Conn *c = it->second;
-        if ((evs[i].events & (EPOLLERR | EPOLLHUP)) != 0 && (evs[i].events & EPOLLIN) == 0) {
-          close_conn(c);
-          continue;
-        }
-        if ((evs[i].events & EPOLLIN) != 0) {
-          read_conn(c);  // flushes or closes
-        } else if ((evs[i].events & EPOLLOUT) != 0) {
-          if (!flush(c)) close_conn(c);
-        }
+bool Server::step() {
+  const int n = epoll_wait(epoll_fd_, ready_.data(), static_cast<int>(ready_.size()), 0);
+  if (n < 0 && errno != EINTR) return false;
+  for (int i = 0; i < n; ++i) {
+    const uint64_t key = ready_[i].data.u64;
+    if (key == kListenKey) {
+      if (!stopping_) accept_all();
+    } else if (key != kWakeKey) {  // (a wake-up only brings the loop here)
+      auto it = conns_.find(static_cast<uint32_t>(key));
+      if (it == conns_.end()) continue;
+      Conn *c = it->second;
+      if ((ready_[i].events & (EPOLLERR | EPOLLHUP)) != 0 && (ready_[i].events & EPOLLIN) == 0) {
+        close_conn(c);
+        continue;
+      }
+      if ((ready_[i].events & EPOLLIN) != 0) {
+        read_conn(c);  // flushes or closes
+      } else if ((ready_[i].events & EPOLLOUT) != 0) {
+        if (!flush(c)) close_conn(c);
       }
     }
-    dirty_list.assign(dirty_.begin(), dirty_.end());
-    dirty_.clear();
-    for (uint32_t id : dirty_list) {  // (close_conn edits dirty_: walk a copy)
-      auto it = conns_.find(id);
-      if (it != conns_.end() && !flush(it->second)) close_conn(it->second);
-    }
-    publish();
   }
-  // Past the grace period (or an epoll failure): whatever is still open goes, its calls cancelled.
+  flush_dirty();
+  return true;
+}
+
+void Server::flush_dirty() {
+  if (dirty_.empty()) return;
+  dirty_list_.assign(dirty_.begin(), dirty_.end());
+  dirty_.clear();
+  for (uint32_t id : dirty_list_) {  // (close_conn edits dirty_: walk a copy)
+    auto it = conns_.find(id);
+    if (it != conns_.end() && !flush(it->second)) close_conn(it->second);
+  }
+}
+
+// Past the grace period (or an epoll failure): whatever is still open goes, its calls cancelled.
+void Server::finish() {
   while (!conns_.empty()) close_conn(conns_.begin()->second);
   if (listen_fd_ >= 0) {
+    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, listen_fd_, nullptr);
     ::close(listen_fd_);
     listen_fd_ = -1;
   }
@@ -240,7 +209,6 @@ void Server::run() {
   stopped.kind = kStopped;
   push(std::move(stopped));
   running_ = false;
-  publish();
 }
 
 void Server::accept_all() {

@@ -1,20 +1,23 @@
 // fleet's native gRPC transport: an HTTP/2 (h2c, prior knowledge) server on libnghttp2 with gRPC's
-// message framing, run by one I/O thread (epoll) that never touches a Python object.
+// message framing, driven by its caller's thread (the replica's event loop): no thread of its own.
 //
-// Python sees complete events (a unary call: headers, its one message and the end of the request as one
-// event) through an eventfd it watches with `loop.add_reader`, takes every pending event in one call,
-// and answers with `send`/`send_many`, which queue the replies and wake the I/O thread (a second
-// eventfd). Every nghttp2 call is made on the I/O thread.
+// The server's sockets sit in an epoll set of their own, whose descriptor (`poll_fd`) the event loop
+// watches with `loop.add_reader`. When it is readable, `pump` reads and writes what is ready and returns
+// complete events (a unary call: headers, its one message and the end of the request as one event);
+// `submit` answers calls at once (nghttp2 frames them and they are sent before it returns). No request or
+// answer crosses a thread: on two cores, the hand-over between an I/O thread and the loop (two eventfd
+// wake-ups per call) cost more than the work it moved off the loop. Every call into a Server must come
+// from one thread at a time (a mutex makes sure of it); none touches a Python object.
 #pragma once
 
 #include <nghttp2/nghttp2.h>
+#include <sys/epoll.h>
 
 #include <atomic>
 #include <memory>
 #include <cstdint>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -30,7 +33,7 @@ enum EventKind : int {
   kStreamMessage = 2,  // (call, message, wire bytes to acknowledge with `consume`)
   kStreamEnd = 3,      // (call,): the client half-closed its stream
   kCancel = 4,         // (call,): the client reset the call or its connection went; it takes no answer
-  kStopped = 5,        // (): the I/O thread has ended (after `stop`)
+  kStopped = 5,        // (): the server has stopped (after `stop`): every connection is closed
 };
 
 struct Event {
@@ -87,20 +90,22 @@ class Server {
   Server(const Server &) = delete;
   Server &operator=(const Server &) = delete;
 
-  // Binds, listens and starts the I/O thread; an empty string, or what failed.
+  // Binds and listens; an empty string, or what failed.
   std::string start();
   int bound_port() const { return port_; }
-  int events_fd() const { return events_fd_; }
-  // Every pending event (clears the eventfd first, so a later event makes it readable again).
-  std::vector<Event> take();
+  // The epoll set's descriptor: readable while a socket is ready (or `pump` has events waiting).
+  int poll_fd() const { return epoll_fd_; }
+  // Serves what is ready without waiting; returns every event since the last call.
+  std::vector<Event> pump();
+  // Answers calls now (their frames are sent, or queued on a full socket).
   void submit(std::vector<Reply> &&replies);
-  // Stops accepting, sends GOAWAY, ends when the calls in flight have ended or after grace_s.
+  // Stops accepting, sends GOAWAY; the server stops (a STOPPED event) at a `pump` once the calls in flight
+  // have ended or grace_s has passed.
   void stop(double grace_s);
-  void join();
   bool running() const { return running_.load(); }
   Stats stats;
 
-  // The I/O thread's side (public for nghttp2's C callbacks).
+  // The calls' side (public for nghttp2's C callbacks).
   const Config config_;
   void push(Event &&event);
   void fail(Conn *c, Stream *st, int status, const std::string &details);
@@ -111,7 +116,10 @@ class Server {
 
  private:
   void deliver(Conn *c, Stream *st, int kind);  // the call's headers (and a unary call's message) to Python
-  void run();
+  bool step();  // one epoll_wait without waiting, and what it found; false when epoll failed
+  void flush_dirty();
+  void finish();  // closes everything (its calls cancelled) and posts STOPPED
+  void nudge();   // makes poll_fd readable, so that the loop pumps again
   void accept_all();
   void read_conn(Conn *c);
   bool flush(Conn *c);
@@ -119,29 +127,24 @@ class Server {
   void apply(std::vector<Reply> &replies);
   void answer(Conn *c, Stream *st, Reply &reply);
   void begin_stop(double grace_s);
-  void publish();
   void set_out_interest(Conn *c, bool on);
 
-  int listen_fd_ = -1, epoll_fd_ = -1, events_fd_ = -1, wake_fd_ = -1;
+  int listen_fd_ = -1, epoll_fd_ = -1, wake_fd_ = -1;
   int port_ = 0;
-  std::thread thread_;
   std::atomic<bool> running_{false};
   bool started_ = false;
 
-  // I/O thread only
+  std::mutex mu_;  // held by pump, submit and stop
   std::unordered_map<uint32_t, Conn *> conns_;
   uint32_t next_conn_ = 2;  // 0: the listening socket, 1: the wake eventfd
-  std::vector<Event> local_events_;
+  std::vector<Event> events_;  // since the last pump
+  std::vector<epoll_event> ready_ = std::vector<epoll_event>(128);
+  std::vector<uint32_t> dirty_list_;
   std::unordered_set<uint32_t> dirty_;
   bool stopping_ = false;
   double stop_deadline_ = 0.0;
   nghttp2_session_callbacks *callbacks_ = nullptr;
   nghttp2_option *option_ = nullptr;
-
-  std::mutex events_mu_;
-  std::vector<Event> events_;
-  std::mutex replies_mu_;
-  std::vector<Reply> replies_;
 };
 
 double monotonic_s();

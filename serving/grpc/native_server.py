@@ -1,9 +1,11 @@
 """The gRPC listener on fleet's native transport (`native._h2`): HTTP/2 and gRPC framing in C++.
 
 grpc.aio caps a replica at a few thousand calls a second (its own machinery per call), below fleet's
-HTTP path. Here an I/O thread of `native._h2` (libnghttp2, epoll) owns the sockets and the HTTP/2
-sessions; a unary call reaches this event loop as one event (path, metadata, its message, peer,
-deadline) and its answer leaves in one `send`. The RPCs are the same functions grpc.aio serves
+HTTP path. Here `native._h2` (libnghttp2) owns the sockets and the HTTP/2 sessions, in an epoll set
+this event loop watches: when it is readable, one `poll` reads what is ready and a unary call comes
+out as one event (path, metadata, its message, peer, deadline); the answers of one turn of the loop
+leave in one `send_many`, written before it returns. Like the HTTP listener, no request or answer
+crosses a thread. The RPCs are the same functions grpc.aio serves
 (serving/grpc/handlers.py), called with `_Context`: the part of grpc.aio's ServicerContext they use.
 
 The same interface and bounds as `GrpcListener` (serving/grpc/server.py): SO_REUSEPORT, messages up to
@@ -171,14 +173,16 @@ class NativeGrpcListener:
             return
         self._stopped = True
         self._server.stop(self.graceful_shutdown_s)
-        try:  # the I/O thread ends when the calls in flight have, or at the grace period's end
+        # It stops at a poll once the calls in flight have ended; this one closes what is left at the deadline.
+        deadline = self._loop.call_later(self.graceful_shutdown_s + 0.01, self._on_events)
+        try:
             await asyncio.wait_for(asyncio.shield(self._done), self.graceful_shutdown_s + 5.0)
         except asyncio.TimeoutError:
             _log.error("the native gRPC transport did not stop within %.1f s", self.graceful_shutdown_s + 5.0)
+        deadline.cancel()
         self._loop.remove_reader(self._server.fileno())
         for task, _ in list(self._calls.values()):  # their connections are gone
             task.cancel()
-        self._server.join()
 
     # -- events from the transport ---------------------------------------------
     def _on_events(self) -> None:
@@ -223,7 +227,7 @@ class NativeGrpcListener:
                 if self._done is not None and not self._done.done():
                     self._done.set_result(None)
                 if not self._stopped:
-                    _log.error("the native gRPC transport's I/O thread ended")
+                    _log.error("the native gRPC transport stopped (its epoll set failed)")
                     self._stopped = True
 
     def _reply(self, call: int, data: bytes | None, end: bool, status: int, details: str | None, trailers) -> None:

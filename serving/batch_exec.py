@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 import numpy as np
 
+from serving.backends.base import lone_request
 from serving.errors import BackendError, FleetError, InvalidInput, ModelUnavailable
 from serving.telemetry.tracing import batch_traceparent
 
@@ -166,6 +167,8 @@ class BatchExecution:
 
     async def _execute_batch(self, batch: list[_Pending], groups: list, sent_ns: int, idle_since_ns: int = 0) -> None:
         rows = sum(p.rows for p in batch)
+        if len(batch) == 1:  # (this task's own context)
+            lone_request.set(True)
         ready: list = []
         ok: set[int] = set()  # lanes answered
         start = time.monotonic_ns()

@@ -46,6 +46,9 @@ TRITON_URL_PARAM = "fleet.triton.url"
 TRITON_MODEL_PARAM = "fleet.triton.model"
 TRITON_VERSION_PARAM = "fleet.triton.version"
 MAX_INFLIGHT_PARAM = "fleet.max_inflight_batches"
+# A TorchScript model on the CPU: its batch runs on the event loop, not its thread, while its batches take at most
+# this many µs (serving/backends/torchscript.py; 0: always on the thread)
+INLINE_PARAM = "fleet.inline_max_us"
 PLACEMENT_PARAM = "fleet.placement"  # "colocated" | "split": overrides the cluster's placement for this model
 LATENCY_TARGET_PARAM = "latency_target_ms"  # adaptive batching (serving/adaptive.py)
 MAX_UTILIZATION_PARAM = "fleet.adaptive.max_utilization"  # adaptive batching: the model's busy share, (0, 1]
@@ -260,6 +263,14 @@ def _check_numeric_params(params: dict[str, str], source: str) -> None:
             value = None
         if value is None or not 0 < value < math.inf:
             raise RepositoryError(f"{source}: parameter {key!r} must be a positive number, got {raw!r}")
+    raw = params.get(INLINE_PARAM)
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value < math.inf:
+            raise RepositoryError(f"{source}: parameter {INLINE_PARAM!r} must be a number of µs >= 0, got {raw!r}")
     raw = params.get(MAX_UTILIZATION_PARAM)
     if raw is not None:
         try:

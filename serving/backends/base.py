@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
 from typing import Mapping, Protocol
 
@@ -9,9 +10,14 @@ import numpy as np
 
 from serving.model_config import TensorSpec
 
-__all__ = ["Backend", "positional_order"]
+__all__ = ["Backend", "positional_order", "lone_request"]
 
 _INDEXED = re.compile(r"^(?P<base>.+)__(?P<index>\d+)$")
+
+# True while the batch being run carries one request (the batcher sets it in that batch's task): at most one
+# request came while the model's previous batch ran, so the replica is lightly loaded and its event loop has
+# little else to do. A cheap CPU model then runs the batch on the loop (serving/backends/torchscript.py).
+lone_request: contextvars.ContextVar[bool] = contextvars.ContextVar("fleet_lone_request", default=False)
 
 
 class Backend(Protocol):

@@ -263,22 +263,18 @@ def _check_numeric_params(params: dict[str, str], source: str) -> None:
             value = None
         if value is None or not 0 < value < math.inf:
             raise RepositoryError(f"{source}: parameter {key!r} must be a positive number, got {raw!r}")
-    raw = params.get(INLINE_PARAM)
-    if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not 0 <= value < math.inf:
-            raise RepositoryError(f"{source}: parameter {INLINE_PARAM!r} must be a number of µs >= 0, got {raw!r}")
-    raw = params.get(MAX_UTILIZATION_PARAM)
-    if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not 0 < value <= 1:
-            raise RepositoryError(f"{source}: parameter {MAX_UTILIZATION_PARAM!r} must lie in (0, 1], got {raw!r}")
+    for key, ok, rule in ((INLINE_PARAM, lambda v: 0 <= v < math.inf, "be a number of µs >= 0"),
+                          (MAX_UTILIZATION_PARAM, lambda v: 0 < v <= 1, "lie in (0, 1]")):
+        raw = params.get(key)
+        if raw is not None and not ok(_float_or_nan(raw)):
+            raise RepositoryError(f"{source}: parameter {key!r} must {rule}, got {raw!r}")
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def node_labels(text: str, *, source: str = "config.pbtxt") -> dict[str, str]:

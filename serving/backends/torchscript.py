@@ -4,14 +4,14 @@ Batches run one at a time on a dedicated thread, off the event loop, so the
 next batch can be received and assembled while one computes. When the replica is lightly
 loaded (the batch carries one request: `lone_request`) and that thread is idle, a batch
 of a cheap model on the CPU (its batches take at most `fleet.inline_max_us`, default
-150 µs, of thread time, a moving average over its last ones) runs on the event loop
+500 µs, of thread time, a moving average over its last ones) runs on the event loop
 instead: handing a batch over and back costs two thread wake-ups and the GIL's
-hand-over, about 0.2 ms of CPU, several times what such a model computes (at one
-connection a replica answered 1.3 times as many requests). Under load the thread keeps the
-loop free to read the next requests (inline there measured 5 % slower). The loop waits
-for the model meanwhile, so a model whose cost varies widely with its input should set
-the parameter to 0. On CUDA, inputs go
-through pinned host buffers with non_blocking copies, always on the thread.
+hand-over, about 0.2 ms of CPU in one process, more than such a model computes (a
+one-row `fraud` batch takes 0.1-0.25 ms of thread time in a busy replica). Under load
+the thread keeps the loop free to read the next requests (inline there measured 5 %
+slower). The loop waits for the model meanwhile, so a model whose cost varies widely
+with its input should set the parameter to 0. On CUDA, inputs go through pinned host
+buffers with non_blocking copies, always on the thread.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _log = logging.getLogger("fleet.backends.torchscript")
 # A CPU model's batch of one request runs on the event loop when its batches take at most this much thread time
 # (the moving average `run_s`, known from `_MEASURED` batches on; `fleet.inline_max_us` per model) and no batch
 # is on its thread: the loop then waits about as long as handing the batch to the thread and back would cost it.
-INLINE_MAX_US = 150.0
+INLINE_MAX_US = 500.0
 _MEASURED = 3
 # Zero-copy views of request bodies are read-only; the model never writes its inputs.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -292,7 +292,7 @@ def _h2_unary_infer(port: int) -> bytes:
 
 
 @needs_native
-async def test_stop_lets_calls_in_flight_finish_refuses_new_connections_and_ends_the_thread():
+async def test_stop_lets_calls_in_flight_finish_refuses_new_connections_and_closes_the_rest_at_its_deadline():
     async with _native(graceful_shutdown_s=5.0) as (listener, _, worker, port):
         worker.gate.clear()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -62,7 +62,7 @@ def repo(tmp_path) -> ModelRepository:
 
 
 async def test_a_cheap_models_lone_requests_run_on_the_loop_once_measured_and_a_crowd_on_its_thread(repo):
-    _publish(repo, parameters={INLINE_PARAM: "5000"})  # (a loaded machine may stretch 150 µs: not the point here)
+    _publish(repo, parameters={INLINE_PARAM: "5000"})  # (a loaded machine may stretch 500 µs: not the point here)
     service, runner, backend, ran = await _served(repo)
     try:
         for _ in range(10):  # one request at a time: each batch carries one
@@ -81,7 +81,7 @@ async def test_a_cheap_models_lone_requests_run_on_the_loop_once_measured_and_a_
 
 
 async def test_a_slow_model_and_a_model_that_opts_out_run_every_batch_on_their_thread(repo, tmp_path):
-    _publish(repo, work=30)  # 30 products of 256x256 matrices: well over the 150 µs a batch
+    _publish(repo, work=30)  # 30 products of 256x256 matrices: well over the 500 µs a batch
     service, runner, backend, ran = await _served(repo)
     try:
         for _ in range(6):

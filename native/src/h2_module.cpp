@@ -1,5 +1,7 @@
 // `native._h2`: fleet's native gRPC transport (h2_server.hpp) as a Python class. Only these bindings
-// touch Python objects, on the caller's thread; each call that can wait releases the GIL.
+// touch Python objects, on the caller's thread. `poll`, `send` and `consume` keep the GIL: they never wait (every
+// socket is non-blocking) and take microseconds, and giving the GIL up for that long hands it to the model's
+// thread and then waits for it back, per call (as uvloop's transports keep it for their syscalls).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -125,11 +127,7 @@ NB_MODULE(_h2, m) {
       .def("fileno", &Server::poll_fd, "The epoll descriptor that is readable while `poll` has work to do.")
       .def("poll",
            [](Server &s) {
-             std::vector<Event> events;
-             {
-               nb::gil_scoped_release release;
-               events = s.pump();
-             }
+             std::vector<Event> events = s.pump();
              PyObject *out = PyList_New(static_cast<Py_ssize_t>(events.size()));
              if (out == nullptr) throw nb::python_error();
              for (size_t i = 0; i < events.size(); ++i) {
@@ -149,24 +147,11 @@ NB_MODULE(_h2, m) {
               nb::handle trailers) {
              std::vector<Reply> replies;
              replies.push_back(reply_of(call, data, end, status, details, trailers));
-             nb::gil_scoped_release release;
              s.submit(std::move(replies));
            },
            nb::arg("call"), nb::arg("data").none(), nb::arg("end"), nb::arg("status") = 0,
            nb::arg("details").none() = nb::none(), nb::arg("trailers").none() = nb::none(),
            "Answers `call` now: a message (`data`), and with `end` its status, details and trailers.")
-      .def("send_many",
-           [](Server &s, nb::iterable items) {
-             std::vector<Reply> replies;
-             for (nb::handle item : items) {
-               nb::tuple t = nb::borrow<nb::tuple>(item);
-               if (t.size() != 6) throw nb::value_error("send_many: each item is (call, data, end, status, details, trailers)");
-               replies.push_back(reply_of(t[0], t[1], nb::cast<bool>(t[2]), nb::cast<int>(t[3]), t[4], t[5]));
-             }
-             nb::gil_scoped_release release;
-             s.submit(std::move(replies));
-           },
-           nb::arg("items"), "`send` of each (call, data, end, status, details, trailers), one write per connection.")
       .def("consume",
            [](Server &s, uint64_t call, size_t nbytes) {
              Reply r;
@@ -175,7 +160,6 @@ NB_MODULE(_h2, m) {
              r.consumed = nbytes;
              std::vector<Reply> replies;
              replies.push_back(std::move(r));
-             nb::gil_scoped_release release;
              s.submit(std::move(replies));
            },
            nb::arg("call"), nb::arg("nbytes"), "Reopens a stream's receive window by the wire bytes of messages read.")

@@ -3,8 +3,8 @@
 grpc.aio caps a replica at a few thousand calls a second (its own machinery per call), below fleet's
 HTTP path. Here `native._h2` (libnghttp2) owns the sockets and the HTTP/2 sessions, in an epoll set
 this event loop watches: when it is readable, one `poll` reads what is ready and a unary call comes
-out as one event (path, metadata, its message, peer, deadline); the answers of one turn of the loop
-leave in one `send_many`, written before it returns. Like the HTTP listener, no request or answer
+out as one event (path, metadata, its message, peer, deadline); an answer is written to its socket
+when the call returns, with no further turn of the loop. Like the HTTP listener, no request or answer
 crosses a thread. The RPCs are the same functions grpc.aio serves
 (serving/grpc/handlers.py), called with `_Context`: the part of grpc.aio's ServicerContext they use.
 
@@ -140,7 +140,6 @@ class NativeGrpcListener:
                                  max_connections or self._max_rpcs, [_STREAM_PATH])
         self._calls: dict[int, tuple[asyncio.Task, _Context]] = {}
         self._streams: dict[int, _Requests] = {}
-        self._out: list[tuple] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future | None = None
         self._stopped = False
@@ -231,14 +230,8 @@ class NativeGrpcListener:
                     self._stopped = True
 
     def _reply(self, call: int, data: bytes | None, end: bool, status: int, details: str | None, trailers) -> None:
-        """Queues an answer; every answer queued in one turn of the loop leaves in one `send_many`."""
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.append((call, data, end, status, details, trailers))
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        self._server.send_many(out)
+        """Sends an answer now (its connection's socket is written before this returns)."""
+        self._server.send(call, data, end, status, details, trailers)
 
     @staticmethod
     def _failed(exc: Exception, ctx: _Context) -> tuple[int, str, tuple]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -116,6 +117,14 @@ def write_bodies(repo: ModelRepository, folder: Path) -> Bodies:
     return Bodies(folder, MODEL, made["json"][0], made["binary"][0], made["binary"][1])
 
 
+def only_model(repo: ModelRepository, folder: Path) -> str:
+    """A repository holding a copy of `MODEL` alone. Split mode deploys a worker per model: with the scenarios'
+    other models (8 in all) its 9 workers and 2 ingress replicas ask Ray for more than this machine's 2 CPUs,
+    and `fleet up` waits for them to be scheduled until it times out."""
+    shutil.copytree(Path(repo.root) / MODEL, folder / MODEL)
+    return str(folder)
+
+
 def make_systems(args, repo: ModelRepository) -> list[System]:
     from benchmarks.baselines import PlainHttpServer, ServeDefaultServer
 
@@ -125,7 +134,8 @@ def make_systems(args, repo: ModelRepository) -> list[System]:
         if name == "fleet":
             out.append(FleetSystem(repo.root, url=args.url, label="fleet (defaults)"))
         elif name == "fleet_split" and not args.url:
-            out.append(FleetSystem(repo.root, name=name, flags=("--placement", "split"),
+            split_repo = only_model(repo, Path(repo.root).parent / "repository-split")
+            out.append(FleetSystem(split_repo, name=name, flags=("--placement", "split"),
                                    label="fleet, split mode (ingress -> worker deployment, one Ray call per batch)"))
         elif name == "fleet_serve" and not args.url:
             out.append(FleetSystem(repo.root, name=name, flags=("--http-server", "serve"),

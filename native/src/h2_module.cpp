@@ -145,9 +145,8 @@ NB_MODULE(_h2, m) {
       .def("send",
            [](Server &s, nb::handle call, nb::handle data, bool end, int status, nb::handle details,
               nb::handle trailers) {
-             std::vector<Reply> replies;
-             replies.push_back(reply_of(call, data, end, status, details, trailers));
-             s.submit(std::move(replies));
+             Reply r = reply_of(call, data, end, status, details, trailers);
+             s.submit(r);
            },
            nb::arg("call"), nb::arg("data").none(), nb::arg("end"), nb::arg("status") = 0,
            nb::arg("details").none() = nb::none(), nb::arg("trailers").none() = nb::none(),
@@ -158,9 +157,7 @@ NB_MODULE(_h2, m) {
              r.op = Reply::kConsume;
              r.call = call;
              r.consumed = nbytes;
-             std::vector<Reply> replies;
-             replies.push_back(std::move(r));
-             s.submit(std::move(replies));
+             s.submit(r);
            },
            nb::arg("call"), nb::arg("nbytes"), "Reopens a stream's receive window by the wire bytes of messages read.")
       .def("stop",

@@ -123,16 +123,15 @@ std::vector<Event> Server::pump() {
   return out;
 }
 
-void Server::submit(std::vector<Reply> &&replies) {
+void Server::submit(Reply &reply) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!running_) {
-    for (auto &r : replies)
-      if (r.op == Reply::kSend) stats.replies_dropped++;
+    if (reply.op == Reply::kSend) stats.replies_dropped++;
     return;
   }
-  apply(replies);
+  apply(reply);
   flush_dirty();
-  // a connection closed by these answers cancelled its other calls; a stopping server may be done
+  // a connection closed by this answer cancelled its other calls; a stopping server may be done
   if (!events_.empty() || stopping_) nudge();
 }
 
@@ -337,30 +336,24 @@ void Server::close_conn(Conn *c) {
 }
 
 
-void Server::apply(std::vector<Reply> &replies) {
-  for (auto &r : replies) {
-    if (r.op == Reply::kStop) {
-      begin_stop(r.grace_s);
-      continue;
-    }
-    auto it = conns_.find(static_cast<uint32_t>(r.call >> 32));
-    if (it == conns_.end()) {
-      if (r.op == Reply::kSend) stats.replies_dropped++;
-      continue;
-    }
-    Conn *c = it->second;
-    const int32_t sid = static_cast<int32_t>(r.call & 0xffffffffu);
-    auto st = c->streams.find(sid);
-    if (st == c->streams.end()) {
-      if (r.op == Reply::kSend) stats.replies_dropped++;
-      continue;
-    }
-    if (r.op == Reply::kConsume) {
-      nghttp2_session_consume_stream(c->session, sid, r.consumed);
-      dirty_.insert(c->id);
-    } else {
-      answer(c, st->second, r);
-    }
+void Server::apply(Reply &r) {
+  auto it = conns_.find(static_cast<uint32_t>(r.call >> 32));
+  if (it == conns_.end()) {
+    if (r.op == Reply::kSend) stats.replies_dropped++;
+    return;
+  }
+  Conn *c = it->second;
+  const int32_t sid = static_cast<int32_t>(r.call & 0xffffffffu);
+  auto st = c->streams.find(sid);
+  if (st == c->streams.end()) {
+    if (r.op == Reply::kSend) stats.replies_dropped++;
+    return;
+  }
+  if (r.op == Reply::kConsume) {
+    nghttp2_session_consume_stream(c->session, sid, r.consumed);
+    dirty_.insert(c->id);
+  } else {
+    answer(c, st->second, r);
   }
 }
 

@@ -49,7 +49,7 @@ struct Event {
 
 // A reply from Python: a message (`has_data`), the end of the call with its status, or both.
 struct Reply {
-  enum Op : int { kSend, kConsume, kStop } op = kSend;
+  enum Op : int { kSend, kConsume } op = kSend;
   uint64_t call = 0;
   bool has_data = false;
   std::string data;  // the message framed: a 0 flag byte, its 4-byte big-endian length, the message
@@ -57,8 +57,7 @@ struct Reply {
   int status = 0;
   std::string details;
   Metadata trailers;
-  size_t consumed = 0;   // kConsume
-  double grace_s = 0.0;  // kStop
+  size_t consumed = 0;  // kConsume
 };
 
 struct Config {
@@ -97,8 +96,8 @@ class Server {
   int poll_fd() const { return epoll_fd_; }
   // Serves what is ready without waiting; returns every event since the last call.
   std::vector<Event> pump();
-  // Answers calls now (their frames are sent, or queued on a full socket).
-  void submit(std::vector<Reply> &&replies);
+  // Answers a call now (its frames are sent, or queued on a full socket).
+  void submit(Reply &reply);
   // Stops accepting, sends GOAWAY; the server stops (a STOPPED event) at a `pump` once the calls in flight
   // have ended or grace_s has passed.
   void stop(double grace_s);
@@ -124,7 +123,7 @@ class Server {
   void read_conn(Conn *c);
   bool flush(Conn *c);
   void close_conn(Conn *c);
-  void apply(std::vector<Reply> &replies);
+  void apply(Reply &r);
   void answer(Conn *c, Stream *st, Reply &reply);
   void begin_stop(double grace_s);
   void set_out_interest(Conn *c, bool on);

@@ -278,7 +278,12 @@ async def test_a_stream_whose_client_stops_reading_is_reset_once_64_mib_of_answe
         assert got["reset"] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, got
         # The answers the client never took: about 64 MiB held (1,049 answers of 64,000 bytes), then the reset.
         assert 1_050 <= got["sent"] < 1_400 and got["received"] <= 65_535, got
-        assert listener.stats()["calls_refused"] == refused + 1 and listener.in_flight() == 0
+        assert listener.stats()["calls_refused"] == refused + 1
+        # the stream's requests still being answered are cancelled at the loop's next poll (later on a loaded machine)
+        deadline = time.monotonic() + 5.0
+        while listener.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert listener.in_flight() == 0
         answer = pb.ModelInferResponse.FromString(await asyncio.to_thread(_h2_unary_infer, port))
         assert answer.model_name == "m" and listener.alive()
 

@@ -1,4 +1,4 @@
-"""`ModelInferRequest` in, `InferRequest` out; the answer back as a `ModelInferResponse`.
+"""`ModelInferRequest` in, `InferRequest` out; the answer back as a serialized `ModelInferResponse`.
 
 Tensors arrive either as `raw_input_contents` (one little-endian blob per input, in input
 order: what `tritonclient.grpc` sends) or as typed `contents` (`fp32_contents`, ...). Both
@@ -10,6 +10,7 @@ shared. Answers always go out as `raw_output_contents` (the client reads only th
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -21,8 +22,8 @@ from serving.limits import RequestLimits, check_string, over_limit
 from serving.protocol import InferRequest, InputTensor, RequestedOutput, binary_tensor, check_input, \
     serialize_bytes_tensor
 
-__all__ = ["parse_infer_request", "decode_infer_request", "encode_infer_response", "parameters_from_proto",
-           "FINAL_RESPONSE"]
+__all__ = ["parse_infer_request", "decode_infer_request", "encode_infer_response", "response_message",
+           "stream_message", "parameters_from_proto", "FINAL_RESPONSE"]
 
 FINAL_RESPONSE = "triton_final_response"
 
@@ -139,14 +140,72 @@ def decode_infer_request(msg: pb.ModelInferRequest, limits: RequestLimits,
     return InferRequest(inputs, msg.id or None, outputs, True, parameters)
 
 
-def encode_infer_response(model: str, version: str, outputs: list, request_id: str | None) -> pb.ModelInferResponse:
-    """(name, datatype, array, binary) tuples as a response with every tensor in `raw_output_contents`."""
-    response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id or "")
-    raw = response.raw_output_contents
+def _varint(n: int) -> bytes:
+    """A protobuf varint of a non-negative integer."""
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL = [bytes([n]) for n in range(0x80)]
+_LITTLE = sys.byteorder == "little"
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: its tag byte, the payload's length and the payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _output_field(name: str, datatype: str, shape: tuple) -> bytes:
+    """`outputs` entry (field 5) of a ModelInferResponse: InferOutputTensor{name, datatype, shape}."""
+    key = (name, datatype, shape)
+    field = _OUTPUTS.get(key)
+    if field is None:
+        body = b"".join((_field(b"\x0a", name.encode()) if name else b"",
+                         _field(b"\x12", datatype.encode()) if datatype else b"",
+                         _field(b"\x1a", b"".join(map(_varint, shape))) if shape else b""))
+        field = _field(b"\x2a", body)
+        if len(_OUTPUTS) >= _MAX_CACHED_OUTPUTS:  # shapes that vary by batch: bounded, refilled from scratch
+            _OUTPUTS.clear()
+        _OUTPUTS[key] = field
+    return field
+
+
+_OUTPUTS: dict[tuple, bytes] = {}  # (name, datatype, shape) -> its encoded `outputs` field
+_MAX_CACHED_OUTPUTS = 4096
+
+
+def encode_infer_response(model: str, version: str, outputs: list, request_id: str | None) -> bytes:
+    """(name, datatype, array, binary) tuples as a serialized ModelInferResponse with every tensor in
+    `raw_output_contents`: the bytes `pb.ModelInferResponse(...).SerializeToString()` makes (field order,
+    empty strings left out), written directly; an output's descriptor (name, datatype, shape) is encoded
+    once per shape. `response_message` parses it back where a message is needed (a stream's final response)."""
+    parts = [_field(b"\x0a", model.encode()) if model else b"",
+             _field(b"\x12", version.encode()) if version else b"",
+             _field(b"\x1a", request_id.encode()) if request_id else b""]
+    raws = []
     for name, datatype, arr, _ in outputs:
-        response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        parts.append(_output_field(name, datatype, arr.shape))
         if datatype == "BYTES":
-            raw.append(serialize_bytes_tensor(arr))
+            data = serialize_bytes_tensor(arr)
+        elif _LITTLE and arr.dtype.isnative:  # tobytes copies in C order, whatever the layout
+            data = arr.tobytes()
         else:
-            raw.append(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
-    return response
+            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        raws.append(_field(b"\x32", data))
+    return b"".join(parts + raws)
+
+
+def response_message(data: bytes) -> pb.ModelInferResponse:
+    """An `encode_infer_response` answer as a message."""
+    return pb.ModelInferResponse.FromString(data)
+
+
+def stream_message(data: bytes) -> bytes:
+    """A serialized ModelStreamInferResponse carrying an `encode_infer_response` answer (`infer_response`, field 2)."""
+    return _field(b"\x12", data)

@@ -24,8 +24,8 @@ from serving import admin
 from serving.auth import Access, Guard
 from serving.errors import FleetError, InvalidInput
 from serving.fallback import FALLBACK_HEADER
-from serving.grpc.codec import FINAL_RESPONSE, decode_infer_request, encode_infer_response, parse_infer_request, \
-    parameters_from_proto
+from serving.grpc.codec import FINAL_RESPONSE, decode_infer_request, encode_infer_response, parameters_from_proto, \
+    parse_infer_request, response_message, stream_message
 from serving.grpc.status import error_status
 from serving.limits import RequestLimits
 from serving.rollout.routing import ROUTING_HEADER
@@ -201,7 +201,7 @@ class _Handlers:
                 trailers.append((FALLBACK_HEADER, answered_by))
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
-            return response.SerializeToString()
+            return response  # serialized by encode_infer_response
         except FleetError as exc:
             if trace is not None:
                 trace.finish(exc, model=None)
@@ -225,7 +225,8 @@ class _Handlers:
             return [pb.ModelStreamInferResponse(error_message=error_status(exc)[1]).SerializeToString()]
         asked = msg.parameters.get("triton_enable_empty_final_response")
         if asked is None or not asked.bool_param:
-            return [pb.ModelStreamInferResponse(infer_response=response).SerializeToString()]
+            return [stream_message(response)]
+        response = response_message(response)
         response.parameters[FINAL_RESPONSE].bool_param = False
         final = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
                                       id=response.id)

@@ -11,7 +11,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from serving.errors import BackendError
-from serving.grpc.codec import decode_infer_request, encode_infer_response
+from serving.grpc.codec import decode_infer_request, encode_infer_response, response_message
 from serving.limits import RequestLimits
 from serving.model_config import TensorSpec, make_config, spec_from_config
 from serving.options import ServingOptions
@@ -79,7 +79,7 @@ async def test_http_and_grpc_share_answers_and_the_transport_parameters_do_not_s
     response, _ = await service.answer("m", None, lambda: decode_infer_request(msg, LIMITS, deadline_us=5_000_000),
                                        encode_infer_response)
     assert worker.rows == 1  # the gRPC request (its deadline a timeout parameter) hit the HTTP one's answer
-    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4"), [5, 6])
+    np.testing.assert_array_equal(np.frombuffer(response_message(response).raw_output_contents[0], "<f4"), [5, 6])
     await service.close()
 
 

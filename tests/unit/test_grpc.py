@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from cluster.ports import free_ports
 from serving.auth import key_digest
-from serving.grpc.codec import decode_infer_request, encode_infer_response
+from serving.grpc.codec import decode_infer_request, encode_infer_response, response_message
 from serving.grpc.handlers import SERVICE
 from serving.grpc.native_server import NativeGrpcListener, native_transport_available
 from serving.grpc.server import GrpcListener
@@ -272,8 +272,48 @@ def test_raw_and_typed_contents_decode_to_the_same_request_as_http_json():
     msg = pb.ModelInferRequest(inputs=[pb.ModelInferRequest.InferInputTensor(
         name="s", datatype="BYTES", shape=[3], contents=pb.InferTensorContents(bytes_contents=list(words)))])
     assert decode_infer_request(msg, LIMITS).inputs[0].data.tolist() == words.tolist()
-    response = encode_infer_response("m", "1", [("s", "BYTES", words, True)], "r")
+    response = response_message(encode_infer_response("m", "1", [("s", "BYTES", words, True)], "r"))
     assert response.raw_output_contents[0] == b"\x02\x00\x00\x00ab\x00\x00\x00\x00\x01\x00\x00\x00\xff"
+
+
+def _reference_encoding(model: str, version: str, outputs: list, request_id: str | None) -> bytes:
+    """What protobuf's own serializer makes of the same answer."""
+    response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id or "")
+    for name, datatype, arr, _ in outputs:
+        response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        response.raw_output_contents.append(
+            np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes() if datatype != "BYTES"
+            else b"".join(len(w).to_bytes(4, "little") + w for w in arr.ravel()))
+    return response.SerializeToString()
+
+
+@pytest.mark.parametrize("model, version, outputs, request_id", [
+    ("fraud", "1", [("probability", "FP32", np.array([[0.25]], np.float32), True)], None),
+    # lengths past one varint byte (a long name and id, 84,000 bytes of data), two outputs, an empty string left out
+    ("m" * 300, "", [("a", "FP32", np.arange(21_000, dtype=np.float32).reshape(300, 70), True),
+                     ("b", "INT64", np.arange(5), True)], "x" * 200),
+    ("m", "12", [("s", "BYTES", np.array([b"ab", b"", b"\xff"], dtype=object), True),
+                 ("empty", "FP64", np.zeros((0, 3)), True), ("scalar", "FP32", np.array(3.0, np.float32), True)], "r"),
+    # big-endian, Fortran-ordered and strided arrays: little-endian, row-major bytes all the same
+    ("m", "1", [("be", "FP32", np.arange(6, dtype=">f4").reshape(2, 3), True),
+                ("f", "FP32", np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), True),
+                ("strided", "INT32", np.arange(24, dtype=np.int32).reshape(4, 6)[:, ::2], True)], "id"),
+])
+def test_a_response_is_encoded_to_the_bytes_protobuf_makes(model, version, outputs, request_id):
+    for _ in range(2):  # the second time from the descriptors encoded the first
+        assert encode_infer_response(model, version, outputs, request_id) == \
+            _reference_encoding(model, version, outputs, request_id)
+
+
+def test_the_encoded_output_descriptors_kept_are_bounded(monkeypatch):
+    from serving.grpc import codec
+
+    monkeypatch.setattr(codec, "_MAX_CACHED_OUTPUTS", 4)
+    monkeypatch.setattr(codec, "_OUTPUTS", {})
+    for rows in range(1, 11):  # a new shape per batch size
+        outputs = [("y", "FP32", np.ones((rows, 2), np.float32), True)]
+        assert encode_infer_response("m", "1", outputs, None) == _reference_encoding("m", "1", outputs, None)
+        assert len(codec._OUTPUTS) <= 4
 
 
 @pytest.mark.parametrize("tensor, raw, message", [

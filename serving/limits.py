@@ -17,7 +17,8 @@ import numpy as np
 
 from serving.errors import InvalidInput
 
-__all__ = ["RequestLimits", "over_limit", "check_json_depth", "check_string", "check_strings", "json_depth"]
+__all__ = ["RequestLimits", "over_limit", "check_json_depth", "check_string", "check_strings", "short_strings",
+           "json_depth"]
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,32 @@ def check_string(value: str | bytes, what: str, limit: int) -> None:
         raise InvalidInput(over_limit(f"{what} of {size} bytes", limit, "max_string_bytes", " bytes"))
 
 
+def short_strings(value, limit: int) -> bool:
+    """A quick sufficient test that `check_strings(value, ..., limit)` passes: `value` is a dict whose keys are
+    str and whose values are str, numbers, bools or None, no string longer than `limit` // 4 characters (at most
+    4 bytes each in UTF-8: within the limit without encoding them). False says nothing: check them."""
+    if not limit:
+        return True
+    if type(value) is not dict:
+        return False
+    chars = limit // 4
+    for key, inner in value.items():
+        if type(key) is not str or len(key) > chars:
+            return False
+        kind = type(inner)
+        if kind is str:
+            if len(inner) > chars:
+                return False
+        elif kind is not int and kind is not float and kind is not bool and inner is not None:
+            return False
+    return True
+
+
 def check_strings(value, what: str, limit: int) -> None:
     """`check_string` on every key and string value inside `value` (parameters: dicts, lists, scalars)."""
     if not limit:
+        return
+    if short_strings(value, limit):  # the usual parameters, without naming each string
         return
     stack = [(value, what)]  # a loop, not recursion: the nesting may be as deep as the parser allows
     while stack:

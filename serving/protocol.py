@@ -19,7 +19,7 @@ import orjson
 import native
 from serving.datatypes import V2_TO_NUMPY
 from serving.errors import InvalidInput
-from serving.limits import RequestLimits, check_json_depth, check_string, check_strings, over_limit
+from serving.limits import RequestLimits, check_json_depth, check_string, check_strings, over_limit, short_strings
 
 __all__ = [
     "InputTensor",
@@ -90,13 +90,15 @@ def check_input(i: int, name, datatype, raw_shape, seen: set[str], limits: Reque
     `seen`, added), a known datatype, a shape within the limits. Returns ("input '<name>'", the shape)."""
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"inputs[{i}] needs a 'name'")
-    check_string(name, f"inputs[{i}] name", limits.max_string_bytes)
+    limit = limits.max_string_bytes
+    if limit and len(name) * 4 > limit:  # (check_string's own first test, before its message is made)
+        check_string(name, f"inputs[{i}] name", limit)
     where = f"input {name!r}"
     if name in seen:
         raise InvalidInput(f"{where} is given twice")
     seen.add(name)
-    if isinstance(datatype, str):  # checked before a wrong one is quoted back
-        check_string(datatype, f"{where} datatype", limits.max_string_bytes)
+    if isinstance(datatype, str) and limit and len(datatype) * 4 > limit:  # checked before a wrong one is quoted back
+        check_string(datatype, f"{where} datatype", limit)
     if datatype not in V2_TO_NUMPY:
         raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}")
     shape = check_shape(raw_shape, where)
@@ -321,7 +323,8 @@ def decode_request(body: bytes, header_length: int | None = None,
             raise InvalidInput("'id' must be a string")
         check_string(request_id, "'id'", max_string)
     parameters = _parameters(doc.get("parameters"), "request")
-    check_strings(parameters, "request parameter", max_string)
+    if not short_strings(parameters, max_string):
+        check_strings(parameters, "request parameter", max_string)
     timeout = parameters.get("timeout")
     if timeout is not None and (type(timeout) is not int or timeout < 0):
         raise InvalidInput("request parameter 'timeout' must be a non-negative integer (microseconds)")
@@ -335,7 +338,8 @@ def decode_request(body: bytes, header_length: int | None = None,
         name, datatype = raw.get("name"), raw.get("datatype")
         where, shape = check_input(i, name, datatype, raw.get("shape"), seen, limits)
         params = _parameters(raw.get("parameters"), where)
-        check_strings(params, f"{where} parameter", max_string)
+        if not short_strings(params, max_string):
+            check_strings(params, f"{where} parameter", max_string)
         size = params.get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0:
@@ -374,17 +378,22 @@ def decode_request(body: bytes, header_length: int | None = None,
         for j, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise InvalidInput(f"outputs[{j}] needs a 'name'")
-            check_string(raw["name"], f"outputs[{j}] name", max_string)
-            params = _parameters(raw.get("parameters"), f"output {raw['name']!r}")
-            check_strings(params, f"output {raw['name']!r} parameter", max_string)
+            out_name = raw["name"]
+            if max_string and len(out_name) * 4 > max_string:  # (check_string's own first test)
+                check_string(out_name, f"outputs[{j}] name", max_string)
+            params = raw.get("parameters")
+            if type(params) is not dict:
+                params = _parameters(params, f"output {out_name!r}")
+            if not short_strings(params, max_string):
+                check_strings(params, f"output {out_name!r} parameter", max_string)
             if params.get("classification"):
-                raise InvalidInput(f"output {raw['name']!r}: the classification extension is not supported")
+                raise InvalidInput(f"output {out_name!r}: the classification extension is not supported")
             binary_flag = params.get("binary_data")
             if binary_flag is not None and not isinstance(binary_flag, bool):
-                raise InvalidInput(f"output {raw['name']!r}: binary_data must be true or false")
-            if any(o.name == raw["name"] for o in outputs):
-                raise InvalidInput(f"output {raw['name']!r} is requested twice")
-            outputs.append(RequestedOutput(raw["name"], binary_flag))
+                raise InvalidInput(f"output {out_name!r}: binary_data must be true or false")
+            if outputs and any(o.name == out_name for o in outputs):
+                raise InvalidInput(f"output {out_name!r} is requested twice")
+            outputs.append(RequestedOutput(out_name, binary_flag))
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise InvalidInput("request parameter binary_data_output must be true or false")

@@ -22,7 +22,7 @@ class ValidatedRequest:
 
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
-    return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got))
+    return expected == got or (len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got)))
 
 
 def _shown(spec: TensorSpec, max_batch_size: int) -> list:
@@ -39,8 +39,9 @@ def validate_request(request: InferRequest, spec: ModelSpec, *, max_elements: in
     unknown output.
     """
     given = {t.name: t for t in request.inputs}
-    unknown = sorted(set(given) - {s.name for s in spec.inputs})
+    unknown = [name for name in given if spec.input(name) is None]
     if unknown:
+        unknown.sort()
         raise InvalidInput(
             f"model {spec.name!r} has no input {unknown[0]!r}; its inputs are {[s.name for s in spec.inputs]}"
         )

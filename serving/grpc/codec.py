@@ -96,11 +96,12 @@ def decode_infer_request(msg: pb.ModelInferRequest, limits: RequestLimits,
     caller has stopped waiting.
     """
     max_string = limits.max_string_bytes
-    if not msg.inputs:
+    tensors = msg.inputs
+    if not tensors:
         raise InvalidInput("the request needs 'inputs': a non-empty list of tensors")
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs: "
+    if raw and len(raw) != len(tensors):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs: "
                            "send every input raw or none")
     if msg.id:
         check_string(msg.id, "'id'", max_string)
@@ -111,9 +112,9 @@ def decode_infer_request(msg: pb.ModelInferRequest, limits: RequestLimits,
     if deadline_us is not None:
         parameters["timeout"] = max(1, min(deadline_us, timeout or deadline_us))
     inputs, seen = [], set()
-    for i, tensor in enumerate(msg.inputs):
+    for i, tensor in enumerate(tensors):
         name, datatype = tensor.name, tensor.datatype
-        where, shape = check_input(i, name, datatype, list(tensor.shape), seen, limits)
+        where, shape = check_input(i, name, datatype, tensor.shape[:], seen, limits)  # (a list)
         parameters_from_proto(tensor.parameters, where, max_string)
         if raw:
             if tensor.HasField("contents"):
@@ -128,15 +129,17 @@ def decode_infer_request(msg: pb.ModelInferRequest, limits: RequestLimits,
     if msg.outputs:
         outputs = []
         for j, out in enumerate(msg.outputs):
-            if not out.name:
+            name = out.name
+            if not name:
                 raise InvalidInput(f"outputs[{j}] needs a 'name'")
-            check_string(out.name, f"outputs[{j}] name", max_string)
-            params = parameters_from_proto(out.parameters, f"output {out.name!r}", max_string)
+            if max_string and len(name) * 4 > max_string:  # (check_string's own first test)
+                check_string(name, f"outputs[{j}] name", max_string)
+            params = parameters_from_proto(out.parameters, f"output {name!r}", max_string) if out.parameters else {}
             if params.get("classification"):
-                raise InvalidInput(f"output {out.name!r}: the classification extension is not supported")
-            if any(o.name == out.name for o in outputs):
-                raise InvalidInput(f"output {out.name!r} is requested twice")
-            outputs.append(RequestedOutput(out.name, True))
+                raise InvalidInput(f"output {name!r}: the classification extension is not supported")
+            if outputs and any(o.name == name for o in outputs):
+                raise InvalidInput(f"output {name!r} is requested twice")
+            outputs.append(RequestedOutput(name, True))
     return InferRequest(inputs, msg.id or None, outputs, True, parameters)
 
 

@@ -175,6 +175,20 @@ def test_every_other_string_is_held_to_max_string_bytes(what, doc, phrase):
     _refused(orjson.dumps(doc), phrase, "over the limit of 64 bytes", "max_string_bytes")
 
 
+@pytest.mark.parametrize("value, ok", [
+    ("é" * 32, True), ("é" * 33, False),  # 2 bytes each: 64 and 66
+    ("😀" * 16, True), ("😀" * 16 + "a", False),  # 4 bytes each: 64 and 65
+    ("a" * 17, True), ("a" * 64, True), ("a" * 65, False),  # past the quick test's 16 characters, counted
+])
+def test_parameter_strings_are_counted_in_utf8_bytes_past_the_quick_test(value, ok):
+    for doc in ({**_doc(), "parameters": {"p": value}}, {**_doc(), "parameters": {value: 1}}, _doc(parameters={"p": value}),
+                {**_doc(), "outputs": [{"name": "y", "parameters": {"p": value}}]}):
+        if ok:
+            decode_request(orjson.dumps(doc), None, LIMITS)
+        else:
+            _refused(orjson.dumps(doc), "bytes", "over the limit of 64 bytes", "max_string_bytes")
+
+
 def test_no_limits_unless_given():
     doc = {**_doc(shape=[1, 2000], data=[0.0] * 2000), "id": "i" * 1000, "parameters": {"p": _nested(20)}}
     assert decode_request(orjson.dumps(doc)).id == "i" * 1000

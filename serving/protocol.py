@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "check_shape",
     "check_input",
     "binary_tensor",
+    "little_endian_bytes",
     "decode_request",
     "encode_response",
     "serialize_bytes_tensor",
@@ -252,6 +254,18 @@ def serialize_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+_LITTLE_ENDIAN = {datatype: dtype.newbyteorder("<") for datatype, dtype in V2_TO_NUMPY.items()}
+_NATIVE_IS_LITTLE = sys.byteorder == "little"
+
+
+def little_endian_bytes(arr: np.ndarray) -> bytes:
+    """A numeric array's values as little-endian bytes in row-major order (the binary extension's and gRPC's
+    raw contents), whatever its byte order and layout."""
+    if _NATIVE_IS_LITTLE and arr.dtype.isnative:  # tobytes copies in C order, whatever the layout
+        return arr.tobytes()
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
 def binary_tensor(blob: memoryview, datatype: str, shape: tuple[int, ...], where: str,
                   max_string_bytes: int = 0) -> np.ndarray:
     """One tensor's raw little-endian bytes (binary extension, gRPC raw contents) as an array of `shape`."""
@@ -264,9 +278,8 @@ def binary_tensor(blob: memoryview, datatype: str, shape: tuple[int, ...], where
         raise InvalidInput(
             f"{where}: binary_data_size is {len(blob)} bytes; shape {list(shape)} of {datatype} needs {expected}"
         )
-    # Zero-copy view of the request body; little-endian as the protocol says.
-    arr = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=count)
-    return arr.reshape(shape)
+    # Zero-copy view of the request body (read-only, as np.frombuffer's), little-endian as the protocol says.
+    return np.ndarray(shape, _LITTLE_ENDIAN[datatype], blob)
 
 
 def _check_bytes_elements(data: np.ndarray, where: str, limit: int) -> None:
@@ -429,10 +442,7 @@ def encode_response(
     for name, datatype, arr, binary in outputs:
         entry: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            if datatype == "BYTES":
-                blob = serialize_bytes_tensor(arr)
-            else:
-                blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            blob = serialize_bytes_tensor(arr) if datatype == "BYTES" else little_endian_bytes(arr)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

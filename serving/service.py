@@ -586,6 +586,8 @@ def parse_header_length(value: str | None) -> int | None:
     """Inference-Header-Content-Length, validated."""
     if value is None:
         return None
+    if value.isdigit() and value.isascii():  # the usual spelling, without stripping it first
+        return int(value)
     if not is_decimal(value.strip()):
         raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}")
     return int(value)

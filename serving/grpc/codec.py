@@ -10,7 +10,6 @@ shared. Answers always go out as `raw_output_contents` (the client reads only th
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -20,7 +19,7 @@ from serving.datatypes import V2_TO_NUMPY
 from serving.errors import InvalidInput
 from serving.limits import RequestLimits, check_string, over_limit
 from serving.protocol import InferRequest, InputTensor, RequestedOutput, binary_tensor, check_input, \
-    serialize_bytes_tensor
+    little_endian_bytes, serialize_bytes_tensor
 
 __all__ = ["parse_infer_request", "decode_infer_request", "encode_infer_response", "response_message",
            "stream_message", "parameters_from_proto", "FINAL_RESPONSE"]
@@ -156,7 +155,6 @@ def _varint(n: int) -> bytes:
 
 
 _SMALL = [bytes([n]) for n in range(0x80)]
-_LITTLE = sys.byteorder == "little"
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
@@ -194,13 +192,7 @@ def encode_infer_response(model: str, version: str, outputs: list, request_id: s
     raws = []
     for name, datatype, arr, _ in outputs:
         parts.append(_output_field(name, datatype, arr.shape))
-        if datatype == "BYTES":
-            data = serialize_bytes_tensor(arr)
-        elif _LITTLE and arr.dtype.isnative:  # tobytes copies in C order, whatever the layout
-            data = arr.tobytes()
-        else:
-            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-        raws.append(_field(b"\x32", data))
+        raws.append(_field(b"\x32", serialize_bytes_tensor(arr) if datatype == "BYTES" else little_endian_bytes(arr)))
     return b"".join(parts + raws)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from benchmarks.adaptive import adaptive_scenario, publish_policies, publish_variants
 from benchmarks.bodies import request_bodies
 from benchmarks.report import git_sha, machine, ratios_and_goals, write_report
-from benchmarks.scenarios import Bodies, closed_sweep, cool_down, mixed_models, open_rate, step_rates
+from benchmarks.scenarios import Bodies, binary_vs_json, closed_sweep, cool_down, mixed_models, open_rate, step_rates
 from benchmarks.soak import SCENARIOS as SOAK_SCENARIOS
 from benchmarks.soak import publish_soak_models, run_soak, soak_goals
 from benchmarks.systems import BaselineSystem, FleetSystem, System, TritonSystem
@@ -79,11 +79,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         "80 %% of the logged peak)")
     p.add_argument("--logging-minutes", type=float, default=None,
                    help="the logging cost's sustained run (default 10; --quick 1)")
+    p.add_argument("--binary-seconds", type=float, default=60.0,
+                   help="fleet's binary against JSON bodies taking turns by 2 s phases on the same 64 connections, "
+                        "this long (--quick 24; 0 skips it)")
     p.add_argument("--triton-instances", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results", help="parent folder of the run's folder")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.open_duration, args.step_seconds, args.repeats = 3.0, 5.0, 3.0, 2
+        if args.binary_seconds == p.get_default("binary_seconds"):
+            args.binary_seconds = 24.0
         if args.connections == p.get_default("connections"):
             args.connections = "1,16,64"
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -166,6 +171,7 @@ def run(args) -> Path:
     print("in-process model (the limit for compute) ...", flush=True)
     inprocess = measure_inprocess(repo.root, MODEL)
     closed, opened, adaptive, systems, ramp, mixed, soak = [], [], {}, [], [], {}, {}
+    binary_json = None
     sustained = peak = None
     for system in make_systems(args, repo):
         print(f"{system.name}: starting ({system.label}) ...", flush=True)
@@ -180,6 +186,8 @@ def run(args) -> Path:
                                              args.latency_target_ms, args.arrivals, args.adaptive_rates)
                 continue
             closed += closed_sweep(system, bodies, connections, args.duration, kinds)
+            if system.name == "fleet" and args.binary_seconds > 0:
+                binary_json = binary_vs_json(system, bodies, args.binary_seconds, connections=max(args.connections))
             if system.name == "fleet":
                 peak = max((r["throughput_rps"] for r in closed if r["system"] == "fleet"), default=0)
                 if peak:
@@ -199,7 +207,7 @@ def run(args) -> Path:
                 if args.soak_minutes > 0:
                     soak = run_soak(system, list(SOAK_SCENARIOS), args.soak_minutes, 300.0, 30.0, repo)
     ratios, goals = ratios_and_goals(closed, opened, peak_connections=64 if 64 in args.connections
-                                     else max(args.connections), inprocess=inprocess)
+                                     else max(args.connections), inprocess=inprocess, binary_json=binary_json)
     if adaptive:
         verdict = adaptive["goal"]
         best = verdict["highest_rate_under_target"]
@@ -214,7 +222,7 @@ def run(args) -> Path:
         "git_sha": git_sha(), "machine": machine(), "model": MODEL,
         "config": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
         "systems": systems, "inprocess": inprocess, "closed_loop": closed, "open_loop": opened,
-        "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "soak": soak,
+        "binary_vs_json": binary_json, "fleet_ramp": ramp, "sustained_rate_rps": sustained, "mixed_models": mixed, "adaptive": adaptive, "soak": soak,
         "lifecycle": lifecycle, "logging_cost": logging_cost, "ratios": ratios, "goals": goals,
     }
     for path in write_report(out_dir, report):

@@ -3,6 +3,8 @@
 - `closed_sweep`: wrk, closed loop, over a list of connection counts, for JSON
   and/or binary bodies; with the server's own view (batch sizes, queue/compute)
   from its statistics endpoint before and after each run.
+- `binary_vs_json`: binary-tensor against JSON bodies of the same request, taking
+  turns by phases on the same connections of one wrk run.
 - `open_rate`: the asyncio generator at a fixed rate (Poisson arrivals), latency
   measured from each request's intended send time.
 - `step_rates`: an open-loop load rising in steps (the adaptive batching scenario).
@@ -20,9 +22,10 @@ from urllib.parse import urlsplit
 
 from benchmarks.loadgen import Target, open_loop, run
 from benchmarks.systems import System, fetch_stats, stats_delta
-from benchmarks.wrk import run_wrk
+from benchmarks.logging_report import paired_ratios
+from benchmarks.wrk import phase_pairs, run_alternating_bodies, run_wrk
 
-__all__ = ["Bodies", "closed_sweep", "open_rate", "step_rates", "mixed_models", "infer_path"]
+__all__ = ["Bodies", "closed_sweep", "binary_vs_json", "open_rate", "step_rates", "mixed_models", "infer_path"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,26 @@ def closed_sweep(system: System, bodies: Bodies, connections: list[int], duratio
                 f"avg batch {server.get('avg_batch_rows')}")
             time.sleep(0.5)
     return runs
+
+
+def binary_vs_json(system: System, bodies: Bodies, duration_s: float, phase_s: float = 2.0, connections: int = 64,
+                   log=print) -> dict:
+    """Binary-tensor bodies (A) against JSON bodies (B) of the same request over the same `connections`, by
+    phases of `phase_s` (A B B A ...) for `duration_s`: each pair of phases gives a ratio of answers, binary over
+    JSON; their mean with a 95 % bootstrap interval (`paired_ratios`). Sequential runs of each body (closed_sweep)
+    differ by 10-20 % from one to the next on this machine whatever the bodies: a difference of a few percent
+    shows only this way."""
+    run = run_alternating_bodies(system.url + infer_path(bodies.model), bodies.file("json"), bodies.file("binary"),
+                                 bodies.binary_header_length, duration_s, phase_s, connections)
+    pairs = phase_pairs(run["phases"])
+    ratios = paired_ratios(pairs)
+    doc = {k: ratios[k] for k in ("per_pair", "n", "mean", "median", "sd", "ci95")}
+    doc.update(connections=connections, seconds=duration_s, phase_s=phase_s, errors=run["errors"],
+               other=sum(p["other"] for p in run["phases"].values()),
+               binary_answers=sum(a for a, _ in pairs), json_answers=sum(b for _, b in pairs))
+    log(f"  {system.name:14s} binary / JSON, alternating: mean {doc['mean']} (95 % interval {doc['ci95']}) "
+        f"over {doc['n']} pairs of phases")
+    return doc
 
 
 def open_rate(system: System, bodies: Bodies, rate_rps: float, duration_s: float, kind: str = "json",

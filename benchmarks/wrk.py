@@ -27,11 +27,12 @@ from pathlib import Path
 
 from benchmarks.load import LoadResult, count_2xx
 
-__all__ = ["REPORT_SCRIPT", "ALTERNATE_SCRIPT", "WrkError", "parse_report", "run_wrk", "wrk_available",
-           "wrk_command", "run_alternating", "parse_phases", "phase_pairs"]
+__all__ = ["REPORT_SCRIPT", "ALTERNATE_SCRIPT", "ALTERNATE_BODIES_SCRIPT", "WrkError", "parse_report", "run_wrk",
+           "wrk_available", "wrk_command", "run_alternating", "run_alternating_bodies", "parse_phases", "phase_pairs"]
 
 REPORT_SCRIPT = Path(__file__).resolve().parent / "lua" / "report.lua"
 ALTERNATE_SCRIPT = Path(__file__).resolve().parent / "lua" / "alternate.lua"
+ALTERNATE_BODIES_SCRIPT = Path(__file__).resolve().parent / "lua" / "alternate_bodies.lua"
 _MARKER = "WRK_JSON "
 _PHASES = "WRK_PHASES "
 _TRANSPORT_ERRORS = ("connect", "read", "write", "timeout")
@@ -186,16 +187,33 @@ def run_alternating(base_url: str, body_file: str | Path, path_a: str, path_b: s
     among the server's processes, are the same for both paths. `header_a` (name, value): a header only the
     requests to `path_a` carry (the paths may then be equal); `headers`: on every request (a Content-Type and
     Inference-Header-Content-Length here send binary-tensor bodies)."""
-    if not wrk_available():
-        raise WrkError("wrk is not installed (not on PATH): run `make wrk`")
-    if phase_s <= 0 or duration_s <= lead_s + 4 * phase_s:
-        raise ValueError(f"phase_s must be > 0 and duration_s longer than lead_s + 4 phases, got {duration_s}")
-    start = time.monotonic() + lead_s  # CLOCK_MONOTONIC: the Lua script reads the same clock
-    argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-            "--timeout", f"{max(1, math.ceil(timeout_s))}s", "-s", str(ALTERNATE_SCRIPT)]
+    argv, start = _phased(ALTERNATE_SCRIPT, duration_s, phase_s, connections, threads, lead_s, timeout_s)
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
     argv += [base_url + path_a, "--", str(body_file), path_a, path_b, repr(start), repr(float(phase_s))]
     if header_a is not None:
         argv.append(f"{header_a[0]}: {header_a[1]}")
     return _run(argv, duration_s, timeout_s, parse_phases, "WRK_PHASES")
+
+
+def run_alternating_bodies(url: str, json_file: str | Path, binary_file: str | Path, header_length: int,
+                           duration_s: float, phase_s: float, connections: int = 64, threads: int = 2,
+                           lead_s: float = 3.0, timeout_s: float = 10.0) -> dict:
+    """`run_alternating` with two bodies of the same request to one `url`: phase A posts `binary_file` (a
+    binary-tensor body, its Inference-Header-Content-Length `header_length`), phase B `json_file`."""
+    argv, start = _phased(ALTERNATE_BODIES_SCRIPT, duration_s, phase_s, connections, threads, lead_s, timeout_s)
+    argv += [url, "--", str(json_file), str(binary_file), str(int(header_length)), repr(start), repr(float(phase_s))]
+    return _run(argv, duration_s, timeout_s, parse_phases, "WRK_PHASES")
+
+
+def _phased(script: Path, duration_s: float, phase_s: float, connections: int, threads: int, lead_s: float,
+            timeout_s: float) -> tuple[list[str], float]:
+    """(wrk's argv up to the URL, running `script`; the CLOCK_MONOTONIC time of phase 0, which the script reads
+    from the same clock) of a phased run."""
+    if not wrk_available():
+        raise WrkError("wrk is not installed (not on PATH): run `make wrk`")
+    if phase_s <= 0 or duration_s <= lead_s + 4 * phase_s:
+        raise ValueError(f"phase_s must be > 0 and duration_s longer than lead_s + 4 phases, got {duration_s}")
+    argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+            "--timeout", f"{max(1, math.ceil(timeout_s))}s", "-s", str(script)]
+    return argv, time.monotonic() + lead_s

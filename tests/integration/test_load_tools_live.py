@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from benchmarks.loadgen import Target, closed_loop, open_loop, run, step_load
-from benchmarks.wrk import WrkError, run_wrk
+from benchmarks.wrk import WrkError, phase_pairs, run_alternating_bodies, run_wrk
 from cluster.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,9 @@ class _Server:
             Route("/close", self.close, methods=["POST"]),
             Route("/stall", self.stall, methods=["POST"]),
             Route("/versions", self.versions, methods=["POST"]),
+            Route("/kinds", self.kinds, methods=["POST"]),
         ])
+        self.kinds_seen: dict[str, int] = {}
         config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="load-tools-server", daemon=True)
@@ -65,6 +67,15 @@ class _Server:
         if self.answered % 7 == 0:
             return JSONResponse({"model_name": "m", "outputs": []})
         return JSONResponse({"model_name": "m", "model_version": "1", "outputs": []})
+
+    async def kinds(self, request: Request) -> JSONResponse:
+        """200 for the JSON body sent as JSON or the binary body with its header length, 400 otherwise."""
+        body, kind = await request.body(), request.headers.get("content-type")
+        fits = (kind == "application/json" and body == KIND_BODIES["json"]) or (
+            kind == "application/octet-stream" and body == KIND_BODIES["binary"]
+            and request.headers.get("inference-header-content-length") == "10")
+        self.kinds_seen[kind] = self.kinds_seen.get(kind, 0) + 1
+        return JSONResponse({"ok": fits}, status_code=200 if fits else 400)
 
     async def busy(self, request: Request) -> JSONResponse:
         return JSONResponse({"error": "busy"}, status_code=503)
@@ -106,6 +117,7 @@ def body_file(tmp_path) -> Path:
 
 
 JSON = {"Content-Type": "application/json"}
+KIND_BODIES = {"json": b'{"inputs": [1]}', "binary": b'{"inputs":}\x00\x01\xff'}  # (the binary one's header: 10 bytes)
 
 
 def _sane(latency_ms: dict) -> None:
@@ -133,6 +145,23 @@ def test_wrk_counts_answers_by_model_version_when_asked(server, body_file):
     expected["1"] = n - expected["2"] - expected["none"]
     assert r.requests > 50 and r.versions == expected, (r.versions, n)
     assert run_wrk(f"{server.url}/versions", body_file, connections=1, duration_s=1).versions == {}
+
+
+def test_alternating_bodies_send_each_body_with_its_own_headers_in_turns(server, tmp_path):
+    files = {}
+    for kind, body in KIND_BODIES.items():
+        files[kind] = tmp_path / f"{kind}.body"
+        files[kind].write_bytes(body)
+    server.kinds_seen.clear()
+    run = run_alternating_bodies(f"{server.url}/kinds", files["json"], files["binary"], 10, duration_s=7, phase_s=1,
+                                 connections=2, lead_s=1)
+    assert run["errors"] == 0 and all(p["other"] == 0 for p in run["phases"].values())  # every body fit its headers
+    pairs = phase_pairs(run["phases"])
+    assert len(pairs) >= 2 and all(a > 0 and b > 0 for a, b in pairs)
+    binary, json_ = server.kinds_seen["application/octet-stream"], server.kinds_seen["application/json"]
+    # phase 0 onwards half of the time each; the lead-in second is JSON's
+    assert sum(a for a, _ in pairs) <= binary and sum(b for _, b in pairs) <= json_
+    assert 0.25 < binary / (binary + json_) < 0.6
 
 
 def test_wrk_503s_are_statuses_not_throughput(server, body_file):

@@ -63,6 +63,20 @@ def test_ratios_and_goals_say_met_or_missed_by_how_much():
     assert p99["met"] is True and "5000/s" in p99["goal"]
 
 
+def test_the_binary_goal_is_decided_by_the_turns_when_there_are_some_and_met_only_above_1_throughout():
+    runs = [_run("fleet", 64, 6000, 9.0, 30.0), _run("fleet", 64, 5000, 8.0, 25.0, body="binary")]  # 0.83 apart
+    turns = {"mean": 1.011, "ci95": [0.954, 1.077], "n": 21, "connections": 64, "phase_s": 2.0}
+
+    def binary_goal(**changes):
+        _, goals = ratios_and_goals(runs, [], binary_json={**turns, **changes})
+        return next(g for g in goals if g["goal"].startswith("binary vs JSON"))
+
+    at_parity = binary_goal()
+    assert at_parity["value"] == 1.011 and at_parity["met"] is False and "21 pairs" in at_parity["goal"]
+    assert "0.954-1.077" in at_parity["goal"]
+    assert binary_goal(mean=1.05, ci95=[1.01, 1.09])["met"] is True
+
+
 def test_goals_without_a_baseline_are_not_available_rather_than_met():
     _, goals = ratios_and_goals([_run("fleet", 64, 6000, 9.0, 30.0)], [])
     assert {g["goal"]: g["met"] for g in goals}["throughput at 64 connections vs Triton"] is None

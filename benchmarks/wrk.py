@@ -27,12 +27,11 @@ from pathlib import Path
 
 from benchmarks.load import LoadResult, count_2xx
 
-__all__ = ["REPORT_SCRIPT", "ALTERNATE_SCRIPT", "ALTERNATE_BODIES_SCRIPT", "WrkError", "parse_report", "run_wrk",
+__all__ = ["REPORT_SCRIPT", "ALTERNATE_SCRIPT", "WrkError", "parse_report", "run_wrk",
            "wrk_available", "wrk_command", "run_alternating", "run_alternating_bodies", "parse_phases", "phase_pairs"]
 
 REPORT_SCRIPT = Path(__file__).resolve().parent / "lua" / "report.lua"
 ALTERNATE_SCRIPT = Path(__file__).resolve().parent / "lua" / "alternate.lua"
-ALTERNATE_BODIES_SCRIPT = Path(__file__).resolve().parent / "lua" / "alternate_bodies.lua"
 _MARKER = "WRK_JSON "
 _PHASES = "WRK_PHASES "
 _TRANSPORT_ERRORS = ("connect", "read", "write", "timeout")
@@ -201,8 +200,8 @@ def run_alternating_bodies(url: str, json_file: str | Path, binary_file: str | P
                            lead_s: float = 3.0, timeout_s: float = 10.0) -> dict:
     """`run_alternating` with two bodies of the same request to one `url`: phase A posts `binary_file` (a
     binary-tensor body, its Inference-Header-Content-Length `header_length`), phase B `json_file`."""
-    argv, start = _phased(ALTERNATE_BODIES_SCRIPT, duration_s, phase_s, connections, threads, lead_s, timeout_s)
-    argv += [url, "--", str(json_file), str(binary_file), str(int(header_length)), repr(start), repr(float(phase_s))]
+    argv, start = _phased(ALTERNATE_SCRIPT, duration_s, phase_s, connections, threads, lead_s, timeout_s)
+    argv += [url, "--", "bodies", str(json_file), str(binary_file), str(int(header_length)), repr(start), repr(float(phase_s))]
     return _run(argv, duration_s, timeout_s, parse_phases, "WRK_PHASES")
 
 

@@ -5,10 +5,12 @@
 -- START: CLOCK_MONOTONIC seconds (Python's time.monotonic()) at which phase 0 begins; PHASE_S: its length;
 -- HEADER_A ("Name: value"): a header only the requests to PATH_A carry (the paths may then be the same).
 -- The body is JSON unless -H set a Content-Type (and Inference-Header-Content-Length for binary tensors).
--- Phase k (k >= 0) goes to PATH_A when k % 4 is 0 or 3 and to PATH_B otherwise (A B B A A B B A ...: each
--- pair of phases (2j, 2j+1) is AB or BA, so a trend over the run cancels in the pairs); before START, PATH_B.
+-- Or two bodies of the same request to URL's path, A a binary-tensor body and B a JSON one:
+-- wrk ... -s benchmarks/lua/alternate.lua URL -- bodies JSON_FILE BINARY_FILE HEADER_LENGTH START PHASE_S
+-- Phase k (k >= 0) goes to A when k % 4 is 0 or 3 and to B otherwise (A B B A A B B A ...: each
+-- pair of phases (2j, 2j+1) is AB or BA, so a trend over the run cancels in the pairs); before START, B.
 -- An answer counts in the phase it arrives in (a request in flight at a switch is answered in the next phase:
--- at most `connections` of thousands). Parsed by benchmarks/wrk.py (run_alternating).
+-- at most `connections` of thousands). Parsed by benchmarks/wrk.py (run_alternating, run_alternating_bodies).
 
 local ffi = require("ffi")
 ffi.cdef[[
@@ -29,10 +31,23 @@ end
 
 local req_a, req_b, start, phase_s
 
-function init(args)
-  local f = assert(io.open(args[1], "rb"))
-  local body = f:read("*all")
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local data = f:read("*all")
   f:close()
+  return data
+end
+
+function init(args)
+  if args[1] == "bodies" then
+    req_b = wrk.format("POST", nil, {["Content-Type"] = "application/json"}, read(args[2]))
+    req_a = wrk.format("POST", nil, {["Content-Type"] = "application/octet-stream",
+                                     ["Inference-Header-Content-Length"] = args[4]}, read(args[3]))
+    start = tonumber(args[5])
+    phase_s = tonumber(args[6])
+    return
+  end
+  local body = read(args[1])
   local headers = {}
   for k, v in pairs(wrk.headers) do headers[k] = v end
   headers["Content-Type"] = headers["Content-Type"] or "application/json"

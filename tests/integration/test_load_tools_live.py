@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from benchmarks.loadgen import Target, closed_loop, open_loop, run, step_load
-from benchmarks.wrk import WrkError, phase_pairs, run_alternating_bodies, run_wrk
+from benchmarks.wrk import WrkError, phase_pairs, run_alternating, run_alternating_bodies, run_wrk
 from cluster.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -46,6 +46,8 @@ class _Server:
             Route("/stall", self.stall, methods=["POST"]),
             Route("/versions", self.versions, methods=["POST"]),
             Route("/kinds", self.kinds, methods=["POST"]),
+            Route("/a", self.phase, methods=["POST"]),
+            Route("/b", self.phase, methods=["POST"]),
         ])
         self.kinds_seen: dict[str, int] = {}
         config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False, lifespan="off")
@@ -76,6 +78,12 @@ class _Server:
             and request.headers.get("inference-header-content-length") == "10")
         self.kinds_seen[kind] = self.kinds_seen.get(kind, 0) + 1
         return JSONResponse({"ok": fits}, status_code=200 if fits else 400)
+
+    async def phase(self, request: Request) -> JSONResponse:
+        """Counts requests by (path, the X-Phase header)."""
+        key = (request.url.path, request.headers.get("x-phase"))
+        self.kinds_seen[key] = self.kinds_seen.get(key, 0) + 1
+        return JSONResponse({"ok": True})
 
     async def busy(self, request: Request) -> JSONResponse:
         return JSONResponse({"error": "busy"}, status_code=503)
@@ -162,6 +170,18 @@ def test_alternating_bodies_send_each_body_with_its_own_headers_in_turns(server,
     # phase 0 onwards half of the time each; the lead-in second is JSON's
     assert sum(a for a, _ in pairs) <= binary and sum(b for _, b in pairs) <= json_
     assert 0.25 < binary / (binary + json_) < 0.6
+
+
+def test_alternating_paths_take_turns_and_only_path_a_carries_its_header(server, body_file):
+    server.kinds_seen.clear()
+    run = run_alternating(server.url, body_file, "/a", "/b", duration_s=7, phase_s=1, connections=2, lead_s=1,
+                          header_a=("X-Phase", "a"))
+    assert run["errors"] == 0 and all(p["other"] == 0 for p in run["phases"].values())
+    pairs = phase_pairs(run["phases"])
+    assert len(pairs) >= 2 and all(a > 0 and b > 0 for a, b in pairs)
+    assert set(server.kinds_seen) == {("/a", "a"), ("/b", None)}
+    a, b = server.kinds_seen[("/a", "a")], server.kinds_seen[("/b", None)]
+    assert sum(x for x, _ in pairs) <= a and sum(y for _, y in pairs) <= b and 0.25 < a / (a + b) < 0.6
 
 
 def test_wrk_503s_are_statuses_not_throughput(server, body_file):

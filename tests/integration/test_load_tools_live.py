@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +36,9 @@ HOST = "127.0.0.1"
 
 class _Server:
     def __init__(self) -> None:
-        self.port = free_port()
+        # Bound here, on a port the kernel picks, and handed to uvicorn: no port to lose between choosing and binding.
+        self.sock = socket.create_server((HOST, 0))
+        self.port = self.sock.getsockname()[1]
         self.stall_next = threading.Event()
         self.seen_headers: dict[str, str] = {}
         self._lock: asyncio.Lock | None = None
@@ -52,7 +55,8 @@ class _Server:
         self.kinds_seen: dict[str, int] = {}
         config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="load-tools-server", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="load-tools-server", daemon=True)
 
     async def ok(self, request: Request) -> JSONResponse:
         await request.body()
@@ -115,6 +119,7 @@ def server():
     yield s
     s.server.should_exit = True
     s.thread.join(timeout=10)
+    s.sock.close()
 
 
 @pytest.fixture
@@ -277,7 +282,7 @@ class _RawServer:
     write, /hangup closes without answering, /slow answers after 30 ms; it counts connections."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = 0  # the kernel's pick, once `_raw_server` has bound it
         self.open = self.max_open = self.accepted = 0
         self.handlers: set[asyncio.Task] = set()
 
@@ -313,7 +318,8 @@ def _raw_server() -> Iterator[_RawServer]:
     raw, loop = _RawServer(), asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="raw-http-server", daemon=True)
     thread.start()
-    server = asyncio.run_coroutine_threadsafe(asyncio.start_server(raw.handle, HOST, raw.port), loop).result(10)
+    server = asyncio.run_coroutine_threadsafe(asyncio.start_server(raw.handle, HOST, 0), loop).result(10)
+    raw.port = server.sockets[0].getsockname()[1]
 
     async def stop() -> None:
         server.close()
